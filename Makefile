@@ -1,0 +1,28 @@
+# The README's two commands. Each sets up what it needs: a .venv with the pinned packages.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-quick count
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: on a CPU machine 2.13.0 is the CPU wheel; a later unpinned
+	# dependency must find it already satisfied rather than pull a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) app.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+count: $(STAMP)
+	$(PY) -m restuning.count --arch sd15

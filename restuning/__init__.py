@@ -1,0 +1,45 @@
+"""restuning: Res-Tuning and Res-Tuning-Bypass for diffusers U-Nets.
+
+    import restuning
+    restuning.attach(unet, restuning.ResTuningConfig())   # freeze the backbone, add Res-Tuners
+    restuning.save(unet, "tuner.safetensors")             # weights + config in one file
+    restuning.load(pipe.unet, "tuner.safetensors")        # attach + load, config read from the file
+    restuning.set_scale(unet, 0.7)                        # 0 gives exactly the base model
+    restuning.detach(unet)                                # the untouched base model again
+"""
+
+from .config import ConfigError, MethodConfig
+from .core import AttachError, attach, attached, detach, route, set_scale, trainable_parameters
+from .io import TunerFileError, load, read_config, read_header, save
+from .methods import METHODS, config_from_dict
+from .methods.adapter import AdapterConfig
+from .methods.full import FullConfig
+from .methods.lora import LoraConfig
+from .methods.prefix import PrefixConfig
+from .methods.prompt import PromptConfig
+from .methods.res_tuning import ResTuningConfig
+
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "AttachError",
+    "ConfigError",
+    "FullConfig",
+    "LoraConfig",
+    "MethodConfig",
+    "PrefixConfig",
+    "PromptConfig",
+    "ResTuningConfig",
+    "TunerFileError",
+    "attach",
+    "attached",
+    "config_from_dict",
+    "detach",
+    "load",
+    "read_config",
+    "read_header",
+    "route",
+    "save",
+    "set_scale",
+    "trainable_parameters",
+]

@@ -1,0 +1,210 @@
+"""Attaching methods to a U-Net, and taking them off again.
+
+Every method (Res-Tuning, the Bypass, the bound baselines, LoRA, full fine-tuning) attaches
+through `attach(unet, config, name)`, which returns an `Attached` handle kept on the U-Net under
+`name`. The handle knows the method's trainable parameters, its weights, its inference strength
+and how to undo itself, so `save`, `load`, `set_scale` and `detach` are the same calls for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+OPS = ("attn1", "attn2", "ff", "block")
+BLOCK_GROUPS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+DEFAULT_NAME = "default"
+
+_ATTACHED = "_restuning_attached"
+
+
+class AttachError(RuntimeError):
+    """Raised when attaching or detaching cannot be done as asked."""
+
+
+@dataclass
+class Attached:
+    """What one attached method left on a U-Net: its modules, hooks, and how to undo them.
+
+    `modules` maps a stable key (a path in the U-Net) to the module whose state is saved under it.
+    """
+
+    name: str
+    config: object
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    handles: list = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    scale: float = 1.0
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.modules.values():
+            yield from module.parameters()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"{key}.{p}": t for key, m in self.modules.items() for p, t in m.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"tuner weights do not fit this model: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(f"tuner weight {key} has shape {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}")
+        with torch.no_grad():
+            for key, module in self.modules.items():
+                prefix = key + "."
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def set_scale(self, scale: float) -> None:
+        self.scale = float(scale)
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for undo in reversed(self.undo):
+            undo()
+        self.handles.clear()
+        self.undo.clear()
+
+
+def attached(unet: nn.Module) -> dict[str, Attached]:
+    """The methods attached to `unet`, by name (empty if none)."""
+    return unet.__dict__.setdefault(_ATTACHED, {})
+
+
+def attach(unet: nn.Module, config, name: str = DEFAULT_NAME, *, replace: bool = False) -> Attached:
+    """Freeze the backbone and attach the method `config` describes; return its handle.
+
+    Attaching under a name that is already taken is refused unless `replace=True`, which detaches
+    the old one first: weights are never silently doubled.
+    """
+    from .methods import method_for_config
+
+    method = method_for_config(config)
+    config.validate()
+    table = attached(unet)
+    if name in table:
+        if not replace:
+            raise AttachError(
+                f"a {table[name].config.method} tuner is already attached as {name!r}; "
+                f"call restuning.detach(unet) first, pass replace=True, or use another name"
+            )
+        detach(unet, name)
+    if any(a.config.method == "full" for a in table.values()) or (config.method == "full" and table):
+        raise AttachError("full fine-tuning cannot be combined with other tuners on the same U-Net")
+    unet.requires_grad_(False)
+    handle = method.attach(unet, config, name)
+    table[name] = handle
+    return handle
+
+
+def detach(unet: nn.Module, name: str | None = None) -> None:
+    """Remove one attached method (or all, with name=None); the U-Net is the base model again."""
+    table = attached(unet)
+    names = list(table) if name is None else [name]
+    for n in names:
+        if n not in table:
+            raise AttachError(f"no tuner named {n!r} is attached (attached: {sorted(table) or 'none'})")
+        table[n].detach()
+        del table[n]
+
+
+def set_scale(unet: nn.Module, scale: float, name: str | None = None) -> None:
+    """Set the inference strength of attached tuners: 1 as trained, 0 exactly the base model."""
+    table = attached(unet)
+    if not table:
+        raise AttachError("no tuner is attached")
+    for n in [name] if name is not None else list(table):
+        table[n].set_scale(scale)
+
+
+def trainable_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+# -- where tuners go ---------------------------------------------------------------------------
+
+
+def transformer_blocks(unet: nn.Module, groups: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """(path, block) for every diffusers BasicTransformerBlock in the chosen parts of the U-Net."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    groups = tuple(groups)
+    unknown = [g for g in groups if g not in BLOCK_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown block group(s) {unknown}; choose from {', '.join(BLOCK_GROUPS)}")
+    prefixes = tuple(BLOCK_GROUPS[g] for g in groups)
+    found = [(n, m) for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock) and n.startswith(prefixes)]
+    if not found:
+        raise AttachError(f"the U-Net has no transformer blocks in {', '.join(groups)}")
+    return found
+
+
+def op_module(block: nn.Module, op: str) -> nn.Module | None:
+    if op == "block":
+        return block
+    if op not in OPS:
+        raise ValueError(f"unknown OP {op!r}; choose from {', '.join(OPS)}")
+    return getattr(block, op, None)
+
+
+# -- per-sample routing -------------------------------------------------------------------------
+
+# Which tuner each sample of the batch goes through, for one call: {name: bool mask over the batch}.
+# A context variable, not a module attribute, so concurrent calls on one U-Net do not mix.
+_routing: contextvars.ContextVar[dict[str, Tensor] | None] = contextvars.ContextVar("restuning_routing", default=None)
+
+
+@contextlib.contextmanager
+def route(names: list[str | None]):
+    """Within this block, sample i of every U-Net call goes through the tuner named names[i] only
+    (None: the base model). Used to render several tuners side by side in one batched call.
+    """
+    masks = {n: torch.tensor([m == n for m in names]) for n in set(names) if n is not None}
+    token = _routing.set(masks)
+    try:
+        yield
+    finally:
+        _routing.reset(token)
+
+
+def sample_mask(name: str, batch: int, device) -> Tensor | None:
+    """None when every sample uses tuner `name`; else a (batch,) bool mask of those that do."""
+    masks = _routing.get()
+    if masks is None:
+        return None
+    mask = masks.get(name)
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.bool, device=device)
+    if mask.numel() != batch:
+        # Classifier-free guidance doubles the batch as [uncond; cond]: the routing repeats.
+        if batch % mask.numel():
+            raise AttachError(f"routing was given for {mask.numel()} samples but the call has {batch}")
+        mask = mask.repeat(batch // mask.numel())
+    return mask.to(device)
+
+
+def add_residual(output: Tensor, residual_fn: Callable[[], Tensor], name: str, scale: float, batch_rows: Tensor | None = None) -> Tensor:
+    """output + scale·residual, honouring per-sample routing; scale 0 adds nothing at all."""
+    if scale == 0:
+        return output
+    mask = sample_mask(name, output.shape[0], output.device)
+    if mask is not None and not bool(mask.any()):
+        return output
+    residual = residual_fn()
+    if scale != 1:
+        residual = residual * scale
+    residual = residual.to(output.dtype)
+    if mask is None:
+        return output + residual
+    return output + residual * mask.view(-1, *([1] * (output.ndim - 1))).to(residual.dtype)

@@ -1,0 +1,118 @@
+"""One file format for every tuner: safetensors weights with the method's config, the format
+version and the base architecture's fingerprint in the header, so a single downloaded file is
+self-describing. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import arch
+from .core import DEFAULT_NAME, Attached, attach, attached
+
+FORMAT = "restuning"
+FORMAT_VERSION = 1
+
+
+class TunerFileError(ValueError):
+    """A tuner file that cannot be loaded; the message says why."""
+
+
+def save(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, extra: dict[str, str] | None = None) -> Path:
+    """Write the tuner attached as `name` to `path` (written to a temporary name, then renamed)."""
+    table = attached(unet)
+    if name not in table:
+        raise TunerFileError(f"nothing to save: no tuner named {name!r} is attached")
+    handle = table[name]
+    state = {k: v.detach().to("cpu").contiguous() for k, v in handle.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "method": handle.config.method,
+        "config": handle.config.to_json(),
+        "base_arch": json.dumps(arch.fingerprint(unet), sort_keys=True),
+        **(extra or {}),
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a tuner file, checked; raises TunerFileError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunerFileError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TunerFileError(f"{path.name}: not a safetensors file ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise TunerFileError(
+            f"{path.name}: not a restuning tuner file (its header has no 'format: {FORMAT}'); "
+            "a diffusers LoRA file loads with pipe.load_lora_weights instead"
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise TunerFileError(f"{path.name}: the header's format_version is missing or not a number") from None
+    if version > FORMAT_VERSION:
+        raise TunerFileError(f"{path.name}: format version {version} is newer than this restuning reads ({FORMAT_VERSION}); upgrade restuning")
+    if version < 1:
+        raise TunerFileError(f"{path.name}: unknown format version {version}")
+    for key in ("config", "base_arch"):
+        try:
+            json.loads(metadata.get(key, ""))
+        except json.JSONDecodeError:
+            raise TunerFileError(f"{path.name}: the header's {key} is missing or not valid JSON") from None
+    return metadata
+
+
+def read_config(path: str | os.PathLike):
+    """The method config stored in a tuner file."""
+    from .methods import config_from_dict
+
+    metadata = read_header(path)
+    try:
+        return config_from_dict(json.loads(metadata["config"]))
+    except (ValueError, TypeError) as exc:
+        raise TunerFileError(f"{Path(path).name}: the stored config is not usable: {exc}") from None
+
+
+def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bool = False) -> Attached:
+    """Attach the tuner stored in `path` to `unet` and load its weights, in one call."""
+    path = Path(path)
+    metadata = read_header(path)
+    config = read_config(path)
+    mismatch = arch.fingerprint_mismatch(json.loads(metadata["base_arch"]), unet)
+    if mismatch:
+        raise TunerFileError(f"{path.name} was trained for another U-Net architecture: " + "; ".join(mismatch))
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    handle = attach(unet, config, name, replace=replace)
+    device = next(unet.parameters()).device
+    try:
+        handle.load_state_dict({k: v.to(device) for k, v in state.items()})
+    except ValueError as exc:
+        from .core import detach
+
+        detach(unet, name)
+        raise TunerFileError(f"{path.name}: {exc}") from None
+    return handle
+
+
+def file_size(path) -> int:
+    return Path(path).stat().st_size
+
+
+def tensor_count(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in state.values())

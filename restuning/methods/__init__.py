@@ -1,0 +1,58 @@
+"""The one registry of methods. The trainer, the sampler, the benchmarks and the studio read it;
+adding a method means adding one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import MethodConfig
+from . import adapter, full, lora, prefix, prompt, res_tuning
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    summary: str
+    config: type[MethodConfig]
+    attach: Callable  # (unet, config, name) -> Attached
+    paper_params_m: float | None = None  # trainable parameters on SD v1.5 in the paper's Table 6
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("res-tuning", "Res-Tuning", "Res-Tuners beside the frozen attention, feed-forward and block OPs (Eq. 7).",
+                res_tuning.ResTuningConfig, res_tuning.attach, 2.54))
+register(Method("lora", "LoRA", "Low-rank updates of the attention projections, through peft.",
+                lora.LoraConfig, lora.attach, 9.96))
+register(Method("adapter", "Adapter", "Houlsby adapters, sequential after the feed-forward network (bound).",
+                adapter.AdapterConfig, adapter.attach, 2.51))
+register(Method("prefix", "Prefix", "Learned prefix keys and values inside attention (bound).",
+                prefix.PrefixConfig, prefix.attach, 4.99))
+register(Method("prompt", "Prompt", "Learned tokens appended to the attention's token sequence (bound).",
+                prompt.PromptConfig, prompt.attach, 1.25))
+register(Method("full", "Full fine-tuning", "Every U-Net weight trains.", full.FullConfig, full.attach, 862.0))
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_for_config(config) -> Method:
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"expected a restuning method config, got {type(config).__name__}")
+    return get(config.method)
+
+
+def config_from_dict(data: dict) -> MethodConfig:
+    return get(data.get("method", "")).config.from_dict(data)

@@ -1,0 +1,4 @@
+from .config import PrefixConfig
+from .model import attach
+
+__all__ = ["PrefixConfig", "attach"]

@@ -1,0 +1,4 @@
+from .config import PromptConfig
+from .model import attach
+
+__all__ = ["PromptConfig", "attach"]

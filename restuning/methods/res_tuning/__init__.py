@@ -1,0 +1,4 @@
+from .config import ResTuningConfig
+from .model import attach
+
+__all__ = ["ResTuningConfig", "attach"]

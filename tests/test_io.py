@@ -1,0 +1,162 @@
+"""restuning.save / restuning.load: one self-describing safetensors file per tuner, exact
+round trips, and clear errors for files that do not fit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from safetensors import safe_open
+
+import restuning
+from restuning.arch import build_unet
+from tests.conftest import run
+
+CONFIGS = [
+    restuning.ResTuningConfig(),
+    restuning.ResTuningConfig(tuners={"attn1": "prefix", "attn2": "prompt", "ff": "adapter", "block": "prefix"}, dim=6),
+    restuning.AdapterConfig(),
+    restuning.PrefixConfig(ops=("attn1", "attn2")),
+    restuning.PromptConfig(),
+    restuning.LoraConfig(rank=2),
+]
+
+
+def _perturb(handle):
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}")
+def test_save_then_load_on_a_fresh_unet_reproduces_outputs_exactly(tmp_path, unet_inputs, config):
+    unet = build_unet("tiny", seed=0).eval()
+    _perturb(restuning.attach(unet, config))
+    expected = run(unet, unet_inputs)
+    path = restuning.save(unet, tmp_path / "tuner.safetensors")
+
+    fresh = build_unet("tiny", seed=0).eval()
+    base = run(fresh, unet_inputs)
+    handle = restuning.load(fresh, path)
+    assert handle.config == config
+    out = run(fresh, unet_inputs)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, base)
+    restuning.detach(fresh)
+    assert torch.equal(run(fresh, unet_inputs), base)
+
+
+def test_header_carries_config_version_and_architecture(tmp_path, tiny_unet):
+    restuning.attach(tiny_unet, restuning.ResTuningConfig(dim=4))
+    path = restuning.save(tiny_unet, tmp_path / "t.safetensors")
+    header = restuning.read_header(path)
+    assert header["format"] == "restuning" and header["format_version"] == "1"
+    assert json.loads(header["config"])["dim"] == 4
+    assert json.loads(header["base_arch"])["block_out_channels"] == [32, 64]
+    assert restuning.read_config(path) == restuning.ResTuningConfig(dim=4)
+
+
+def _saved(tmp_path, tiny_unet):
+    restuning.attach(tiny_unet, restuning.ResTuningConfig())
+    return restuning.save(tiny_unet, tmp_path / "t.safetensors")
+
+
+def _rewrite(path, out, **metadata_changes):
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k, v in metadata_changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"config": None}, "config is missing or not valid JSON"),
+        ({"config": "{not json"}, "config is missing or not valid JSON"),
+        ({"config": json.dumps({"method": "res-tuning", "tuners": {"ff": "lora"}})}, "unknown tuner kind"),
+        ({"config": json.dumps({"method": "nonsense"})}, "unknown method"),
+        ({"format_version": "99"}, "newer than this restuning reads"),
+        ({"format_version": "x"}, "format_version is missing"),
+        ({"format": None}, "not a restuning tuner file"),
+    ],
+)
+def test_broken_headers_give_clear_errors(tmp_path, tiny_unet, change, message):
+    bad = _rewrite(_saved(tmp_path, tiny_unet), tmp_path / "bad.safetensors", **change)
+    fresh = build_unet("tiny")
+    with pytest.raises(restuning.TunerFileError, match=message):
+        restuning.load(fresh, bad)
+    assert restuning.attached(fresh) == {}
+
+
+def test_a_file_for_another_architecture_is_refused(tmp_path, tiny_unet):
+    from diffusers import UNet2DConditionModel
+    from restuning.arch import TINY_UNET_CONFIG
+
+    path = _saved(tmp_path, tiny_unet)
+    other = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": [32, 96]})
+    with pytest.raises(restuning.TunerFileError, match="another U-Net architecture: block_out_channels"):
+        restuning.load(other, path)
+    assert restuning.attached(other) == {}
+
+
+def test_non_safetensors_files_are_refused_without_unpickling(tmp_path, tiny_unet):
+    pickle_file = tmp_path / "tuner.safetensors"
+    torch.save({"a": torch.zeros(1)}, pickle_file)
+    with pytest.raises(restuning.TunerFileError, match="not a safetensors file"):
+        restuning.load(tiny_unet, pickle_file)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(restuning.TunerFileError, match="not a safetensors file"):
+        restuning.load(tiny_unet, text)
+    with pytest.raises(restuning.TunerFileError, match="no such file"):
+        restuning.load(tiny_unet, tmp_path / "missing.safetensors")
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, tiny_unet):
+    path = _saved(tmp_path, tiny_unet)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors.pop(next(iter(tensors)))
+    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=meta)
+    fresh = build_unet("tiny")
+    with pytest.raises(restuning.TunerFileError, match="missing"):
+        restuning.load(fresh, tmp_path / "short.safetensors")
+    assert restuning.attached(fresh) == {}
+
+
+def test_saving_writes_atomically_and_needs_a_tuner(tmp_path, tiny_unet):
+    with pytest.raises(restuning.TunerFileError, match="nothing to save"):
+        restuning.save(tiny_unet, tmp_path / "t.safetensors")
+    path = _saved(tmp_path, tiny_unet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_tuner_loads_into_a_stable_diffusion_pipeline(tmp_path, unet_inputs):
+    """The README's three lines: from_pretrained, restuning.load(pipe.unet, file), generate."""
+    from tests.tiny_pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    restuning.attach(pipe.unet, restuning.ResTuningConfig())
+    _perturb(restuning.attached(pipe.unet)["default"])
+    path = restuning.save(pipe.unet, tmp_path / "concept.safetensors")
+    folder = tmp_path / "pipe"
+    restuning.detach(pipe.unet)
+    pipe.save_pretrained(folder)
+
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    restuning.load(loaded.unet, path)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    tuned = loaded("a photo of sks", generator=torch.Generator().manual_seed(0), **kwargs).images
+    restuning.set_scale(loaded.unet, 0)
+    base = loaded("a photo of sks", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert tuned.shape == (1, 32, 32, 3) and not (tuned == base).all()
