@@ -1,0 +1,1 @@
+"""Training, the background job runner, and sampling. Never imports gradio."""
