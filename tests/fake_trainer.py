@@ -1,0 +1,74 @@
+"""A stand-in for `trainers.dreambooth` that obeys the same contract without torch: reads
+`--config`, appends events.jsonl through trainers.events, writes checkpoints and a sample, and on
+SIGTERM checkpoints, writes `cancelled` and exits. Extra config keys steer it in tests:
+fake_step_seconds (pace), fake_crash_at (step at which it dies without a word)."""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from trainers.events import EventLog  # noqa: E402
+
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    config = json.loads(Path(parser.parse_args().config).read_text())
+    out = Path(config["output_dir"])
+    log = EventLog(out)
+    total = int(config.get("max_train_steps", 5))
+    pace = float(config.get("fake_step_seconds", 0.05))
+    crash_at = config.get("fake_crash_at")
+    every = int(config.get("checkpointing_steps", 2))
+    step = 0
+    if config.get("resume_from_checkpoint") == "latest":
+        done = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        step = int(done[-1].name.split("-")[1]) if done else 0
+
+    def checkpoint():
+        path = out / "checkpoints" / f"checkpoint-{step}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "state.json").write_text(json.dumps({"step": step}))
+        log.emit("checkpoint", step=step, path=str(path.relative_to(out)))
+
+    def on_term(signum, frame):
+        checkpoint()
+        (out / "cancelled").write_text("")
+        log.phase("cancelled", message=f"stopped at step {step}")
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    log.phase("loading")
+    print("fake trainer: loading", flush=True)
+    log.emit("info", trainable_params=1234, method=config.get("method"))
+    log.phase("training")
+    while step < total:
+        time.sleep(pace)
+        step += 1
+        print(f"fake trainer: step {step}/{total}", flush=True)
+        if crash_at is not None and step >= int(crash_at):
+            print("fake trainer: something went badly wrong", flush=True)
+            os._exit(3)
+        log.emit("step", step=step, total=total, loss=1.0 / step, lr=1e-4, sec_per_step=pace, eta_sec=pace * (total - step))
+        if step % every == 0:
+            checkpoint()
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / f"step-{step}-0.png").write_bytes(PNG)
+    log.emit("sample", step=step, prompt=config.get("validation_prompt", ""), paths=[f"samples/step-{step}-0.png"])
+    log.phase("saving")
+    (out / "tuner.safetensors").write_bytes(b"not really")
+    log.emit("artifact", kind="tuner", path="tuner.safetensors")
+    log.phase("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The job runner against a fake trainer process (tests/fake_trainer.py) that keeps the events
+contract: queue order and positions, cancel, restart recovery, a killed process, resume."""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainers.events import read_events
+from trainers.jobs import PROCESS_FILE, JobError, JobRunner
+
+FAKE = Path(__file__).with_name("fake_trainer.py")
+
+
+def fake_command(config_path, config, device):
+    return [sys.executable, str(FAKE), "--config", str(config_path)]
+
+
+@pytest.fixture
+def images(tmp_path):
+    src = tmp_path / "src.png"
+    src.write_bytes(b"png bytes")
+    return [(src, "a.png")]
+
+
+def make_runner(runs, **kw):
+    return JobRunner(runs, devices=["cpu"], command=fake_command, poll_seconds=0.05, **kw)
+
+
+def wait_for(runner, run_id, statuses, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runner.tick()
+        info = runner.info(run_id)
+        if info.status in statuses:
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"{run_id} stayed {runner.info(run_id).status}, wanted {statuses}")
+
+
+def wait_step(runner, run_id, step, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runner.tick()
+        steps = [e["step"] for e in runner.events(run_id) if e["event"] == "step"]
+        if steps and steps[-1] >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run_id} did not reach step {step}")
+
+
+def test_run_goes_to_done_and_writes_only_inside_its_folder(tmp_path, images):
+    runs = tmp_path / "runs"
+    runner = make_runner(runs)
+    run_id = runner.submit({"method": "lora", "max_train_steps": 3, "instance_prompt": "a sks star"}, images)
+    info = wait_for(runner, run_id, {"done", "failed"})
+    assert info.status == "done", info.log_tail
+    config = json.loads((info.dir / "config.json").read_text())
+    assert config["output_dir"] == str(info.dir) and config["instance_data_dir"] == str(info.dir / "instance")
+    assert (info.dir / "instance" / "a.png").read_bytes() == b"png bytes"
+    assert [e["step"] for e in info.events if e["event"] == "step"] == [1, 2, 3]
+    assert sorted(p.name for p in runs.iterdir()) == [run_id]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "src.png"]
+
+
+def test_queue_runs_one_at_a_time_in_order_with_positions(tmp_path, images):
+    runner = make_runner(tmp_path / "runs")
+    slow = {"max_train_steps": 200, "fake_step_seconds": 0.05}
+    a = runner.submit(slow, images, label="first")
+    b = runner.submit(slow, images, label="second")
+    c = runner.submit(slow, images, label="third")
+    runner.tick()
+    infos = {i.id: i for i in runner.list_runs()}
+    assert infos[a].status == "running"
+    assert (infos[b].status, infos[b].position) == ("queued", 1)
+    assert (infos[c].status, infos[c].position) == ("queued", 2)
+    assert not (infos[b].dir / PROCESS_FILE).exists()
+    runner.cancel(b)  # a queued run leaves the queue and never starts
+    assert runner.info(b).status == "cancelled" and runner.info(c).position == 1
+    runner.cancel(a)
+    wait_for(runner, a, {"cancelled"})
+    wait_for(runner, c, {"running"})
+    assert not (runner.info(b).dir / PROCESS_FILE).exists()
+    runner.cancel(c)
+    wait_for(runner, c, {"cancelled"})
+
+
+def test_two_slots_per_device_run_two_at_once(tmp_path, images):
+    runner = make_runner(tmp_path / "runs", per_device=2)
+    ids = [runner.submit({"max_train_steps": 200}, images) for _ in range(3)]
+    runner.tick()
+    assert [runner.info(i).status for i in ids] == ["running", "running", "queued"]
+    for i in ids:
+        runner.cancel(i)
+    for i in ids:
+        wait_for(runner, i, {"cancelled"})
+
+
+def test_cancel_keeps_the_checkpoint_and_resume_continues_from_it(tmp_path, images):
+    runner = make_runner(tmp_path / "runs")
+    run_id = runner.submit({"max_train_steps": 400, "checkpointing_steps": 1000, "fake_step_seconds": 0.02}, images)
+    wait_step(runner, run_id, 3)
+    runner.cancel(run_id)
+    info = wait_for(runner, run_id, {"cancelled"})
+    assert (info.dir / "cancelled").exists()
+    assert info.resumable and info.checkpoint.startswith("checkpoints/checkpoint-")
+    stopped_at = int(info.checkpoint.rsplit("-", 1)[1])
+    assert stopped_at >= 3
+    runner.resume(run_id)
+    assert json.loads((info.dir / "config.json").read_text())["resume_from_checkpoint"] == "latest"
+    wait_step(runner, run_id, stopped_at + 1)
+    steps = [e["step"] for e in runner.events(run_id) if e["event"] == "step"]
+    # the second process starts after the checkpoint, not from step 1
+    assert steps[steps.index(stopped_at) + 1] == stopped_at + 1
+    assert steps.count(1) == 1
+    runner.cancel(run_id)
+    wait_for(runner, run_id, {"cancelled"})
+
+
+def test_a_process_that_dies_shows_failed_with_its_log_tail(tmp_path, images):
+    runner = make_runner(tmp_path / "runs")
+    run_id = runner.submit({"max_train_steps": 10, "checkpointing_steps": 2, "fake_crash_at": 5}, images)
+    info = wait_for(runner, run_id, {"failed", "done"})
+    assert info.status == "failed"
+    assert "exit code 3" in info.error
+    assert any("something went badly wrong" in line for line in info.log_tail)
+    assert "something went badly wrong" in info.error  # the last lines are in the failure event too
+    assert info.resumable and info.checkpoint == "checkpoints/checkpoint-4"
+    with pytest.raises(JobError, match="failed"):
+        runner.cancel(run_id)
+
+
+def test_restart_adopts_live_runs_and_marks_dead_ones_failed(tmp_path, images):
+    runs = tmp_path / "runs"
+    first = make_runner(runs)
+    live = first.submit({"max_train_steps": 400, "checkpointing_steps": 2, "fake_step_seconds": 0.02}, images)
+    waiting = first.submit({"max_train_steps": 2}, images)
+    wait_step(first, live, 3)
+    del first  # the app stops; its child keeps training in its own session
+
+    second = make_runner(runs)
+    assert second.info(live).status == "running"
+    assert (second.info(waiting).status, second.info(waiting).position) == ("queued", 1)
+    second.tick()
+    assert second.info(waiting).status == "queued"  # the adopted run still holds the only slot
+
+    pid = json.loads((runs / live / PROCESS_FILE).read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)  # dies without a word, like an out-of-memory kill
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and second.info(live).status == "running":
+        time.sleep(0.05)
+    os.waitpid(pid, 0)  # the first runner's child: reap it here, as nobody else will
+
+    third = make_runner(runs)  # restarted after the death
+    info = third.info(live)
+    assert info.status == "failed"
+    assert any("fake trainer: step" in line for line in info.log_tail)
+    assert read_events(runs / live)[-1]["phase"] == "failed"
+    assert info.resumable
+    wait_for(third, waiting, {"done"})
+    third.resume(live)
+    wait_step(third, live, int(info.checkpoint.rsplit("-", 1)[1]) + 1)
+    third.cancel(live)
+    wait_for(third, live, {"cancelled"})
+
+
+def test_run_ids_are_checked_and_delete_touches_only_its_run(tmp_path, images):
+    runs = tmp_path / "runs"
+    runner = make_runner(runs)
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    for bad in ("../keep", "..", "/etc", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(JobError):
+            runner.run_dir(bad)
+    (runs / "link").symlink_to(outside)
+    with pytest.raises(JobError):
+        runner.delete("link")
+    a = runner.submit({"max_train_steps": 200}, images)
+    b = runner.submit({"max_train_steps": 1}, images)
+    runner.tick()
+    with pytest.raises(JobError, match="cancel it before deleting"):
+        runner.delete(a)
+    runner.cancel(b)
+    runner.delete(b)
+    assert not (runs / b).exists() and (runs / a).is_dir() and outside.is_dir()
+    runner.cancel(a)
+    wait_for(runner, a, {"cancelled"})
+
+
+def test_unsafe_image_names_are_refused_and_leave_nothing(tmp_path, images):
+    runner = make_runner(tmp_path / "runs")
+    src = images[0][0]
+    for name in ("../evil.png", "a/b.png", ".."):
+        with pytest.raises(JobError):
+            runner.submit({}, [(src, name)])
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -1,0 +1,461 @@
+"""The job runner the studio drives: every run is a folder under the runs directory and its own
+`accelerate launch -m trainers.dreambooth --config <run>/config.json` process.
+
+    runner = JobRunner("runs")                 # lists past runs from disk, adopts live ones
+    run_id = runner.submit(config, images)     # folder + config.json + queued; starts when a device is free
+    runner.info(run_id)                        # status, queue position, progress, log tail
+    runner.cancel(run_id); runner.resume(run_id); runner.delete(run_id)
+
+A run folder holds:
+    config.json     the trainer's options (diffusers DreamBooth names + the method's own)
+    job.json        what the runner knows: label, group, created/queued time, device
+    process.json    pid and start time of the launched process (present once it started)
+    events.jsonl    progress, appended by the trainer (trainers/events.py); the runner adds
+                    `queued`, and `failed`/`cancelled` when a process ends without saying so
+    train.log       the process's stdout and stderr
+    instance/       the uploaded concept images
+
+Everything the studio shows is derived from these files, so restarting the app lists the same
+runs with the same status, and a training process keeps going while no browser (or no app) is
+watching: it runs in its own session and process group. The queue is FIFO by queued time, one
+process per device at a time by default (`per_device`). No file is written outside the run's own
+folder, and run ids are checked before any path is built from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILE = "config.json"
+JOB_FILE = "job.json"
+PROCESS_FILE = "process.json"
+LOG_FILE = "train.log"
+INSTANCE_DIR = "instance"
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
+LOG_TAIL_LINES = 30
+
+
+class JobError(ValueError):
+    """A request the runner refuses (unknown run, wrong state); the message is for the user."""
+
+
+def default_command(config_path: Path, config: dict, device: str) -> list[str]:
+    """`accelerate launch` with explicit settings, so no `accelerate config` file is needed."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", str(config.get("mixed_precision") or "no")]
+    if device == "cpu":
+        cmd.append("--cpu")
+    return cmd + ["-m", "trainers.dreambooth", "--config", str(config_path)]
+
+
+def detect_devices() -> list[str]:
+    """One queue slot group per CUDA device, or the CPU."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return ["cpu"]
+
+
+@dataclass
+class RunInfo:
+    id: str
+    dir: Path
+    status: str  # queued | running | done | failed | cancelled
+    phase: str | None
+    label: str = ""
+    group: str = ""
+    created: float = 0.0
+    device: str = ""
+    position: int | None = None  # 1-based place in the queue while waiting
+    config: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)
+    error: str = ""
+    log_tail: list = field(default_factory=list)
+    resumable: bool = False
+    checkpoint: str | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", ""))
+
+    @property
+    def prompt(self) -> str:
+        return str(self.config.get("instance_prompt", ""))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24].strip("-") or "run"
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    path = Path(run_dir) / LOG_FILE
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode("utf-8", errors="replace")
+    # tqdm-style progress rewrites a line with carriage returns: keep what the line ended as
+    return [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()][-lines:]
+
+
+def _process_alive(record: dict) -> bool:
+    """The recorded process still runs (same pid *and* start time, so a reused pid does not count)."""
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        return abs(proc.create_time() - float(record["create_time"])) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except (KeyError, ValueError, TypeError, psutil.Error):
+        return False
+
+
+class JobRunner:
+    def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
+                 command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.devices = list(devices) if devices else detect_devices()
+        self.per_device = max(1, int(per_device))
+        self.command = command
+        self.poll_seconds = poll_seconds
+        self.kill_after = kill_after
+        self._lock = threading.RLock()
+        self._children: dict[str, subprocess.Popen] = {}
+        self._cancel_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._events_cache: dict[str, tuple[tuple[int, int], list]] = {}
+        self._recover()
+
+    # ---- paths -------------------------------------------------------------------------------
+
+    def run_dir(self, run_id: str) -> Path:
+        """The folder of an existing run; refuses anything that is not a plain child of runs_dir."""
+        if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+            raise JobError(f"not a run id: {run_id!r}")
+        path = self.runs_dir / run_id
+        if path.is_symlink() or not path.is_dir() or path.resolve().parent != self.runs_dir:
+            raise JobError(f"no run {run_id!r} in {self.runs_dir}")
+        return path
+
+    def run_ids(self) -> list[str]:
+        ids = [p.name for p in self.runs_dir.iterdir()
+               if RUN_ID.match(p.name) and p.is_dir() and not p.is_symlink() and (p / JOB_FILE).exists()]
+        return sorted(ids, key=lambda i: (_read_json(self.runs_dir / i / JOB_FILE).get("created", 0), i))
+
+    # ---- submitting --------------------------------------------------------------------------
+
+    def new_run_dir(self, label: str = "") -> tuple[str, Path]:
+        """A fresh, empty run folder with a safe unique id (time, slug of the label, random)."""
+        for _ in range(10):
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}-{secrets.token_hex(2)}"
+            path = self.runs_dir / run_id
+            try:
+                path.mkdir()
+                return run_id, path
+            except FileExistsError:
+                continue
+        raise JobError("could not create a unique run folder")
+
+    def submit(self, config: dict, images: list[tuple[str | os.PathLike, str]], *, label: str = "",
+               group: str = "") -> str:
+        """Create a run from checked images [(source path, safe file name)] and queue it.
+
+        The run's own paths (instance_data_dir, output_dir) are filled in here; the other keys of
+        `config` are the trainer's options as given.
+        """
+        run_id, path = self.new_run_dir(label or str(config.get("method", "")))
+        try:
+            instance = path / INSTANCE_DIR
+            instance.mkdir()
+            for src, name in images:
+                if Path(name).name != name or name in ("", ".", ".."):
+                    raise JobError(f"unsafe image file name {name!r}")
+                shutil.copyfile(src, instance / name)
+            now = time.time()
+            _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now})
+            self._write_config(path, dict(config))
+            EventLog(path).phase("queued")
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self.tick()
+        return run_id
+
+    def _write_config(self, path: Path, config: dict) -> None:
+        config["instance_data_dir"] = str(path / INSTANCE_DIR)
+        config["output_dir"] = str(path)
+        _write_json(path / CONFIG_FILE, config)
+
+    # ---- status ------------------------------------------------------------------------------
+
+    def events(self, run_id: str) -> list[dict]:
+        """The run's events, re-read only when the file changed (the UI polls every second)."""
+        path = self.run_dir(run_id) / EVENTS_FILE
+        try:
+            st = path.stat()
+            key = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            return []
+        cached = self._events_cache.get(run_id)
+        if cached and cached[0] == key:
+            return cached[1]
+        events = read_events(path.parent)
+        self._events_cache[run_id] = (key, events)
+        return events
+
+    def _alive(self, run_id: str, path: Path) -> bool:
+        child = self._children.get(run_id)
+        if child is not None:
+            return child.poll() is None
+        record = _read_json(path / PROCESS_FILE)
+        return bool(record) and _process_alive(record)
+
+    def queue(self) -> list[str]:
+        """Waiting runs, first to start first."""
+        waiting = []
+        for run_id in self.run_ids():
+            path = self.runs_dir / run_id
+            if last_phase(self.events(run_id)) == "queued" and not (path / PROCESS_FILE).exists():
+                waiting.append((_read_json(path / JOB_FILE).get("queued_at", 0), run_id))
+        return [run_id for _, run_id in sorted(waiting)]
+
+    def info(self, run_id: str, *, queue: list[str] | None = None) -> RunInfo:
+        path = self.run_dir(run_id)
+        job = _read_json(path / JOB_FILE)
+        events = self.events(run_id)
+        phase = last_phase(events)
+        alive = self._alive(run_id, path)
+        if phase in FINAL_PHASES:
+            status = phase
+        elif alive:
+            status = "running"
+        elif phase == "queued" and not (path / PROCESS_FILE).exists():
+            status = "queued"
+        else:
+            # started, not alive, no final word: the process died while nobody watched
+            status = "failed"
+        info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=job.get("label", ""),
+                       group=job.get("group", ""), created=job.get("created", 0.0), device=job.get("device", ""),
+                       config=_read_json(path / CONFIG_FILE), events=events)
+        if status == "queued":
+            waiting = self.queue() if queue is None else queue
+            info.position = waiting.index(run_id) + 1 if run_id in waiting else None
+        if status == "failed":
+            final = next((e for e in reversed(events) if e.get("event") == "phase"), {})
+            info.error = " ".join(str(final.get(k, "")) for k in ("error", "hint")).strip() or (
+                "the training process stopped without reporting why")
+        if status in ("failed", "cancelled"):
+            info.log_tail = log_tail(path)
+        info.checkpoint = self._last_checkpoint(path, events)
+        info.resumable = status in ("failed", "cancelled") and info.checkpoint is not None
+        return info
+
+    def list_runs(self) -> list[RunInfo]:
+        waiting = self.queue()
+        return [self.info(run_id, queue=waiting) for run_id in reversed(self.run_ids())]
+
+    @staticmethod
+    def _last_checkpoint(path: Path, events: list[dict]) -> str | None:
+        for event in reversed(events):
+            if event.get("event") == "checkpoint" and event.get("path"):
+                target = (path / event["path"]).resolve()
+                if target.is_relative_to(path.resolve()) and target.exists():
+                    return event["path"]
+        return None
+
+    # ---- actions -----------------------------------------------------------------------------
+
+    def cancel(self, run_id: str) -> str:
+        """Queued: leaves the queue. Running: SIGTERM to its process group; the trainer saves a
+        checkpoint and reports `cancelled` (SIGKILL follows after `kill_after` seconds)."""
+        with self._lock:
+            info = self.info(run_id)
+            if info.status == "queued":
+                EventLog(info.dir).phase("cancelled", message="removed from the queue before it started")
+                return "removed from the queue"
+            if info.status != "running":
+                raise JobError(f"run {run_id} is {info.status}; only queued or running runs can be cancelled")
+            record = _read_json(info.dir / PROCESS_FILE)
+            job = _read_json(info.dir / JOB_FILE)
+            job["cancel_requested"] = time.time()
+            _write_json(info.dir / JOB_FILE, job)
+            self._signal(record, signal.SIGTERM)
+            self._cancel_at[run_id] = time.monotonic()
+            return "stopping: the trainer saves a checkpoint, then ends"
+
+    def resume(self, run_id: str) -> str:
+        """Queue a failed or cancelled run again, continuing from its last checkpoint."""
+        with self._lock:
+            info = self.info(run_id)
+            if info.status not in ("failed", "cancelled"):
+                raise JobError(f"run {run_id} is {info.status}; only failed or cancelled runs can be resumed")
+            if not info.resumable:
+                raise JobError(f"run {run_id} saved no checkpoint to resume from; start a new run instead")
+            config = dict(info.config)
+            config["resume_from_checkpoint"] = "latest"
+            self._write_config(info.dir, config)
+            job = _read_json(info.dir / JOB_FILE)
+            job.pop("cancel_requested", None)
+            job["queued_at"] = time.time()
+            _write_json(info.dir / JOB_FILE, job)
+            (info.dir / PROCESS_FILE).unlink(missing_ok=True)
+            EventLog(info.dir).phase("queued", message=f"resuming from {info.checkpoint}")
+        self.tick()
+        return f"queued again; it resumes from {info.checkpoint}"
+
+    def delete(self, run_id: str) -> None:
+        """Remove a run folder; a queued or running run must be cancelled first."""
+        with self._lock:
+            info = self.info(run_id)
+            if info.status in ("queued", "running"):
+                raise JobError(f"run {run_id} is {info.status}; cancel it before deleting")
+            shutil.rmtree(info.dir)
+            self._events_cache.pop(run_id, None)
+
+    # ---- the scheduler -----------------------------------------------------------------------
+
+    def start(self) -> "JobRunner":
+        """Run `tick` in a daemon thread every `poll_seconds`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="restuning-jobs", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop scheduling (running processes keep going; a new runner adopts them)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.tick()
+            except Exception as exc:  # the scheduler must outlive one bad run folder
+                print(f"jobs: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def tick(self) -> None:
+        """Reap ended processes, escalate overdue cancels, start queued runs on free devices."""
+        with self._lock:
+            for run_id, child in list(self._children.items()):
+                if child.poll() is not None:
+                    del self._children[run_id]
+                    self._finish(run_id, f"exit code {child.returncode}")
+            for run_id, since in list(self._cancel_at.items()):
+                path = self.runs_dir / run_id
+                record = _read_json(path / PROCESS_FILE)
+                if not _process_alive(record):
+                    self._cancel_at.pop(run_id)
+                    if run_id not in self._children:
+                        self._finish(run_id, "stopped")
+                elif time.monotonic() - since > self.kill_after:
+                    self._signal(record, signal.SIGKILL)
+            busy = self._busy_devices()
+            for run_id in self.queue():
+                device = next((d for d in self.devices if busy.get(d, 0) < self.per_device), None)
+                if device is None:
+                    break
+                self._launch(run_id, device)
+                busy[device] = busy.get(device, 0) + 1
+
+    def _busy_devices(self) -> dict[str, int]:
+        busy: dict[str, int] = {}
+        for run_id in self.run_ids():
+            path = self.runs_dir / run_id
+            if last_phase(self.events(run_id)) not in FINAL_PHASES and self._alive(run_id, path):
+                device = _read_json(path / PROCESS_FILE).get("device", "")
+                busy[device] = busy.get(device, 0) + 1
+        return busy
+
+    def _launch(self, run_id: str, device: str) -> None:
+        path = self.runs_dir / run_id
+        config_path = path / CONFIG_FILE
+        cmd = self.command(config_path, _read_json(config_path), device)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        with open(path / LOG_FILE, "ab") as log:
+            log.write(f"$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            # a session of its own: closing the browser or stopping the app does not stop it, and
+            # cancel can signal the whole group (accelerate launch and the trainer it starts)
+            child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self._children[run_id] = child
+        try:
+            create_time = psutil.Process(child.pid).create_time()
+        except psutil.Error:
+            create_time = 0.0
+        _write_json(path / PROCESS_FILE, {"pid": child.pid, "create_time": create_time, "device": device,
+                                          "started": time.time(), "command": cmd})
+        job = _read_json(path / JOB_FILE)
+        job["device"] = device
+        _write_json(path / JOB_FILE, job)
+
+    def _finish(self, run_id: str, how: str) -> None:
+        """A process ended: if the trainer did not write a final phase, write one for it."""
+        path = self.runs_dir / run_id
+        if not path.is_dir() or last_phase(read_events(path)) in FINAL_PHASES:
+            return
+        if _read_json(path / JOB_FILE).get("cancel_requested"):
+            EventLog(path).phase("cancelled", message=f"cancelled; the process ended ({how}) without reporting")
+            return
+        tail = log_tail(path, 5)
+        EventLog(path).phase("failed", error=f"the training process ended ({how}) without finishing",
+                             hint=("last log lines: " + " | ".join(tail)) if tail else "train.log is empty")
+
+    def _recover(self) -> None:
+        """At start-up: runs whose process died while the app was away are marked failed; live
+        ones are adopted (watched by pid), queued ones wait as before."""
+        for run_id in self.run_ids():
+            path = self.runs_dir / run_id
+            record = _read_json(path / PROCESS_FILE)
+            phase = last_phase(read_events(path))
+            if record and phase not in FINAL_PHASES and not _process_alive(record):
+                self._finish(run_id, "it was gone when the studio started")
+            elif record and _read_json(path / JOB_FILE).get("cancel_requested") and _process_alive(record):
+                self._cancel_at[run_id] = time.monotonic()
+
+    @staticmethod
+    def _signal(record: dict, sig: int) -> None:
+        if not _process_alive(record):
+            return
+        try:
+            os.killpg(int(record["pid"]), sig)
+        except (ProcessLookupError, PermissionError):
+            pass
