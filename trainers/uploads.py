@@ -1,0 +1,118 @@
+"""What the studio accepts from a browser, checked before anything is copied into a run folder.
+
+Image content (format sniffed from the bytes, corrupt or truncated files, decompression bombs,
+minimum size) is judged by `trainers.images.check_image`, the same check the trainer applies;
+this module adds only what is specific to uploads: how many files, how many bytes, and names
+that could escape a folder. Every problem of a batch is reported at once, one line per file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from .images import ImageError, check_image
+
+MAX_FILES = 50
+MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_TUNER_BYTES = 4 * 1024 * 1024 * 1024  # a full fine-tune of SD v1.5 in fp32 is 3.4 GB
+MAX_NAME_CHARS = 120
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+
+
+class UploadError(ValueError):
+    """Uploads that cannot be used; str() is a message for a person, one line per problem."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A user-given name that is safe as one path component, or UploadError saying why not."""
+    name = (name or "").strip()
+    if not name:
+        raise UploadError(f"the {what} is empty")
+    if "/" in name or "\\" in name or os.sep in name:
+        raise UploadError(f"the {what} {name!r} contains a path separator ('/' or '\\'); use a plain name")
+    if name in (".", "..") or name.startswith("."):
+        raise UploadError(f"the {what} {name!r} may not start with a dot")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise UploadError(f"the {what} {name!r} contains control characters")
+    if len(name) > MAX_NAME_CHARS:
+        raise UploadError(f"the {what} is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+    return name
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def original_name(path: str | os.PathLike) -> str:
+    """The name the browser sent. Gradio keeps it as the last component of the temp path; a
+    Windows client's backslashes survive in it as ordinary characters, so check_name sees them."""
+    return Path(path).name
+
+
+def check_images(paths: list[str | os.PathLike] | None, *, max_files: int = MAX_FILES,
+                 max_bytes: int = MAX_FILE_BYTES) -> list[tuple[Path, str]]:
+    """Checked uploads as [(path, safe file name for the run's instance folder)].
+
+    Safe names are numbered and carry the extension of the format found in the content, so two
+    uploads called `dog.png` stay distinct and a PNG named `.jpg` is stored as what it is.
+    """
+    paths = [Path(p) for p in (paths or [])]
+    if not paths:
+        raise UploadError("no images: upload a few (3-10) photos of the concept, PNG, JPEG or WebP")
+    if len(paths) > max_files:
+        raise UploadError(f"{len(paths)} files: at most {max_files} images per run; a handful is enough for DreamBooth")
+    problems, checked = [], []
+    for index, path in enumerate(paths):
+        label = original_name(path)
+        try:
+            check_name(label, "file name")
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise UploadError(f"{label}: {_size(size)} is over the {_size(max_bytes)} limit per image")
+            info = check_image(path)
+        except (UploadError, ImageError) as exc:
+            problems.append(str(exc))
+            continue
+        except OSError as exc:
+            problems.append(f"{label}: cannot be read ({exc.strerror or exc})")
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(label).stem).strip("_")[:40] or "image"
+        checked.append((path, f"{index:02d}-{stem}{EXTENSIONS[info.format]}"))
+    if problems:
+        raise UploadError(f"{len(problems)} of {len(paths)} files cannot be used:\n" + "\n".join(problems))
+    return checked
+
+
+def check_tuner_file(path: str | os.PathLike, base_unet, *, max_bytes: int = MAX_TUNER_BYTES):
+    """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
+    valid and whose architecture fingerprint matches `base_unet` (anything with a diffusers
+    U-Net `.config`). Returns (method config, header metadata)."""
+    from restuning import TunerFileError, read_config, read_header
+    from restuning.arch import fingerprint_mismatch
+
+    path = Path(path)
+    label = original_name(path)
+    check_name(label, "file name")
+    if path.stat().st_size > max_bytes:
+        raise UploadError(f"{label}: {_size(path.stat().st_size)} is over the {_size(max_bytes)} limit")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise UploadError(f"{label}: this is a pickle/PyTorch checkpoint; only .safetensors tuner files are accepted "
+                          "(pickles can run code when loaded)")
+    try:
+        header = read_header(path)
+        config = read_config(path)
+    except TunerFileError as exc:
+        raise UploadError(str(exc).replace(str(path), label)) from None
+    mismatch = fingerprint_mismatch(json.loads(header["base_arch"]), base_unet)
+    if mismatch:
+        raise UploadError(f"{label} was trained for another U-Net than this studio's base model: " + "; ".join(mismatch))
+    return config, header
