@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,8 @@ class Attached:
     handles: list = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
     scale: float = 1.0
+    # Whether `route` can send single samples through this method (it reads `sample_mask`).
+    routable: ClassVar[bool] = True
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for module in self.modules.values():

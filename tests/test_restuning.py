@@ -164,3 +164,25 @@ def test_route_sends_each_sample_through_its_own_tuner(tiny_unet, unet_inputs):
         routed = run(tiny_unet, unet_inputs)
     torch.testing.assert_close(routed[0], expected[2][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(routed[1], expected[0][1], atol=1e-5, rtol=0)
+
+
+def test_several_loras_stay_active_and_scale_independently(tiny_unet, unet_inputs):
+    base = run(tiny_unet, unet_inputs)
+    outputs = {}
+    for name, seed in (("one", 1), ("two", 2)):
+        handle = restuning.attach(tiny_unet, restuning.LoraConfig(), name=name)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in handle.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+    restuning.set_scale(tiny_unet, 0.0, name="two")
+    outputs["one"] = run(tiny_unet, unet_inputs)
+    restuning.set_scale(tiny_unet, 1.0, name="two")
+    restuning.set_scale(tiny_unet, 0.0, name="one")
+    outputs["two"] = run(tiny_unet, unet_inputs)
+    assert not torch.equal(outputs["one"], base) and not torch.equal(outputs["two"], base)
+    assert not torch.equal(outputs["one"], outputs["two"])
+    restuning.detach(tiny_unet, "one")
+    assert torch.equal(run(tiny_unet, unet_inputs), outputs["two"])
+    restuning.detach(tiny_unet)
+    assert torch.equal(run(tiny_unet, unet_inputs), base)

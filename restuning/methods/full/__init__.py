@@ -16,6 +16,8 @@ class FullConfig(MethodConfig):
 
 
 class FullAttached(Attached):
+    routable = False
+
     def __init__(self, unet: nn.Module, name: str, config: FullConfig):
         super().__init__(name=name, config=config)
         self.unet = unet

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...config import MethodConfig, option
-from ...core import BLOCK_GROUPS, AttachError, Attached
+from ...core import BLOCK_GROUPS, AttachError, Attached, attached
 
 TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -21,6 +21,8 @@ class LoraConfig(MethodConfig):
 
 
 class LoraAttached(Attached):
+    routable = False
+
     def __init__(self, unet: nn.Module, name: str, config: LoraConfig):
         super().__init__(name=name, config=config)
         self.unet = unet
@@ -54,15 +56,39 @@ class LoraAttached(Attached):
 
     def detach(self):
         self.unet.delete_adapters(self.name)
+        _activate_all(self.unet, exclude=self.name)
+
+
+def _activate_all(unet: nn.Module, exclude: str | None = None) -> None:
+    """Keep every attached LoRA active at once; each one's strength is its scale.
+
+    peft activates only the newest adapter by default (and another one when an active adapter
+    is deleted), which would silently switch off LoRAs attached earlier.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [n for n, a in attached(unet).items() if isinstance(a, LoraAttached) and n != exclude]
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter([n for n in names if n in module.lora_A])
 
 
 def attach(unet: nn.Module, config: LoraConfig, name: str) -> Attached:
     from peft import LoraConfig as PeftLoraConfig
 
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     prefixes = tuple(BLOCK_GROUPS[g] for g in config.blocks)
-    targets = [n for n, m in unet.named_modules() if n.startswith(prefixes) and n.endswith(TARGET_SUFFIXES) and isinstance(m, nn.Linear)]
+    # A projection that already carries another LoRA is peft's wrapper, not an nn.Linear.
+    targets = [
+        n for n, m in unet.named_modules()
+        if n.startswith(prefixes) and n.endswith(TARGET_SUFFIXES) and isinstance(m, (nn.Linear, BaseTunerLayer))
+    ]
     if not targets:
         raise AttachError(f"no attention projections found in {', '.join(config.blocks)}")
     peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=targets)
     unet.add_adapter(peft_config, adapter_name=name)
-    return LoraAttached(unet, name, config)
+    handle = LoraAttached(unet, name, config)
+    attached(unet)[name] = handle  # so that _activate_all sees it; attach() stores it again
+    _activate_all(unet)
+    return handle
