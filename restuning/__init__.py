@@ -13,6 +13,7 @@ from .core import AttachError, attach, attached, detach, route, set_scale, train
 from .io import TunerFileError, load, read_config, read_header, save
 from .methods import METHODS, config_from_dict
 from .methods.adapter import AdapterConfig
+from .methods.bypass import BypassConfig, bypass_outputs
 from .methods.full import FullConfig
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixConfig
@@ -23,6 +24,7 @@ __all__ = [
     "METHODS",
     "AdapterConfig",
     "AttachError",
+    "BypassConfig",
     "ConfigError",
     "FullConfig",
     "LoraConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "TunerFileError",
     "attach",
     "attached",
+    "bypass_outputs",
     "config_from_dict",
     "detach",
     "load",

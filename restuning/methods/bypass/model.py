@@ -1,0 +1,242 @@
+"""Wiring Res-Tuning-Bypass networks into a diffusers `UNet2DConditionModel`.
+
+Taps: x_0 is the input of the first tapped block (`mid_block` by default); x_1..x_L are the
+outputs of `mid_block` and of every block of `up_blocks` (1280, 1280, 1280, 640, 320 channels at
+8, 16, 32, 64, 64 px latent side for a 512 px image). The bypass network (layer.py, Eq. 8) turns
+them into a correction Δ of the input of the frozen head, conv_norm_out -> act -> conv_out:
+
+    output = head(x_L + s·Δ)        s: the strength set by restuning.set_scale; 0 skips it
+
+Memory by design: while any bypass is active in a call, the backbone up to the last tap runs
+with grad disabled (the effect of `torch.no_grad()`, not inference mode: the tapped features
+must stay usable by autograd as inputs of the bypass), and the taps are detached. Grad is
+switched back on at the head, so autograd records only the bypass and the head. If anything
+upstream does need grad (an input that requires grad, a trainable parameter of the backbone
+such as a Res-Tuner attached beside the bypass), the backbone runs with grad as usual: the
+result stays correct and only the saving is lost.
+
+Everything is done with hooks, so an ordinary `unet(sample, t, text)` call or `pipe(...)` runs
+the bypass. One set of hooks per U-Net serves every attached bypass. What one call captures
+lives in a context variable created by that call, never in a module, so concurrent calls on one
+U-Net (threads of a web server) do not see each other's features.
+
+Several bypasses, one backbone forward:
+- `restuning.route(names)`: batch sample i goes through the bypass names[i] (None: the base),
+  the same routing the Res-Tuners use; the backbone runs once for the whole batch.
+- `bypass_outputs(unet, names, sample, t, text)`: every bypass in `names` reads the same
+  backbone features; returns one output per name (the multi-task inference of Section 3.2).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ...core import AttachError, Attached, sample_mask
+from .layer import BypassNetwork
+
+_RUNNER = "_restuning_bypass_runner"
+_HOLDER = "restuning_bypass"  # the ModuleDict on the U-Net that holds the networks, so they move with it
+
+
+@dataclass
+class _Bypass:
+    handle: Attached
+    network: BypassNetwork
+    paths: list[str]
+
+
+@dataclass
+class _Call:
+    """What one U-Net call captures for its bypasses."""
+
+    grad: bool
+    active: list[str]
+    fanout: tuple | None
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    token: contextvars.Token | None = None
+
+
+_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("restuning_bypass_call", default=None)
+# Set by bypass_outputs around its one U-Net call: (the runner it is meant for, the names).
+_fanout: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("restuning_bypass_fanout", default=None)
+
+
+def tap_paths(unet: nn.Module, taps) -> list[str]:
+    """Module paths of the tapped blocks, in forward order."""
+    paths = []
+    if "mid" in taps and getattr(unet, "mid_block", None) is not None:
+        paths.append("mid_block")
+    if "up" in taps:
+        paths += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    if not paths:
+        raise AttachError("the U-Net has no mid or up blocks to tap")
+    return paths
+
+
+def tap_channels(unet: nn.Module, paths: list[str]) -> list[int]:
+    """Channels of x_0 and of each tap. In a UNet2DConditionModel the mid block keeps the
+    deepest width and up block i outputs the i-th width from the deep end."""
+    widths = list(unet.config.block_out_channels)
+    out = {"mid_block": widths[-1], **{f"up_blocks.{i}": c for i, c in enumerate(reversed(widths))}}
+    return [widths[-1]] + [out[p] for p in paths]
+
+
+class _Runner:
+    """The hooks of one U-Net, shared by all its bypasses; re-registered when the set changes."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.bypasses: dict[str, _Bypass] = {}
+        self.hooks: list = []
+        self.own: set[int] = set()
+
+    def add(self, name: str, bypass: _Bypass) -> None:
+        self.bypasses[name] = bypass
+        self._rehook()
+
+    def remove(self, name: str) -> None:
+        del self.bypasses[name]
+        self._rehook()
+
+    def _rehook(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        self.own = {id(p) for b in self.bypasses.values() for p in b.network.parameters()}
+        if not self.bypasses:
+            return
+        unet = self.unet
+        firsts = {b.paths[0] for b in self.bypasses.values()}
+        taps = {p for b in self.bypasses.values() for p in b.paths}
+        head = unet.conv_norm_out if unet.conv_norm_out is not None else unet.conv_out
+        self.hooks = [
+            unet.register_forward_pre_hook(self._begin, with_kwargs=True),
+            unet.register_forward_hook(self._end, with_kwargs=True, always_call=True),
+            head.register_forward_pre_hook(self._head),
+            *(unet.get_submodule(p).register_forward_pre_hook(_capture_input(p), with_kwargs=True) for p in sorted(firsts)),
+            *(unet.get_submodule(p).register_forward_hook(_capture_output(p)) for p in sorted(taps)),
+        ]
+
+    def _begin(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        fanout = _fanout.get()
+        if fanout is not None and fanout[0] is self:
+            names = fanout[1]
+            active = [n for n in dict.fromkeys(names) if n is not None]
+        else:
+            names = None
+            active = [n for n, b in self.bypasses.items() if b.handle.scale != 0 and _routed_in(n, sample)]
+        call = _Call(grad=torch.is_grad_enabled(), active=active, fanout=names)
+        if (active or names is not None) and call.grad and not self._backbone_needs_grad(args, kwargs):
+            torch.set_grad_enabled(False)
+        call.token = _call.set(call)
+
+    def _end(self, module, args, kwargs, output):
+        call = _call.get()
+        if call is not None and call.token is not None:
+            torch.set_grad_enabled(call.grad)
+            _call.reset(call.token)
+
+    def _head(self, module, args):
+        call = _call.get()
+        if call is None or (not call.active and call.fanout is None):
+            return None
+        torch.set_grad_enabled(call.grad)
+        x = args[0]
+        if call.fanout is not None:
+            return (torch.cat([x if n is None else x + self._delta(n, call, x) for n in call.fanout]),)
+        for name in call.active:
+            mask = sample_mask(name, x.shape[0], x.device)
+            if mask is None:
+                x = x + self._delta(name, call, x)
+            else:
+                rows = mask.nonzero().squeeze(1)
+                x = x.index_add(0, rows, self._delta(name, call, x, rows))
+        return (x,)
+
+    def _delta(self, name: str, call: _Call, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        bypass = self.bypasses[name]
+        x0 = call.inputs[bypass.paths[0]]
+        features = [call.outputs[p] for p in bypass.paths]
+        if rows is not None:
+            x0, features = x0[rows], [f[rows] for f in features]
+        delta = bypass.network(x0, features)
+        if bypass.handle.scale != 1:
+            delta = delta * bypass.handle.scale
+        return delta.to(x.dtype)
+
+    def _backbone_needs_grad(self, args, kwargs) -> bool:
+        values = [*args, *kwargs.values()]
+        values += [v for d in values if isinstance(d, dict) for v in d.values()]
+        if any(isinstance(v, Tensor) and v.requires_grad for v in values):
+            return True
+        return any(p.requires_grad and id(p) not in self.own for p in self.unet.parameters())
+
+
+def _routed_in(name: str, sample: Tensor) -> bool:
+    mask = sample_mask(name, sample.shape[0], sample.device)
+    return mask is None or bool(mask.any())
+
+
+def _capture_input(path: str):
+    def hook(module, args, kwargs):
+        call = _call.get()
+        if call is not None and (call.active or call.fanout is not None):
+            call.inputs[path] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    return hook
+
+
+def _capture_output(path: str):
+    def hook(module, args, output):
+        call = _call.get()
+        if call is not None and (call.active or call.fanout is not None):
+            call.outputs[path] = output.detach()
+
+    return hook
+
+
+def attach(unet: nn.Module, config, name: str) -> Attached:
+    paths = tap_paths(unet, config.taps)
+    device = next(unet.parameters()).device
+    network = BypassNetwork(tap_channels(unet, paths), config.horizontal, config.vertical, config.dim, config.heads).to(device)
+    if not hasattr(unet, _HOLDER):
+        setattr(unet, _HOLDER, nn.ModuleDict())
+    getattr(unet, _HOLDER)[name] = network
+    handle = Attached(name=name, config=config, modules={"bypass": network})
+    runner = unet.__dict__.setdefault(_RUNNER, _Runner(unet))
+    runner.add(name, _Bypass(handle, network, paths))
+
+    def undo():
+        runner.remove(name)
+        holder = getattr(unet, _HOLDER)
+        del holder[name]
+        if len(holder) == 0:
+            delattr(unet, _HOLDER)
+            del unet.__dict__[_RUNNER]
+
+    handle.undo.append(undo)
+    return handle
+
+
+def bypass_outputs(unet: nn.Module, names: list[str | None], sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> list[Tensor]:
+    """Run the backbone once and return one U-Net output per name in `names`, each as if only
+    that bypass were attached (None: the base model). Extra keyword arguments go to the U-Net.
+    """
+    runner = unet.__dict__.get(_RUNNER)
+    if runner is None:
+        raise AttachError("no bypass is attached to this U-Net")
+    unknown = [n for n in names if n is not None and n not in runner.bypasses]
+    if unknown or not names:
+        raise AttachError(f"not attached bypasses: {unknown or 'none given'}; attached: {sorted(runner.bypasses)}")
+    token = _fanout.set((runner, tuple(names)))
+    try:
+        out = unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+    finally:
+        _fanout.reset(token)
+    return list(out.split(sample.shape[0]))
