@@ -5,10 +5,20 @@ adding a method means adding one entry here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from ..config import MethodConfig
 from . import adapter, bypass, full, lora, prefix, prompt, res_tuning
+from .full import export as full_export
+from .lora import export as lora_export
+
+
+def save_tuner(pipeline, handle, folder: Path) -> list[tuple[str, Path]]:
+    """The default artefact of a trained method: one restuning tuner file, config in its header."""
+    from ..io import save
+
+    return [("tuner", save(pipeline.unet, Path(folder) / "tuner.safetensors", handle.name))]
 
 
 @dataclass(frozen=True)
@@ -19,6 +29,8 @@ class Method:
     config: type[MethodConfig]
     attach: Callable  # (unet, config, name) -> Attached
     paper_params_m: float | None = None  # trainable parameters on SD v1.5 in the paper's Table 6
+    # (pipeline, handle, folder) -> [(artifact kind, path)]: the files a trained run hands out.
+    export: Callable = save_tuner
 
 
 METHODS: dict[str, Method] = {}
@@ -34,14 +46,14 @@ register(Method("res-tuning", "Res-Tuning", "Res-Tuners beside the frozen attent
 register(Method("bypass", "Res-Tuning-Bypass", "A chain of Res-Tuners beside the frozen U-Net; no gradient through the backbone (Eq. 8).",
                 bypass.BypassConfig, bypass.attach, 3.76))
 register(Method("lora", "LoRA", "Low-rank updates of the attention projections, through peft.",
-                lora.LoraConfig, lora.attach, 9.96))
+                lora.LoraConfig, lora.attach, 9.96, export=lora_export.export))
 register(Method("adapter", "Adapter", "Houlsby adapters, sequential after the feed-forward network (bound).",
                 adapter.AdapterConfig, adapter.attach, 2.51))
 register(Method("prefix", "Prefix", "Learned prefix keys and values inside attention (bound).",
                 prefix.PrefixConfig, prefix.attach, 4.99))
 register(Method("prompt", "Prompt", "Learned tokens appended to the attention's token sequence (bound).",
                 prompt.PromptConfig, prompt.attach, 1.25))
-register(Method("full", "Full fine-tuning", "Every U-Net weight trains.", full.FullConfig, full.attach, 862.0))
+register(Method("full", "Full fine-tuning", "Every U-Net weight trains.", full.FullConfig, full.attach, 862.0, export=full_export.export))
 
 
 def get(name: str) -> Method:
