@@ -128,7 +128,7 @@ def test_a_process_that_dies_shows_failed_with_its_log_tail(tmp_path, images):
     assert info.status == "failed"
     assert "exit code 3" in info.error
     assert any("something went badly wrong" in line for line in info.log_tail)
-    assert "something went badly wrong" in info.error  # the last lines are in the failure event too
+    assert "something went badly wrong" in info.hint  # the last lines are in the failure event too
     assert info.resumable and info.checkpoint == "checkpoints/checkpoint-4"
     with pytest.raises(JobError, match="failed"):
         runner.cancel(run_id)

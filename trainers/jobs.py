@@ -25,6 +25,7 @@ folder, and run ids are checked before any path is built from them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -60,7 +61,7 @@ def default_command(config_path: Path, config: dict, device: str) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--dynamo_backend", "no", "--mixed_precision", str(config.get("mixed_precision") or "no")]
     if device == "cpu":
-        cmd.append("--cpu")
+        cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
     return cmd + ["-m", "trainers.dreambooth", "--config", str(config_path)]
 
 
@@ -90,6 +91,7 @@ class RunInfo:
     config: dict = field(default_factory=dict)
     events: list = field(default_factory=list)
     error: str = ""
+    hint: str = ""
     log_tail: list = field(default_factory=list)
     resumable: bool = False
     checkpoint: str | None = None
@@ -143,7 +145,7 @@ def _process_alive(record: dict) -> bool:
 
 class JobRunner:
     def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
-                 command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0):
+                 command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) if devices else detect_devices()
@@ -151,6 +153,7 @@ class JobRunner:
         self.command = command
         self.poll_seconds = poll_seconds
         self.kill_after = kill_after
+        self.niceness = niceness
         self._lock = threading.RLock()
         self._children: dict[str, subprocess.Popen] = {}
         self._cancel_at: dict[str, float] = {}
@@ -214,6 +217,28 @@ class JobRunner:
         self.tick()
         return run_id
 
+    def import_tuner(self, src: str | os.PathLike, config: dict, *, label: str = "") -> str:
+        """A finished run holding an uploaded tuner file (already checked by trainers.uploads), so
+        it is listed, downloaded and sampled like a trained one."""
+        from safetensors import safe_open
+
+        run_id, path = self.new_run_dir(label or "imported")
+        try:
+            shutil.copyfile(src, path / "tuner.safetensors")
+            with safe_open(str(path / "tuner.safetensors"), framework="pt") as f:
+                params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            now = time.time()
+            _write_json(path / JOB_FILE, {"label": label, "group": "", "created": now, "imported": True})
+            _write_json(path / CONFIG_FILE, dict(config))
+            log = EventLog(path)
+            log.emit("info", trainable_params=params, method=config.get("method"), imported_from=Path(src).name)
+            log.emit("artifact", kind="tuner", path="tuner.safetensors")
+            log.phase("done", message=f"imported from {Path(src).name}")
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return run_id
+
     def _write_config(self, path: Path, config: dict) -> None:
         config["instance_data_dir"] = str(path / INSTANCE_DIR)
         config["output_dir"] = str(path)
@@ -275,8 +300,8 @@ class JobRunner:
             info.position = waiting.index(run_id) + 1 if run_id in waiting else None
         if status == "failed":
             final = next((e for e in reversed(events) if e.get("event") == "phase"), {})
-            info.error = " ".join(str(final.get(k, "")) for k in ("error", "hint")).strip() or (
-                "the training process stopped without reporting why")
+            info.error = str(final.get("error") or "the training process stopped without reporting why")
+            info.hint = str(final.get("hint") or "")
         if status in ("failed", "cancelled"):
             info.log_tail = log_tail(path)
         info.checkpoint = self._last_checkpoint(path, events)
@@ -405,6 +430,9 @@ class JobRunner:
         path = self.runs_dir / run_id
         config_path = path / CONFIG_FILE
         cmd = self.command(config_path, _read_json(config_path), device)
+        if self.niceness and shutil.which("nice"):
+            # training yields the CPU to the studio's web server, so pages stay responsive
+            cmd = [shutil.which("nice"), "-n", str(self.niceness), *cmd]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         if device.startswith("cuda:"):

@@ -1,0 +1,86 @@
+"""The studio end to end in headless Chromium: a short real training run on the demo model,
+watched to the end, its tuner downloaded and loaded with restuning.load; bad input refused in
+the page with a message."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STARS = sorted((REPO / "assets" / "concepts" / "star").glob("*.png"))
+pytestmark = pytest.mark.slow
+
+
+def upload(page, files):
+    page.set_input_files("#concept-files input[type=file]", [str(f) for f in files])
+
+
+def fill(page, option, value):
+    page.fill(f"#opt-{option} input, #opt-{option} textarea", str(value))
+    page.press(f"#opt-{option} input, #opt-{option} textarea", "Tab")
+
+
+def error_toast(page) -> str:
+    toast = page.locator(".toast-body").first
+    toast.wait_for(timeout=30_000)
+    return toast.inner_text()
+
+
+def test_bad_input_gets_a_message_not_a_stack_trace(page, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not an image at all")
+    upload(page, [fake])
+    message = error_toast(page)
+    assert "holiday.png" in message and "not an image" in message
+    assert "Traceback" not in page.content()
+    page.reload()
+    page.wait_for_selector("#train")
+    upload(page, STARS[:3])
+    page.wait_for_selector("#concept-preview img")
+    page.click("#train")  # no instance prompt
+    assert "instance prompt is empty" in error_toast(page)
+
+
+def test_train_watch_download_and_load(page, studio, tmp_path):
+    _, runs = studio
+    upload(page, STARS)
+    page.wait_for_selector("#concept-preview img", timeout=30_000)
+    page.fill("#instance-prompt textarea", "a sks star")
+    page.get_by_text("Advanced", exact=True).click()
+    fill(page, "max_train_steps", 12)
+    fill(page, "validation_steps", 6)
+    fill(page, "num_validation_images", 1)
+    fill(page, "num_inference_steps", 4)  # optional: a text box
+    fill(page, "checkpointing_steps", 6)
+    page.click("#train")
+    progress = page.locator("#live-progress .rt-progress")
+    progress.wait_for(timeout=30_000)
+    page.wait_for_selector("#live-progress [data-status=running], #live-progress [data-status=done]", timeout=120_000)
+    page.wait_for_selector("#live-progress [data-status=done], #live-progress [data-status=failed]", timeout=420_000)
+    assert progress.get_attribute("data-status") == "done", page.inner_text("#live-log")
+    assert progress.get_attribute("data-step") == "12"
+    assert page.locator("#live-samples img").count() >= 1
+    assert re.search(r"step 12/12", page.inner_text("#live-progress"))
+
+    # a reload re-attaches to the same run
+    page.reload()
+    page.wait_for_selector("#live-progress [data-status=done]", timeout=30_000)
+
+    page.get_by_role("tab", name="Runs / tuners").click()
+    page.wait_for_selector("#download-tuner", state="visible", timeout=30_000)
+    assert "res-tuning" in page.inner_text("#runs-table")
+    with page.expect_download() as download:
+        page.click("#download-tuner")
+    saved = tmp_path / "tuner.safetensors"
+    download.value.save_as(saved)
+
+    import restuning
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(REPO / "assets" / "demo-model", subfolder="unet")
+    handle = restuning.load(unet, saved)
+    assert handle.config.method == "res-tuning"
+    assert sum(p.numel() for p in handle.parameters()) > 0
+    run_dirs = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(run_dirs) == 1 and (run_dirs[0] / "tuner.safetensors").read_bytes() == saved.read_bytes()

@@ -1,0 +1,152 @@
+"""Form fields generated from option metadata, and the config a form's values turn into.
+
+Two sources, each the single place its options are described:
+- the trainer's options (`trainers.options.build_parser()`: names, types, defaults, help, choices),
+- each method's config dataclass in the registry (`restuning.methods.METHODS`: `option(...)`
+  fields with help and choices).
+A config built here goes through `trainers.options.from_dict`, the trainer's own checks, before
+a run folder is made, so the form refuses exactly what the trainer would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+import gradio as gr
+
+from restuning.methods import METHODS
+from trainers.options import OptionError, build_parser, from_dict
+
+FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
+
+# Filled by the studio itself (paths of the run folder, the base model, resuming), never by the form.
+STUDIO_SET = {"help", "config", "method", "pretrained_model_name_or_path", "instance_data_dir", "class_data_dir",
+              "output_dir", "resume_from_checkpoint"}
+# Shown in the main form rather than under "Advanced".
+MAIN = ("instance_prompt", "class_prompt", "with_prior_preservation", "max_train_steps", "learning_rate")
+# Short runs are what a studio user starts first: sample and checkpoint more often than the
+# trainer's command-line defaults (100 and 500 steps), so the live view shows images early.
+STUDIO_DEFAULTS = {"validation_steps": 50, "num_validation_images": 2, "checkpointing_steps": 100}
+
+
+def method_names() -> list[str]:
+    first = [m for m in FIRST_METHODS if m in METHODS]
+    return first + [m for m in METHODS if m not in first]
+
+
+def method_choices() -> list[tuple[str, str]]:
+    return [(METHODS[m].label, m) for m in method_names()]
+
+
+def trainer_actions() -> dict[str, argparse.Action]:
+    """The trainer's common options by name (method options come from the registry instead)."""
+    parser = build_parser()
+    method_group = next(g for g in parser._action_groups if g.title == "method options")
+    skip = {a.dest for a in method_group._group_actions} | STUDIO_SET
+    return {a.dest: a for a in parser._actions if a.dest not in skip}
+
+
+def component_for_action(action: argparse.Action, value=None):
+    """A Gradio input for one trainer option; an empty Number/Textbox means "not given"."""
+    label, info, elem_id = action.dest, action.help, f"opt-{action.dest}"
+    default = STUDIO_DEFAULTS.get(action.dest, action.default) if value is None else value
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)
+    if action.choices:
+        return gr.Dropdown(choices=list(action.choices), value=default, label=label, info=info, elem_id=elem_id)
+    if action.type in (int, float) and default is None:  # optional: an empty box means "not given"
+        return gr.Textbox(value="", label=label, info=info, placeholder="not set", elem_id=elem_id)
+    if action.type in (int, float):
+        return gr.Number(value=default, label=label, info=info, precision=0 if action.type is int else None, elem_id=elem_id)
+    if action.nargs == "+":
+        return gr.Textbox(value="\n".join(default or []), label=label, info=(info or "") + " (one per line)", lines=2, elem_id=elem_id)
+    return gr.Textbox(value=default or "", label=label, info=info, elem_id=elem_id)
+
+
+def trainer_value(action: argparse.Action, value):
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if action.nargs == "+":
+        lines = [line.strip() for line in str(value).splitlines() if line.strip()]
+        return lines or None
+    if isinstance(value, str) and action.type in (int, float):
+        if not value.strip():
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise OptionError(f"{action.dest} must be a number, got {value!r}") from None
+    if action.type is int:
+        if float(value) != int(float(value)):
+            raise OptionError(f"{action.dest} must be a whole number, got {value}")
+        return int(float(value))
+    if action.type is float:
+        return float(value)
+    return value.strip() if isinstance(value, str) else value
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def component_for_field(method: str, f: dataclasses.Field):
+    """A Gradio input for one field of a method's config dataclass."""
+    kind = str(typing.get_type_hints(METHODS[method].config)[f.name])
+    label, info, default, elem_id = f.name, f.metadata.get("help"), _default(f), f"opt-{method}-{f.name}"
+    choices = f.metadata.get("choices")
+    if "tuple" in kind or "list" in kind:
+        return gr.CheckboxGroup(choices=list(choices or default), value=list(default), label=label, info=info, elem_id=elem_id)
+    if choices:
+        return gr.Dropdown(choices=list(choices), value=default, label=label, info=info, elem_id=elem_id)
+    if "dict" in kind:  # the Res-Tuning layout, OP -> tuner kind
+        return gr.Textbox(value=",".join(f"{k}={v}" for k, v in default.items()), label=label, info=info, elem_id=elem_id)
+    if "bool" in kind:
+        return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)
+    if "int" in kind or "float" in kind:
+        return gr.Number(value=default, label=label, info=info, precision=0 if "int" in kind else None, elem_id=elem_id)
+    return gr.Textbox(value=str(default), label=label, info=info, elem_id=elem_id)
+
+
+def method_value(method: str, name: str, value):
+    """Form value -> the JSON value the config file holds (the trainer parses the rest)."""
+    kind = str(typing.get_type_hints(METHODS[method].config)[name])
+    if "dict" in kind:
+        out = {}
+        for pair in str(value or "").split(","):
+            if pair.strip():
+                key, sep, val = pair.partition("=")
+                if not sep:
+                    raise OptionError(f"{name}: expected OP=kind pairs like attn1=adapter,ff=adapter; got {pair.strip()!r}")
+                out[key.strip()] = val.strip()
+        return out
+    if "tuple" in kind or "list" in kind:
+        if not value:
+            raise OptionError(f"{name}: choose at least one")
+        return list(value)
+    if "int" in kind:
+        return int(value)
+    return value
+
+
+def build_config(method: str, trainer_values: dict, method_values: dict, *, model: str, device: str) -> dict:
+    """The config.json of a run: trainer options + the method's own, checked by the trainer's
+    own `from_dict` (its errors name the option). Raises OptionError."""
+    actions = trainer_actions()
+    config = {"method": method, "pretrained_model_name_or_path": model}
+    for name, value in trainer_values.items():
+        converted = trainer_value(actions[name], value)
+        if converted is not None:
+            config[name] = converted
+    if not (config.get("instance_prompt") or "").strip():
+        raise OptionError("the instance prompt is empty: describe the concept with a rare token, e.g. 'a photo of sks star'")
+    if not config.get("validation_prompt"):
+        config["validation_prompt"] = [config["instance_prompt"]]
+    for name, value in method_values.items():
+        config[name] = method_value(method, name, value)
+    if config.get("mixed_precision") == "fp16" and device == "cpu":
+        raise OptionError("mixed_precision fp16 does not run on the CPU; choose 'no' (or bf16), or the CPU demo preset")
+    # instance_data_dir is the run's own folder, filled in by the job runner; the check needs a value
+    from_dict({**config, "instance_data_dir": "instance", "output_dir": "run"})
+    return config

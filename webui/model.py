@@ -1,0 +1,54 @@
+"""Facts about the base model the studio trains on, read from its configs without loading
+weights: the U-Net (for checking imported tuners against it) and its native resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from restuning.arch import SD15_UNET_CONFIG
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class BaseModel:
+    source: str  # hub id, diffusers folder or single checkpoint file, as given to the trainer
+    unet_config: dict
+    resolution: int  # U-Net sample size x VAE scale factor: 64 for the demo model, 512 for SD v1.5
+
+    @property
+    def name(self) -> str:
+        return "the bundled demo model" if Path(self.source).resolve() == DEMO_MODEL else self.source
+
+    def unet_on_meta(self):
+        """A weightless U-Net of this architecture: what restuning.arch fingerprints compare to."""
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(self.unet_config)
+
+
+def describe(source: str | None) -> BaseModel:
+    """Read the configs of a diffusers folder or hub id; a single SD 1.x checkpoint file has the
+    SD v1.5 U-Net (every SD 1.x model shares it). Raises ValueError with a readable message."""
+    source = str(source or DEMO_MODEL)
+    path = Path(source)
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ValueError(f"--model {source}: no such checkpoint file")
+        return BaseModel(str(path.resolve()), dict(SD15_UNET_CONFIG), 512)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if path.exists():
+        source = str(path.resolve())
+    try:
+        unet = dict(UNet2DConditionModel.load_config(source, subfolder="unet"))
+        vae = dict(AutoencoderKL.load_config(source, subfolder="vae"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {source}: cannot read its unet/vae configs "
+                         f"(a diffusers folder, a hub id available offline, or a .safetensors file): {exc}") from None
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    return BaseModel(source, unet, int(unet.get("sample_size", 64)) * scale)

@@ -1,0 +1,40 @@
+"""Hardware presets: the five options that decide whether a run fits in memory, chosen
+automatically from the detected device. Steps, learning rate and the rest do not depend on
+the hardware and stay with the form."""
+
+from __future__ import annotations
+
+PRESET_KEYS = ("resolution", "train_batch_size", "mixed_precision", "gradient_checkpointing", "use_8bit_adam")
+
+# "resolution" is a ceiling: a run trains at min(ceiling, the base model's own resolution), 64 px
+# for the demo model, 512 for SD v1.5. On CPU fp16 has no fast kernels and SD v1.5 steps take
+# seconds, so the CPU preset stays at 256 px in fp32; on GPUs memory decides: gradient
+# checkpointing and 8-bit Adam buy room on 8 GB, a 24 GB card affords batch 2.
+PRESETS = {
+    "CPU demo": {"resolution": 256, "train_batch_size": 1, "mixed_precision": "no",
+                 "gradient_checkpointing": False, "use_8bit_adam": False},
+    "8 GB GPU": {"resolution": 1024, "train_batch_size": 1, "mixed_precision": "fp16",
+                 "gradient_checkpointing": True, "use_8bit_adam": True},
+    "16 GB GPU": {"resolution": 1024, "train_batch_size": 1, "mixed_precision": "fp16",
+                  "gradient_checkpointing": False, "use_8bit_adam": True},
+    "24 GB+ GPU": {"resolution": 1024, "train_batch_size": 2, "mixed_precision": "fp16",
+                   "gradient_checkpointing": False, "use_8bit_adam": False},
+}
+
+
+def preset_values(name: str, native: int) -> dict:
+    values = dict(PRESETS[name])
+    values["resolution"] = min(values["resolution"], native)
+    return values
+
+
+def detect_preset() -> tuple[str, str]:
+    """(preset name, what was detected) from the first CUDA device's memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CPU demo", "no CUDA GPU found: training runs on the CPU"
+    props = torch.cuda.get_device_properties(0)
+    gib = props.total_memory / 2**30
+    name = "8 GB GPU" if gib < 12 else "16 GB GPU" if gib < 20 else "24 GB+ GPU"
+    return name, f"{props.name}, {gib:.0f} GiB"

@@ -1,0 +1,124 @@
+"""The Runs tab: every run in the runs folder with method, trainable parameters, tuner size,
+prompt, status and samples; downloads of what it saved; cancel, resume, delete (confirmed);
+import of a tuner file checked against the base model."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from trainers.uploads import check_name, check_tuner_file
+
+from . import live
+from .errors import friendly
+
+DOWNLOADS = (("tuner", "tuner.safetensors"), ("model-card", "model card (README.md)"),
+             ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
+
+
+def _details(info) -> str:
+    facts = live.facts(info)
+    tuner = live.artifacts(info).get("tuner")
+    params = facts.get("trainable_params")
+    lines = [f"### {info.id}",
+             f"- **status**: {live.status_line(info)}",
+             f"- **method**: {info.method}" + (f" (comparison group {info.group})" if info.group else ""),
+             f"- **trainable parameters**: {params:,}" if isinstance(params, int) else "- **trainable parameters**: not reported yet",
+             f"- **tuner file**: {live.human_size(tuner.stat().st_size)}" if tuner else "- **tuner file**: not saved yet",
+             f"- **prompt**: {info.prompt or '(none)'}"]
+    step = live.last_step(info)
+    if step:
+        lines.append(f"- **steps**: {step['step']}/{step['total']}, last loss {step['loss']:.4f}")
+    if info.checkpoint:
+        lines.append(f"- **last checkpoint**: {info.checkpoint}")
+    if info.log_tail:
+        lines += ["", "Last log lines:", "```", *info.log_tail[-12:], "```"]
+    return "\n".join(lines)
+
+
+def build(runner, base):
+    selected = gr.State(None)
+    shown = gr.State(None)
+    table = gr.Dataframe(headers=live.RUN_COLUMNS, value=[], interactive=False, wrap=True, elem_id="runs-table")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            pick = gr.Dropdown(label="Run", choices=[], elem_id="runs-pick")
+            details = gr.Markdown(elem_id="runs-details")
+            run_samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="runs-samples")
+        with gr.Column(scale=2):
+            downloads = {kind: gr.DownloadButton(f"Download {label}", visible=False, elem_id=f"download-{kind}")
+                         for kind, label in DOWNLOADS}
+            with gr.Row():
+                cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id="runs-cancel")
+                resume = gr.Button("Resume", visible=False, elem_id="runs-resume")
+                delete = gr.Button("Delete…", visible=False, elem_id="runs-delete")
+            with gr.Group(visible=False) as confirm_box:
+                confirm_text = gr.Markdown()
+                with gr.Row():
+                    confirm = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
+                    keep = gr.Button("Keep it", elem_id="runs-delete-keep")
+            with gr.Accordion("Import a tuner file", open=False):
+                upload = gr.File(label="tuner .safetensors (a restuning file for this base model)", file_count="single",
+                                 elem_id="import-file")
+                import_name = gr.Textbox(label="Name", placeholder="my-star", elem_id="import-name")
+                import_button = gr.Button("Import", elem_id="import")
+
+    def rows():
+        runs = runner.list_runs()
+        return [live.run_row(r) for r in runs], [r.id for r in runs]
+
+    def refresh(run_id, last):
+        table_rows, ids = rows()
+        run_id = run_id if run_id in ids else (ids[0] if ids else None)
+        info = runner.info(run_id) if run_id else None
+        signature = (tuple(map(tuple, table_rows)), run_id,
+                     (info.status, len(info.events)) if info else None)
+        if signature == last:
+            return (gr.skip(),) * (len(outputs))
+        files = live.artifacts(info) if info else {}
+        buttons = [gr.DownloadButton(value=str(files[kind]) if kind in files else None, visible=kind in files)
+                   for kind, _ in DOWNLOADS]
+        return (table_rows, gr.Dropdown(choices=ids, value=run_id), run_id,
+                _details(info) if info else "No runs yet.", live.samples(info) if info else None, *buttons,
+                gr.Button(visible=bool(info) and info.status in ("queued", "running")),
+                gr.Button(visible=bool(info) and info.resumable),
+                gr.Button(visible=bool(info) and info.status not in ("queued", "running")), signature)
+
+    outputs = [table, pick, selected, details, run_samples, *downloads.values(), cancel, resume, delete, shown]
+    timer = gr.Timer(2.0)
+    timer.tick(friendly(refresh), [selected, shown], outputs, show_progress="hidden", concurrency_limit=None, queue=False)
+    pick.input(friendly(refresh), [pick, gr.State(None)], outputs, show_progress="hidden")
+
+    def select_row(evt: gr.SelectData, data):
+        return data.iloc[evt.index[0], 0] if evt.index is not None else gr.skip()
+
+    table.select(select_row, table, pick).then(friendly(refresh), [pick, gr.State(None)], outputs, show_progress="hidden")
+
+    def act(action, run_id):
+        gr.Info(action(run_id) or "done")
+        return None
+
+    cancel.click(friendly(lambda r: act(runner.cancel, r)), selected, shown)
+    resume.click(friendly(lambda r: act(runner.resume, r)), selected, shown)
+    delete.click(lambda r: (gr.Group(visible=True), f"Delete **{r}**? Its tuner, samples and checkpoints go for good."),
+                 selected, [confirm_box, confirm_text])
+    keep.click(lambda: gr.Group(visible=False), None, confirm_box)
+
+    def do_delete(run_id):
+        runner.delete(run_id)
+        gr.Info(f"deleted {run_id}")
+        return gr.Group(visible=False), None, None
+
+    confirm.click(friendly(do_delete), selected, [confirm_box, selected, shown])
+
+    def do_import(path, name):
+        if not path:
+            raise gr.Error("choose a .safetensors tuner file first")
+        label = check_name(name, "name") if name and name.strip() else ""
+        config, header = check_tuner_file(path, base.unet_on_meta())
+        run_id = runner.import_tuner(path, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
+                                     label=label or "imported")
+        gr.Info(f"imported as {run_id}")
+        return run_id, None, None
+
+    import_button.click(friendly(do_import), [upload, import_name], [selected, shown, upload])
+    return lambda: refresh(None, None), outputs

@@ -1,0 +1,166 @@
+"""The Train tab: concept upload, prompts, method and where its tuners go, hardware preset,
+"Advanced" (generated from the trainer's options), and the live view of a run.
+
+The live view is a poll of the run's files (gr.Timer), never a handler that waits on training:
+training runs in its own process, so a reload or a second tab re-attaches to the same run and
+closing the browser stops nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import gradio as gr
+
+from restuning.methods import METHODS
+from trainers.uploads import check_images
+
+from . import forms, live
+from .errors import friendly
+from .presets import PRESET_KEYS, PRESETS, preset_values
+
+POLL_SECONDS = 1.0
+
+
+def _pick_run(runner) -> str | None:
+    """The run a fresh page shows: the running one, else the next queued, else the newest."""
+    runs = runner.list_runs()
+    for status in ("running", "queued"):
+        active = [r for r in runs if r.status == status]
+        if active:
+            return active[-1].id if status == "queued" else active[0].id
+    return runs[0].id if runs else None
+
+
+def _run_choices(runner) -> list[tuple[str, str]]:
+    return [(f"{r.id} · {r.method} · {live.status_line(r) if r.status != 'failed' else 'failed'}", r.id)
+            for r in runner.list_runs()]
+
+
+def build(runner, base, device: str, preset: str, detected: str):
+    watch = gr.State(None)
+    shown = gr.State(None)  # signature of what the live view shows, to skip unchanged updates
+    trainer_comps, method_comps, method_groups = {}, {}, {}
+    actions = forms.trainer_actions()
+    preset_now = preset_values(preset, base.resolution)
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            files = gr.File(label="Concept images (3-10 photos: PNG, JPEG or WebP)", file_count="multiple",
+                            elem_id="concept-files")
+            preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
+            with gr.Row():
+                trainer_comps["instance_prompt"] = gr.Textbox(
+                    label="Instance prompt", placeholder="a photo of sks star", elem_id="instance-prompt",
+                    info="names the concept with a rare token (sks) plus its class")
+                trainer_comps["class_prompt"] = gr.Textbox(label="Class prompt (optional)", placeholder="a photo of a star",
+                                                           info=actions["class_prompt"].help)
+            trainer_comps["with_prior_preservation"] = forms.component_for_action(actions["with_prior_preservation"])
+            method = gr.Radio(choices=forms.method_choices(), value=forms.method_names()[0], label="Method",
+                              elem_id="method")
+            summary = gr.Markdown(METHODS[forms.method_names()[0]].summary)
+            for name in forms.method_names():
+                with gr.Group(visible=name == forms.method_names()[0]) as group:
+                    method_comps[name] = {f.name: forms.component_for_field(name, f)
+                                          for f in forms.dataclasses.fields(METHODS[name].config)}
+                    if not method_comps[name]:
+                        gr.Markdown("No options: every U-Net weight trains.")
+                method_groups[name] = group
+            with gr.Row():
+                preset_radio = gr.Radio(choices=list(PRESETS), value=preset, label="Hardware preset",
+                                        info=f"detected: {detected}", elem_id="preset")
+                trainer_comps["max_train_steps"] = forms.component_for_action(actions["max_train_steps"])
+                trainer_comps["learning_rate"] = forms.component_for_action(actions["learning_rate"])
+            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                for name, action in actions.items():
+                    if name not in forms.MAIN:
+                        trainer_comps[name] = forms.component_for_action(action, preset_now.get(name))
+            with gr.Row():
+                train = gr.Button("Train", variant="primary", elem_id="train")
+                compare = gr.Button("Train for comparison", elem_id="compare")
+            compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=forms.method_names()[:3],
+                                               label="Methods for comparison (same images, prompts and settings)")
+        with gr.Column(scale=4):
+            run_pick = gr.Dropdown(label="Watching run", choices=[], elem_id="live-run", allow_custom_value=False)
+            progress = gr.HTML(live.progress_html(None), elem_id="live-progress")
+            loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, elem_id="live-loss")
+            samples = gr.Gallery(label="Validation samples", columns=4, height=220, elem_id="live-samples")
+            with gr.Row():
+                cancel = gr.Button("Cancel run", variant="stop", visible=False, elem_id="live-cancel")
+                resume = gr.Button("Resume from checkpoint", visible=False, elem_id="live-resume")
+            log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="live-log")
+
+    def on_upload(paths):
+        if not paths:
+            return gr.Gallery(value=None, visible=False)
+        return gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
+
+    files.upload(on_upload, files, preview, show_progress="hidden")
+    files.clear(lambda: gr.Gallery(value=None, visible=False), None, preview)
+    method.change(lambda m: [gr.Markdown(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in method_groups],
+                  method, [summary, *method_groups.values()], show_progress="hidden")
+    preset_comps = [trainer_comps[k] for k in PRESET_KEYS]
+    preset_radio.change(lambda p: [preset_values(p, base.resolution)[k] for k in PRESET_KEYS], preset_radio, preset_comps,
+                        show_progress="hidden")
+
+    all_inputs = {files, method, compare_methods, *trainer_comps.values(),
+                  *(c for comps in method_comps.values() for c in comps.values())}
+
+    def _config(values: dict, name: str) -> dict:
+        return forms.build_config(
+            name, {k: values[c] for k, c in trainer_comps.items()},
+            {k: values[c] for k, c in method_comps[name].items()}, model=base.source, device=device)
+
+    def submit(values: dict, methods: list[str]):
+        checked = check_images(values[files])
+        if not methods:
+            raise forms.OptionError("choose at least one method to compare")
+        configs = [(m, _config(values, m)) for m in methods]  # every config checked before any run exists
+        group = secrets.token_hex(3) if len(configs) > 1 else ""
+        ids = [runner.submit(config, checked, label=m, group=group) for m, config in configs]
+        where = runner.info(ids[0])
+        gr.Info(f"{len(ids)} run(s) queued" + (f"; place {where.position} in the queue" if where.position else ""))
+        return ids[0], gr.Dropdown(choices=_run_choices(runner), value=ids[0]), None
+
+    train.click(friendly(lambda v: submit(v, [v[method]])), all_inputs, [watch, run_pick, shown],
+                concurrency_limit=1, concurrency_id="submit")
+    compare.click(friendly(lambda v: submit(v, list(v[compare_methods]))), all_inputs, [watch, run_pick, shown],
+                  concurrency_limit=1, concurrency_id="submit")
+
+    live_outputs = [progress, loss, samples, log, cancel, resume, run_pick, shown]
+
+    def refresh(run_id, last):
+        if not run_id:
+            return (gr.skip(),) * len(live_outputs)
+        try:
+            info = runner.info(run_id)
+        except ValueError:
+            return (live.progress_html(None), None, None, "", gr.Button(visible=False), gr.Button(visible=False),
+                    gr.Dropdown(choices=_run_choices(runner), value=None), None)
+        signature = (run_id, info.status, info.position, len(info.events), live.log_size(info))
+        if signature == last:
+            return (gr.skip(),) * len(live_outputs)
+        return (live.progress_html(info), live.loss_frame(info), live.samples(info), live.log_text(info),
+                gr.Button(visible=info.status in ("queued", "running")), gr.Button(visible=info.resumable),
+                gr.Dropdown(choices=_run_choices(runner), value=run_id) if signature[:3] != (last or ())[:3] else gr.skip(),
+                signature)
+
+    timer = gr.Timer(POLL_SECONDS)
+    timer.tick(refresh, [watch, shown], live_outputs, show_progress="hidden", concurrency_limit=None, queue=False)
+    run_pick.input(lambda r: (r, None), run_pick, [watch, shown], show_progress="hidden")
+
+    def act(action, run_id):
+        if run_id:
+            gr.Info(action(run_id))
+        return None
+
+    cancel.click(friendly(lambda r: act(runner.cancel, r)), watch, shown)
+    resume.click(friendly(lambda r: act(runner.resume, r)), watch, shown)
+
+    def attach():
+        run_id = _pick_run(runner)
+        return run_id, gr.Dropdown(choices=_run_choices(runner), value=run_id), None
+
+    run_pick.focus(lambda r: gr.Dropdown(choices=_run_choices(runner), value=r), run_pick, run_pick,
+                   show_progress="hidden")
+    return attach, [watch, run_pick, shown]
