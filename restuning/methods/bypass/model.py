@@ -209,7 +209,9 @@ def attach(unet: nn.Module, config, name: str) -> Attached:
         setattr(unet, _HOLDER, nn.ModuleDict())
     getattr(unet, _HOLDER)[name] = network
     handle = Attached(name=name, config=config, modules={"bypass": network})
-    runner = unet.__dict__.setdefault(_RUNNER, _Runner(unet))
+    if _RUNNER not in unet.__dict__:
+        unet.__dict__[_RUNNER] = _Runner(unet)
+    runner = unet.__dict__[_RUNNER]
     runner.add(name, _Bypass(handle, network, paths))
 
     def undo():
