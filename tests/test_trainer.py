@@ -1,0 +1,472 @@
+"""trainers/dreambooth.py on a tiny Stable Diffusion pipeline (64 px images, 8x8 latents): every
+method in the registry trains, changes only its own weights and exports artefacts that load back;
+bad input fails early and cleanly; resume is exact; events tell the truth."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import restuning
+from restuning.methods import METHODS
+from trainers import dreambooth, models, options
+from trainers.events import EventLog, last_phase, read_events
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of sks dog"
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+def build_tiny(folder: Path, prediction_type: str = "epsilon") -> Path:
+    """tests/tiny_pipeline.py with an f=8 VAE (64 px -> 8x8 latents, SD's ratio), saved to `folder`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+    from tests.tiny_pipeline import tiny_pipeline
+
+    parts = tiny_pipeline(seed=0).components
+    torch.manual_seed(0)
+    parts["vae"] = AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=64)
+    parts["scheduler"] = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    StableDiffusionPipeline(**parts).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def make_images(folder: Path, n: int = 4, size=(72, 64)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", size, (240, 240, 240))
+        ImageDraw.Draw(img).ellipse((8 + 3 * i, 8, 56, 56), fill=(200, 40, 40))
+        img.save(folder / f"dog{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("data") / "instance")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # accelerate keeps one process-wide state; in-process runs with other settings need it cleared.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def argv(model, instance, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance), "--instance_prompt", PROMPT,
+            "--resolution", "64", "--output_dir", str(out), "--learning_rate", "1e-3", "--num_inference_steps", "2", *map(str, extra)]
+
+
+def run_train(args, on_attached=None):
+    opts = options.parse(args)
+    return dreambooth.train(opts, EventLog(opts.args.output_dir), dreambooth.StopFlag(), on_attached=on_attached)
+
+
+def load_base(model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unet_output(unet, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([50, 600]), text).sample
+
+
+def phases(events):
+    return [e["phase"] for e in events if e["event"] == "phase"]
+
+
+def folder_snapshot(root: Path, skip: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if skip not in p.parents and p != skip}
+
+
+# -- every method ----------------------------------------------------------------------------------
+
+LOADERS = {
+    "tuner": lambda pipe, path: restuning.load(pipe.unet, path),
+    "lora-diffusers": lambda pipe, path: pipe.load_lora_weights(str(path.parent), weight_name=path.name),
+    "lora-kohya": lambda pipe, path: pipe.load_lora_weights(str(path.parent), weight_name=path.name),
+    "unet": lambda pipe, path: setattr(pipe, "unet", type(pipe.unet).from_pretrained(path)),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_changes_only_its_weights_and_exports(method, tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    start = {}
+
+    def snapshot(pipe, handle):
+        start.update({k: v.detach().clone() for k, v in handle.state_dict().items()})
+
+    result = run_train(argv(tiny_model, instance_dir, out, "--method", method, "--max_train_steps", 3,
+                            "--validation_prompt", "a sks dog", "--num_validation_images", 1, "--validation_steps", 3),
+                       on_attached=snapshot)
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+
+    trained = result.pipeline
+    after = result.handle.state_dict()
+    changed = [k for k in start if not torch.equal(start[k], after[k].to(start[k].dtype))]
+    assert changed == list(start), f"{method}: unchanged trainable tensors {sorted(set(start) - set(changed))[:3]}"
+
+    base = load_base(tiny_model)
+    trainable = {id(p) for p in result.handle.parameters()}
+    for part in ("vae", "text_encoder"):
+        for (name, p), q in zip(getattr(trained, part).named_parameters(), getattr(base, part).parameters()):
+            assert torch.equal(p, q), f"{method}: frozen {part}.{name} changed"
+    base_unet = dict(base.unet.named_parameters())
+    for name, p in trained.unet.named_parameters():
+        if id(p) not in trainable and name in base_unet:
+            assert torch.equal(p, base_unet[name]), f"{method}: frozen unet.{name} changed"
+    expected = unet_output(trained.unet)
+    assert not torch.allclose(expected, unet_output(base.unet)), f"{method}: training changed nothing"
+
+    events = read_events(out)
+    assert phases(events) == ["loading", "training", "saving", "done"]
+    kinds = [(e["kind"], e["path"]) for e in events if e["event"] == "artifact"]
+    assert kinds == [(k, str(p.relative_to(out))) for k, p in result.artifacts]
+    assert kinds[-1] == ("model-card", "README.md")
+    card = (out / "README.md").read_text()
+    assert PROMPT in card and METHODS[method].label in card and "samples/step000003-p0-0.png" in card
+    samples = [e for e in events if e["event"] == "sample"]
+    assert samples and (out / samples[0]["paths"][0]).is_file()
+
+    # each artefact loads back into a fresh base pipeline and gives the trained U-Net's output
+    loadable = [(k, out / p) for k, p in kinds if k in LOADERS]
+    assert loadable, f"{method}: no weights exported"
+    for kind, path in loadable:
+        assert path.exists()
+        fresh = load_base(tiny_model)
+        LOADERS[kind](fresh, path)
+        assert torch.allclose(unet_output(fresh.unet), expected, atol=1e-5), f"{method}: {kind} does not load back"
+
+
+def test_lora_kohya_keys(tiny_model, instance_dir, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    run_train(argv(tiny_model, instance_dir, out, "--method", "lora", "--rank", 2, "--alpha", 4, "--max_train_steps", 1))
+    with safe_open(str(out / "lora_kohya.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        alphas = {k: f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in keys} == {"lora_down", "lora_up", "alpha"}
+    assert set(alphas.values()) == {4.0}  # the trained alpha, not diffusers' default (= rank)
+
+
+# -- bad input: refused before any heavy loading, nothing outside the run folder changes ------------
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_INPUT = {
+    "no images": (lambda d: None, [], "has no images"),
+    "not an image": (lambda d: write(d / "x.png", b"hello"), [], "x.png: not an image"),
+    "truncated": (lambda d: write(d / "t.jpg", (make_images(d / "_src", 1, (256, 256)) / "dog0.png").read_bytes()[:300]), [],
+                  "t.png: the file is truncated"),
+    "too small": (lambda d: Image.new("RGB", (40, 80)).save(d / "s.png"), [], "s.png: 40x80 is too small"),
+    "lr zero": (lambda d: make_images(d, 1), ["--learning_rate", "0"], "--learning_rate must be a positive number"),
+    "steps zero": (lambda d: make_images(d, 1), ["--max_train_steps", "0"], "--max_train_steps must be a positive"),
+    "resolution": (lambda d: make_images(d, 1), ["--resolution", "68"], "--resolution must be a multiple of 8"),
+    "unknown method": (lambda d: make_images(d, 1), ["--method", "dora"], "--method 'dora' is not a method"),
+    "bad method option": (lambda d: make_images(d, 1), ["--tuners", "ff=sideways"], "unknown tuner kind 'sideways'"),
+    "foreign method option": (lambda d: make_images(d, 1), ["--rank", "4"], "--rank not an option of res-tuning"),
+    "missing model": (lambda d: make_images(d, 1), ["--pretrained_model_name_or_path", "/nowhere/model"], "not found"),
+    "pickle model": (lambda d: (make_images(d, 1), write(d.parent / "m.ckpt", b"x")),
+                     ["--pretrained_model_name_or_path", "{tmp}/m.ckpt"], "pickle-based checkpoints are not loaded"),
+    "fp16 on cpu": (lambda d: make_images(d, 1), ["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_early_and_cleanly(case, tiny_model, tmp_path, capsys):
+    if case == "fp16 on cpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    prepare, extra, message = BAD_INPUT[case]
+    images = tmp_path / "images"
+    images.mkdir()
+    prepare(images)
+    out = tmp_path / "run"
+    before = folder_snapshot(tmp_path, out)
+    args = argv(tiny_model, images, out) + [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    code = dreambooth.main(args)
+    assert code == 2
+    events = read_events(out)
+    assert phases(events) == ["failed"], "failed before loading anything"
+    assert message.replace("t.png", "t.jpg") in events[-1]["error"] and events[-1]["hint"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert folder_snapshot(tmp_path, out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["events.jsonl"]
+
+
+def test_bad_config_reports_into_the_config_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"instance_data_dir": str(tmp_path), "instance_prompt": "x", "resolution": 7}))
+    assert dreambooth.main(["--config", str(run / "config.json")]) == 2
+    assert last_phase(read_events(run)) == "failed" and "--resolution" in read_events(run)[-1]["error"]
+
+
+def test_model_sources(tiny_model, tmp_path):
+    assert models.check_source(tiny_model).kind == "folder"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(models.ModelError, match="model_index.json is missing"):
+        models.check_source(tmp_path / "empty")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_text("{}")
+    (partial / "unet").mkdir()
+    with pytest.raises(models.ModelError, match="incomplete: missing vae, text_encoder, tokenizer, scheduler"):
+        models.check_source(partial)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(models.ModelError, match="pickle-based"):
+        models.check_source(tmp_path / "weights.bin")
+    (tmp_path / "model.safetensors").write_bytes(b"not really")
+    single = models.check_source(tmp_path / "model.safetensors")
+    assert single.kind == "single-file"
+    with pytest.raises(models.ModelError, match="tried converting the single-file checkpoint"):
+        models.load_pipeline(single)
+    hub = models.check_source("someone/some-model")
+    assert hub.kind == "hub"
+    with pytest.raises(models.ModelError, match="tried the hub id someone/some-model"):
+        models.load_pipeline(hub)
+
+
+# -- objective, precision and memory savers --------------------------------------------------------
+
+
+def test_v_prediction_min_snr_noise_offset(tmp_path, instance_dir):
+    model = build_tiny(tmp_path / "tiny-v", prediction_type="v_prediction")
+    out = tmp_path / "run"
+    result = run_train(argv(model, instance_dir, out, "--max_train_steps", 2, "--snr_gamma", 5, "--noise_offset", 0.05))
+    assert all(math.isfinite(x) for x in result.losses)
+    info = next(e for e in read_events(out) if e["event"] == "info")
+    assert info["prediction_type"] == "v_prediction"
+
+
+def test_loss_target_follows_the_scheduler():
+    """The target is ε for epsilon models and v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x0 for v-prediction: a U-Net
+    that outputs exactly that target has zero loss."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, scheduler):
+            super().__init__()
+            self.scheduler = scheduler
+
+        def forward(self, noisy, t, emb):
+            self.seen = (noisy, t)
+            return SimpleNamespace(sample=self.answer)
+
+    class Vae:
+        config = SimpleNamespace(scaling_factor=1.0)
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator: x[:, :4]))
+
+    args = SimpleNamespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0)
+    pixels = torch.randn(2, 4, 8, 8)
+    for prediction in ("epsilon", "v_prediction"):
+        sched = DDPMScheduler(prediction_type=prediction)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(pixels.shape, generator=g)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        target = noise if prediction == "epsilon" else sched.get_velocity(pixels, noise, t)
+        unet = Oracle(sched)
+        unet.answer = target
+        loss, _, _ = dreambooth.diffusion_loss(unet, Vae(), sched, pixels, torch.zeros(2, 3, 5), 2, args,
+                                               torch.Generator().manual_seed(0), torch.float32)
+        assert loss.item() < 1e-10, prediction
+        unet.answer = target + 1
+        assert abs(dreambooth.diffusion_loss(unet, Vae(), sched, pixels, torch.zeros(2, 3, 5), 2, args,
+                                             torch.Generator().manual_seed(0), torch.float32)[0].item() - 1) < 1e-5
+
+
+def test_memory_savers_on_cpu(tiny_model, instance_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    dtypes = {}
+
+    def look(pipe, handle):
+        dtypes["trainable"] = {p.dtype for p in handle.parameters()}
+        dtypes["frozen"] = pipe.unet.conv_in.weight.dtype
+
+    result = run_train(argv(tiny_model, instance_dir, out, "--max_train_steps", 2, "--mixed_precision", "bf16",
+                            "--gradient_checkpointing", "--use_8bit_adam", "--enable_xformers_memory_efficient_attention"),
+                       on_attached=look)
+    assert all(math.isfinite(x) for x in result.losses)
+    assert dtypes == {"trainable": {torch.float32}, "frozen": torch.bfloat16}
+    info = next(e for e in read_events(out) if e["event"] == "info")
+    assert info["mixed_precision"] == "bf16"
+    if not torch.cuda.is_available():
+        lines = [line for line in capsys.readouterr().out.splitlines() if "attention" in line]
+        assert lines == ["attention: PyTorch SDPA (xformers not used: no CUDA device)"]
+
+
+def test_prior_preservation_generates_then_reuses_class_images(tiny_model, instance_dir, tmp_path):
+    runs = tmp_path / "runs"
+    common = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 3, "--max_train_steps", 1]
+    run_train(argv(tiny_model, instance_dir, runs / "a", *common))
+    caches = list((runs / "class-images").iterdir())
+    assert len(caches) == 1
+    images = sorted(caches[0].glob("*.png"))
+    assert [p.name for p in images] == ["00000.png", "00001.png", "00002.png"]
+    stamps = [p.stat().st_mtime_ns for p in images]
+    events = read_events(runs / "a")
+    assert "class-images" in phases(events)
+    steps = [e for e in events if e["event"] == "step"]
+    assert "instance_loss" in steps[-1] and steps[-1]["loss"] != steps[-1]["instance_loss"]
+
+    run_train(argv(tiny_model, instance_dir, runs / "b", *common))
+    assert [p.stat().st_mtime_ns for p in sorted(caches[0].glob("*.png"))] == stamps  # reused, not regenerated
+    progress = [e for e in read_events(runs / "b") if e.get("phase") == "class-images" and "done" in e]
+    assert progress[-1]["done"] == 3 and all(e["done"] == 3 for e in progress[1:])
+    run_train(argv(tiny_model, instance_dir, runs / "c", *common[:2], "a photo of cat", *common[3:]))
+    assert len(list((runs / "class-images").iterdir())) == 2  # another class prompt, another cache
+
+
+# -- events ------------------------------------------------------------------------------------------
+
+
+def test_step_events_are_throttled_but_keep_first_last_and_mean(tmp_path):
+    log = EventLog(tmp_path)
+    reporter = dreambooth.StepReporter(log, total=50, interval=3600)
+    for step in range(1, 51):
+        reporter.update(step, float(step), 1e-4, 0.1)
+    steps = [e for e in read_events(tmp_path) if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 50]
+    assert steps[1]["loss"] == sum(range(2, 51)) / 49  # the mean since the previous event
+    assert steps[1]["sec_per_step"] == 0.1 and steps[0]["eta_sec"] == pytest.approx(4.9)
+    assert set(steps[0]) >= {"step", "total", "loss", "lr", "sec_per_step", "eta_sec"}
+    fast = dreambooth.StepReporter(EventLog(tmp_path / "b"), total=5, interval=0)
+    for step in range(1, 6):
+        fast.update(step, 1.0, 1e-4, 0.1)
+    assert len([e for e in read_events(tmp_path / "b") if e["event"] == "step"]) == 5
+
+
+# -- checkpoints and resume ----------------------------------------------------------------------------
+
+
+def tuner_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_resume_reaches_the_same_weights(tiny_model, instance_dir, tmp_path):
+    common = ["--method", "res-tuning", "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", 3,
+              "--checkpointing_steps", 5, "--checkpoints_total_limit", 2]
+    straight = tmp_path / "straight"
+    run_train(argv(tiny_model, instance_dir, straight, "--max_train_steps", 20, *common))
+    split = tmp_path / "split"
+    first = run_train(argv(tiny_model, instance_dir, split, "--max_train_steps", 20, *common[:-4], "--checkpointing_steps", 10))
+    assert first.step == 20
+    # throw away the end of that run: keep its step-10 checkpoint only, as if it had stopped there
+    for p in ("tuner.safetensors", "README.md"):
+        (split / p).unlink()
+    assert [p.name for p in (split / "checkpoints").iterdir()] == ["checkpoint-10"]
+    resumed = run_train(argv(tiny_model, instance_dir, split, "--max_train_steps", 20, *common[:-4],
+                             "--checkpointing_steps", 10, "--resume_from_checkpoint", "latest"))
+    assert len(resumed.losses) == 10
+    assert resumed.losses == pytest.approx(first.losses[10:], rel=1e-5)
+    a, b = tuner_state(straight / "tuner.safetensors"), tuner_state(split / "tuner.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the last M checkpoints are kept, none half-written
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-15"]
+    assert {p.name for p in (straight / "checkpoints" / "checkpoint-15").iterdir()} >= {
+        "tuner_state.safetensors", "optimizer.bin", "scheduler.bin"}
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(argv(tiny_model, instance_dir, out, "--max_train_steps", 1, "--resume_from_checkpoint", "latest"))
+    assert result.step == 1
+    assert any("no checkpoint to resume from" in e.get("message", "") for e in read_events(out))
+    with pytest.raises(options.OptionError, match="not a checkpoint folder"):
+        run_train(argv(tiny_model, instance_dir, tmp_path / "other", "--resume_from_checkpoint", str(tmp_path)))
+
+
+# -- processes: SIGTERM and two processes -----------------------------------------------------------------
+
+
+def subprocess_env():
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_ends_cancelled(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainers.dreambooth", *argv(tiny_model, instance_dir, out, "--max_train_steps", 100000,
+                                                               "--checkpointing_steps", 100000)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(e["event"] == "step" and e["step"] >= 2 for e in read_events(out)):
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-2000:]
+    events = read_events(out)
+    assert last_phase(events) == "cancelled"
+    checkpoint = [e for e in events if e["event"] == "checkpoint"][-1]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert checkpoint["step"] >= steps[-1] and (out / checkpoint["path"] / "tuner_state.safetensors").is_file()
+    assert "Traceback" not in output
+    assert not (out / "tuner.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_set_of_artifacts(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainers.dreambooth",
+           *argv(tiny_model, instance_dir, out, "--max_train_steps", 3, "--checkpointing_steps", 2, "--method", "bypass")]
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = read_events(out)
+    assert phases(events) == ["loading", "training", "saving", "done"]  # one writer: the main process
+    info = next(e for e in events if e["event"] == "info")
+    assert info["num_processes"] == 2
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3] or [e["step"] for e in events if e["event"] == "step"][-1] == 3
+    assert [e["kind"] for e in events if e["event"] == "artifact"] == ["tuner", "model-card"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "events.jsonl", "tuner.safetensors"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert done.stdout.count("attention: ") == 1

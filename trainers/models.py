@@ -1,0 +1,89 @@
+"""The base model: a hub id, a local diffusers folder, or a single-file `.safetensors` checkpoint.
+
+    source = check_source(name_or_path)   # cheap: what kind it is, or ModelError saying what is missing
+    pipe = load_pipeline(source)          # StableDiffusionPipeline in fp32, no safety checker
+
+Pickle-based checkpoints (.ckpt, .bin, .pt) are refused: unpickling a downloaded file can run
+arbitrary code. Every error says what was tried and what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+FOLDER_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(RuntimeError):
+    """The base model cannot be used; the message says what was tried and what is missing."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # folder | single-file | hub
+    location: str  # resolved path, or the hub id
+
+    def key(self) -> str:
+        """What identifies these weights, for caches (class images): the id, or the path and the
+        size and time of its weight files, so a rebuilt model gets a new key."""
+        if self.kind == "hub":
+            return f"hub:{self.location}"
+        path = Path(self.location)
+        files = [path] if path.is_file() else sorted(path.glob("*/*.safetensors"))
+        stamp = ",".join(f"{f.relative_to(path.parent)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        return f"{self.kind}:{path}:{stamp}"
+
+
+def check_source(name_or_path: str | os.PathLike) -> ModelSource:
+    """What kind of model source this is, checked without loading any weights."""
+    text = str(name_or_path).strip()
+    if not text:
+        raise ModelError("no base model given: pass --pretrained_model_name_or_path (a hub id, a folder or a .safetensors file)")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path} is a folder but not a diffusers pipeline: model_index.json is missing "
+                             f"(expected the subfolders {', '.join(FOLDER_PARTS)} too)")
+        missing = [p for p in FOLDER_PARTS if not (path / p).is_dir()]
+        if missing:
+            raise ModelError(f"the diffusers folder {path} is incomplete: missing {', '.join(missing)}/")
+        return ModelSource("folder", str(path.resolve()))
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelError(f"{path.name}: pickle-based checkpoints are not loaded (unpickling can run code); "
+                             "use a .safetensors checkpoint or a diffusers folder")
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(f"{path.name}: a single-file model must be a .safetensors checkpoint")
+        return ModelSource("single-file", str(path.resolve()))
+    if HUB_ID.match(text) and not text.endswith(".safetensors"):
+        return ModelSource("hub", text)
+    raise ModelError(f"base model {text!r} not found: it is not an existing folder or .safetensors file, "
+                     "nor a hub id of the form owner/name")
+
+
+def load_pipeline(source: ModelSource):
+    """A StableDiffusionPipeline from the checked source (fp32; no safety checker is loaded)."""
+    from diffusers import StableDiffusionPipeline
+
+    common = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        if source.kind == "folder":
+            return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **common)
+        if source.kind == "single-file":
+            return StableDiffusionPipeline.from_single_file(source.location, **common)
+        return StableDiffusionPipeline.from_pretrained(source.location, **common)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as exc:
+        tried = {
+            "folder": f"loading the diffusers folder {source.location}",
+            "single-file": f"converting the single-file checkpoint {source.location} "
+                           "(diffusers also needs the matching SD component configs, fetched from the hub or its cache)",
+            "hub": f"the hub id {source.location} (from the local cache"
+                   + (" only: HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else " or the hub") + ")",
+        }[source.kind]
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load the base model: tried {tried}; {reason}") from None
