@@ -456,17 +456,47 @@ def test_sigterm_saves_a_checkpoint_and_ends_cancelled(tiny_model, instance_dir,
 @pytest.mark.slow
 def test_two_processes_write_one_set_of_artifacts(tiny_model, instance_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate's multi-process launcher (torchrun); ACCELERATE_USE_CPU makes it gloo on CPUs.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainers.dreambooth",
            *argv(tiny_model, instance_dir, out, "--max_train_steps", 3, "--checkpointing_steps", 2, "--method", "bypass")]
-    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     events = read_events(out)
     assert phases(events) == ["loading", "training", "saving", "done"]  # one writer: the main process
     info = next(e for e in events if e["event"] == "info")
     assert info["num_processes"] == 2
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3] or [e["step"] for e in events if e["event"] == "step"][-1] == 3
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 3
     assert [e["kind"] for e in events if e["event"] == "artifact"] == ["tuner", "model-card"]
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "events.jsonl", "tuner.safetensors"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
+    # both processes' RNG states are in the checkpoint; only one wrote the rest
+    assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-2").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
     assert done.stdout.count("attention: ") == 1
+    restuning.read_config(out / "tuner.safetensors")
+
+
+def test_processes_that_accelerate_did_not_join_are_refused(tiny_model, instance_dir, tmp_path, monkeypatch):
+    # e.g. `accelerate launch --multi_gpu` on a machine without GPUs and without ACCELERATE_USE_CPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    assert dreambooth.main(argv(tiny_model, instance_dir, out)) == 2
+    assert "launched as 2 processes but accelerate set up 1" in read_events(out)[-1]["error"]
+
+
+# -- learning: the instance loss falls ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["res-tuning", "bypass"])
+def test_instance_loss_falls_over_100_steps(method, tiny_model, instance_dir, tmp_path):
+    assert method in METHODS
+    result = run_train(argv(tiny_model, instance_dir, tmp_path / "run", "--method", method, "--max_train_steps", 100,
+                            "--train_batch_size", 2, "--center_crop", "--checkpointing_steps", 1000))
+    losses = result.instance_losses
+    windows = [sum(losses[i:i + 25]) / 25 for i in range(0, 100, 25)]
+    # a trend over averaged windows (single steps are noisy: each draws its own t and noise)
+    assert windows[-1] < 0.97 * windows[0] and min(windows[2:]) < windows[0], windows

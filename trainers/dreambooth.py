@@ -312,6 +312,12 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
                                   project_config=ProjectConfiguration(project_dir=str(output_dir)))
     except ValueError as exc:
         raise opts.OptionError(f"accelerate refused the setup: {exc}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # Otherwise each process would train alone and all would write the same run folder.
+        raise opts.OptionError(
+            f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
+            "without GPUs, set ACCELERATE_USE_CPU=1 (or choose the CPU in `accelerate config`)")
     events.enabled = accelerator.is_main_process
     set_seed(args.seed)
     result = TrainResult()
