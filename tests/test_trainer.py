@@ -117,7 +117,8 @@ LOADERS = {
 }
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# res-tuning stays in the quick suite; the others take ~10 s each on a loaded 2-core machine.
+@pytest.mark.parametrize("method", [m if m == "res-tuning" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_every_method_trains_changes_only_its_weights_and_exports(method, tiny_model, instance_dir, tmp_path):
     out = tmp_path / "run"
     start = {}

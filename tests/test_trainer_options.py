@@ -121,3 +121,12 @@ def test_unreadable_config(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(OptionError, match="expected one JSON object"):
         options.parse(["--config", str(tmp_path / "list.json")])
+
+
+def test_docs_table_is_the_registry():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
+    start = doc.index("-->", doc.index("<!-- method-options:start")) + 3
+    table = doc[start:doc.index("<!-- method-options:end")].strip()
+    assert table == options.method_options_markdown(), "regenerate the table in docs/trainer.md"

@@ -306,3 +306,16 @@ def read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise OptionError(f"--config {path}: expected one JSON object of options")
     return data
+
+
+def method_options_markdown() -> str:
+    """The method options as a Markdown table, from the registry (docs/trainer.md embeds it; a test
+    keeps the two equal)."""
+    rows = ["| option | method | meaning | default |", "|---|---|---|---|"]
+    for name, owners in sorted(method_fields().items()):
+        for method, f in owners:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            choices = f.metadata.get("choices")
+            meaning = f.metadata.get("help", "") + (f" (from {', '.join(map(str, choices))})" if choices else "")
+            rows.append(f"| `--{name}` | {method} | {meaning.replace('|', '/')} | `{_show(default)}` |")
+    return "\n".join(rows)
