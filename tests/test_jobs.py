@@ -128,7 +128,8 @@ def test_a_process_that_dies_shows_failed_with_its_log_tail(tmp_path, images):
     assert info.status == "failed"
     assert "exit code 3" in info.error
     assert any("something went badly wrong" in line for line in info.log_tail)
-    assert "something went badly wrong" in info.hint  # the last lines are in the failure event too
+    failure = read_events(info.dir)[-1]  # the last lines are in the failure event too
+    assert failure["phase"] == "failed" and "fake trainer: something went badly wrong" in failure["log_tail"]
     assert info.resumable and info.checkpoint == "checkpoints/checkpoint-4"
     with pytest.raises(JobError, match="failed"):
         runner.cancel(run_id)

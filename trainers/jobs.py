@@ -463,9 +463,10 @@ class JobRunner:
         if _read_json(path / JOB_FILE).get("cancel_requested"):
             EventLog(path).phase("cancelled", message=f"cancelled; the process ended ({how}) without reporting")
             return
-        tail = log_tail(path, 5)
+        tail = log_tail(path, 10)
         EventLog(path).phase("failed", error=f"the training process ended ({how}) without finishing",
-                             hint=("last log lines: " + " | ".join(tail)) if tail else "train.log is empty")
+                             hint="the last lines of train.log show why" if tail else "train.log is empty",
+                             log_tail=tail)
 
     def _recover(self) -> None:
         """At start-up: runs whose process died while the app was away are marked failed; live

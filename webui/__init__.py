@@ -27,8 +27,8 @@ def build(runner, base, *, device: str, preset: str, detected: str) -> gr.Blocks
             with gr.Tab("Runs / tuners", id="runs", elem_id="tab-runs") as runs:
                 refresh_runs, runs_outputs = runs_tab.build(runner, base)
         # re-attach on every page load: a reload or a second tab shows the same live run
-        demo.load(attach_live, None, live_outputs, show_progress="hidden")
-        runs.select(refresh_runs, None, runs_outputs, show_progress="hidden")
+        demo.load(attach_live, None, live_outputs, show_progress="hidden", queue=False)
+        runs.select(refresh_runs, None, runs_outputs, show_progress="hidden", queue=False)
     return demo
 
 

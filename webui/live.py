@@ -122,16 +122,24 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
+WEIGHT_KINDS = ("tuner", "lora-diffusers")  # the file whose size the table shows: a method's own format first
+
+
+def weights_file(info: RunInfo) -> Path | None:
+    files = artifacts(info)
+    return next((files[k] for k in WEIGHT_KINDS if k in files), None)
+
+
 def run_row(info: RunInfo) -> list:
     """One line of the runs table."""
-    tuner = artifacts(info).get("tuner")
+    tuner = weights_file(info)
     params = facts(info).get("trainable_params")
     return [info.id, info.method, status_line(info) if info.status != "failed" else "failed",
             f"{params:,}" if isinstance(params, int) else "", human_size(tuner.stat().st_size if tuner else None),
             info.prompt]
 
 
-RUN_COLUMNS = ["run", "method", "status", "trainable params", "tuner file", "prompt"]
+RUN_COLUMNS = ["run", "method", "status", "trainable params", "weights file", "prompt"]
 
 
 def log_size(info: RunInfo) -> int:

@@ -17,19 +17,21 @@ DOWNLOADS = (("tuner", "tuner.safetensors"), ("model-card", "model card (README.
 
 def _details(info) -> str:
     facts = live.facts(info)
-    tuner = live.artifacts(info).get("tuner")
+    tuner = live.weights_file(info)
     params = facts.get("trainable_params")
     lines = [f"### {info.id}",
              f"- **status**: {live.status_line(info)}",
              f"- **method**: {info.method}" + (f" (comparison group {info.group})" if info.group else ""),
              f"- **trainable parameters**: {params:,}" if isinstance(params, int) else "- **trainable parameters**: not reported yet",
-             f"- **tuner file**: {live.human_size(tuner.stat().st_size)}" if tuner else "- **tuner file**: not saved yet",
+             f"- **weights file**: {tuner.name}, {live.human_size(tuner.stat().st_size)}" if tuner else "- **weights file**: not saved yet",
              f"- **prompt**: {info.prompt or '(none)'}"]
     step = live.last_step(info)
     if step:
         lines.append(f"- **steps**: {step['step']}/{step['total']}, last loss {step['loss']:.4f}")
     if info.checkpoint:
         lines.append(f"- **last checkpoint**: {info.checkpoint}")
+    if info.hint:
+        lines.append(f"- **hint**: {info.hint}")
     if info.log_tail:
         lines += ["", "Last log lines:", "```", *info.log_tail[-12:], "```"]
     return "\n".join(lines)
@@ -120,5 +122,13 @@ def build(runner, base):
         gr.Info(f"imported as {run_id}")
         return run_id, None, None
 
-    import_button.click(friendly(do_import), [upload, import_name], [selected, shown, upload])
+    def try_import(path, name):
+        """A refused file is named in a warning and cleared from the box, ready for the next try."""
+        try:
+            return friendly(do_import)(path, name)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            return gr.skip(), gr.skip(), None
+
+    import_button.click(try_import, [upload, import_name], [selected, shown, upload])
     return lambda: refresh(None, None), outputs

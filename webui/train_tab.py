@@ -158,9 +158,12 @@ def build(runner, base, device: str, preset: str, detected: str):
     resume.click(friendly(lambda r: act(runner.resume, r)), watch, shown)
 
     def attach():
+        """On page load: the run to show, and its live view at once rather than at the next tick."""
         run_id = _pick_run(runner)
-        return run_id, gr.Dropdown(choices=_run_choices(runner), value=run_id), None
+        if run_id is None:
+            return (None, *(gr.skip(),) * len(live_outputs))
+        return (run_id, *refresh(run_id, None))
 
     run_pick.focus(lambda r: gr.Dropdown(choices=_run_choices(runner), value=r), run_pick, run_pick,
                    show_progress="hidden")
-    return attach, [watch, run_pick, shown]
+    return attach, [watch, *live_outputs]

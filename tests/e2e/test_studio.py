@@ -21,6 +21,12 @@ def fill(page, option, value):
     page.press(f"#opt-{option} input, #opt-{option} textarea", "Tab")
 
 
+def wait_text(page, selector, text, present=True, timeout=30_000):
+    page.wait_for_function("([sel, text, present]) => { const el = document.querySelector(sel);"
+                           " return !!el && el.innerText.includes(text) === present; }",
+                           arg=[selector, text, present], timeout=timeout)
+
+
 def error_toast(page) -> str:
     toast = page.locator(".toast-body").first
     toast.wait_for(timeout=30_000)
@@ -84,3 +90,25 @@ def test_train_watch_download_and_load(page, studio, tmp_path):
     assert sum(p.numel() for p in handle.parameters()) > 0
     run_dirs = [p for p in runs.iterdir() if p.is_dir()]
     assert len(run_dirs) == 1 and (run_dirs[0] / "tuner.safetensors").read_bytes() == saved.read_bytes()
+
+    # import: a foreign file is refused with a message; the downloaded tuner comes back as a run
+    page.get_by_text("Import a tuner file", exact=True).click()
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("certainly not safetensors")
+    page.set_input_files("#import-file input[type=file]", str(junk))
+    page.click("#import")
+    assert "not a safetensors file" in error_toast(page)
+    page.locator(".toast-close").first.click()
+    page.set_input_files("#import-file input[type=file]", str(saved))
+    page.fill("#import-name textarea", "my-star")
+    page.click("#import")
+    wait_text(page, "#runs-table", "my-star")
+    imported = next(p for p in runs.iterdir() if "my-star" in p.name)
+    assert (imported / "tuner.safetensors").read_bytes() == saved.read_bytes()
+
+    # delete asks first, then removes only that run
+    wait_text(page, "#runs-details", imported.name)
+    page.click("#runs-delete")
+    page.click("#runs-delete-confirm")
+    wait_text(page, "#runs-table", "my-star", present=False)
+    assert not imported.exists() and run_dirs[0].is_dir()
