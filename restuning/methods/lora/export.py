@@ -3,7 +3,8 @@
 - diffusers: `pytorch_lora_weights.safetensors` (keys `unet.<path>.lora_A.weight`, the peft config
   in the header so alpha survives), loaded by `pipe.load_lora_weights(folder)`;
 - kohya / AUTOMATIC1111 / ComfyUI: `lora_kohya.safetensors` (keys `lora_unet_<path>.lora_down.weight`,
-  `.lora_up.weight`, `.alpha`), converted by diffusers' `convert_state_dict_to_kohya`.
+  `.lora_up.weight`, `.alpha`), converted by diffusers' `convert_state_dict_to_kohya`;
+- restuning: `tuner.safetensors`, like every other method.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from ...io import save
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -45,6 +48,9 @@ def export(pipeline, handle, folder: Path) -> list[tuple[str, Path]]:
                 "ss_network_alpha": str(handle.config.alpha), "ss_base_model_version": "sd_v1"}
         save_file(kohya, str(Path(tmp) / KOHYA_FILE), metadata=info)
         os.replace(Path(tmp) / KOHYA_FILE, folder / KOHYA_FILE)
-    return [("lora-diffusers", folder / DIFFUSERS_FILE), ("lora-kohya", folder / KOHYA_FILE)]
+    # The restuning file too, so the studio's compare view and the benchmarks load every method
+    # the same way (restuning.load), with its config in the header.
+    tuner = save(unet, folder / "tuner.safetensors", handle.name)
+    return [("lora-diffusers", folder / DIFFUSERS_FILE), ("lora-kohya", folder / KOHYA_FILE), ("tuner", tuner)]
 
 

@@ -1,0 +1,235 @@
+"""Concept-learning quality of every method on the bundled demo model: the paper's Table 6 and
+Fig. 7 comparison, reproducible on a CPU.
+
+    python -m bench.quality                 # default run (~30 min on 2 cores)
+    python -m bench.quality --quick         # the whole path in a minute; no quality claims
+
+For each variant (every registry method at its defaults, plus extra Res-Tuning layouts), the
+trainer learns one held-out shape ("sks", default star) from the example images with prior
+preservation, all for the same number of steps, each in a fresh process. Then every tuner and the
+untuned base render the same prompts and seeds (one batched call per row), and the shipped
+evaluator scores them:
+
+- concept fidelity: "a sks shape in <colour> on a <background> background" shows the concept;
+- prompt fidelity:  those samples take the asked colour and background;
+- preservation:     prompts about held-in shapes still give those shapes, colours, backgrounds;
+
+beside trainable parameters, seconds per step and peak memory. Writes JSON, a Markdown table and
+a sample grid (one column per method) to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# Contexts the instance images never show, so following them is generalisation, not copying.
+NEW_CONTEXTS = [("green", "yellow"), ("white", "purple"), ("blue", "orange"), ("red", "black")]
+PRESERVATION = [("red", "circle", "blue"), ("yellow", "square", "black"), ("purple", "triangle", "white"), ("orange", "ring", "green")]
+
+
+@dataclass
+class Variant:
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+
+def default_variants() -> list[Variant]:
+    from restuning.methods import METHODS
+
+    variants = [Variant(m.label, name) for name, m in METHODS.items()]
+    variants.insert(1, Variant("Res-Tuning (Single: ff=prompt)", "res-tuning", {"tuners": {"ff": "prompt"}}))
+    variants.insert(2, Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}))
+    return variants
+
+
+def train(variant: Variant, args, work: Path) -> dict:
+    """Run the trainer in a fresh process; return its cost figures and the run folder."""
+    from trainers.events import read_events
+
+    run = work / variant.label.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "").replace("=", "-")
+    run.mkdir(parents=True, exist_ok=True)
+    config = {
+        "pretrained_model_name_or_path": str(args.base),
+        "instance_data_dir": str(args.concept_dir),
+        "instance_prompt": "a sks shape",
+        "class_prompt": "a shape",
+        "with_prior_preservation": True,
+        "num_class_images": args.class_images,
+        "resolution": 64,
+        "train_batch_size": args.batch_size,
+        "max_train_steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "checkpointing_steps": args.steps + 1,  # no checkpoints: they would only cost time here
+        "seed": args.seed,
+        "output_dir": str(run),
+        "method": variant.method,
+        **variant.options,
+    }
+    (run / "config.json").write_text(json.dumps(config, indent=2))
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")],
+                            cwd=ROOT, stdout=open(run / "log.txt", "w"), stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    events = read_events(run)
+    if proc.returncode != 0:
+        tail = (run / "log.txt").read_text().splitlines()[-15:]
+        raise RuntimeError(f"{variant.label}: the trainer failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    steps = [e for e in events if e.get("event") == "step"]
+    per_step = [e["sec_per_step"] for e in steps if e.get("sec_per_step")]
+    info = {k: v for e in events if e.get("event") == "info" for k, v in e.items() if k not in ("t", "event")}
+    artifacts = {e["kind"]: e["path"] for e in events if e.get("event") == "artifact"}
+    return {
+        "run": str(run),
+        "wall_s": round(time.time() - started, 1),
+        "sec_per_step": round(statistics.median(per_step), 4) if per_step else None,
+        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
+        "trainable_params": info.get("trainable_params"),
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "artifacts": artifacts,
+    }
+
+
+def columns_for(results: list[tuple[Variant, dict]]):
+    from trainers.sampling import Column
+
+    columns = [Column("SD (base)", caption=["base model", "no tuning"])]
+    for variant, r in results:
+        art = r["artifacts"]
+        run = Path(r["run"])
+        caption = [variant.label, f"{(r['trainable_params'] or 0) / 1e6:.3f}M params"]
+        if "tuner" in art:
+            columns.append(Column(variant.label, tuner=run / art["tuner"], caption=caption))
+        elif "unet" in art:
+            columns.append(Column(variant.label, unet_dir=run / art["unet"], caption=caption))
+        else:
+            raise RuntimeError(f"{variant.label}: no loadable artefact among {sorted(art)}")
+    return columns
+
+
+def evaluate(args, columns, concept: str):
+    """Render every prompt x seed for every column; score with the evaluator."""
+    from diffusers import StableDiffusionPipeline
+
+    from scripts.evaluator import Evaluator
+    from trainers.sampling import Sampler, Settings
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(args.base), local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    settings = json.loads((Path(args.base) / "demo_settings.json").read_text()) if (Path(args.base) / "demo_settings.json").exists() else {}
+    steps = args.sample_steps or settings.get("num_inference_steps", 25)
+    guidance = settings.get("guidance_scale", 3.5)
+    evaluator = Evaluator.load(args.evaluator)
+    sampler = Sampler(pipe)
+    seeds = list(range(args.seeds))
+
+    def rows_for(prompts):
+        return [Settings(p, seed=s, steps=steps, guidance=guidance, scheduler=args.scheduler) for p in prompts for s in seeds]
+
+    concept_prompts = [f"a sks shape in {c} on a {b} background" for c, b in NEW_CONTEXTS]
+    keep_prompts = [f"a {c} {s} on a {b} background" for c, s, b in PRESERVATION]
+    concept_grid = sampler.render(columns, rows_for(concept_prompts))
+    keep_grid = sampler.render(columns, rows_for(keep_prompts))
+    concept_expected = [{"shape": concept, "colour": c, "background": b} for c, b in NEW_CONTEXTS for _ in seeds]
+    keep_expected = [{"shape": s, "colour": c, "background": b} for c, s, b in PRESERVATION for _ in seeds]
+    scores = []
+    for i, column in enumerate(columns):
+        got = evaluator.score([row[i] for row in concept_grid], concept_expected)
+        kept = evaluator.score([row[i] for row in keep_grid], keep_expected)
+        scores.append({
+            "concept_fidelity": got["shape"],
+            "prompt_fidelity": (got["colour"] + got["background"]) / 2,
+            "prompt_colour": got["colour"],
+            "prompt_background": got["background"],
+            "preservation_shape": kept["shape"],
+            "preservation": (kept["shape"] + kept["colour"] + kept["background"]) / 3,
+        })
+    return scores, concept_grid, keep_grid, concept_prompts
+
+
+def write(args, results, columns, scores, concept_grid, concept_prompts, elapsed):
+    from trainers.sampling import compose_grid
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = scores[0]
+    rows = [{"label": "SD (base)", "method": None, **base}]
+    for (variant, r), s in zip(results, scores[1:]):
+        rows.append({"label": variant.label, "method": variant.method, "options": variant.options, **r, **s})
+    report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds,
+              "base": str(args.base), "elapsed_s": round(elapsed, 1), "rows": rows}
+    name = "quality_quick" if args.quick else "quality"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = [
+        f"Concept `{args.concept}` learned as `sks` in {args.steps} steps per method; {args.seeds} seeds x "
+        f"{len(NEW_CONTEXTS)} new contexts; base model's false-positive rate for the concept: {base['concept_fidelity']:.2f}.",
+        "",
+        "| method | params | s/step | peak RSS (GiB) | concept fidelity | prompt fidelity | preservation |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| SD (base) | - | - | - | {base['concept_fidelity']:.2f} (FP rate) | {base['prompt_fidelity']:.2f} | {base['preservation']:.2f} |",
+    ]
+    for row in rows[1:]:
+        params = f"{row['trainable_params'] / 1e6:.3f}M" if row.get("trainable_params") else "?"
+        lines.append(f"| {row['label']} | {params} | {row['sec_per_step']} | {row['peak_rss_gib']} | "
+                     f"{row['concept_fidelity']:.2f} | {row['prompt_fidelity']:.2f} | {row['preservation']:.2f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    # The grid: the first seed of every concept prompt, one column per method.
+    picks = [concept_grid[i * args.seeds] for i in range(len(concept_prompts))]
+    grid = compose_grid(picks, [c.caption or [c.label] for c in columns], row_labels=[p.replace("a sks shape ", "") for p in concept_prompts], scale=2)
+    grid.save(out / f"{name}_grid.png")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, default=ROOT / "assets" / "demo-model")
+    parser.add_argument("--evaluator", type=Path, default=ROOT / "assets" / "evaluator")
+    parser.add_argument("--concept", default="star")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--class-images", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--sample-steps", type=int, default=None)
+    parser.add_argument("--scheduler", default="DPM++ 2M")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", help="comma-separated labels or method names (default: all)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: exercises the path, claims nothing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds, args.sample_steps, args.class_images, args.batch_size = 2, 1, 2, 2, 1
+    args.concept_dir = ROOT / "assets" / "concepts" / args.concept
+    if not args.concept_dir.is_dir():
+        parser.error(f"no example images for concept {args.concept!r} in {args.concept_dir}")
+    variants = default_variants()
+    if args.methods:
+        wanted = {w.strip() for w in args.methods.split(",")}
+        variants = [v for v in variants if v.label in wanted or (v.method in wanted and not v.options)]
+        if not variants:
+            parser.error(f"--methods {args.methods!r} matches no variant; labels: {', '.join(v.label for v in default_variants())}")
+    started = time.time()
+    results = []
+    for variant in variants:
+        print(f"training {variant.label} ...", flush=True)
+        results.append((variant, train(variant, args, args.work)))
+    columns = columns_for(results)
+    scores, concept_grid, _, concept_prompts = evaluate(args, columns, args.concept)
+    write(args, results, columns, scores, concept_grid, concept_prompts, time.time() - started)
+
+
+if __name__ == "__main__":
+    main()
