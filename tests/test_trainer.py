@@ -262,6 +262,23 @@ def test_model_sources(tiny_model, tmp_path):
         models.load_pipeline(hub)
 
 
+@pytest.mark.parametrize("error,hint", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "--method bypass"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "--gradient_checkpointing"),
+    (FloatingPointError("the loss became nan at step 3"), "lower --learning_rate"),
+    (RuntimeError("something else"), "train.log"),
+])
+def test_failures_end_with_an_event_and_a_hint(error, hint, monkeypatch, tmp_path, instance_dir):
+    def boom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dreambooth, "train", boom)
+    out = tmp_path / "run"
+    assert dreambooth.main(argv("unused", instance_dir, out)) == 1
+    event = read_events(out)[-1]
+    assert event["phase"] == "failed" and str(error) in event["error"] and hint in event["hint"]
+
+
 # -- objective, precision and memory savers --------------------------------------------------------
 
 
@@ -386,21 +403,29 @@ def tuner_state(path):
 
 @pytest.mark.slow
 def test_resume_reaches_the_same_weights(tiny_model, instance_dir, tmp_path):
+    """20 steps straight against 10 steps, a stop (as the studio's Cancel: a checkpoint is saved),
+    then --resume_from_checkpoint latest for the other 10."""
     common = ["--method", "res-tuning", "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", 3,
-              "--checkpointing_steps", 5, "--checkpoints_total_limit", 2]
+              "--max_train_steps", 20]
     straight = tmp_path / "straight"
-    run_train(argv(tiny_model, instance_dir, straight, "--max_train_steps", 20, *common))
+    full = run_train(argv(tiny_model, instance_dir, straight, *common, "--checkpointing_steps", 5, "--checkpoints_total_limit", 2))
+
+    class StopBeforeStep11(dreambooth.StopFlag):
+        calls = 0
+
+        def agreed(self, accelerator=None):  # asked once after loading, then before every step
+            self.calls += 1
+            return self.calls == 12
+
     split = tmp_path / "split"
-    first = run_train(argv(tiny_model, instance_dir, split, "--max_train_steps", 20, *common[:-4], "--checkpointing_steps", 10))
-    assert first.step == 20
-    # throw away the end of that run: keep its step-10 checkpoint only, as if it had stopped there
-    for p in ("tuner.safetensors", "README.md"):
-        (split / p).unlink()
+    opts = options.parse(argv(tiny_model, instance_dir, split, *common, "--checkpointing_steps", 1000))
+    with pytest.raises(dreambooth.Cancelled):
+        dreambooth.train(opts, EventLog(split), StopBeforeStep11())
     assert [p.name for p in (split / "checkpoints").iterdir()] == ["checkpoint-10"]
-    resumed = run_train(argv(tiny_model, instance_dir, split, "--max_train_steps", 20, *common[:-4],
-                             "--checkpointing_steps", 10, "--resume_from_checkpoint", "latest"))
+    assert not (split / "tuner.safetensors").exists()
+    resumed = run_train(argv(tiny_model, instance_dir, split, *common, "--resume_from_checkpoint", "latest"))
     assert len(resumed.losses) == 10
-    assert resumed.losses == pytest.approx(first.losses[10:], rel=1e-5)
+    assert resumed.losses == pytest.approx(full.losses[10:], rel=1e-5)
     a, b = tuner_state(straight / "tuner.safetensors"), tuner_state(split / "tuner.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # the last M checkpoints are kept, none half-written

@@ -345,8 +345,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         class_dir = Path(args.class_data_dir) if args.class_data_dir else data.class_cache_dir(
             output_dir.resolve().parent, source.key(), args.class_prompt, args.resolution)
         if accelerator.is_main_process:
-            events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}",
-                         done=0, total=args.num_class_images)
+            events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}")
             data.ensure_class_images(
                 pipe, class_dir, args.class_prompt, args.num_class_images, args.resolution, args.seed, batch_size=4,
                 progress=lambda done, total: events.phase("class-images", done=done, total=total), should_stop=stop.event.is_set,
