@@ -441,6 +441,9 @@ def test_resume_latest_without_checkpoints_starts_fresh(tiny_model, instance_dir
     assert any("no checkpoint to resume from" in e.get("message", "") for e in read_events(out))
     with pytest.raises(options.OptionError, match="not a checkpoint folder"):
         run_train(argv(tiny_model, instance_dir, tmp_path / "other", "--resume_from_checkpoint", str(tmp_path)))
+    run_train(argv(tiny_model, instance_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 1))
+    with pytest.raises(options.OptionError, match="cannot resume from .*checkpoint-1: it does not fit"):
+        run_train(argv(tiny_model, instance_dir, out, "--max_train_steps", 2, "--dim", 4, "--resume_from_checkpoint", "latest"))
 
 
 # -- processes: SIGTERM and two processes -----------------------------------------------------------------

@@ -418,7 +418,11 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
 
     step = 0
     if resume is not None:
-        accelerator.load_state(str(resume))
+        try:
+            accelerator.load_state(str(resume))
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise opts.OptionError(f"cannot resume from {resume}: it does not fit this run's method and options "
+                                   f"({str(exc).splitlines()[0]}); start a new run or use the options it was saved with") from None
         step = _checkpoint_step(resume)
         events.emit("info", resumed_from=str(resume), step=step)
     elif args.resume_from_checkpoint:
