@@ -199,3 +199,38 @@ def test_unsafe_image_names_are_refused_and_leave_nothing(tmp_path, images):
         with pytest.raises(JobError):
             runner.submit({}, [(src, name)])
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_real_trainer_cancels_to_a_checkpoint_and_resumes_to_done(tmp_path):
+    """The runner with `accelerate launch -m trainers.dreambooth` on the demo model: SIGTERM
+    leaves a checkpoint and `cancelled`; resume continues from it to `done`."""
+    demo = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+    if not (demo / "model_index.json").exists():
+        pytest.skip("assets/demo-model is missing")
+    stars = sorted((demo.parent / "concepts" / "star").glob("*.png"))[:3]
+    runner = JobRunner(tmp_path / "runs", devices=["cpu"], poll_seconds=0.2)
+    config = {"method": "res-tuning", "pretrained_model_name_or_path": str(demo), "instance_prompt": "a sks star",
+              "resolution": 64, "max_train_steps": 400, "checkpointing_steps": 1000, "mixed_precision": "no"}
+    run_id = runner.submit(config, [(p, p.name) for p in stars])
+    wait_step(runner, run_id, 2, timeout=240)
+    runner.cancel(run_id)
+    info = wait_for(runner, run_id, {"cancelled", "failed"}, timeout=120)
+    assert info.status == "cancelled", info.log_tail
+    assert info.checkpoint, "the trainer saved no checkpoint on SIGTERM"
+    stopped_at = max(e["step"] for e in runner.events(run_id) if e["event"] == "step")
+    config_path = info.dir / "config.json"
+    resumed = {**json.loads(config_path.read_text()), "max_train_steps": stopped_at + 3}
+    config_path.write_text(json.dumps(resumed))
+    deadline = time.monotonic() + 60
+    while runner.info(run_id).alive and time.monotonic() < deadline:  # the trainer exits after its last event
+        with pytest.raises(JobError, match="still stopping"):
+            runner.resume(run_id)
+        time.sleep(0.1)
+    assert runner.info(run_id).resumable
+    runner.resume(run_id)
+    info = wait_for(runner, run_id, {"done", "failed"}, timeout=240)
+    assert info.status == "done", info.log_tail
+    assert (info.dir / "tuner.safetensors").exists()
+    steps = [e["step"] for e in runner.events(run_id) if e["event"] == "step"]
+    assert steps[-1] == stopped_at + 3 and steps.count(1) == 1  # continued, not restarted

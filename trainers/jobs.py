@@ -94,6 +94,7 @@ class RunInfo:
     hint: str = ""
     log_tail: list = field(default_factory=list)
     resumable: bool = False
+    alive: bool = False  # its process group still runs (also briefly after a final phase, while it exits)
     checkpoint: str | None = None
 
     @property
@@ -135,12 +136,28 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 def _process_alive(record: dict) -> bool:
-    """The recorded process still runs (same pid *and* start time, so a reused pid does not count)."""
+    """The recorded process group still has a member. `accelerate launch` leads the group and
+    may end before the trainer it started (on SIGTERM it exits at once while the trainer is still
+    saving its checkpoint), so the leader alone does not decide. A pid reused by an unrelated
+    process (other start time) does not count: Linux never reuses a pid that still names a group."""
     try:
-        proc = psutil.Process(int(record["pid"]))
-        return abs(proc.create_time() - float(record["create_time"])) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+        pid = int(record["pid"])
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - float(record["create_time"])) >= 1.0:
+            return False
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return True
+    except psutil.NoSuchProcess:
+        pass
     except (KeyError, ValueError, TypeError, psutil.Error):
         return False
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 class JobRunner:
@@ -263,8 +280,8 @@ class JobRunner:
 
     def _alive(self, run_id: str, path: Path) -> bool:
         child = self._children.get(run_id)
-        if child is not None:
-            return child.poll() is None
+        if child is not None and child.poll() is None:
+            return True
         record = _read_json(path / PROCESS_FILE)
         return bool(record) and _process_alive(record)
 
@@ -294,7 +311,7 @@ class JobRunner:
             status = "failed"
         info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=job.get("label", ""),
                        group=job.get("group", ""), created=job.get("created", 0.0), device=job.get("device", ""),
-                       config=_read_json(path / CONFIG_FILE), events=events)
+                       config=_read_json(path / CONFIG_FILE), events=events, alive=alive)
         if status == "queued":
             waiting = self.queue() if queue is None else queue
             info.position = waiting.index(run_id) + 1 if run_id in waiting else None
@@ -305,7 +322,7 @@ class JobRunner:
         if status in ("failed", "cancelled"):
             info.log_tail = log_tail(path)
         info.checkpoint = self._last_checkpoint(path, events)
-        info.resumable = status in ("failed", "cancelled") and info.checkpoint is not None
+        info.resumable = status in ("failed", "cancelled") and info.checkpoint is not None and not alive
         return info
 
     def list_runs(self) -> list[RunInfo]:
@@ -347,6 +364,8 @@ class JobRunner:
             info = self.info(run_id)
             if info.status not in ("failed", "cancelled"):
                 raise JobError(f"run {run_id} is {info.status}; only failed or cancelled runs can be resumed")
+            if info.alive:
+                raise JobError(f"run {run_id} is still stopping; resume it in a moment")
             if not info.resumable:
                 raise JobError(f"run {run_id} saved no checkpoint to resume from; start a new run instead")
             config = dict(info.config)
@@ -357,6 +376,11 @@ class JobRunner:
             job["queued_at"] = time.time()
             _write_json(info.dir / JOB_FILE, job)
             (info.dir / PROCESS_FILE).unlink(missing_ok=True)
+            # the earlier process has ended (not alive): forget it, so its end is not reported again
+            self._cancel_at.pop(run_id, None)
+            old = self._children.pop(run_id, None)
+            if old is not None:
+                old.wait()
             EventLog(info.dir).phase("queued", message=f"resuming from {info.checkpoint}")
         self.tick()
         return f"queued again; it resumes from {info.checkpoint}"
@@ -367,6 +391,8 @@ class JobRunner:
             info = self.info(run_id)
             if info.status in ("queued", "running"):
                 raise JobError(f"run {run_id} is {info.status}; cancel it before deleting")
+            if info.alive:
+                raise JobError(f"run {run_id} is still stopping; delete it in a moment")
             shutil.rmtree(info.dir)
             self._events_cache.pop(run_id, None)
 
@@ -397,15 +423,18 @@ class JobRunner:
         """Reap ended processes, escalate overdue cancels, start queued runs on free devices."""
         with self._lock:
             for run_id, child in list(self._children.items()):
-                if child.poll() is not None:
+                record = _read_json(self.runs_dir / run_id / PROCESS_FILE)
+                ours = record.get("pid") == child.pid
+                if child.poll() is not None and not (ours and _process_alive(record)):
                     del self._children[run_id]
-                    self._finish(run_id, f"exit code {child.returncode}")
+                    if ours:
+                        self._finish(run_id, f"exit code {child.returncode}")
             for run_id, since in list(self._cancel_at.items()):
                 path = self.runs_dir / run_id
                 record = _read_json(path / PROCESS_FILE)
                 if not _process_alive(record):
                     self._cancel_at.pop(run_id)
-                    if run_id not in self._children:
+                    if record and run_id not in self._children:
                         self._finish(run_id, "stopped")
                 elif time.monotonic() - since > self.kill_after:
                     self._signal(record, signal.SIGKILL)
@@ -421,7 +450,7 @@ class JobRunner:
         busy: dict[str, int] = {}
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
-            if last_phase(self.events(run_id)) not in FINAL_PHASES and self._alive(run_id, path):
+            if self._alive(run_id, path):  # a run still exiting after its final phase holds its device too
                 device = _read_json(path / PROCESS_FILE).get("device", "")
                 busy[device] = busy.get(device, 0) + 1
         return busy
