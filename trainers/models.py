@@ -69,7 +69,12 @@ def check_source(name_or_path: str | os.PathLike) -> ModelSource:
 def load_pipeline(source: ModelSource):
     """A StableDiffusionPipeline from the checked source (fp32; no safety checker is loaded)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Progress bars would fill a background run's log with carriage returns; events carry progress.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     common = {"safety_checker": None, "requires_safety_checker": False}
     try:
         if source.kind == "folder":
