@@ -69,9 +69,13 @@ def test_train_watch_download_and_load(page, studio, tmp_path):
     assert page.locator("#live-samples img").count() >= 1
     assert re.search(r"step 12/12", page.inner_text("#live-progress"))
 
-    # a reload re-attaches to the same run
+    # a reload, or a second tab, re-attaches to the same run
     page.reload()
     page.wait_for_selector("#live-progress [data-status=done]", timeout=30_000)
+    second = page.context.new_page()
+    second.goto(studio[0])
+    second.wait_for_selector("#live-progress [data-status=done][data-step='12']", timeout=30_000)
+    second.close()
 
     page.get_by_role("tab", name="Runs / tuners").click()
     page.wait_for_selector("#download-tuner", state="visible", timeout=30_000)
@@ -112,3 +116,26 @@ def test_train_watch_download_and_load(page, studio, tmp_path):
     page.click("#runs-delete-confirm")
     wait_text(page, "#runs-table", "my-star", present=False)
     assert not imported.exists() and run_dirs[0].is_dir()
+
+
+def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio):
+    import json
+
+    _, runs = studio
+    before = {p.name for p in runs.iterdir()}
+    upload(page, STARS[:3])
+    page.wait_for_selector("#concept-preview img", timeout=30_000)
+    page.fill("#instance-prompt textarea", "a sks star")
+    fill(page, "max_train_steps", 5000)
+    page.click("#compare")  # Res-Tuning, Res-Tuning-Bypass and LoRA are ticked by default
+    page.wait_for_selector("#live-progress [data-status=running]", timeout=120_000)
+    new = sorted((p for p in runs.iterdir() if p.name not in before), key=lambda p: p.name)
+    assert len(new) == 3
+    assert sorted(json.loads((p / "config.json").read_text())["method"] for p in new) == ["bypass", "lora", "res-tuning"]
+    assert len({json.loads((p / "job.json").read_text())["group"] for p in new}) == 1
+    page.get_by_role("tab", name="Runs / tuners").click()
+    wait_text(page, "#runs-table", "queued, place 1 in the queue")
+    wait_text(page, "#runs-table", "queued, place 2 in the queue")
+    page.get_by_role("tab", name="Train").click()
+    page.click("#live-cancel")
+    page.wait_for_selector("#live-progress [data-status=cancelled]", timeout=120_000)
