@@ -291,6 +291,15 @@ def test_v_prediction_min_snr_noise_offset(tmp_path, instance_dir):
     assert info["prediction_type"] == "v_prediction"
 
 
+def test_gradient_accumulation_steps_the_schedule_once_per_optimiser_step(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(argv(tiny_model, instance_dir, out, "--max_train_steps", 2, "--gradient_accumulation_steps", 2,
+                            "--lr_scheduler", "linear"))
+    assert len(result.losses) == 2
+    lrs = [e["lr"] for e in read_events(out) if e["event"] == "step"]
+    assert lrs == pytest.approx([5e-4, 0.0])  # linear decay from 1e-3 over 2 optimiser steps, not 4 micro-batches
+
+
 def test_loss_target_follows_the_scheduler():
     """The target is ε for epsilon models and v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x0 for v-prediction: a U-Net
     that outputs exactly that target has zero loss."""
