@@ -382,6 +382,30 @@ def test_prior_preservation_generates_then_reuses_class_images(tiny_model, insta
     assert len(list((runs / "class-images").iterdir())) == 2  # another class prompt, another cache
 
 
+def test_stop_during_class_images_keeps_the_finished_ones(tiny_model, instance_dir, tmp_path):
+    import threading
+
+    class SetOnThirdLook(threading.Event):
+        looks = 0
+
+        def is_set(self):  # asked after loading, then before each batch of 4 class images
+            self.looks += 1
+            return self.looks >= 3
+
+    stop = dreambooth.StopFlag()
+    stop.event = SetOnThirdLook()
+    common = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 8, "--max_train_steps", 1]
+    opts = options.parse(argv(tiny_model, instance_dir, tmp_path / "runs" / "a", *common))
+    with pytest.raises(dreambooth.Cancelled):
+        dreambooth.train(opts, EventLog(opts.args.output_dir), stop)
+    cache = next((tmp_path / "runs" / "class-images").iterdir())
+    first = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.png")}
+    assert sorted(first) == [f"{i:05d}.png" for i in range(4)] and not list(cache.glob(".*"))
+    run_train(argv(tiny_model, instance_dir, tmp_path / "runs" / "b", *common))
+    after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.png")}
+    assert len(after) == 8 and all(after[name] == stamp for name, stamp in first.items())
+
+
 # -- events ------------------------------------------------------------------------------------------
 
 
