@@ -1,7 +1,8 @@
 """A stand-in for `trainers.dreambooth` that obeys the same contract without torch: reads
 `--config`, appends events.jsonl through trainers.events, writes checkpoints and a sample, and on
 SIGTERM checkpoints, writes `cancelled` and exits. Extra config keys steer it in tests:
-fake_step_seconds (pace), fake_crash_at (step at which it dies without a word)."""
+fake_step_seconds (pace), fake_crash_at (step at which it dies without a word), fake_save_seconds
+(time the checkpoint on SIGTERM takes)."""
 
 import argparse
 import json
@@ -41,6 +42,7 @@ def main():
         log.emit("checkpoint", step=step, path=str(path.relative_to(out)))
 
     def on_term(signum, frame):
+        time.sleep(float(config.get("fake_save_seconds", 0)))
         checkpoint()
         (out / "cancelled").write_text("")
         log.phase("cancelled", message=f"stopped at step {step}")

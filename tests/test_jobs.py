@@ -121,6 +121,34 @@ def test_cancel_keeps_the_checkpoint_and_resume_continues_from_it(tmp_path, imag
     wait_for(runner, run_id, {"cancelled"})
 
 
+LAUNCHER = """import signal, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like accelerate launch: gone at once
+child.wait()
+"""
+
+
+def launcher_command(config_path, config, device):
+    return [sys.executable, "-c", LAUNCHER, *fake_command(config_path, config, device)]
+
+
+def test_a_run_lives_while_its_trainer_does_even_after_the_launcher_exits(tmp_path, images):
+    runner = JobRunner(tmp_path / "runs", devices=["cpu"], command=launcher_command)
+    a = runner.submit({"max_train_steps": 400, "fake_step_seconds": 0.02, "fake_save_seconds": 1.0}, images)
+    b = runner.submit({"max_train_steps": 1}, images)
+    wait_step(runner, a, 2)
+    runner.cancel(a)
+    time.sleep(0.5)  # the launcher has exited; the trainer is still saving
+    runner.tick()
+    assert runner.info(a).status == "running" and runner.info(b).status == "queued"
+    info = wait_for(runner, a, {"cancelled", "failed"})
+    assert info.status == "cancelled" and info.checkpoint
+    phases = [e["phase"] for e in runner.events(a) if e["event"] == "phase"]
+    assert phases == ["queued", "loading", "training", "cancelled"]  # the trainer's own word, once
+    assert wait_for(runner, b, {"done"}).status == "done"
+    assert [e["phase"] for e in runner.events(a) if e["event"] == "phase"] == phases
+
+
 def test_a_process_that_dies_shows_failed_with_its_log_tail(tmp_path, images):
     runner = make_runner(tmp_path / "runs")
     run_id = runner.submit({"max_train_steps": 10, "checkpointing_steps": 2, "fake_crash_at": 5}, images)

@@ -151,13 +151,19 @@ def _process_alive(record: dict) -> bool:
         pass
     except (KeyError, ValueError, TypeError, psutil.Error):
         return False
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    return _group_has_live_member(pid)
+
+
+def _group_has_live_member(pgid: int) -> bool:
+    """Any process of group `pgid` that is not a zombie (a zombie leader nobody reaped yet does
+    not train). Only asked once the leader has ended, so walking the process table is rare."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False
 
 
 class JobRunner:
