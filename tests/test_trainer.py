@@ -285,7 +285,10 @@ def test_failures_end_with_an_event_and_a_hint(error, hint, monkeypatch, tmp_pat
 def test_v_prediction_min_snr_noise_offset(tmp_path, instance_dir):
     model = build_tiny(tmp_path / "tiny-v", prediction_type="v_prediction")
     out = tmp_path / "run"
-    result = run_train(argv(model, instance_dir, out, "--max_train_steps", 2, "--snr_gamma", 5, "--noise_offset", 0.05))
+    args = argv(model, instance_dir, out, "--max_train_steps", 2, "--snr_gamma", 5, "--noise_offset", 0.05)
+    args[args.index(PROMPT)] = "a photo of sks dog on a red background with a blue shape"  # over 16 tokens
+    result = run_train(args)
+    assert any("longer than the text encoder's 16 tokens" in e.get("message", "") for e in read_events(out))
     assert all(math.isfinite(x) for x in result.losses)
     info = next(e for e in read_events(out) if e["event"] == "info")
     assert info["prediction_type"] == "v_prediction"
@@ -297,6 +300,7 @@ def test_gradient_accumulation_steps_the_schedule_once_per_optimiser_step(tiny_m
                             "--lr_scheduler", "linear"))
     assert len(result.losses) == 2
     lrs = [e["lr"] for e in read_events(out) if e["event"] == "step"]
+    assert not [e for e in read_events(out) if "longer than the text encoder" in e.get("message", "")]
     assert lrs == pytest.approx([5e-4, 0.0])  # linear decay from 1e-3 over 2 optimiser steps, not 4 micro-batches
 
 

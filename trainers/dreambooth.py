@@ -379,6 +379,10 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
                 attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling)
 
     # 4. prompts: the text encoder is frozen, so each prompt's embedding is computed once
+    limit = pipe.tokenizer.model_max_length
+    for prompt in filter(None, [args.instance_prompt, args.class_prompt if class_files else None]):
+        if len(pipe.tokenizer(prompt).input_ids) > limit:
+            events.emit("info", message=f"the prompt {prompt!r} is longer than the text encoder's {limit} tokens; its end is cut")
     instance_emb = encode_prompt(pipe, args.instance_prompt, accelerator.device)
     class_emb = encode_prompt(pipe, args.class_prompt, accelerator.device) if class_files else None
     dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
