@@ -4,6 +4,7 @@ project's own errors already say what to change; anything else is summarised and
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import traceback
 
@@ -19,6 +20,11 @@ USER_ERRORS = (UploadError, ImageError, JobError, OptionError, ConfigError, Tune
 log = logging.getLogger("restuning.studio")
 
 
+def as_html(message: str) -> str:
+    """Toasts render HTML: escape the message, keep its one-problem-per-line layout."""
+    return "<br>".join(html.escape(line) for line in message.splitlines())
+
+
 def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -27,9 +33,9 @@ def friendly(fn):
         except gr.Error:
             raise
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(as_html(str(exc)), print_exception=False) from None
         except Exception as exc:
             log.error("studio handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-            raise gr.Error(f"Something went wrong ({type(exc).__name__}: {exc}); the studio's console has details.",
+            raise gr.Error(as_html(f"Something went wrong ({type(exc).__name__}: {exc}); the studio's console has details."),
                            print_exception=False) from None
     return wrapper

@@ -91,9 +91,14 @@ def build(runner, base, device: str, preset: str, detected: str):
             log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="live-log")
 
     def on_upload(paths):
+        """Preview what passed; a refused batch is named file by file and nothing is previewed."""
         if not paths:
             return gr.Gallery(value=None, visible=False)
-        return gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
+        try:
+            return gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
+        except gr.Error as exc:
+            gr.Warning(exc.message, duration=None)
+            return gr.Gallery(value=None, visible=False)
 
     files.upload(on_upload, files, preview, show_progress="hidden")
     files.clear(lambda: gr.Gallery(value=None, visible=False), None, preview)
