@@ -112,3 +112,17 @@ def test_optional_numbers_are_left_out_when_empty_and_refused_when_not_numbers()
     assert config(checkpoints_total_limit="3")["checkpoints_total_limit"] == 3
     with pytest.raises(OptionError, match="must be a number"):
         config(checkpoints_total_limit="three")
+
+
+def test_base_model_facts_come_from_its_configs(tmp_path):
+    from webui.model import DEMO_MODEL, describe
+
+    demo = describe(None)
+    assert demo.source == str(DEMO_MODEL) and demo.resolution == 64 and demo.name == "the bundled demo model"
+    checkpoint = tmp_path / "v1-5.safetensors"
+    checkpoint.write_bytes(b"")
+    assert describe(str(checkpoint)).resolution == 512
+    with pytest.raises(ValueError, match="no such checkpoint file"):
+        describe(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="cannot read its unet/vae configs"):
+        describe(str(tmp_path))
