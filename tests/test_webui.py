@@ -126,3 +126,9 @@ def test_base_model_facts_come_from_its_configs(tmp_path):
         describe(str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="cannot read its unet/vae configs"):
         describe(str(tmp_path))
+
+
+def test_class_image_generation_shows_its_own_progress(tmp_path):
+    info = _info(tmp_path, [("phase", {"phase": "class-images", "done": 12, "total": 100})])
+    info.status = "running"  # as while its process lives
+    assert live.status_line(info) == "running: generating class images 12/100"

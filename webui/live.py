@@ -57,6 +57,10 @@ def status_line(info: RunInfo) -> str:
     if info.status == "queued":
         return f"queued, place {info.position} in the queue" if info.position else "queued"
     if info.status == "running":
+        if info.phase == "class-images":
+            last = next(e for e in reversed(info.events) if e.get("event") == "phase")
+            if last.get("total"):
+                return f"running: generating class images {last.get('done', 0)}/{last['total']}"
         return f"running: {info.phase if info.phase != 'queued' else 'starting'}"
     if info.status == "failed":
         return f"failed: {info.error}"
