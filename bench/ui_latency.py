@@ -13,6 +13,7 @@ the trainer reports steps, then measures in headless Chromium (Playwright, the s
   run by reading its events);
 - tab switch to "Runs / tuners" until the runs table lists the run, and back to "Train" until
   the live view is visible again.
+For scale, the same page-load measure on a one-button Gradio page served at the same time.
 Each figure is wall time from the action to the condition (Playwright polls the DOM on every
 animation frame). It checks the run still trains after the measurement, then cancels it.
 Writes bench/results/ui_latency.json and .md.
@@ -77,6 +78,17 @@ def start_run(page, steps: int) -> None:
                            timeout=300_000)
 
 
+def start_baseline() -> str:
+    """A one-button Gradio page served from this process: what any Gradio page costs here."""
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        gr.Button("Train", elem_id="train")
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}"
+
+
 def last_step(run_dir: Path) -> dict:
     from trainers.events import read_events
 
@@ -120,6 +132,15 @@ def main() -> None:
             start_run(page, args.steps)
             run_id = next(runs.iterdir()).name
             before = last_step(runs / run_id)
+            baseline_url = start_baseline()
+            baseline = []
+            for _ in range(args.repeats):
+                fresh = browser.new_page(viewport={"width": 1400, "height": 1200})
+                start = time.perf_counter()
+                fresh.goto(baseline_url)
+                fresh.wait_for_selector("#train", timeout=30_000)
+                baseline.append(time.perf_counter() - start)
+                fresh.close()
             shown, loads, to_runs, to_train = [], [], [], []
             for _ in range(args.repeats):
                 fresh = browser.new_page(viewport={"width": 1400, "height": 1200})
@@ -153,11 +174,12 @@ def main() -> None:
         "model": args.model or "assets/demo-model",
         "training_during_measurement": {"step_before": before["step"], "step_after": after["step"],
                                         "sec_per_step": after["sec_per_step"]},
-        "page_shown": summary(shown), "page_load": summary(loads), "tab_to_runs": summary(to_runs), "tab_to_train": summary(to_train),
+        "baseline_one_button_page": summary(baseline), "page_shown": summary(shown), "page_load": summary(loads), "tab_to_runs": summary(to_runs), "tab_to_train": summary(to_train),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ui_latency.json").write_text(json.dumps(result, indent=2))
-    rows = [("page load, until the form shows", result["page_shown"]),
+    rows = [("for scale: a one-button Gradio page, same machine, same time", result["baseline_one_button_page"]),
+            ("page load, until the form shows", result["page_shown"]),
             ("page load, until the live run shows", result["page_load"]),
             ("tab switch Train -> Runs / tuners", result["tab_to_runs"]),
             ("tab switch Runs / tuners -> Train", result["tab_to_train"])]
