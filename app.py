@@ -1,10 +1,13 @@
 """Res-Tuning Studio: `python app.py` serves http://127.0.0.1:7860 on the bundled demo model.
 
     python app.py [--model HUB_ID|FOLDER|FILE.safetensors] [--runs-dir DIR] [--host H] [--port P]
-                  [--jobs-per-device N]
+                  [--jobs-per-device N] [--shared | --no-shared] [--runs-per-visitor N]
 
-The runs folder is also read from RESTUNING_RUNS_DIR (default ./runs). Only wiring lives here:
-the UI is webui/, the job runner trainers/jobs.py, training trainers/dreambooth.py.
+Defaults come from webui/space.py: on a local machine 127.0.0.1:7860 and ./runs, one user; on a
+Hugging Face Space (SPACE_ID set) 0.0.0.0 at $PORT (or 7860), runs on the persistent storage
+mount /data when one is attached, and many visitors, each seeing only their own runs.
+RESTUNING_RUNS_DIR / RESTUNING_HOST / RESTUNING_PORT override them. Only wiring lives here: the
+UI is webui/, the job runner trainers/jobs.py, training trainers/dreambooth.py.
 """
 
 from __future__ import annotations
@@ -16,16 +19,28 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, env=None) -> argparse.Namespace:
+    from webui.space import detect
+
+    try:
+        here = env or detect()
+    except ValueError as exc:
+        sys.exit(f"app.py: {exc}")
     p = argparse.ArgumentParser(description="Res-Tuning Studio: train concept tuners for Stable Diffusion in the browser.")
     p.add_argument("--model", default=None,
                    help="base model: a hub id, a diffusers folder or an SD 1.x .safetensors file (default: assets/demo-model)")
-    p.add_argument("--runs-dir", default=os.environ.get("RESTUNING_RUNS_DIR", "runs"),
-                   help="where runs live (env RESTUNING_RUNS_DIR; default ./runs)")
-    p.add_argument("--host", default=os.environ.get("RESTUNING_HOST", "127.0.0.1"), help="address to serve on")
-    p.add_argument("--port", type=int, default=int(os.environ.get("RESTUNING_PORT", "7860")))
+    p.add_argument("--runs-dir", default=str(here.runs_dir),
+                   help="where runs live (env RESTUNING_RUNS_DIR; default ./runs, on a Space /data/restuning-runs if /data is writable)")
+    p.add_argument("--host", default=here.host, help="address to serve on (127.0.0.1; 0.0.0.0 on a Space)")
+    p.add_argument("--port", type=int, default=here.port, help="port (RESTUNING_PORT, PORT, GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--jobs-per-device", type=int, default=1, help="runs training at once on each device")
-    return p.parse_args(argv)
+    p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=here.shared,
+                   help="many visitors: each sees and controls only their own runs (default: on when SPACE_ID is set)")
+    p.add_argument("--runs-per-visitor", type=int, default=2,
+                   help="with --shared: runs one visitor may have queued or running at once")
+    args = p.parse_args(argv)
+    args.sample_device, args.where = here.device, here
+    return args
 
 
 def main(argv=None) -> None:
@@ -41,9 +56,12 @@ def main(argv=None) -> None:
         sys.exit(f"app.py: {exc}")
     devices = detect_devices()
     preset, detected = detect_preset()
-    runner = JobRunner(args.runs_dir, devices=devices, per_device=args.jobs_per_device).start()
-    demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected)
-    print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, devices {', '.join(devices)}")
+    runner = JobRunner(args.runs_dir, devices=devices, per_device=args.jobs_per_device,
+                       max_active_per_owner=args.runs_per_visitor if args.shared else None).start()
+    demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected,
+                       shared=args.shared, sample_device=args.sample_device)
+    print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, devices {', '.join(devices)}; "
+          f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     demo.launch(**webui.launch_options(runner, args.host, args.port))
 
 

@@ -8,7 +8,8 @@
 
 A run folder holds:
     config.json     the trainer's options (diffusers DreamBooth names + the method's own)
-    job.json        what the runner knows: label, group, created/queued time, device
+    job.json        what the runner knows: label, group, created/queued time, device, owner
+                    and published (a shared studio: whose run it is, and whether others may see it)
     process.json    pid and start time of the launched process (present once it started)
     events.jsonl    progress, appended by the trainer (trainers/events.py); the runner adds
                     `queued`, and `failed`/`cancelled` when a process ends without saying so
@@ -96,6 +97,8 @@ class RunInfo:
     resumable: bool = False
     alive: bool = False  # its process group still runs (also briefly after a final phase, while it exits)
     checkpoint: str | None = None
+    owner: str = ""  # the visitor who started it (a shared studio); "" for runs made locally
+    published: bool = False  # its owner shares it with every visitor (read-only)
 
     @property
     def method(self) -> str:
@@ -168,7 +171,8 @@ def _group_has_live_member(pgid: int) -> bool:
 
 class JobRunner:
     def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
-                 command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5):
+                 command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5,
+                 max_active_per_owner: int | None = None):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) if devices else detect_devices()
@@ -177,6 +181,8 @@ class JobRunner:
         self.poll_seconds = poll_seconds
         self.kill_after = kill_after
         self.niceness = niceness
+        # a fair queue on a shared server: one visitor's queued + running runs are capped
+        self.max_active_per_owner = max_active_per_owner
         self._lock = threading.RLock()
         self._children: dict[str, subprocess.Popen] = {}
         self._cancel_at: dict[str, float] = {}
@@ -216,12 +222,14 @@ class JobRunner:
         raise JobError("could not create a unique run folder")
 
     def submit(self, config: dict, images: list[tuple[str | os.PathLike, str]], *, label: str = "",
-               group: str = "") -> str:
+               group: str = "", owner: str = "", batch: int = 1) -> str:
         """Create a run from checked images [(source path, safe file name)] and queue it.
 
         The run's own paths (instance_data_dir, output_dir) are filled in here; the other keys of
-        `config` are the trainer's options as given.
+        `config` are the trainer's options as given. `batch` runs about to be submitted together
+        count against the owner's limit at once, so a comparison is queued whole or not at all.
         """
+        self.check_owner_limit(owner, batch)
         run_id, path = self.new_run_dir(label or str(config.get("method", "")))
         try:
             instance = path / INSTANCE_DIR
@@ -231,7 +239,7 @@ class JobRunner:
                     raise JobError(f"unsafe image file name {name!r}")
                 shutil.copyfile(src, instance / name)
             now = time.time()
-            _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now})
+            _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now, "owner": owner})
             self._write_config(path, dict(config))
             EventLog(path).phase("queued")
         except BaseException:
@@ -240,7 +248,7 @@ class JobRunner:
         self.tick()
         return run_id
 
-    def import_tuner(self, src: str | os.PathLike, config: dict, *, label: str = "") -> str:
+    def import_tuner(self, src: str | os.PathLike, config: dict, *, label: str = "", owner: str = "") -> str:
         """A finished run holding an uploaded tuner file (already checked by trainers.uploads), so
         it is listed, downloaded and sampled like a trained one."""
         from safetensors import safe_open
@@ -251,7 +259,7 @@ class JobRunner:
             with safe_open(str(path / "tuner.safetensors"), framework="pt") as f:
                 params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
             now = time.time()
-            _write_json(path / JOB_FILE, {"label": label, "group": "", "created": now, "imported": True})
+            _write_json(path / JOB_FILE, {"label": label, "group": "", "created": now, "imported": True, "owner": owner})
             _write_json(path / CONFIG_FILE, dict(config))
             log = EventLog(path)
             log.emit("info", trainable_params=params, method=config.get("method"), imported_from=Path(src).name)
@@ -317,7 +325,8 @@ class JobRunner:
             status = "failed"
         info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=job.get("label", ""),
                        group=job.get("group", ""), created=job.get("created", 0.0), device=job.get("device", ""),
-                       config=_read_json(path / CONFIG_FILE), events=events, alive=alive)
+                       config=_read_json(path / CONFIG_FILE), events=events, alive=alive,
+                       owner=str(job.get("owner", "")), published=bool(job.get("published", False)))
         if status == "queued":
             waiting = self.queue() if queue is None else queue
             info.position = waiting.index(run_id) + 1 if run_id in waiting else None
@@ -344,7 +353,23 @@ class JobRunner:
                     return event["path"]
         return None
 
+    def check_owner_limit(self, owner: str, batch: int = 1) -> None:
+        if not owner or self.max_active_per_owner is None:
+            return
+        active = sum(1 for r in self.list_runs() if r.owner == owner and r.status in ("queued", "running"))
+        if active + batch > self.max_active_per_owner:
+            raise JobError(f"you have {active} run(s) queued or running; this studio is shared and allows "
+                           f"{self.max_active_per_owner} per visitor: wait for one to finish or cancel one")
+
     # ---- actions -----------------------------------------------------------------------------
+
+    def publish(self, run_id: str, published: bool = True) -> None:
+        """Share a run with every visitor of a shared studio (read-only for them), or stop sharing."""
+        with self._lock:
+            path = self.run_dir(run_id)
+            job = _read_json(path / JOB_FILE)
+            job["published"] = bool(published)
+            _write_json(path / JOB_FILE, job)
 
     def cancel(self, run_id: str) -> str:
         """Queued: leaves the queue. Running: SIGTERM to its process group; the trainer saves a
@@ -374,6 +399,7 @@ class JobRunner:
                 raise JobError(f"run {run_id} is still stopping; resume it in a moment")
             if not info.resumable:
                 raise JobError(f"run {run_id} saved no checkpoint to resume from; start a new run instead")
+            self.check_owner_limit(info.owner)
             config = dict(info.config)
             config["resume_from_checkpoint"] = "latest"
             self._write_config(info.dir, config)

@@ -1,0 +1,143 @@
+"""The Compare tab: the paper's Fig. 6-7 view. Any finished runs (any method) and the untuned
+base model side by side on the same prompt and seed, one column per tuner, one row per seed or
+prompt. All routable tuners of a row go through the U-Net as ONE batched call
+(trainers.sampling.Sampler); LoRA and full fine-tunes take a pass of their own. The progress bar
+is fed by the sampler's per-step callback, so it shows denoising steps actually done."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+
+import gradio as gr
+
+from trainers.sampling import SCHEDULERS, Settings, compose_grid, save_png
+
+from . import pipeline, visitors
+from .errors import friendly
+
+MAX_TUNERS = 8  # columns besides the base: one batch of 9 at most per row
+MAX_ROWS = 8
+MAX_STEPS = 150
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0, 1, 42' or '0-3' -> seeds; a clear message for anything else."""
+    seeds = []
+    for part in (text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo or hi - lo >= MAX_ROWS:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise gr.Error(f"seeds: {part!r} is not a whole number or a range like 0-3") from None
+    if any(s < 0 or s >= 2**32 for s in seeds):
+        raise gr.Error("seeds are whole numbers from 0 to 4294967295")
+    return seeds or [0]
+
+
+def plan_rows(prompt: str, more_prompts: str, negative: str, seeds: str, steps, guidance, scheduler,
+              height: int | None, width: int | None) -> list[Settings]:
+    """One row per (prompt, seed): the main prompt plus one more per line."""
+    prompts = [p.strip() for p in [prompt or "", *(more_prompts or "").splitlines()] if p.strip()]
+    if not prompts:
+        raise gr.Error("the prompt is empty: describe the picture, e.g. 'a photo of sks star'")
+    if scheduler not in SCHEDULERS:
+        raise gr.Error(f"unknown scheduler {scheduler!r}")
+    steps = int(steps or 0)
+    if not 1 <= steps <= MAX_STEPS:
+        raise gr.Error(f"steps: choose 1 to {MAX_STEPS}")
+    rows = [Settings(p, negative or "", s, steps, float(guidance), scheduler, height, width)
+            for p, s in itertools.product(prompts, parse_seeds(seeds))]
+    if len(rows) > MAX_ROWS:
+        raise gr.Error(f"{len(rows)} rows (prompts x seeds): at most {MAX_ROWS} per grid")
+    return rows
+
+
+def render_grid(runner, base, studio, who, ids: list[str], base_too: bool, rows: list[Settings], scales,
+                progress=None) -> tuple:
+    """Render and save the grid PNG (its metadata lists rows and columns); returns (path,
+    seconds, (rows, columns)). Only runs this visitor may see are sampled."""
+    if len(ids) > MAX_TUNERS:
+        raise gr.Error(f"{len(ids)} runs chosen: at most {MAX_TUNERS} per grid")
+    if not ids and not base_too:
+        raise gr.Error("choose at least one run, or include the base model")
+    scales = list(scales) + [1.0] * (len(ids) - len(scales))
+    columns = ([pipeline.base_column(base)] if base_too else []) + [
+        pipeline.column(visitors.seen(runner, run_id, who), scale) for run_id, scale in zip(ids, scales)]
+    if progress is not None:
+        progress(0.0, "loading the base model" if not studio.loaded else "starting")
+    sampler = studio.sampler()
+    started = time.perf_counter()
+    images = sampler.render(columns, rows, progress=progress)
+    seconds = time.perf_counter() - started
+    one_prompt = len({r.prompt for r in rows}) == 1
+    row_labels = [f"seed {r.seed}" if one_prompt else f"{r.prompt[:18]} / {r.seed}" for r in rows]
+    picture = compose_grid(images, [c.caption for c in columns], row_labels,
+                           scale=max(1, 256 // max(images[0][0].width, 1)))
+    settings = {"kind": "compare-grid", "rows": [r.to_dict() for r in rows],
+                "columns": [{"run": c.label, "scale": c.scale, "caption": c.caption} for c in columns]}
+    name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}.png"
+    path = save_png(picture, visitors.scratch_dir(runner, who, "compare") / name, settings)
+    return path, seconds, (len(rows), len(columns))
+
+
+def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
+    d = studio.defaults()
+    gr.Markdown("Pick finished runs of any method and compare them with the untuned base model on the same "
+                "prompt and seed. Every Res-Tuner, Bypass and bound tuner of a row renders in one batched call.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            with gr.Row():
+                picks = gr.CheckboxGroup(label=f"Runs to compare (up to {MAX_TUNERS})", choices=[], elem_id="compare-runs")
+            with gr.Row():
+                with_base = gr.Checkbox(value=True, label="Include the base model", elem_id="compare-base")
+                reload = gr.Button("Refresh the list", size="sm", elem_id="compare-refresh")
+            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", elem_id="compare-prompt")
+            more = gr.Textbox(label="More prompts, one per line (a row each)", lines=2, elem_id="compare-more")
+            negative = gr.Textbox(label="Negative prompt", elem_id="compare-negative")
+            with gr.Row():
+                seeds = gr.Textbox(label="Seeds (a row each: 0, 1, 2 or 0-3)", value="0", elem_id="compare-seeds")
+                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", elem_id="compare-steps")
+            with gr.Row():
+                guidance = gr.Slider(1.0, 15.0, value=d["guidance"], step=0.5, label="Guidance", elem_id="compare-guidance")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", elem_id="compare-scheduler")
+            scales = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=False, label=f"scale {i + 1}",
+                                elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
+            render = gr.Button("Render grid", variant="primary", elem_id="compare-render")
+        with gr.Column(scale=3):
+            grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False, elem_id="compare-grid")
+            download = gr.DownloadButton("Download grid PNG", visible=False, elem_id="compare-download")
+            note = gr.Markdown(elem_id="compare-note")
+
+    def choices(who, current):
+        runs = [r for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
+        options = [pipeline.choice(r) for r in runs]
+        ids = {v for _, v in options}
+        return gr.CheckboxGroup(choices=options, value=[c for c in (current or []) if c in ids])
+
+    def label_scales(ids):
+        ids = list(ids or [])[:MAX_TUNERS]
+        return [gr.Slider(visible=i < len(ids), label=f"scale of {ids[i]}" if i < len(ids) else f"scale {i + 1}")
+                for i in range(MAX_TUNERS)]
+
+    def do_render(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=gr.Progress()):
+        rows = plan_rows(p, m, n, s, k, g, sch, d["height"], d["width"])
+        path, seconds, shape = render_grid(runner, base, studio, who, list(ids or []), base_too, rows, scale_values,
+                                           progress=lambda f, label: progress(f, desc=label))
+        return (str(path), gr.DownloadButton(value=str(path), visible=True),
+                f"{shape[0]} row(s) x {shape[1]} column(s) in {seconds:.1f} s.")
+
+    picks.change(label_scales, picks, scales, show_progress="hidden", queue=False)
+    reload.click(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)
+    render.click(friendly(do_render), [owner, picks, with_base, prompt, more, negative, seeds, steps, guidance, scheduler, *scales],
+                 [grid, download, note], concurrency_limit=1, concurrency_id="sampling")
+    return lambda who, current: choices(who, current), picks

@@ -1,0 +1,130 @@
+"""The Generate tab: prompt and generate with one tuner (or the base model), a batch of images
+per click. Each picture is saved as a PNG whose metadata holds its prompt, seed, settings and
+tuner (trainers.sampling.save_png), and the gallery keeps them with their captions; "Load
+settings from a PNG" reads such a file back into the form, so a picture can be made again."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+
+import gradio as gr
+
+from trainers.sampling import SCHEDULERS, Settings, read_png_settings, save_png
+
+from . import pipeline, visitors
+from .compare_tab import MAX_STEPS
+from .errors import friendly
+
+BASE = "base"
+MAX_BATCH = 8
+GALLERY_KEEP = 48
+
+
+def tuner_choices(runner, who) -> list[tuple[str, str]]:
+    runs = [r for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
+    return [("Base model (no tuner)", BASE)] + [pipeline.choice(r) for r in runs]
+
+
+def generate(runner, base, studio, who, run_id: str | None, rows: list[Settings], scale: float = 1.0,
+             progress=None) -> list[tuple[str, str]]:
+    """Render one image per row with the chosen tuner (or the base) and save each as a PNG whose
+    metadata regenerates it; returns [(path, caption)]."""
+    if run_id in (None, "", BASE):
+        column, tuner_name = pipeline.base_column(base), None
+    else:
+        info = visitors.seen(runner, run_id, who)
+        column, tuner_name = pipeline.column(info, scale), info.id
+    if progress is not None:
+        progress(0.0, "loading the base model" if not studio.loaded else "starting")
+    images = studio.sampler().render([column], rows, progress=progress)
+    folder = visitors.scratch_dir(runner, who, "generate")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    made = []
+    for row, (image,) in zip(rows, images):
+        settings = {**row.to_dict(), "tuner": tuner_name, "scale": column.scale if tuner_name else None,
+                    "base_model": base.name}
+        path = save_png(image, folder / f"{stamp}-{row.seed}-{secrets.token_hex(2)}.png", settings)
+        made.append((str(path), f"seed {row.seed} · {tuner_name or 'base'}"))
+    return made
+
+
+def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
+    d = studio.defaults()
+    kept = gr.State([])  # this page's gallery: [(png path, caption)]
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            with gr.Row():
+                tuner = gr.Dropdown(label="Tuner", choices=[("Base model (no tuner)", BASE)], value=BASE, elem_id="gen-tuner")
+                reload = gr.Button("Refresh", size="sm", elem_id="gen-refresh")
+            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", elem_id="gen-prompt")
+            negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+            with gr.Row():
+                seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="gen-seed")
+                batch = gr.Slider(1, MAX_BATCH, value=2, step=1, label="Images per click", elem_id="gen-batch")
+            with gr.Row():
+                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", elem_id="gen-steps")
+                guidance = gr.Slider(1.0, 15.0, value=d["guidance"], step=0.5, label="Guidance", elem_id="gen-guidance")
+            with gr.Row():
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", elem_id="gen-scheduler")
+                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Tuner scale", elem_id="gen-scale")
+            generate = gr.Button("Generate", variant="primary", elem_id="gen-go")
+            with gr.Accordion("Load settings from a PNG", open=False):
+                png = gr.File(label="a PNG made here", file_types=[".png"], elem_id="gen-load-png")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Generated", columns=4, height=480, format="png", elem_id="gen-gallery")
+            chosen = gr.Code(label="Settings of the selected image", language="json", elem_id="gen-settings")
+
+    def refresh(who, current):
+        options = tuner_choices(runner, who)
+        return gr.Dropdown(choices=options, value=current if current in {v for _, v in options} else BASE)
+
+    def do_generate(who, run_id, p, n, s, count, k, g, sch, sc, history, progress=gr.Progress()):
+        if not (p or "").strip():
+            raise gr.Error("the prompt is empty: describe the picture, e.g. 'a photo of sks star'")
+        if sch not in SCHEDULERS:
+            raise gr.Error(f"unknown scheduler {sch!r}")
+        count, k = int(count), int(k)
+        if not (1 <= count <= MAX_BATCH and 1 <= k <= MAX_STEPS):
+            raise gr.Error(f"images per click 1-{MAX_BATCH}, steps 1-{MAX_STEPS}")
+        first = int(s) if s is not None and int(s) >= 0 else int.from_bytes(os.urandom(3), "little")
+        # one row per image: each keeps its own seed, so each file regenerates alone
+        rows = [Settings(p.strip(), n or "", first + i, k, float(g), sch, d["height"], d["width"]) for i in range(count)]
+        made = generate(runner, base, studio, who, run_id, rows, sc, progress=lambda f, label: progress(f, desc=label))
+        history = (made + list(history or []))[:GALLERY_KEEP]
+        return history, history
+
+    def show(evt: gr.SelectData, history):
+        if evt.index is None or not history or evt.index >= len(history):
+            return gr.skip()
+        return json.dumps(read_png_settings(history[evt.index][0]) or {}, indent=2)
+
+    def load_png(path, who):
+        if not path:
+            return (gr.skip(),) * 9
+        try:
+            settings = read_png_settings(path)
+        except (OSError, ValueError, SyntaxError):
+            settings = None
+        if not isinstance(settings, dict) or "prompt" not in settings:
+            raise gr.Error("this PNG holds no studio settings (only pictures saved by this studio's Generate tab do)")
+        options = {v for _, v in tuner_choices(runner, who)}
+        wanted = settings.get("tuner") or BASE
+        if wanted not in options:
+            gr.Warning(f"the tuner {wanted} is not among your runs here; the base model is selected")
+            wanted = BASE
+        sch = settings.get("scheduler") if settings.get("scheduler") in SCHEDULERS else d["scheduler"]
+        return (gr.Dropdown(choices=tuner_choices(runner, who), value=wanted), str(settings.get("prompt", "")),
+                str(settings.get("negative_prompt") or ""), int(settings.get("seed", -1)), 1,
+                int(settings.get("steps", d["steps"])), float(settings.get("guidance", d["guidance"])), sch,
+                float(settings.get("scale") or 1.0))
+
+    reload.click(friendly(refresh), [owner, tuner], tuner, show_progress="hidden", queue=False)
+    generate.click(friendly(do_generate), [owner, tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale, kept],
+                   [gallery, kept], concurrency_limit=1, concurrency_id="sampling")
+    gallery.select(show, kept, chosen, show_progress="hidden")
+    png.upload(friendly(load_png), [png, owner], [tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale],
+               show_progress="hidden")
+    return lambda who, current: refresh(who, current), tuner

@@ -1,0 +1,110 @@
+"""The studio's sampling side (Compare and Generate tabs): one base pipeline, loaded on first
+use and shared by every visitor, and the finished runs turned into grid columns.
+
+Loading takes the trainer's own loader (trainers.models) so the studio samples exactly the model
+it trains on. trainers.sampling.Sampler serialises renders with its own lock; the lock here only
+guards the one-time load, so two first clicks do not load the model twice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from restuning.methods import METHODS
+from trainers.sampling import SCHEDULERS, Column, Sampler
+from trainers.jobs import RunInfo
+
+from . import live
+
+FALLBACK_DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "DPM++ 2M"}
+SETTINGS_FILE = "demo_settings.json"  # recommended sampling settings, shipped with the demo model
+
+
+class StudioPipeline:
+    def __init__(self, base, device: str = "cpu"):
+        self.base, self.device = base, device
+        self._sampler: Sampler | None = None
+        self._load_lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._sampler is not None
+
+    def sampler(self) -> Sampler:
+        with self._load_lock:
+            if self._sampler is None:
+                from trainers.models import check_source, load_pipeline
+
+                pipe = load_pipeline(check_source(self.base.source)).to(self.device)
+                pipe.set_progress_bar_config(disable=True)
+                self._sampler = Sampler(pipe)
+            return self._sampler
+
+    def defaults(self) -> dict:
+        """steps, guidance, scheduler (a SCHEDULERS name) and size: the model's recommended
+        settings when it ships them, else common SD defaults at the model's own resolution."""
+        out = dict(FALLBACK_DEFAULTS, height=self.base.resolution, width=self.base.resolution)
+        path = Path(self.base.source) / SETTINGS_FILE
+        try:
+            shipped = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):
+            shipped = {}
+        by_class = {cls: name for name, cls in SCHEDULERS.items()}
+        if shipped.get("scheduler") in by_class:
+            out["scheduler"] = by_class[shipped["scheduler"]]
+        for key, ours in (("num_inference_steps", "steps"), ("guidance_scale", "guidance"), ("height", "height"), ("width", "width")):
+            if isinstance(shipped.get(key), (int, float)):
+                out[ours] = shipped[key]
+        return out
+
+
+def weights(info: RunInfo) -> tuple[str, Path] | None:
+    """("tuner", file) or ("unet", folder) of a finished run, from its artifact events; only a
+    path that stays inside the run folder counts."""
+    if info.status != "done":
+        return None
+    root = info.dir.resolve()
+    found = {}
+    for e in info.events:
+        if e.get("event") == "artifact" and e.get("kind") in ("tuner", "unet") and e.get("path"):
+            path = (info.dir / e["path"]).resolve()
+            if path.is_relative_to(root) and path != root and path.exists():
+                found[e["kind"]] = path
+    if "tuner" in found and found["tuner"].is_file():
+        return "tuner", found["tuner"]
+    if "unet" in found and found["unet"].is_dir():
+        return "unet", found["unet"]
+    return None
+
+
+def params_text(n) -> str:
+    if not isinstance(n, int):
+        return "params ?"
+    return f"{n / 1e6:.2f}M params" if n >= 10_000 else f"{n:,} params"
+
+
+def caption(info: RunInfo) -> list[str]:
+    """method label, trainable parameters, run name: the caption of a grid column."""
+    method = METHODS.get(info.method)
+    return [method.label if method else (info.method or "tuner"), params_text(live.facts(info).get("trainable_params")),
+            info.label or info.id]
+
+
+def column(info: RunInfo, scale: float = 1.0) -> Column:
+    found = weights(info)
+    if found is None:
+        raise ValueError(f"run {info.id} has no finished tuner to sample with")
+    kind, path = found
+    return Column(info.id, tuner=path if kind == "tuner" else None, unet_dir=path if kind == "unet" else None,
+                  scale=float(scale), caption=caption(info))
+
+
+def base_column(base) -> Column:
+    return Column("base", caption=["Base model", "0 trained params", Path(base.source).name or base.source])
+
+
+def choice(info: RunInfo) -> tuple[str, str]:
+    method = METHODS.get(info.method)
+    return f"{info.label or info.id} · {method.label if method else info.method} · {info.id}", info.id
