@@ -41,20 +41,20 @@ def main():
         (path / "state.json").write_text(json.dumps({"step": step}))
         log.emit("checkpoint", step=step, path=str(path.relative_to(out)))
 
-    def on_term(signum, frame):
-        time.sleep(float(config.get("fake_save_seconds", 0)))
-        checkpoint()
-        (out / "cancelled").write_text("")
-        log.phase("cancelled", message=f"stopped at step {step}")
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop = []  # like the real trainer: the signal sets a flag, the loop stops between steps
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     log.phase("loading")
     print("fake trainer: loading", flush=True)
     log.emit("info", trainable_params=1234, method=config.get("method"))
     log.phase("training")
     while step < total:
         time.sleep(pace)
+        if stop:
+            time.sleep(float(config.get("fake_save_seconds", 0)))
+            checkpoint()
+            (out / "cancelled").write_text("")
+            log.phase("cancelled", message=f"stopped at step {step}")
+            return
         step += 1
         print(f"fake trainer: step {step}/{total}", flush=True)
         if crash_at is not None and step >= int(crash_at):

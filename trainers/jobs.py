@@ -154,6 +154,12 @@ def _process_alive(record: dict) -> bool:
         pass
     except (KeyError, ValueError, TypeError, psutil.Error):
         return False
+    try:
+        os.killpg(pid, 0)  # no member at all (the usual case for a finished run): no need to walk the table
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
     return _group_has_live_member(pid)
 
 
