@@ -27,8 +27,9 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     except ValueError as exc:
         sys.exit(f"app.py: {exc}")
     p = argparse.ArgumentParser(description="Res-Tuning Studio: train concept tuners for Stable Diffusion in the browser.")
-    p.add_argument("--model", default=None,
-                   help="base model: a hub id, a diffusers folder or an SD 1.x .safetensors file (default: assets/demo-model)")
+    p.add_argument("--model", default=os.environ.get("RESTUNING_MODEL") or None,
+                   help="base model: a hub id, a diffusers folder or an SD 1.x .safetensors file "
+                        "(env RESTUNING_MODEL; default: assets/demo-model)")
     p.add_argument("--runs-dir", default=str(here.runs_dir),
                    help="where runs live (env RESTUNING_RUNS_DIR; default ./runs, on a Space /data/restuning-runs if /data is writable)")
     p.add_argument("--host", default=here.host, help="address to serve on (127.0.0.1; 0.0.0.0 on a Space)")
@@ -57,7 +58,8 @@ def main(argv=None) -> None:
     devices = detect_devices()
     preset, detected = detect_preset()
     runner = JobRunner(args.runs_dir, devices=devices, per_device=args.jobs_per_device,
-                       max_active_per_owner=args.runs_per_visitor if args.shared else None).start()
+                       max_active_per_owner=args.runs_per_visitor if args.shared else None,
+                       unguessable_ids=args.shared).start()
     demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected,
                        shared=args.shared, sample_device=args.sample_device)
     print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, devices {', '.join(devices)}; "

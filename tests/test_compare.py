@@ -150,3 +150,23 @@ def test_defaults_come_from_the_models_settings_file(world, tmp_path):
                                                               "num_inference_steps": 30, "guidance_scale": 5.0}))
     d = pipeline.StudioPipeline(type(base)(str(folder), {}, 64)).defaults()
     assert (d["scheduler"], d["steps"], d["guidance"], d["height"]) == ("Euler", 30, 5.0, 64)
+
+
+@pytest.mark.slow
+def test_bench_compare_batched_quick_mode(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "assets" / "demo-model" / "model_index.json").exists():
+        pytest.skip("assets/demo-model is missing")
+    proc = subprocess.run([sys.executable, "-m", "bench.compare_batched", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "compare_batched.json").read_text())
+    (row,) = result["rows"]
+    assert row["k"] == 2 and len(row["methods"]) == 2 and result["steps"] == 2
+    assert row["ratio"] == round(row["sequential_median_s"] / row["batched_median_s"], 3)
+    assert row["max_pixel_diff"] <= 2, "batched and sequential must draw the same pictures"
+    assert "| 2 |" in (tmp_path / "compare_batched.md").read_text()

@@ -49,3 +49,11 @@ def test_one_visitor_cannot_fill_the_queue(tmp_path, images):
     for run_id in [*first, other]:
         wait_for(runner, run_id, {"cancelled"})
     runner.submit(slow, images, owner=ALICE)  # finished runs no longer count
+
+
+def test_run_ids_of_a_shared_studio_are_unguessable(tmp_path, images):
+    runner = make_runner(tmp_path / "runs", max_active_per_owner=3, unguessable_ids=True)
+    run_id = runner.submit({"max_train_steps": 2}, images, owner=ALICE)
+    assert len(run_id.rsplit("-", 1)[1]) == 16, "64 random bits in the id"
+    wait_for(runner, run_id, {"done"})
+    assert len(make_runner(tmp_path / "local").new_run_dir("x")[0].rsplit("-", 1)[1]) == 4, "local ids unchanged"

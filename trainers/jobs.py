@@ -178,7 +178,7 @@ def _group_has_live_member(pgid: int) -> bool:
 class JobRunner:
     def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
                  command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5,
-                 max_active_per_owner: int | None = None):
+                 max_active_per_owner: int | None = None, unguessable_ids: bool = False):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) if devices else detect_devices()
@@ -189,6 +189,8 @@ class JobRunner:
         self.niceness = niceness
         # a fair queue on a shared server: one visitor's queued + running runs are capped
         self.max_active_per_owner = max_active_per_owner
+        # on a shared server a run's files are served by URL: 64 random bits make its id a secret
+        self.id_token_bytes = 8 if unguessable_ids else 2
         self._lock = threading.RLock()
         self._children: dict[str, subprocess.Popen] = {}
         self._cancel_at: dict[str, float] = {}
@@ -218,7 +220,7 @@ class JobRunner:
     def new_run_dir(self, label: str = "") -> tuple[str, Path]:
         """A fresh, empty run folder with a safe unique id (time, slug of the label, random)."""
         for _ in range(10):
-            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}-{secrets.token_hex(2)}"
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}-{secrets.token_hex(self.id_token_bytes)}"
             path = self.runs_dir / run_id
             try:
                 path.mkdir()

@@ -31,20 +31,23 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
                     f"runs live in `{runner.runs_dir}` and keep going when this page closes.")
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected)
+                attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected, owner)
             with gr.Tab("Runs / tuners", id="runs", elem_id="tab-runs") as runs:
-                refresh_runs, runs_outputs = runs_tab.build(runner, base)
+                refresh_runs, runs_outputs = runs_tab.build(runner, base, owner, shared)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare:
                 refresh_compare, compare_picks = compare_tab.build(runner, base, studio, owner)
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate:
                 refresh_generate, generate_tuner = generate_tab.build(runner, base, studio, owner)
-        # re-attach on every page load: a reload or a second tab shows the same live run
-        demo.load(attach_live, None, live_outputs, show_progress="hidden", queue=False)
-        runs.select(refresh_runs, None, runs_outputs, show_progress="hidden", queue=False)
+        # re-attach on every page load: a reload or a second tab shows the same live run (once the
+        # page knows its visitor, on a shared studio)
+        if shared:
+            demo.load(identify, remembered, [remembered, owner], queue=False).then(
+                attach_live, owner, live_outputs, show_progress="hidden", queue=False)
+        else:
+            demo.load(attach_live, owner, live_outputs, show_progress="hidden", queue=False)
+        runs.select(refresh_runs, owner, runs_outputs, show_progress="hidden", queue=False)
         compare.select(refresh_compare, [owner, compare_picks], compare_picks, show_progress="hidden", queue=False)
         generate.select(refresh_generate, [owner, generate_tuner], generate_tuner, show_progress="hidden", queue=False)
-        if shared:
-            demo.load(identify, remembered, [remembered, owner], queue=False)
     return demo
 
 

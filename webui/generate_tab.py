@@ -70,7 +70,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", elem_id="gen-scheduler")
                 scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Tuner scale", elem_id="gen-scale")
-            generate = gr.Button("Generate", variant="primary", elem_id="gen-go")
+            go = gr.Button("Generate", variant="primary", elem_id="gen-go")
             with gr.Accordion("Load settings from a PNG", open=False):
                 png = gr.File(label="a PNG made here", file_types=[".png"], elem_id="gen-load-png")
         with gr.Column(scale=3):
@@ -122,7 +122,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
                 float(settings.get("scale") or 1.0))
 
     reload.click(friendly(refresh), [owner, tuner], tuner, show_progress="hidden", queue=False)
-    generate.click(friendly(do_generate), [owner, tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale, kept],
+    go.click(friendly(do_generate), [owner, tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale, kept],
                    [gallery, kept], concurrency_limit=1, concurrency_id="sampling")
     gallery.select(show, kept, chosen, show_progress="hidden")
     png.upload(friendly(load_png), [png, owner], [tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale],

@@ -1,6 +1,7 @@
 """The Runs tab: every run in the runs folder with method, trainable parameters, tuner size,
 prompt, status and samples; downloads of what it saved; cancel, resume, delete (confirmed);
-import of a tuner file checked against the base model."""
+import of a tuner file checked against the base model. On a shared studio a visitor sees only
+their own runs and the published ones, controls only their own, and publishes explicitly."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import gradio as gr
 
 from trainers.uploads import check_name, check_tuner_file
 
-from . import live
+from . import live, visitors
 from .errors import friendly
 
 DOWNLOADS = (("tuner", "tuner.safetensors"), ("model-card", "model card (README.md)"),
@@ -37,7 +38,8 @@ def _details(info) -> str:
     return "\n".join(lines)
 
 
-def build(runner, base):
+def build(runner, base, owner: gr.State | None = None, shared: bool = False):
+    owner = owner if owner is not None else gr.State(None)
     selected = gr.State(None)
     shown = gr.State(None)
     table = gr.Dataframe(headers=live.RUN_COLUMNS, value=[], interactive=False, wrap=True, elem_id="runs-table")
@@ -53,6 +55,8 @@ def build(runner, base):
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id="runs-cancel")
                 resume = gr.Button("Resume", visible=False, elem_id="runs-resume")
                 delete = gr.Button("Delete…", visible=False, elem_id="runs-delete")
+            publish = gr.Checkbox(label="Published: every visitor of this studio may see, sample and download it",
+                                  value=False, visible=False, elem_id="runs-publish")
             with gr.Group(visible=False) as confirm_box:
                 confirm_text = gr.Markdown()
                 with gr.Row():
@@ -64,16 +68,17 @@ def build(runner, base):
                 import_name = gr.Textbox(label="Name", placeholder="my-star", elem_id="import-name")
                 import_button = gr.Button("Import", elem_id="import")
 
-    def rows():
-        runs = runner.list_runs()
+    def rows(who):
+        runs = visitors.visible_runs(runner, who)
         return [live.run_row(r) for r in runs], [r.id for r in runs]
 
-    def refresh(run_id, last):
-        table_rows, ids = rows()
+    def refresh(run_id, last, who=None):
+        table_rows, ids = rows(who)
         run_id = run_id if run_id in ids else (ids[0] if ids else None)
         info = runner.info(run_id) if run_id else None
+        mine = bool(info) and visitors.can_control(info, who)
         signature = (tuple(map(tuple, table_rows)), run_id,
-                     (info.status, len(info.events)) if info else None)
+                     (info.status, len(info.events), info.published, mine) if info else None)
         if signature == last:
             return (gr.skip(),) * (len(outputs))
         files = live.artifacts(info) if info else {}
@@ -81,54 +86,62 @@ def build(runner, base):
                    for kind, _ in DOWNLOADS]
         return (table_rows, gr.Dropdown(choices=ids, value=run_id), run_id,
                 _details(info) if info else "No runs yet.", live.samples(info) if info else None, *buttons,
-                gr.Button(visible=bool(info) and info.status in ("queued", "running")),
-                gr.Button(visible=bool(info) and info.resumable),
-                gr.Button(visible=bool(info) and info.status not in ("queued", "running")), signature)
+                gr.Button(visible=mine and info.status in ("queued", "running")),
+                gr.Button(visible=mine and info.resumable),
+                gr.Button(visible=mine and info.status not in ("queued", "running")),
+                gr.Checkbox(value=bool(info) and info.published, visible=shared and mine), signature)
 
-    outputs = [table, pick, selected, details, run_samples, *downloads.values(), cancel, resume, delete, shown]
+    outputs = [table, pick, selected, details, run_samples, *downloads.values(), cancel, resume, delete, publish, shown]
     timer = gr.Timer(2.0)
-    timer.tick(friendly(refresh), [selected, shown], outputs, show_progress="hidden", concurrency_limit=None, queue=False)
-    pick.input(friendly(refresh), [pick, gr.State(None)], outputs, show_progress="hidden")
+    timer.tick(friendly(refresh), [selected, shown, owner], outputs, show_progress="hidden", concurrency_limit=None, queue=False)
+    pick.input(friendly(refresh), [pick, gr.State(None), owner], outputs, show_progress="hidden")
 
     def select_row(evt: gr.SelectData, data):
         return data.iloc[evt.index[0], 0] if evt.index is not None else gr.skip()
 
-    table.select(select_row, table, pick).then(friendly(refresh), [pick, gr.State(None)], outputs, show_progress="hidden")
+    table.select(select_row, table, pick).then(friendly(refresh), [pick, gr.State(None), owner], outputs, show_progress="hidden")
 
-    def act(action, run_id):
-        gr.Info(action(run_id) or "done")
+    def act(action, run_id, who):
+        gr.Info(action(visitors.controlled(runner, run_id, who).id) or "done")
         return None
 
-    cancel.click(friendly(lambda r: act(runner.cancel, r)), selected, shown)
-    resume.click(friendly(lambda r: act(runner.resume, r)), selected, shown)
+    cancel.click(friendly(lambda r, w: act(runner.cancel, r, w)), [selected, owner], shown)
+    resume.click(friendly(lambda r, w: act(runner.resume, r, w)), [selected, owner], shown)
+
+    def do_publish(run_id, on, who):
+        runner.publish(visitors.controlled(runner, run_id, who).id, on)
+        gr.Info(f"{run_id} is {'published: every visitor can see it' if on else 'private again'}")
+        return None
+
+    publish.input(friendly(do_publish), [selected, publish, owner], shown)
     delete.click(lambda r: (gr.Group(visible=True), f"Delete **{r}**? Its tuner, samples and checkpoints go for good."),
                  selected, [confirm_box, confirm_text])
     keep.click(lambda: gr.Group(visible=False), None, confirm_box)
 
-    def do_delete(run_id):
-        runner.delete(run_id)
+    def do_delete(run_id, who):
+        runner.delete(visitors.controlled(runner, run_id, who).id)
         gr.Info(f"deleted {run_id}")
         return gr.Group(visible=False), None, None
 
-    confirm.click(friendly(do_delete), selected, [confirm_box, selected, shown])
+    confirm.click(friendly(do_delete), [selected, owner], [confirm_box, selected, shown])
 
-    def do_import(path, name):
+    def do_import(path, name, who):
         if not path:
             raise gr.Error("choose a .safetensors tuner file first")
         label = check_name(name, "name") if name and name.strip() else ""
         config, header = check_tuner_file(path, base.unet_on_meta())
         run_id = runner.import_tuner(path, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
-                                     label=label or "imported")
+                                     label=label or "imported", owner=who or "")
         gr.Info(f"imported as {run_id}")
         return run_id, None, None
 
-    def try_import(path, name):
+    def try_import(path, name, who):
         """A refused file is named in a warning and cleared from the box, ready for the next try."""
         try:
-            return friendly(do_import)(path, name)
+            return friendly(do_import)(path, name, who)
         except gr.Error as exc:
             gr.Warning(exc.message)
             return gr.skip(), gr.skip(), None
 
-    import_button.click(try_import, [upload, import_name], [selected, shown, upload])
-    return lambda: refresh(None, None), outputs
+    import_button.click(try_import, [upload, import_name, owner], [selected, shown, upload])
+    return lambda who=None: refresh(None, None, who), outputs

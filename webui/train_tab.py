@@ -15,16 +15,17 @@ import gradio as gr
 from restuning.methods import METHODS
 from trainers.uploads import check_images
 
-from . import forms, live
+from . import forms, live, visitors
 from .errors import friendly
 from .presets import PRESET_KEYS, PRESETS, preset_values
 
 POLL_SECONDS = 1.0
 
 
-def _pick_run(runner) -> str | None:
-    """The run a fresh page shows: the running one, else the next queued, else the newest."""
-    runs = runner.list_runs()
+def _pick_run(runner, who=None) -> str | None:
+    """The run a fresh page shows: the running one, else the next queued, else the newest (of
+    this visitor's runs on a shared studio)."""
+    runs = [r for r in runner.list_runs() if visitors.can_control(r, who)]
     for status in ("running", "queued"):
         active = [r for r in runs if r.status == status]
         if active:
@@ -32,12 +33,14 @@ def _pick_run(runner) -> str | None:
     return runs[0].id if runs else None
 
 
-def _run_choices(runner) -> list[tuple[str, str]]:
+def _run_choices(runner, who=None) -> list[tuple[str, str]]:
     return [(f"{r.id} · {r.method} · {live.status_line(r) if r.status != 'failed' else 'failed'}", r.id)
-            for r in runner.list_runs()]
+            for r in visitors.visible_runs(runner, who)]
 
 
-def build(runner, base, device: str, preset: str, detected: str):
+def build(runner, base, device: str, preset: str, detected: str, owner: gr.State | None = None):
+    """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio."""
+    owner = owner if owner is not None else gr.State(None)
     watch = gr.State(None)
     shown = gr.State(None)  # signature of what the live view shows, to skip unchanged updates
     trainer_comps, method_comps, method_groups = {}, {}, {}
@@ -108,7 +111,7 @@ def build(runner, base, device: str, preset: str, detected: str):
     preset_radio.change(lambda p: [preset_values(p, base.resolution)[k] for k in PRESET_KEYS], preset_radio, preset_comps,
                         show_progress="hidden")
 
-    all_inputs = {files, method, compare_methods, *trainer_comps.values(),
+    all_inputs = {files, method, compare_methods, owner, *trainer_comps.values(),
                   *(c for comps in method_comps.values() for c in comps.values())}
 
     def _config(values: dict, name: str) -> dict:
@@ -121,11 +124,13 @@ def build(runner, base, device: str, preset: str, detected: str):
         if not methods:
             raise forms.OptionError("choose at least one method to compare")
         configs = [(m, _config(values, m)) for m in methods]  # every config checked before any run exists
+        who = values[owner]
+        runner.check_owner_limit(who or "", len(configs))
         group = secrets.token_hex(3) if len(configs) > 1 else ""
-        ids = [runner.submit(config, checked, label=m, group=group) for m, config in configs]
+        ids = [runner.submit(config, checked, label=m, group=group, owner=who or "") for m, config in configs]
         where = runner.info(ids[0])
         gr.Info(f"{len(ids)} run(s) queued" + (f"; place {where.position} in the queue" if where.position else ""))
-        return ids[0], gr.Dropdown(choices=_run_choices(runner), value=ids[0]), None
+        return ids[0], gr.Dropdown(choices=_run_choices(runner, who), value=ids[0]), None
 
     train.click(friendly(lambda v: submit(v, [v[method]])), all_inputs, [watch, run_pick, shown],
                 concurrency_limit=1, concurrency_id="submit")
@@ -134,41 +139,42 @@ def build(runner, base, device: str, preset: str, detected: str):
 
     live_outputs = [progress, loss, samples, log, cancel, resume, run_pick, shown]
 
-    def refresh(run_id, last):
+    def refresh(run_id, last, who=None):
         if not run_id:
             return (gr.skip(),) * len(live_outputs)
         try:
-            info = runner.info(run_id)
+            info = visitors.seen(runner, run_id, who)
         except ValueError:
             return (live.progress_html(None), None, None, "", gr.Button(visible=False), gr.Button(visible=False),
-                    gr.Dropdown(choices=_run_choices(runner), value=None), None)
+                    gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
+        mine = visitors.can_control(info, who)
         signature = (run_id, info.status, info.position, len(info.events), live.log_size(info))
         if signature == last:
             return (gr.skip(),) * len(live_outputs)
         return (live.progress_html(info), live.loss_frame(info), live.samples(info), live.log_text(info),
-                gr.Button(visible=info.status in ("queued", "running")), gr.Button(visible=info.resumable),
-                gr.Dropdown(choices=_run_choices(runner), value=run_id) if signature[:3] != (last or ())[:3] else gr.skip(),
+                gr.Button(visible=mine and info.status in ("queued", "running")), gr.Button(visible=mine and info.resumable),
+                gr.Dropdown(choices=_run_choices(runner, who), value=run_id) if signature[:3] != (last or ())[:3] else gr.skip(),
                 signature)
 
     timer = gr.Timer(POLL_SECONDS)
-    timer.tick(refresh, [watch, shown], live_outputs, show_progress="hidden", concurrency_limit=None, queue=False)
+    timer.tick(refresh, [watch, shown, owner], live_outputs, show_progress="hidden", concurrency_limit=None, queue=False)
     run_pick.input(lambda r: (r, None), run_pick, [watch, shown], show_progress="hidden")
 
-    def act(action, run_id):
+    def act(action, run_id, who):
         if run_id:
-            gr.Info(action(run_id))
+            gr.Info(action(visitors.controlled(runner, run_id, who).id))
         return None
 
-    cancel.click(friendly(lambda r: act(runner.cancel, r)), watch, shown)
-    resume.click(friendly(lambda r: act(runner.resume, r)), watch, shown)
+    cancel.click(friendly(lambda r, w: act(runner.cancel, r, w)), [watch, owner], shown)
+    resume.click(friendly(lambda r, w: act(runner.resume, r, w)), [watch, owner], shown)
 
-    def attach():
+    def attach(who=None):
         """On page load: the run to show, and its live view at once rather than at the next tick."""
-        run_id = _pick_run(runner)
+        run_id = _pick_run(runner, who)
         if run_id is None:
             return (None, *(gr.skip(),) * len(live_outputs))
-        return (run_id, *refresh(run_id, None))
+        return (run_id, *refresh(run_id, None, who))
 
-    run_pick.focus(lambda r: gr.Dropdown(choices=_run_choices(runner), value=r), run_pick, run_pick,
+    run_pick.focus(lambda r, w: gr.Dropdown(choices=_run_choices(runner, w), value=r), [run_pick, owner], run_pick,
                    show_progress="hidden")
     return attach, [watch, *live_outputs]

@@ -56,13 +56,19 @@ def stop_runs(runs_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """(url, runs folder) of a running `python app.py` on the bundled demo model."""
-    if not (DEMO_MODEL / "model_index.json").exists():
-        pytest.skip("assets/demo-model is missing (scripts/build_demo_model.py builds it)")
     runs = tmp_path_factory.mktemp("studio") / "runs"
     port = free_port()
+    yield from serve(runs, ["--port", str(port)], {"RESTUNING_RUNS_DIR": str(runs)}, port)
+
+
+def serve(runs: Path, args: list[str], extra_env: dict, port: int):
+    """Run `python app.py *args` with extra_env until the generator is closed; yields (url, runs)."""
+    if not (DEMO_MODEL / "model_index.json").exists():
+        pytest.skip("assets/demo-model is missing (scripts/build_demo_model.py builds it)")
+    runs.parent.mkdir(parents=True, exist_ok=True)
     log = open(runs.parent / "app.log", "wb")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", RESTUNING_RUNS_DIR=str(runs))
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env, stdout=log,
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", **extra_env)
+    proc = subprocess.Popen([sys.executable, "app.py", *args], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
