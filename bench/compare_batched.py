@@ -36,12 +36,14 @@ def make_tuners(pipe, k: int, folder: Path) -> list[tuple[str, Path]]:
     import restuning
     from restuning.methods import METHODS
 
+    from diffusers import UNet2DConditionModel
+
     routable = []
     for name, method in METHODS.items():
-        handle = restuning.attach(pipe.unet, method.config(), name="probe")
-        if handle.routable and name != "full":
+        with torch.device("meta"):  # a weightless twin: probing must not touch the real U-Net
+            twin = UNet2DConditionModel.from_config(pipe.unet.config)
+        if restuning.attach(twin, method.config(), name="probe").routable:
             routable.append(name)
-        restuning.detach(pipe.unet, "probe")
     out = []
     for i in range(k):
         name = routable[i % len(routable)]
