@@ -64,6 +64,8 @@ def main(argv=None) -> None:
                        shared=args.shared, sample_device=args.sample_device)
     print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, devices {', '.join(devices)}; "
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
+    if args.where.space_id and not args.where.persistent:
+        print("Res-Tuning Studio: no persistent storage at /data: runs vanish when the Space restarts (docs/space.md)")
     demo.launch(**webui.launch_options(runner, args.host, args.port))
 
 
