@@ -364,6 +364,7 @@ def test_memory_savers_on_cpu(tiny_model, instance_dir, tmp_path, capsys):
         assert lines == ["attention: PyTorch SDPA (xformers not used: no CUDA device)"]
 
 
+@pytest.mark.slow
 def test_prior_preservation_generates_then_reuses_class_images(tiny_model, instance_dir, tmp_path):
     runs = tmp_path / "runs"
     common = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 3, "--max_train_steps", 1]
