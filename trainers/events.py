@@ -4,9 +4,10 @@ trainer and read by the studio (and anyone else) to show real progress.
 Every event has `t` (unix seconds) and `event`; the kinds and their fields:
 
     phase       phase: loading | class-images | training | saving | done | failed | cancelled
-                message (optional); on failed also error and hint
+                message (optional); on failed also error and hint;
+                class-images may carry done and total
     info        free facts about the run, e.g. trainable_params, method, device, attention
-    step        step, total, loss, lr, sec_per_step, eta_sec
+    step        step, total, loss, lr, sec_per_step, eta_sec (and instance_loss with prior preservation)
     sample      step, prompt, paths (relative to the run folder)
     checkpoint  step, path
     artifact    kind (tuner | lora-diffusers | lora-kohya | unet | model-card), path
