@@ -132,3 +132,14 @@ def test_class_image_generation_shows_its_own_progress(tmp_path):
     info = _info(tmp_path, [("phase", {"phase": "class-images", "done": 12, "total": 100})])
     info.status = "running"  # as while its process lives
     assert live.status_line(info) == "running: generating class images 12/100"
+
+
+def test_example_concepts_are_offered_and_served(tmp_path):
+    import webui
+    from webui.model import EXAMPLE_CONCEPTS, example_concepts
+
+    examples = example_concepts()
+    assert set(examples) == {"star", "heart"}
+    assert all(4 <= len(files) <= 6 for files in examples.values())
+    runner = JobRunner(tmp_path / "runs", devices=["cpu"])
+    assert str(EXAMPLE_CONCEPTS) in webui.launch_options(runner, "127.0.0.1", 7860)["allowed_paths"]

@@ -1,7 +1,8 @@
 """The studio's web UI: a Train tab (upload, options, live view), a Runs tab (results), a Compare
 tab (tuners side by side) and a Generate tab (prompt and generate with one tuner).
 `build(...)` returns the Blocks; `launch_options(...)` what `launch()` needs (Gradio 6 takes
-theme and css there, and serves files only from `allowed_paths`: the runs folder)."""
+theme and css there, and serves files only from `allowed_paths`: the runs folder and the
+example concepts)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gradio as gr
 from trainers.uploads import MAX_TUNER_BYTES
 
 from . import compare_tab, generate_tab, pipeline, runs_tab, train_tab, visitors
+from .model import EXAMPLE_CONCEPTS
 
 CSS = """
 .rt-progress { height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; }
@@ -58,6 +60,6 @@ def identify(stored):
 
 
 def launch_options(runner, host: str, port: int) -> dict:
-    return {"server_name": host, "server_port": port, "allowed_paths": [str(runner.runs_dir)],
+    return {"server_name": host, "server_port": port, "allowed_paths": [str(runner.runs_dir), str(EXAMPLE_CONCEPTS)],
             "max_file_size": MAX_TUNER_BYTES, "css": CSS, "theme": gr.themes.Soft(), "show_error": False,
             "footer_links": ["gradio"]}

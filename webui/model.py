@@ -9,6 +9,7 @@ from pathlib import Path
 from restuning.arch import SD15_UNET_CONFIG
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+EXAMPLE_CONCEPTS = DEMO_MODEL.parent / "concepts"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -52,3 +53,12 @@ def describe(source: str | None) -> BaseModel:
                          f"(a diffusers folder, a hub id available offline, or a .safetensors file): {exc}") from None
     scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     return BaseModel(source, unet, int(unet.get("sample_size", 64)) * scale)
+
+
+def example_concepts() -> dict[str, list[str]]:
+    """The bundled example concepts (assets/concepts/<shape>/*.png): shapes the demo model never
+    saw, for the Train tab's "try an example" buttons."""
+    if not EXAMPLE_CONCEPTS.is_dir():
+        return {}
+    found = {d.name: sorted(str(f) for f in d.glob("*.png")) for d in sorted(EXAMPLE_CONCEPTS.iterdir()) if d.is_dir()}
+    return {name: files for name, files in found.items() if files}

@@ -17,6 +17,7 @@ from trainers.uploads import check_images
 
 from . import forms, live, visitors
 from .errors import friendly
+from .model import example_concepts
 from .presets import PRESET_KEYS, PRESETS, preset_values
 
 POLL_SECONDS = 1.0
@@ -52,6 +53,12 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             files = gr.File(label="Concept images (3-10 photos: PNG, JPEG or WebP)", file_count="multiple",
                             elem_id="concept-files")
             preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
+            examples = example_concepts()
+            if examples:
+                with gr.Row(elem_id="examples"):
+                    gr.Markdown("Or try an example: a shape the demo model has never seen", elem_id="examples-label")
+                    example_buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
+                                       for name, paths in examples.items()}
             with gr.Row():
                 trainer_comps["instance_prompt"] = gr.Textbox(
                     label="Instance prompt", placeholder="a photo of sks star", elem_id="instance-prompt",
@@ -104,6 +111,15 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             return gr.Gallery(value=None, visible=False)
 
     files.upload(on_upload, files, preview, show_progress="hidden")
+    if examples:
+        # "sks" is the rare token and "shape" the class the demo model knows; prior preservation
+        # keeps "a shape" meaning the shapes it already draws.
+        example_outputs = [files, preview, trainer_comps["instance_prompt"], trainer_comps["class_prompt"],
+                           trainer_comps["with_prior_preservation"]]
+        for name, button in example_buttons.items():
+            button.click(lambda paths=examples[name]: (paths, gr.Gallery(value=paths, visible=True), "a sks shape",
+                                                       "a shape", True),
+                         None, example_outputs, show_progress="hidden")
     files.clear(lambda: gr.Gallery(value=None, visible=False), None, preview)
     method.change(lambda m: [gr.Markdown(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in method_groups],
                   method, [summary, *method_groups.values()], show_progress="hidden")
