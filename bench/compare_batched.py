@@ -100,6 +100,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     pipe = load_pipeline(check_source(args.model))
     pipe.set_progress_bar_config(disable=True)
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())  # before any tuner is attached
     settings = json.loads((Path(args.model) / "demo_settings.json").read_text()) if (Path(args.model) / "demo_settings.json").exists() else {}
     row = Settings("a sks star in red on a blue background", seed=0, steps=args.steps,
                    guidance=float(settings.get("guidance_scale", 5.0)), scheduler="Euler",
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
                          "max_pixel_diff": diff})
             print(f"K={k}: batched {b:.3f} s, sequential {s:.3f} s, ratio {s / b:.2f}x, max pixel diff {diff}", flush=True)
     image = pipe.unet.config.sample_size * pipe.vae_scale_factor if row.height is None else row.height
-    result = {"model": str(args.model), "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+    result = {"model": str(args.model), "unet_params": unet_params,
               "steps": args.steps, "scheduler": row.scheduler, "image_px": image, "repeats": args.repeats,
               "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "quick": args.quick, "load_before": load_before, "load_after": other_load(), "rows": rows}

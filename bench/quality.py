@@ -1,7 +1,7 @@
 """Concept-learning quality of every method on the bundled demo model: the paper's Table 6 and
 Fig. 7 comparison, reproducible on a CPU.
 
-    python -m bench.quality                 # default run (~30 min on 2 cores)
+    python -m bench.quality                 # default run (13 min on 2 cores)
     python -m bench.quality --quick         # the whole path in a minute; no quality claims
 
 For each variant (every registry method at its defaults, plus extra Res-Tuning layouts), the
@@ -10,7 +10,7 @@ preservation, all for the same number of steps, each in a fresh process. Then ev
 untuned base render the same prompts and seeds (one batched call per row), and the shipped
 evaluator scores them:
 
-- concept fidelity: "a sks shape in <colour> on a <background> background" shows the concept;
+- concept fidelity: "a <colour> sks shape on a <background> background" shows the concept;
 - prompt fidelity:  those samples take the asked colour and background;
 - preservation:     prompts about held-in shapes still give those shapes, colours, backgrounds;
 
@@ -70,7 +70,8 @@ def train(variant: Variant, args, work: Path) -> dict:
         "resolution": 64,
         "train_batch_size": args.batch_size,
         "max_train_steps": args.steps,
-        "learning_rate": args.learning_rate,
+        "learning_rate": args.full_learning_rate if variant.method == "full" else args.learning_rate,
+        **({"snr_gamma": args.snr_gamma} if args.snr_gamma else {}),
         "checkpointing_steps": args.steps + 1,  # no checkpoints: they would only cost time here
         "seed": args.seed,
         "output_dir": str(run),
@@ -138,7 +139,10 @@ def evaluate(args, columns, concept: str):
     def rows_for(prompts):
         return [Settings(p, seed=s, steps=steps, guidance=guidance, scheduler=args.scheduler) for p in prompts for s in seeds]
 
-    concept_prompts = [f"a sks shape in {c} on a {b} background" for c, b in NEW_CONTEXTS]
+    # The demo model's commonest caption form. "a sks shape in green on a yellow background" is
+    # one it reads badly even untuned (colour and background 0.00 over 16 samples, against 1.00
+    # for this form), which would blame the tuners for the base model's grammar.
+    concept_prompts = [f"a {c} sks shape on a {b} background" for c, b in NEW_CONTEXTS]
     keep_prompts = [f"a {c} {s} on a {b} background" for c, s, b in PRESERVATION]
     concept_grid = sampler.render(columns, rows_for(concept_prompts))
     keep_grid = sampler.render(columns, rows_for(keep_prompts))
@@ -169,11 +173,14 @@ def write(args, results, columns, scores, concept_grid, concept_prompts, elapsed
     for (variant, r), s in zip(results, scores[1:]):
         rows.append({"label": variant.label, "method": variant.method, "options": variant.options, **r, **s})
     report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds,
+              "learning_rate": args.learning_rate, "full_learning_rate": args.full_learning_rate, "snr_gamma": args.snr_gamma, "batch_size": args.batch_size,
               "base": str(args.base), "elapsed_s": round(elapsed, 1), "rows": rows}
     name = "quality_quick" if args.quick else "quality"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
     lines = [
-        f"Concept `{args.concept}` learned as `sks` in {args.steps} steps per method; {args.seeds} seeds x "
+        f"Concept `{args.concept}` learned as `sks` in {args.steps} steps per method (lr {args.learning_rate:g}, full "
+        f"fine-tuning {args.full_learning_rate:g}; batch "
+        f"{args.batch_size} + {args.batch_size} prior images, min-SNR {args.snr_gamma:g}); {args.seeds} seeds x "
         f"{len(NEW_CONTEXTS)} new contexts; base model's false-positive rate for the concept: {base['concept_fidelity']:.2f}.",
         "",
         "| method | params | s/step | peak RSS (GiB) | concept fidelity | prompt fidelity | preservation |",
@@ -187,7 +194,7 @@ def write(args, results, columns, scores, concept_grid, concept_prompts, elapsed
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     # The grid: the first seed of every concept prompt, one column per method.
     picks = [concept_grid[i * args.seeds] for i in range(len(concept_prompts))]
-    grid = compose_grid(picks, [c.caption or [c.label] for c in columns], row_labels=[p.replace("a sks shape ", "") for p in concept_prompts], scale=2)
+    grid = compose_grid(picks, [c.caption or [c.label] for c in columns], row_labels=[p.replace(" sks shape", "") for p in concept_prompts], scale=2)
     grid.save(out / f"{name}_grid.png")
     print("\n".join(lines))
 
@@ -197,8 +204,16 @@ def main(argv=None) -> None:
     parser.add_argument("--base", type=Path, default=ROOT / "assets" / "demo-model")
     parser.add_argument("--evaluator", type=Path, default=ROOT / "assets" / "evaluator")
     parser.add_argument("--concept", default="star")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    # The paper's SD setting (lr 1e-4, constant) is for a model pretrained at ~1e-4; the demo model
+    # was pretrained at 1e-3. Measured with prior preservation: at 1e-4 for 300 steps, and at 1e-3
+    # for 600, every tuner's samples stayed the base model's (concept fidelity 0.00-0.06); at 1e-2
+    # for 600, Res-Tuning's reached 0.56. min-SNR weighting puts the loss on the noisy timesteps
+    # where the shape is decided, as in the demo model's own training.
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--learning-rate", type=float, default=1e-2, help="for the tuners (the paper's vision tasks: 1e-3..5e-2)")
+    parser.add_argument("--full-learning-rate", type=float, default=1e-3,
+                        help="for full fine-tuning: at the tuners' 1e-2 a 4M-parameter model pretrained at 1e-3 is wrecked")
+    parser.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting (0: off)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--class-images", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=4)

@@ -20,8 +20,12 @@ class BaseModel:
     resolution: int  # U-Net sample size x VAE scale factor: 64 for the demo model, 512 for SD v1.5
 
     @property
+    def is_demo(self) -> bool:
+        return Path(self.source).resolve() == DEMO_MODEL
+
+    @property
     def name(self) -> str:
-        return "the bundled demo model" if Path(self.source).resolve() == DEMO_MODEL else self.source
+        return "the bundled demo model" if self.is_demo else self.source
 
     def unet_on_meta(self):
         """A weightless U-Net of this architecture: what restuning.arch fingerprints compare to."""

@@ -21,6 +21,7 @@ from .model import example_concepts
 from .presets import PRESET_KEYS, PRESETS, preset_values
 
 POLL_SECONDS = 1.0
+EXAMPLE_RECIPE = {"max_train_steps": 600, "learning_rate": 1e-2, "snr_gamma": 5.0, "train_batch_size": 4}
 
 
 def _pick_run(runner, who=None) -> str | None:
@@ -56,7 +57,9 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             examples = example_concepts()
             if examples:
                 with gr.Row(elem_id="examples"):
-                    gr.Markdown("Or try an example: a shape the demo model has never seen", elem_id="examples-label")
+                    gr.Markdown("Or try an example: a shape the demo model has never seen"
+                                + (" (with the tuners' recipe for it: 600 steps, lr 1e-2, batch 4; full fine-tuning wants lr 1e-3)"
+                                   if base.is_demo else ""), elem_id="examples-label")
                     example_buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                                        for name, paths in examples.items()}
             with gr.Row():
@@ -113,12 +116,15 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
     files.upload(on_upload, files, preview, show_progress="hidden")
     if examples:
         # "sks" is the rare token and "shape" the class the demo model knows; prior preservation
-        # keeps "a shape" meaning the shapes it already draws.
+        # keeps "a shape" meaning the shapes it already draws. On the demo model the example also
+        # brings the recipe bench/quality.py measured for the tuners there (README): at the
+        # form's 1e-4 a tuner leaves the demo model's samples unchanged.
+        recipe = EXAMPLE_RECIPE if base.is_demo else {}
         example_outputs = [files, preview, trainer_comps["instance_prompt"], trainer_comps["class_prompt"],
-                           trainer_comps["with_prior_preservation"]]
+                           trainer_comps["with_prior_preservation"], *(trainer_comps[k] for k in recipe)]
         for name, button in example_buttons.items():
             button.click(lambda paths=examples[name]: (paths, gr.Gallery(value=paths, visible=True), "a sks shape",
-                                                       "a shape", True),
+                                                       "a shape", True, *recipe.values()),
                          None, example_outputs, show_progress="hidden")
     files.clear(lambda: gr.Gallery(value=None, visible=False), None, preview)
     method.change(lambda m: [gr.Markdown(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in method_groups],

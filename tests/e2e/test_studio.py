@@ -126,6 +126,7 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     page.click("#example-star")  # the bundled example concept fills the images and prompts
     page.wait_for_selector("#concept-preview img", timeout=30_000)
     assert page.input_value("#instance-prompt textarea") == "a sks shape"
+    assert page.input_value("#opt-learning_rate input") == "0.01"  # the demo model's recipe for tuners
     fill(page, "max_train_steps", 5000)
     page.click("#compare")  # Res-Tuning, Res-Tuning-Bypass and LoRA are ticked by default
     page.wait_for_selector("#live-progress [data-status=running]", timeout=120_000)
@@ -135,6 +136,7 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     assert len({json.loads((p / "job.json").read_text())["group"] for p in new}) == 1
     config = json.loads((new[0] / "config.json").read_text())
     assert (config["instance_prompt"], config["class_prompt"], config["with_prior_preservation"]) == ("a sks shape", "a shape", True)
+    assert (config["learning_rate"], config["snr_gamma"], config["train_batch_size"]) == (0.01, 5.0, 4)
     assert sorted(f.read_bytes() for f in (new[0] / "instance").iterdir()) == sorted(f.read_bytes() for f in STARS)
     page.get_by_role("tab", name="Runs / tuners").click()
     wait_text(page, "#runs-table", "queued, place 1 in the queue")
