@@ -194,7 +194,7 @@ def write(args, results, columns, scores, concept_grid, concept_prompts, elapsed
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     # The grid: the first seed of every concept prompt, one column per method.
     picks = [concept_grid[i * args.seeds] for i in range(len(concept_prompts))]
-    grid = compose_grid(picks, [c.caption or [c.label] for c in columns], row_labels=[p.replace(" sks shape", "") for p in concept_prompts], scale=2)
+    grid = compose_grid(picks, [c.caption or [c.label] for c in columns], row_labels=[f"{c} sks shape on {b}" for c, b in NEW_CONTEXTS], scale=2)
     grid.save(out / f"{name}_grid.png")
     print("\n".join(lines))
 
