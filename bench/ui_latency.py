@@ -12,7 +12,10 @@ the trainer reports steps, then measures in headless Chromium (Playwright, the s
   the live view shows the training run (`[data-status=running]`: the page re-attached to the
   run by reading its events);
 - tab switch to "Runs / tuners" until the runs table lists the run, and back to "Train" until
-  the live view is visible again.
+  the live view is visible again;
+- the server's share of a page load (Resource Timing): the HTML's request to last byte, and the
+  slowest API call the page made; the rest is the browser's, which here shares the 2 cores;
+- for reference, page loads before the run starts.
 For scale, the same page-load measure on a one-button Gradio page served at the same time.
 Each figure is wall time from the action to the condition (Playwright polls the DOM on every
 animation frame). It checks the run still trains after the measurement, then cancels it.
@@ -95,6 +98,16 @@ def last_step(run_dir: Path) -> dict:
     return next(e for e in reversed(read_events(run_dir)) if e["event"] == "step")
 
 
+def server_times(page) -> tuple[float, float]:
+    """What the studio's server took, from the browser's Resource Timing: (seconds from request to
+    the last byte of the page's HTML, the longest API call the page made while loading)."""
+    html = page.evaluate("() => { const n = performance.getEntriesByType('navigation')[0];"
+                         " return (n.responseEnd - n.requestStart) / 1000; }")
+    api = page.evaluate("() => Math.max(0, ...performance.getEntriesByType('resource')"
+                        ".filter(r => r.name.includes('/gradio_api/')).map(r => r.responseEnd - r.requestStart)) / 1000")
+    return html, api
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -129,6 +142,11 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.goto(url)
             page.wait_for_selector("#train")
+            idle = []
+            for _ in range(args.repeats):
+                fresh = browser.new_page(viewport={"width": 1400, "height": 1200})
+                idle.append(timed(lambda: (fresh.goto(url), fresh.wait_for_selector("#train", timeout=30_000))))
+                fresh.close()
             start_run(page, args.steps)
             run_id = next(runs.iterdir()).name
             before = last_step(runs / run_id)
@@ -141,7 +159,7 @@ def main() -> None:
                 fresh.wait_for_selector("#train", timeout=30_000)
                 baseline.append(time.perf_counter() - start)
                 fresh.close()
-            shown, loads, to_runs, to_train = [], [], [], []
+            shown, loads, to_runs, to_train, html, api = [], [], [], [], [], []
             for _ in range(args.repeats):
                 fresh = browser.new_page(viewport={"width": 1400, "height": 1200})
                 start = time.perf_counter()
@@ -150,6 +168,9 @@ def main() -> None:
                 shown.append(time.perf_counter() - start)
                 fresh.wait_for_selector(RUNNING, timeout=30_000)
                 loads.append(time.perf_counter() - start)
+                h, a = server_times(fresh)
+                html.append(h)
+                api.append(a)
                 fresh.close()
             for _ in range(args.repeats):
                 to_runs.append(timed(lambda: (page.get_by_role("tab", name="Runs / tuners").click(),
@@ -174,15 +195,19 @@ def main() -> None:
         "model": args.model or "assets/demo-model",
         "training_during_measurement": {"step_before": before["step"], "step_after": after["step"],
                                         "sec_per_step": after["sec_per_step"]},
-        "baseline_one_button_page": summary(baseline), "page_shown": summary(shown), "page_load": summary(loads), "tab_to_runs": summary(to_runs), "tab_to_train": summary(to_train),
+        "baseline_one_button_page": summary(baseline), "page_shown_idle": summary(idle),
+        "server_html": summary(html), "server_page_load_api": summary(api), "page_shown": summary(shown), "page_load": summary(loads), "tab_to_runs": summary(to_runs), "tab_to_train": summary(to_train),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ui_latency.json").write_text(json.dumps(result, indent=2))
     rows = [("for scale: a one-button Gradio page, same machine, same time", result["baseline_one_button_page"]),
+            ("page load with nothing training, until the form shows", result["page_shown_idle"]),
             ("page load, until the form shows", result["page_shown"]),
             ("page load, until the live run shows", result["page_load"]),
             ("tab switch Train -> Runs / tuners", result["tab_to_runs"]),
-            ("tab switch Runs / tuners -> Train", result["tab_to_train"])]
+            ("tab switch Runs / tuners -> Train", result["tab_to_train"]),
+            ("server side of a page load: the page's HTML, request to last byte", result["server_html"]),
+            ("server side of a page load: its slowest API call (re-attaching the live run)", result["server_page_load_api"])]
     table = ["| action | n | median (s) | p90 (s) | max (s) |", "|---|---|---|---|---|"]
     table += [f"| {name} | {s['n']} | {s['median_s']} | {s['p90_s']} | {s['max_s']} |" for name, s in rows]
     t = result["training_during_measurement"]
