@@ -108,6 +108,18 @@ def server_times(page) -> tuple[float, float]:
     return html, api
 
 
+def open_page(browser, url: str, selectors: list[str]):
+    """Open url in a new tab; return the tab and the seconds until each selector showed."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    start = time.perf_counter()
+    page.goto(url)
+    times = []
+    for selector in selectors:
+        page.wait_for_selector(selector, timeout=30_000)
+        times.append(time.perf_counter() - start)
+    return page, times
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -144,8 +156,8 @@ def main() -> None:
             page.wait_for_selector("#train")
             idle = []
             for _ in range(args.repeats):
-                fresh = browser.new_page(viewport={"width": 1400, "height": 1200})
-                idle.append(timed(lambda: (fresh.goto(url), fresh.wait_for_selector("#train", timeout=30_000))))
+                fresh, (shown_at,) = open_page(browser, url, ["#train"])
+                idle.append(shown_at)
                 fresh.close()
             start_run(page, args.steps)
             run_id = next(runs.iterdir()).name
@@ -153,21 +165,14 @@ def main() -> None:
             baseline_url = start_baseline()
             baseline = []
             for _ in range(args.repeats):
-                fresh = browser.new_page(viewport={"width": 1400, "height": 1200})
-                start = time.perf_counter()
-                fresh.goto(baseline_url)
-                fresh.wait_for_selector("#train", timeout=30_000)
-                baseline.append(time.perf_counter() - start)
+                fresh, (shown_at,) = open_page(browser, baseline_url, ["#train"])
+                baseline.append(shown_at)
                 fresh.close()
             shown, loads, to_runs, to_train, html, api = [], [], [], [], [], []
             for _ in range(args.repeats):
-                fresh = browser.new_page(viewport={"width": 1400, "height": 1200})
-                start = time.perf_counter()
-                fresh.goto(url)
-                fresh.wait_for_selector("#train", timeout=30_000)
-                shown.append(time.perf_counter() - start)
-                fresh.wait_for_selector(RUNNING, timeout=30_000)
-                loads.append(time.perf_counter() - start)
+                fresh, (shown_at, loaded_at) = open_page(browser, url, ["#train", RUNNING])
+                shown.append(shown_at)
+                loads.append(loaded_at)
                 h, a = server_times(fresh)
                 html.append(h)
                 api.append(a)

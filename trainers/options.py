@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_value(cls: type, name: str, value):
-    """A method option from its command-line text (JSON values from a config file pass through)."""
+def parse_value(cls: type, name: str, value):
+    """A method option from its text form, as typed on the command line or in the studio's form
+    (JSON values from a config file pass through)."""
     if not isinstance(value, str):
         return value
     kind = _field_type(cls, name)
@@ -165,7 +166,8 @@ def _parse_value(cls: type, name: str, value):
             for pair in pairs:
                 key, sep, val = pair.partition("=")
                 if not sep:
-                    raise ValueError(f"expected KEY=VALUE pairs separated by commas, got {pair!r}")
+                    raise ValueError(f"expected KEY=VALUE pairs separated by commas (OP=kind pairs like "
+                                         f"attn1=adapter,ff=adapter), got {pair.strip()!r}")
                 out[key.strip()] = val.strip()
             return out
         if "tuple" in kind or "list" in kind:
@@ -193,7 +195,7 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
     if foreign:
         theirs = ", ".join(f"--{n}" for n in sorted(own)) or "none"
         raise OptionError(f"{', '.join('--' + n for n in foreign)} not an option of {args.method} (its options: {theirs})")
-    values = {name: _parse_value(cls, name, value) for name, value in given.items()}
+    values = {name: parse_value(cls, name, value) for name, value in given.items()}
     try:
         return cls.from_dict(values)
     except (ValueError, TypeError) as exc:

@@ -17,7 +17,7 @@ import typing
 import gradio as gr
 
 from restuning.methods import METHODS
-from trainers.options import OptionError, build_parser, from_dict
+from trainers.options import OptionError, build_parser, from_dict, parse_value
 
 FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
 
@@ -113,14 +113,7 @@ def method_value(method: str, name: str, value):
     """Form value -> the JSON value the config file holds (the trainer parses the rest)."""
     kind = str(typing.get_type_hints(METHODS[method].config)[name])
     if "dict" in kind:
-        out = {}
-        for pair in str(value or "").split(","):
-            if pair.strip():
-                key, sep, val = pair.partition("=")
-                if not sep:
-                    raise OptionError(f"{name}: expected OP=kind pairs like attn1=adapter,ff=adapter; got {pair.strip()!r}")
-                out[key.strip()] = val.strip()
-        return out
+        return parse_value(METHODS[method].config, name, str(value or ""))
     if "tuple" in kind or "list" in kind:
         if not value:
             raise OptionError(f"{name}: choose at least one")
