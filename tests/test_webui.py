@@ -78,6 +78,20 @@ def test_the_ui_offers_every_trainer_option_and_every_method_field(tmp_path):
         assert {f.name for f in forms.dataclasses.fields(method.config)} <= labels
 
 
+def test_the_page_holds_the_train_tab_and_builds_the_others_on_their_first_visit(tmp_path):
+    import webui
+    from webui.model import describe
+
+    runner = JobRunner(tmp_path / "runs", devices=["cpu"])
+    demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test")
+    config = demo.get_config_file()
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    assert {"train", "concept-files", "live-progress", "tab-runs", "tab-compare", "tab-generate"} <= ids
+    assert not ids & {"runs-table", "compare-runs", "gen-tuner"}, "built on the tab's first visit, not with the page"
+    folded = {c["props"].get("elem_id"): c["props"]["open"] for c in config["components"] if c["type"] == "accordion"}
+    assert folded == {"method-options": False, "advanced": False, "comparison": False}
+
+
 def _info(tmp_path, events):
     runner = JobRunner(tmp_path / "runs", devices=["cpu"])
     run_id, path = runner.new_run_dir("x")

@@ -6,6 +6,8 @@ example concepts)."""
 
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 
 from trainers.uploads import MAX_TUNER_BYTES
@@ -19,6 +21,9 @@ CSS = """
 .rt-progress-text { margin-top: 4px; font-size: 0.9em; }
 """
 
+# Soft, in the system's fonts: its web fonts (~200 kB, three files) cost a page load ~0.1 s on 2 cores
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
 
 def build(runner, base, *, device: str, preset: str, detected: str, shared: bool = False,
           sample_device: str = "cpu") -> gr.Blocks:
@@ -29,17 +34,17 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
         # random id kept in the browser's localStorage, "" until the page has loaded it
         remembered = gr.BrowserState(None, storage_key="restuning-owner")
         owner = gr.State("" if shared else None)
-        gr.Markdown(f"# Res-Tuning Studio\nTeach **{base.name}** a new concept from a few images; "
-                    f"runs live in `{runner.runs_dir}` and keep going when this page closes.")
+        gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> a new concept from a few images; "
+                f"runs live in <code>{html.escape(str(runner.runs_dir))}</code> and keep going when this page closes.</p>")
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected, owner)
             with gr.Tab("Runs / tuners", id="runs", elem_id="tab-runs") as runs:
-                refresh_runs, runs_outputs = runs_tab.build(runner, base, owner, shared)
+                on_first_visit(runs, owner, lambda who: runs_tab.build(runner, base, runs, owner, who, shared))
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare:
-                refresh_compare, compare_picks = compare_tab.build(runner, base, studio, owner)
+                on_first_visit(compare, owner, lambda who: compare_tab.build(runner, base, studio, compare, owner, who))
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate:
-                refresh_generate, generate_tuner = generate_tab.build(runner, base, studio, owner)
+                on_first_visit(generate, owner, lambda who: generate_tab.build(runner, base, studio, generate, owner, who))
         # re-attach on every page load: a reload or a second tab shows the same live run (once the
         # page knows its visitor, on a shared studio)
         if shared:
@@ -47,10 +52,27 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
                 attach_live, owner, live_outputs, show_progress="hidden", queue=False)
         else:
             demo.load(attach_live, owner, live_outputs, show_progress="hidden", queue=False)
-        runs.select(refresh_runs, owner, runs_outputs, show_progress="hidden", queue=False)
-        compare.select(refresh_compare, [owner, compare_picks], compare_picks, show_progress="hidden", queue=False)
-        generate.select(refresh_generate, [owner, generate_tuner], generate_tuner, show_progress="hidden", queue=False)
     return demo
+
+
+def on_first_visit(tab: gr.Tab, owner: gr.State, build_content) -> None:
+    """Build a tab's content the first time the tab is selected, not with the page.
+
+    What the browser does on a page load grows with every component in the page's config, even
+    ones in tabs not shown (these three tabs cost ~0.3 s of a page load on 2 cores), and a page
+    load competes with training for the same cores. The first selection sets `opened`, whose
+    change renders the content once, with the data of that moment; the content keeps itself
+    current from then on (each tab's own select and timer listeners). `opened` is set through
+    the queue because a State's change event is only seen there. A component made in a render
+    is not known to the page as an event's input, so Gradio would show one that has a value as
+    read-only: the tabs' inputs say `interactive=True`."""
+    opened = gr.State(False)
+    tab.select(lambda: True, None, opened, show_progress="hidden")
+
+    @gr.render(inputs=[opened, owner], triggers=[opened.change], show_progress="hidden")
+    def content(is_open, who):
+        if is_open:
+            build_content(who)
 
 
 def identify(stored):
@@ -61,5 +83,5 @@ def identify(stored):
 
 def launch_options(runner, host: str, port: int) -> dict:
     return {"server_name": host, "server_port": port, "allowed_paths": [str(runner.runs_dir), str(EXAMPLE_CONCEPTS)],
-            "max_file_size": MAX_TUNER_BYTES, "css": CSS, "theme": gr.themes.Soft(), "show_error": False,
+            "max_file_size": MAX_TUNER_BYTES, "css": CSS, "theme": THEME, "show_error": False,
             "footer_links": ["gradio"]}

@@ -90,28 +90,39 @@ def render_grid(runner, base, studio, who, ids: list[str], base_too: bool, rows:
     return path, seconds, (len(rows), len(columns))
 
 
-def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
+def tuner_options(runner, who) -> list[tuple[str, str]]:
+    """The runs this visitor may compare: finished ones with weights."""
+    return [pipeline.choice(r) for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
+
+
+def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, who=None):
+    """The tab's content for visitor `who`; selecting the tab again refreshes the list of runs."""
     d = studio.defaults()
     gr.Markdown("Pick finished runs of any method and compare them with the untuned base model on the same "
                 "prompt and seed. Every Res-Tuner, Bypass and bound tuner of a row renders in one batched call.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
-                picks = gr.CheckboxGroup(label=f"Runs to compare (up to {MAX_TUNERS})", choices=[], elem_id="compare-runs")
+                picks = gr.CheckboxGroup(label=f"Runs to compare (up to {MAX_TUNERS})", choices=tuner_options(runner, who),
+                                         interactive=True, elem_id="compare-runs")
             with gr.Row():
-                with_base = gr.Checkbox(value=True, label="Include the base model", elem_id="compare-base")
+                with_base = gr.Checkbox(value=True, label="Include the base model", interactive=True, elem_id="compare-base")
                 reload = gr.Button("Refresh the list", size="sm", elem_id="compare-refresh")
-            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", elem_id="compare-prompt")
-            more = gr.Textbox(label="More prompts, one per line (a row each)", lines=2, elem_id="compare-more")
-            negative = gr.Textbox(label="Negative prompt", elem_id="compare-negative")
+            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", interactive=True, elem_id="compare-prompt")
+            more = gr.Textbox(label="More prompts, one per line (a row each)", lines=2, interactive=True, elem_id="compare-more")
+            negative = gr.Textbox(label="Negative prompt", interactive=True, elem_id="compare-negative")
             with gr.Row():
-                seeds = gr.Textbox(label="Seeds (a row each: 0, 1, 2 or 0-3)", value="0", elem_id="compare-seeds")
-                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", elem_id="compare-steps")
+                seeds = gr.Textbox(label="Seeds (a row each: 0, 1, 2 or 0-3)", value="0", interactive=True,
+                                   elem_id="compare-seeds")
+                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", interactive=True,
+                                  elem_id="compare-steps")
             with gr.Row():
-                guidance = gr.Slider(1.0, 15.0, value=d["guidance"], step=0.5, label="Guidance", elem_id="compare-guidance")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", elem_id="compare-scheduler")
+                guidance = gr.Slider(1.0, 15.0, value=d["guidance"], step=0.5, label="Guidance", interactive=True,
+                                     elem_id="compare-guidance")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", interactive=True,
+                                        elem_id="compare-scheduler")
             scales = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=False, label=f"scale {i + 1}",
-                                elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
+                                interactive=True, elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
             render = gr.Button("Render grid", variant="primary", elem_id="compare-render")
         with gr.Column(scale=3):
             grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False, elem_id="compare-grid")
@@ -119,8 +130,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
             note = gr.Markdown(elem_id="compare-note")
 
     def choices(who, current):
-        runs = [r for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
-        options = [pipeline.choice(r) for r in runs]
+        options = tuner_options(runner, who)
         ids = {v for _, v in options}
         return gr.CheckboxGroup(choices=options, value=[c for c in (current or []) if c in ids])
 
@@ -140,4 +150,4 @@ def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
     reload.click(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)
     render.click(friendly(do_render), [owner, picks, with_base, prompt, more, negative, seeds, steps, guidance, scheduler, *scales],
                  [grid, download, note], concurrency_limit=1, concurrency_id="sampling")
-    return lambda who, current: choices(who, current), picks
+    tab.select(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)

@@ -51,28 +51,32 @@ def generate(runner, base, studio, who, run_id: str | None, rows: list[Settings]
     return made
 
 
-def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
+def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, who=None):
+    """The tab's content for visitor `who`; selecting the tab again refreshes the list of tuners."""
     d = studio.defaults()
     kept = gr.State([])  # this page's gallery: [(png path, caption)]
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
-                tuner = gr.Dropdown(label="Tuner", choices=[("Base model (no tuner)", BASE)], value=BASE, elem_id="gen-tuner")
+                tuner = gr.Dropdown(label="Tuner", choices=tuner_choices(runner, who), value=BASE, interactive=True,
+                                    elem_id="gen-tuner")
                 reload = gr.Button("Refresh", size="sm", elem_id="gen-refresh")
-            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", elem_id="gen-prompt")
-            negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", interactive=True, elem_id="gen-prompt")
+            negative = gr.Textbox(label="Negative prompt", interactive=True, elem_id="gen-negative")
             with gr.Row():
-                seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="gen-seed")
-                batch = gr.Slider(1, MAX_BATCH, value=2, step=1, label="Images per click", elem_id="gen-batch")
+                seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, interactive=True, elem_id="gen-seed")
+                batch = gr.Slider(1, MAX_BATCH, value=2, step=1, label="Images per click", interactive=True, elem_id="gen-batch")
             with gr.Row():
-                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", elem_id="gen-steps")
-                guidance = gr.Slider(1.0, 15.0, value=d["guidance"], step=0.5, label="Guidance", elem_id="gen-guidance")
+                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", interactive=True, elem_id="gen-steps")
+                guidance = gr.Slider(1.0, 15.0, value=d["guidance"], step=0.5, label="Guidance", interactive=True,
+                                     elem_id="gen-guidance")
             with gr.Row():
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", elem_id="gen-scheduler")
-                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Tuner scale", elem_id="gen-scale")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", interactive=True,
+                                        elem_id="gen-scheduler")
+                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Tuner scale", interactive=True, elem_id="gen-scale")
             go = gr.Button("Generate", variant="primary", elem_id="gen-go")
             with gr.Accordion("Load settings from a PNG", open=False):
-                png = gr.File(label="a PNG made here", file_types=[".png"], elem_id="gen-load-png")
+                png = gr.File(label="a PNG made here", file_types=[".png"], interactive=True, elem_id="gen-load-png")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Generated", columns=4, height=480, format="png", elem_id="gen-gallery")
             chosen = gr.Code(label="Settings of the selected image", language="json", elem_id="gen-settings")
@@ -127,4 +131,4 @@ def build(runner, base, studio: pipeline.StudioPipeline, owner: gr.State):
     gallery.select(show, kept, chosen, show_progress="hidden")
     png.upload(friendly(load_png), [png, owner], [tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale],
                show_progress="hidden")
-    return lambda who, current: refresh(who, current), tuner
+    tab.select(friendly(refresh), [owner, tuner], tuner, show_progress="hidden", queue=False)

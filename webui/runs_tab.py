@@ -38,25 +38,49 @@ def _details(info) -> str:
     return "\n".join(lines)
 
 
-def build(runner, base, owner: gr.State | None = None, shared: bool = False):
-    owner = owner if owner is not None else gr.State(None)
-    selected = gr.State(None)
-    shown = gr.State(None)
-    table = gr.Dataframe(headers=live.RUN_COLUMNS, value=[], interactive=False, wrap=True, elem_id="runs-table")
+def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
+    """The tab's content for visitor `who`, filled with the runs as they are now; selecting the
+    tab again and a 2 s timer keep it current."""
+
+    def view(run_id, who):
+        """What the tab shows: table rows, run ids, the selected run, its info, whether this
+        visitor controls it, the widgets' values and visibility, and a signature of it all."""
+        runs = visitors.visible_runs(runner, who)
+        table_rows, ids = [live.run_row(r) for r in runs], [r.id for r in runs]
+        run_id = run_id if run_id in ids else (ids[0] if ids else None)
+        info = runner.info(run_id) if run_id else None
+        mine = bool(info) and visitors.can_control(info, who)
+        files = live.artifacts(info) if info else {}
+        widgets = {"details": {"value": _details(info) if info else "No runs yet."},
+                   "samples": {"value": live.samples(info) if info else None},
+                   **{kind: {"value": str(files[kind]) if kind in files else None, "visible": kind in files}
+                      for kind, _ in DOWNLOADS},
+                   "cancel": {"visible": mine and info.status in ("queued", "running")},
+                   "resume": {"visible": mine and info.resumable},
+                   "delete": {"visible": mine and info.status not in ("queued", "running")},
+                   "publish": {"value": bool(info) and info.published, "visible": shared and mine}}
+        signature = (tuple(map(tuple, table_rows)), run_id,
+                     (info.status, len(info.events), info.published, mine) if info else None)
+        return table_rows, ids, run_id, widgets, signature
+
+    table_rows, ids, run_id, now, signature = view(None, who)
+    selected = gr.State(run_id)
+    shown = gr.State(signature)
+    table = gr.Dataframe(headers=live.RUN_COLUMNS, value=table_rows, interactive=False, wrap=True, elem_id="runs-table")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            pick = gr.Dropdown(label="Run", choices=[], elem_id="runs-pick")
-            details = gr.Markdown(elem_id="runs-details")
-            run_samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="runs-samples")
+            pick = gr.Dropdown(label="Run", choices=ids, value=run_id, interactive=True, elem_id="runs-pick")
+            details = gr.Markdown(elem_id="runs-details", **now["details"])
+            run_samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="runs-samples", **now["samples"])
         with gr.Column(scale=2):
-            downloads = {kind: gr.DownloadButton(f"Download {label}", visible=False, elem_id=f"download-{kind}")
+            downloads = {kind: gr.DownloadButton(f"Download {label}", elem_id=f"download-{kind}", **now[kind])
                          for kind, label in DOWNLOADS}
             with gr.Row():
-                cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id="runs-cancel")
-                resume = gr.Button("Resume", visible=False, elem_id="runs-resume")
-                delete = gr.Button("Delete…", visible=False, elem_id="runs-delete")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="runs-cancel", **now["cancel"])
+                resume = gr.Button("Resume", elem_id="runs-resume", **now["resume"])
+                delete = gr.Button("Delete…", elem_id="runs-delete", **now["delete"])
             publish = gr.Checkbox(label="Published: every visitor of this studio may see, sample and download it",
-                                  value=False, visible=False, elem_id="runs-publish")
+                                  interactive=True, elem_id="runs-publish", **now["publish"])
             with gr.Group(visible=False) as confirm_box:
                 confirm_text = gr.Markdown()
                 with gr.Row():
@@ -64,32 +88,18 @@ def build(runner, base, owner: gr.State | None = None, shared: bool = False):
                     keep = gr.Button("Keep it", elem_id="runs-delete-keep")
             with gr.Accordion("Import a tuner file", open=False):
                 upload = gr.File(label="tuner .safetensors (a restuning file for this base model)", file_count="single",
-                                 elem_id="import-file")
-                import_name = gr.Textbox(label="Name", placeholder="my-star", elem_id="import-name")
+                                 interactive=True, elem_id="import-file")
+                import_name = gr.Textbox(label="Name", placeholder="my-star", interactive=True, elem_id="import-name")
                 import_button = gr.Button("Import", elem_id="import")
 
-    def rows(who):
-        runs = visitors.visible_runs(runner, who)
-        return [live.run_row(r) for r in runs], [r.id for r in runs]
-
     def refresh(run_id, last, who=None):
-        table_rows, ids = rows(who)
-        run_id = run_id if run_id in ids else (ids[0] if ids else None)
-        info = runner.info(run_id) if run_id else None
-        mine = bool(info) and visitors.can_control(info, who)
-        signature = (tuple(map(tuple, table_rows)), run_id,
-                     (info.status, len(info.events), info.published, mine) if info else None)
+        table_rows, ids, run_id, now, signature = view(run_id, who)
         if signature == last:
             return (gr.skip(),) * (len(outputs))
-        files = live.artifacts(info) if info else {}
-        buttons = [gr.DownloadButton(value=str(files[kind]) if kind in files else None, visible=kind in files)
-                   for kind, _ in DOWNLOADS]
-        return (table_rows, gr.Dropdown(choices=ids, value=run_id), run_id,
-                _details(info) if info else "No runs yet.", live.samples(info) if info else None, *buttons,
-                gr.Button(visible=mine and info.status in ("queued", "running")),
-                gr.Button(visible=mine and info.resumable),
-                gr.Button(visible=mine and info.status not in ("queued", "running")),
-                gr.Checkbox(value=bool(info) and info.published, visible=shared and mine), signature)
+        return (table_rows, gr.Dropdown(choices=ids, value=run_id), run_id, now["details"]["value"],
+                now["samples"]["value"], *(gr.DownloadButton(**now[kind]) for kind, _ in DOWNLOADS),
+                gr.Button(**now["cancel"]), gr.Button(**now["resume"]), gr.Button(**now["delete"]),
+                gr.Checkbox(**now["publish"]), signature)
 
     outputs = [table, pick, selected, details, run_samples, *downloads.values(), cancel, resume, delete, publish, shown]
     timer = gr.Timer(2.0)
@@ -144,4 +154,4 @@ def build(runner, base, owner: gr.State | None = None, shared: bool = False):
             return gr.skip(), gr.skip(), None
 
     import_button.click(try_import, [upload, import_name, owner], [selected, shown, upload])
-    return lambda who=None: refresh(None, None, who), outputs
+    tab.select(friendly(refresh), [selected, gr.State(None), owner], outputs, show_progress="hidden", queue=False)

@@ -57,9 +57,9 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             examples = example_concepts()
             if examples:
                 with gr.Row(elem_id="examples"):
-                    gr.Markdown("Or try an example: a shape the demo model has never seen"
-                                + (" (with the tuners' recipe for it: 600 steps, lr 1e-2, batch 4; full fine-tuning wants lr 1e-3)"
-                                   if base.is_demo else ""), elem_id="examples-label")
+                    gr.HTML("Or try an example: a shape the demo model has never seen"
+                            + (" (with the tuners' recipe for it: 600 steps, lr 1e-2, batch 4; full fine-tuning wants lr 1e-3)"
+                               if base.is_demo else ""), elem_id="examples-label")
                     example_buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                                        for name, paths in examples.items()}
             with gr.Row():
@@ -71,14 +71,15 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             trainer_comps["with_prior_preservation"] = forms.component_for_action(actions["with_prior_preservation"])
             method = gr.Radio(choices=forms.method_choices(), value=forms.method_names()[0], label="Method",
                               elem_id="method")
-            summary = gr.Markdown(METHODS[forms.method_names()[0]].summary)
-            for name in forms.method_names():
-                with gr.Group(visible=name == forms.method_names()[0]) as group:
-                    method_comps[name] = {f.name: forms.component_for_field(name, f)
-                                          for f in forms.dataclasses.fields(METHODS[name].config)}
-                    if not method_comps[name]:
-                        gr.Markdown("No options: every U-Net weight trains.")
-                method_groups[name] = group
+            summary = gr.HTML(METHODS[forms.method_names()[0]].summary, elem_id="method-summary")
+            with gr.Accordion("Method options: where the tuners go, their sizes", open=False, elem_id="method-options"):
+                for name in forms.method_names():
+                    with gr.Group(visible=name == forms.method_names()[0]) as group:
+                        method_comps[name] = {f.name: forms.component_for_field(name, f)
+                                              for f in forms.dataclasses.fields(METHODS[name].config)}
+                        if not method_comps[name]:
+                            gr.HTML("No options: every U-Net weight trains.")
+                    method_groups[name] = group
             with gr.Row():
                 preset_radio = gr.Radio(choices=list(PRESETS), value=preset, label="Hardware preset",
                                         info=f"detected: {detected}", elem_id="preset")
@@ -88,16 +89,19 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
                 for name, action in actions.items():
                     if name not in forms.MAIN:
                         trainer_comps[name] = forms.component_for_action(action, preset_now.get(name))
-            with gr.Row():
-                train = gr.Button("Train", variant="primary", elem_id="train")
+            train = gr.Button("Train", variant="primary", elem_id="train")
+            with gr.Accordion("Train for comparison: the same images, prompts and settings under several methods",
+                              open=False, elem_id="comparison"):
+                compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=forms.method_names()[:3],
+                                                   label="Methods", elem_id="compare-methods")
                 compare = gr.Button("Train for comparison", elem_id="compare")
-            compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=forms.method_names()[:3],
-                                               label="Methods for comparison (same images, prompts and settings)")
         with gr.Column(scale=4):
             run_pick = gr.Dropdown(label="Watching run", choices=[], elem_id="live-run", allow_custom_value=False)
             progress = gr.HTML(live.progress_html(None), elem_id="live-progress")
-            loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, elem_id="live-loss")
-            samples = gr.Gallery(label="Validation samples", columns=4, height=220, elem_id="live-samples")
+            # shown once they have something to show: an empty plot or gallery tells the user
+            # nothing and still costs every page load its code (the gallery ~0.1 s on 2 cores)
+            loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, visible=False, elem_id="live-loss")
+            samples = gr.Gallery(label="Validation samples", columns=4, height=220, visible=False, elem_id="live-samples")
             with gr.Row():
                 cancel = gr.Button("Cancel run", variant="stop", visible=False, elem_id="live-cancel")
                 resume = gr.Button("Resume from checkpoint", visible=False, elem_id="live-resume")
@@ -127,7 +131,7 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
                                                        "a shape", True, *recipe.values()),
                          None, example_outputs, show_progress="hidden")
     files.clear(lambda: gr.Gallery(value=None, visible=False), None, preview)
-    method.change(lambda m: [gr.Markdown(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in method_groups],
+    method.change(lambda m: [gr.HTML(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in method_groups],
                   method, [summary, *method_groups.values()], show_progress="hidden")
     preset_comps = [trainer_comps[k] for k in PRESET_KEYS]
     preset_radio.change(lambda p: [preset_values(p, base.resolution)[k] for k in PRESET_KEYS], preset_radio, preset_comps,
@@ -167,13 +171,16 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
         try:
             info = visitors.seen(runner, run_id, who)
         except ValueError:
-            return (live.progress_html(None), None, None, "", gr.Button(visible=False), gr.Button(visible=False),
+            return (live.progress_html(None), gr.LinePlot(value=None, visible=False), gr.Gallery(value=None, visible=False),
+                    "", gr.Button(visible=False), gr.Button(visible=False),
                     gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
         mine = visitors.can_control(info, who)
         signature = (run_id, info.status, info.position, len(info.events), live.log_size(info))
         if signature == last:
             return (gr.skip(),) * len(live_outputs)
-        return (live.progress_html(info), live.loss_frame(info), live.samples(info), live.log_text(info),
+        frame, images = live.loss_frame(info), live.samples(info)
+        return (live.progress_html(info), gr.LinePlot(value=frame, visible=not frame.empty),
+                gr.Gallery(value=images, visible=bool(images)), live.log_text(info),
                 gr.Button(visible=mine and info.status in ("queued", "running")), gr.Button(visible=mine and info.resumable),
                 gr.Dropdown(choices=_run_choices(runner, who), value=run_id) if signature[:3] != (last or ())[:3] else gr.skip(),
                 signature)

@@ -21,6 +21,12 @@ def fill(page, option, value):
     page.press(f"#opt-{option} input, #opt-{option} textarea", "Tab")
 
 
+def train_for_comparison(page):
+    """Open the "Train for comparison" accordion and press its button."""
+    page.click("#comparison .label-wrap")
+    page.click("#compare")
+
+
 def wait_text(page, selector, text, present=True, timeout=30_000):
     page.wait_for_function("([sel, text, present]) => { const el = document.querySelector(sel);"
                            " return !!el && el.innerText.includes(text) === present; }",
@@ -128,7 +134,7 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     assert page.input_value("#instance-prompt textarea") == "a sks shape"
     assert page.input_value("#opt-learning_rate input") == "0.01"  # the demo model's recipe for tuners
     fill(page, "max_train_steps", 5000)
-    page.click("#compare")  # Res-Tuning, Res-Tuning-Bypass and LoRA are ticked by default
+    train_for_comparison(page)  # Res-Tuning, Res-Tuning-Bypass and LoRA are ticked by default
     page.wait_for_selector("#live-progress [data-status=running]", timeout=120_000)
     new = sorted((p for p in runs.iterdir() if p.name not in before), key=lambda p: p.name)
     assert len(new) == 3
