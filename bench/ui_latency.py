@@ -10,9 +10,11 @@ the trainer reports steps, then measures in headless Chromium (Playwright, the s
 `chromium`):
 - page load: a new tab opening the studio until the form shows (the Train button), and until
   the live view shows the training run (`[data-status=running]`: the page re-attached to the
-  run by reading its events);
-- tab switch to "Runs / tuners" until the runs table lists the run, and back to "Train" until
-  the live view is visible again;
+  run by reading its events); in a fresh browser profile each time (a first visit: every
+  script fetched), and in one profile that has loaded the page before (a reload or a second
+  tab: scripts from the browser's cache);
+- tab switch to "Runs / tuners" until the runs table lists the run (the first switch builds
+  the tab: reported on its own too), and back to "Train" until the live view is visible again;
 - the server's share of a page load (Resource Timing): the HTML's request to last byte, and the
   slowest API call the page made; the rest is the browser's, which here shares the 2 cores;
 - for reference, page loads before the run starts.
@@ -108,9 +110,14 @@ def server_times(page) -> tuple[float, float]:
     return html, api
 
 
-def open_page(browser, url: str, selectors: list[str]):
-    """Open url in a new tab; return the tab and the seconds until each selector showed."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+VIEWPORT = {"width": 1400, "height": 1200}
+
+
+def open_page(opener, url: str, selectors: list[str]):
+    """Open url in a new tab of `opener` (the browser: a fresh profile each time, nothing cached;
+    or one browser context: its cache warm, as for a reload or a second tab); return the tab and
+    the seconds until each selector showed."""
+    page = opener.new_page(viewport=VIEWPORT) if hasattr(opener, "new_context") else opener.new_page()
     start = time.perf_counter()
     page.goto(url)
     times = []
@@ -151,7 +158,7 @@ def main() -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page = browser.new_page(viewport=VIEWPORT)
             page.goto(url)
             page.wait_for_selector("#train")
             idle = []
@@ -168,7 +175,14 @@ def main() -> None:
                 fresh, (shown_at,) = open_page(browser, baseline_url, ["#train"])
                 baseline.append(shown_at)
                 fresh.close()
-            shown, loads, to_runs, to_train, html, api = [], [], [], [], [], []
+            shown, loads, to_runs, to_train, html, api, warm_shown, warm_loads = [], [], [], [], [], [], [], []
+            returning = browser.new_context(viewport=VIEWPORT)
+            open_page(returning, url, ["#train"])[0].close()  # its first visit fills the cache
+            for _ in range(args.repeats):
+                fresh, (shown_at, loaded_at) = open_page(returning, url, ["#train", RUNNING])
+                warm_shown.append(shown_at)
+                warm_loads.append(loaded_at)
+                fresh.close()
             for _ in range(args.repeats):
                 fresh, (shown_at, loaded_at) = open_page(browser, url, ["#train", RUNNING])
                 shown.append(shown_at)
@@ -201,7 +215,9 @@ def main() -> None:
         "training_during_measurement": {"step_before": before["step"], "step_after": after["step"],
                                         "sec_per_step": after["sec_per_step"]},
         "baseline_one_button_page": summary(baseline), "page_shown_idle": summary(idle),
-        "server_html": summary(html), "server_page_load_api": summary(api), "page_shown": summary(shown), "page_load": summary(loads), "tab_to_runs": summary(to_runs), "tab_to_train": summary(to_train),
+        "server_html": summary(html), "server_page_load_api": summary(api), "page_shown": summary(shown),
+        "page_load": summary(loads), "page_shown_cached": summary(warm_shown), "page_load_cached": summary(warm_loads),
+        "tab_to_runs": summary(to_runs), "tab_to_runs_first": summary(to_runs[:1]), "tab_to_train": summary(to_train),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ui_latency.json").write_text(json.dumps(result, indent=2))
@@ -209,7 +225,10 @@ def main() -> None:
             ("page load with nothing training, until the form shows", result["page_shown_idle"]),
             ("page load, until the form shows", result["page_shown"]),
             ("page load, until the live run shows", result["page_load"]),
+            ("page load in a browser that has been here (cache warm), until the form shows", result["page_shown_cached"]),
+            ("page load in a browser that has been here (cache warm), until the live run shows", result["page_load_cached"]),
             ("tab switch Train -> Runs / tuners", result["tab_to_runs"]),
+            ("of which the first (the tab is built on its first visit)", result["tab_to_runs_first"]),
             ("tab switch Runs / tuners -> Train", result["tab_to_train"]),
             ("server side of a page load: the page's HTML, request to last byte", result["server_html"]),
             ("server side of a page load: its slowest API call (re-attaching the live run)", result["server_page_load_api"])]
