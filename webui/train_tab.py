@@ -44,7 +44,7 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
     """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio."""
     owner = owner if owner is not None else gr.State(None)
     watch = gr.State(None)
-    shown = gr.State(None)  # signature of what the live view shows, to skip unchanged updates
+    shown = gr.State(None)  # what the live view shows, part by part, to skip unchanged updates
     trainer_comps, method_comps, method_groups = {}, {}, {}
     actions = forms.trainer_actions()
     preset_now = preset_values(preset, base.resolution)
@@ -175,15 +175,27 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
                     "", gr.Button(visible=False), gr.Button(visible=False),
                     gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
         mine = visitors.can_control(info, who)
-        signature = (run_id, info.status, info.position, len(info.events), live.log_size(info))
-        if signature == last:
-            return (gr.skip(),) * len(live_outputs)
         frame, images = live.loss_frame(info), live.samples(info)
-        return (live.progress_html(info), gr.LinePlot(value=frame, visible=not frame.empty),
-                gr.Gallery(value=images, visible=bool(images)), live.log_text(info),
-                gr.Button(visible=mine and info.status in ("queued", "running")), gr.Button(visible=mine and info.resumable),
-                gr.Dropdown(choices=_run_choices(runner, who), value=run_id) if signature[:3] != (last or ())[:3] else gr.skip(),
-                signature)
+        # each part is sent only when what it shows changed: a tick that only adds a loss point
+        # redraws the plot and the progress bar, not the gallery (an open page that watches a
+        # run costs every other page load on the machine its redraws)
+        now = {"run": (run_id, info.status, info.position, mine, info.resumable), "events": len(info.events),
+               "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
+        before = last if isinstance(last, dict) else {}
+        if now == before:
+            return (gr.skip(),) * len(live_outputs)
+
+        def changed(*parts):
+            return any(now[p] != before.get(p) for p in parts)
+
+        return (live.progress_html(info) if changed("run", "events") else gr.skip(),
+                gr.LinePlot(value=frame, visible=not frame.empty) if changed("run", "loss") else gr.skip(),
+                gr.Gallery(value=images, visible=bool(images)) if changed("run", "samples") else gr.skip(),
+                live.log_text(info) if changed("run", "events", "log") else gr.skip(),
+                gr.Button(visible=mine and info.status in ("queued", "running")) if changed("run") else gr.skip(),
+                gr.Button(visible=mine and info.resumable) if changed("run") else gr.skip(),
+                gr.Dropdown(choices=_run_choices(runner, who), value=run_id) if changed("run") else gr.skip(),
+                now)
 
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(refresh, [watch, shown, owner], live_outputs, show_progress="hidden", concurrency_limit=None, queue=False)

@@ -73,6 +73,7 @@ def test_train_watch_download_and_load(page, studio, tmp_path):
     assert progress.get_attribute("data-status") == "done", page.inner_text("#live-log")
     assert progress.get_attribute("data-step") == "12"
     assert page.locator("#live-samples img").count() >= 1
+    assert page.locator("#live-loss").is_visible()  # hidden until the first loss point
     assert re.search(r"step 12/12", page.inner_text("#live-progress"))
 
     # a reload, or a second tab, re-attaches to the same run
