@@ -2,7 +2,8 @@
 `--config`, appends events.jsonl through trainers.events, writes checkpoints and a sample, and on
 SIGTERM checkpoints, writes `cancelled` and exits. Extra config keys steer it in tests:
 fake_step_seconds (pace), fake_crash_at (step at which it dies without a word), fake_save_seconds
-(time the checkpoint on SIGTERM takes)."""
+(time the checkpoint on SIGTERM takes), fake_report_env (environment variables it reports in its
+info event)."""
 
 import argparse
 import json
@@ -45,7 +46,8 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     log.phase("loading")
     print("fake trainer: loading", flush=True)
-    log.emit("info", trainable_params=1234, method=config.get("method"))
+    log.emit("info", trainable_params=1234, method=config.get("method"),
+             env={name: os.environ.get(name) for name in config.get("fake_report_env", [])})
     log.phase("training")
     while step < total:
         time.sleep(pace)

@@ -67,6 +67,17 @@ def test_run_goes_to_done_and_writes_only_inside_its_folder(tmp_path, images):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "src.png"]
 
 
+def test_a_cpu_trainer_spins_briefly_at_openmp_barriers_unless_told_otherwise(tmp_path, images, monkeypatch):
+    runner = make_runner(tmp_path / "runs")
+    config = {"method": "lora", "max_train_steps": 1, "instance_prompt": "a sks star", "fake_report_env": ["GOMP_SPINCOUNT"]}
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    first = wait_for(runner, runner.submit(config, images), {"done", "failed"})
+    monkeypatch.setenv("GOMP_SPINCOUNT", "777")
+    second = wait_for(runner, runner.submit(config, images), {"done", "failed"})
+    reported = [next(e["env"] for e in info.events if e["event"] == "info") for info in (first, second)]
+    assert reported == [{"GOMP_SPINCOUNT": "10000"}, {"GOMP_SPINCOUNT": "777"}]
+
+
 def test_queue_runs_one_at_a_time_in_order_with_positions(tmp_path, images):
     runner = make_runner(tmp_path / "runs")
     slow = {"max_train_steps": 200, "fake_step_seconds": 0.05}
