@@ -43,8 +43,8 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
     tab again and a 2 s timer keep it current."""
 
     def view(run_id, who):
-        """What the tab shows: table rows, run ids, the selected run, its info, whether this
-        visitor controls it, the widgets' values and visibility, and a signature of it all."""
+        """What the tab shows: table rows, run ids, the selected run, the other widgets' values
+        and visibility (its controls only for a visitor who controls it), and a signature of it all."""
         runs = visitors.visible_runs(runner, who)
         table_rows, ids = [live.run_row(r) for r in runs], [r.id for r in runs]
         run_id = run_id if run_id in ids else (ids[0] if ids else None)
