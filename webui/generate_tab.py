@@ -15,7 +15,7 @@ import gradio as gr
 from trainers.sampling import SCHEDULERS, Settings, read_png_settings, save_png
 
 from . import pipeline, visitors
-from .compare_tab import MAX_STEPS
+from .compare_tab import MAX_STEPS, tuner_options
 from .errors import friendly
 
 BASE = "base"
@@ -24,8 +24,7 @@ GALLERY_KEEP = 48
 
 
 def tuner_choices(runner, who) -> list[tuple[str, str]]:
-    runs = [r for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
-    return [("Base model (no tuner)", BASE)] + [pipeline.choice(r) for r in runs]
+    return [("Base model (no tuner)", BASE)] + tuner_options(runner, who)
 
 
 def generate(runner, base, studio, who, run_id: str | None, rows: list[Settings], scale: float = 1.0,
