@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-quick count
+.PHONY: run test test-quick count gpu-check gpu-check-wheels
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,11 @@ test-quick: $(STAMP)
 
 count: $(STAMP)
 	$(PY) -m restuning.count --arch sd15
+
+# The accelerator check (bench/gpu_check.py): on a CUDA machine with the packages installed.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check
+
+# For a bare GPU box with PyTorch but no registry: wheels of what it lacks, into .whl/ (see the script).
+gpu-check-wheels:
+	$(PYTHON) scripts/gpu_wheels.py

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -83,7 +84,11 @@ def make_optimizer(params):
         return torch.optim.AdamW(params, lr=1e-4), False
 
 
-def measure(case: str, arch: str, resolution: int, batch: int, precision: str, steps: int, device: str) -> dict:
+def measure(case: str, arch: str, resolution: int, batch: int, precision: str, steps: int, device: str,
+            gradient_checkpointing: bool = False, optimizer: str = "adamw", attention: str = "sdpa") -> dict:
+    """One case. The last three are bench.gpu_check's variants: activation recomputation,
+    bitsandbytes' 8-bit AdamW ("adamw8bit"), and xformers attention (set before the method is
+    attached, as the trainer does, so prefix/prompt processors stay in place)."""
     import torch
     import torch.nn.functional as F
     from diffusers.training_utils import cast_training_params
@@ -99,14 +104,28 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     unet = build_unet(arch, seed=0, device=device)
     unet_params = sum(p.numel() for p in unet.parameters())
     unet.requires_grad_(False)
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
     if case != INFERENCE:
         restuning.attach(unet, METHODS[case].config())
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     trainable = restuning.trainable_parameters(unet)
     if dtype != torch.float32:
         unet.to(dtype)
         cast_training_params(unet, torch.float32)
     unet.train(case != INFERENCE)
-    optimizer, fused = make_optimizer(trainable) if trainable else (None, None)
+    fused = None
+    if not trainable:
+        optimizer = None
+    elif optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4)
+    else:
+        optimizer, fused = make_optimizer(trainable)
+    # fp16 gradients underflow without loss scaling; accelerate uses the same scaler in training.
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and optimizer is not None else None
 
     g = torch.Generator(device="cpu").manual_seed(0)
     side = resolution // 8  # the VAE's downsampling factor
@@ -120,7 +139,7 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = []
+    times, losses = [], []
     for _ in range(steps):
         sync()
         start = time.perf_counter()
@@ -131,11 +150,18 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
             else:
                 loss = F.mse_loss(unet(sample, timesteps, text).sample.float(), target)
         if optimizer is not None:
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
         sync()
         times.append(time.perf_counter() - start)
+    losses = [float(v) for v in losses]  # read after the timed loop: .item() per step would sync
     return {
         "case": case,
         "trainable": sum(p.numel() for p in trainable),
@@ -144,7 +170,12 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
         "setup_peak_bytes": setup_peak,
         "step_s": times,
         "median_s": statistics.median(times[1:] if len(times) > 1 else times),
+        "losses": losses,
+        "finite_loss": all(math.isfinite(v) for v in losses),
         "fused_adamw": fused,
+        "gradient_checkpointing": gradient_checkpointing,
+        "optimizer": optimizer.__class__.__name__ if optimizer is not None else None,
+        "attention": attention,
         "threads": torch.get_num_threads(),
     }
 
@@ -152,8 +183,9 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
 # -- the parent: one fresh process per case ------------------------------------------------------
 
 
-def run_case(case: str, settings: dict, timeout: float) -> dict:
-    spec = {"case": case, **{k: settings[k] for k in ("arch", "resolution", "batch", "precision", "steps", "device")}}
+def run_case(case: str, settings: dict, timeout: float, **variant) -> dict:
+    """`variant`: measure()'s gradient_checkpointing / optimizer / attention, where not the defaults."""
+    spec = {"case": case, **{k: settings[k] for k in ("arch", "resolution", "batch", "precision", "steps", "device")}, **variant}
     load = os.getloadavg()[0]
     started = time.time()
     try:
