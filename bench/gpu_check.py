@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench import train_cost
+from bench import train_cost, train_e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -140,78 +136,16 @@ def cost_rows(cases: list[tuple[str, str, dict]], settings: dict, budget: Budget
 # -- part 3: the demo model end to end ----------------------------------------------------------
 
 
-def trainer_run(work: Path, steps: int, device: str, budget: Budget) -> dict:
-    from trainers.events import read_events
-
-    run = work / "demo-res-tuning"
-    config = {
-        "pretrained_model_name_or_path": str(DEMO),
-        "instance_data_dir": str(ROOT / "assets" / "concepts" / "star"),
-        "instance_prompt": "a sks shape",
-        "class_prompt": "a shape",
-        "with_prior_preservation": True,
-        "num_class_images": 32 if device == "cuda" else 2,
-        "resolution": 64,
-        "train_batch_size": 4,
-        "max_train_steps": steps,
-        "learning_rate": 1e-2,
-        "snr_gamma": 5.0,
-        "validation_prompt": ["a sks shape", "a red sks shape on a blue background"],
-        "num_validation_images": 4 if device == "cuda" else 1,
-        "validation_steps": max(steps // 2, 1) if device == "cuda" else steps,
-        "checkpointing_steps": max(steps // 2, 1),
-        "mixed_precision": "fp16" if device == "cuda" else "no",
-        "method": "res-tuning",
-        "output_dir": str(run),
-        "seed": 0,
-    }
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(config, indent=2))
-    env = dict(os.environ, **({} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}))
-    started = time.monotonic()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(budget.left(), 1))
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out (time budget)", "wall_s": round(time.monotonic() - started, 1)}
-    wall = time.monotonic() - started
-    events = read_events(run)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 1)}
-    phases: dict[str, float] = {}
-    for e in events:
-        if e.get("event") == "phase" and e.get("phase") not in phases:
-            phases[e["phase"]] = e["t"]
-    start_t = events[0]["t"] if events else 0
-    steps_ev = [e for e in events if e.get("event") == "step"]
-    info = next((e for e in events if e.get("event") == "info" and "trainable_params" in e), {})
-    return {
-        "run": str(run),
-        "steps": steps,
-        "wall_s": round(wall, 1),
-        "phase_start_s": {k: round(v - start_t, 2) for k, v in phases.items()},
-        "training_s": round(phases.get("saving", 0) - phases.get("training", 0), 2) if "saving" in phases else None,
-        "sec_per_step_median": statistics.median([e["sec_per_step"] for e in steps_ev]) if steps_ev else None,
-        "first_loss": steps_ev[0]["loss"] if steps_ev else None,
-        "last_loss": steps_ev[-1]["loss"] if steps_ev else None,
-        "attention": info.get("attention"),
-        "mixed_precision": info.get("mixed_precision"),
-        "device": info.get("device"),
-        "tuner": str(run / "tuner.safetensors"),
-    }
-
-
 def render_grid(tuner: Path, device: str, out_dir: Path) -> dict:
     """Base model and the trained tuner side by side, 4 prompts, rendered twice (the first pays warm-up)."""
     import numpy as np
     import torch
 
     from trainers.models import check_source, load_pipeline
-    from trainers.sampling import Column, Sampler, Settings, compose_grid
+    from trainers.sampling import Column, Sampler, Settings, compose_grid, inference_dtype
 
     # The studio's own path (webui.pipeline) minus gradio, which the bare GPU box lacks.
-    pipe = load_pipeline(check_source(DEMO)).to(device)
+    pipe = load_pipeline(check_source(DEMO)).to(device, inference_dtype(device))
     pipe.set_progress_bar_config(disable=True)
     sampler = Sampler(pipe)
     columns = [Column("base model"), Column("Res-Tuning", tuner=tuner)]
@@ -361,7 +295,8 @@ def main(argv=None) -> dict:
                 result["trainer"] = {"skipped": "time budget spent"}
             else:
                 log(f"demo model: {trainer_steps}-step Res-Tuning run ...")
-                result["trainer"] = trainer_run(Path(work), trainer_steps, device, budget)
+                small = {} if device == "cuda" else {"class_images": 2, "validation_images": 1}
+                result["trainer"] = train_e2e.trainer_run(Path(work), trainer_steps, device, budget.left(), **small)
                 log(f"trainer: {result['trainer']}")
         tuner = Path((result["trainer"] or {}).get("tuner", ""))
         if "render" in parts:

@@ -320,12 +320,6 @@ def test_loss_target_follows_the_scheduler():
             self.seen = (noisy, t)
             return SimpleNamespace(sample=self.answer)
 
-    class Vae:
-        config = SimpleNamespace(scaling_factor=1.0)
-
-        def encode(self, x):
-            return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator: x[:, :4]))
-
     args = SimpleNamespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0)
     pixels = torch.randn(2, 4, 8, 8)
     for prediction in ("epsilon", "v_prediction"):
@@ -336,11 +330,12 @@ def test_loss_target_follows_the_scheduler():
         target = noise if prediction == "epsilon" else sched.get_velocity(pixels, noise, t)
         unet = Oracle(sched)
         unet.answer = target
-        loss, _, _ = dreambooth.diffusion_loss(unet, Vae(), sched, pixels, torch.zeros(2, 3, 5), 2, args,
+        posterior = SimpleNamespace(sample=lambda generator: pixels)  # a point mass at `pixels`
+        loss, _, _ = dreambooth.diffusion_loss(unet, posterior, 1.0, sched, torch.zeros(2, 3, 5), 2, args,
                                                torch.Generator().manual_seed(0), torch.float32)
         assert loss.item() < 1e-10, prediction
         unet.answer = target + 1
-        assert abs(dreambooth.diffusion_loss(unet, Vae(), sched, pixels, torch.zeros(2, 3, 5), 2, args,
+        assert abs(dreambooth.diffusion_loss(unet, posterior, 1.0, sched, torch.zeros(2, 3, 5), 2, args,
                                              torch.Generator().manual_seed(0), torch.float32)[0].item() - 1) < 1e-5
 
 
@@ -567,3 +562,14 @@ def test_instance_loss_falls_over_100_steps(method, tiny_model, instance_dir, tm
     windows = [sum(losses[i:i + 25]) / 25 for i in range(0, 100, 25)]
     # a trend over averaged windows (single steps are noisy: each draws its own t and noise)
     assert windows[-1] < 0.97 * windows[0] and min(windows[2:]) < windows[0], windows
+
+
+def test_cached_latents_train_as_fresh_encoding_does(tiny_model, instance_dir, tmp_path):
+    # The same draws from the same posteriors: only where the VAE runs differs (once per view, or every step).
+    runs = {}
+    for flag in ("--cache_latents", "--no-cache_latents"):
+        runs[flag] = run_train(argv(tiny_model, instance_dir, tmp_path / flag, "--max_train_steps", 4, "--train_batch_size", 2,
+                                    "--random_flip", "--method", "res-tuning", flag)).losses
+    assert len(runs["--cache_latents"]) == 4
+    assert runs["--cache_latents"] == pytest.approx(runs["--no-cache_latents"], rel=1e-4, abs=1e-6)
+

@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .images import ImageError, check_image, image_files, load_image
+from .images import ImageError, check_image, image_files, load_resized
 
 CLASS_CACHE = "class-images"
 
@@ -48,14 +49,19 @@ def usable_images(folder: Path) -> list[Path]:
 def ensure_class_images(pipe, folder: Path, prompt: str, count: int, resolution: int, seed: int,
                         num_inference_steps: int, guidance_scale: float, batch_size: int = 4,
                         progress: Callable[[int, int], None] | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> list[Path]:
+                        should_stop: Callable[[], bool] | None = None, shard: tuple[int, int] = (0, 1)) -> list[Path]:
     """`count` class images in `folder`, generating the missing ones with `pipe` (image i from
-    seed + i, so a cache filled in several goes holds the same images). Each file is written
-    under a temporary name and renamed, so an interrupted run leaves no half-written image."""
+    seed + i, so a cache filled in several goes, or by several processes, holds the same images).
+    `shard` = (rank, world): this process makes the missing images i with i % world == rank.
+    Each file is written under a temporary name and renamed, so an interrupted run leaves no
+    half-written image."""
+    rank, world = shard
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "class.json").write_text(json.dumps({"prompt": prompt, "resolution": resolution}, indent=1))
+    if rank == 0:
+        (folder / "class.json").write_text(json.dumps({"prompt": prompt, "resolution": resolution}, indent=1))
     have = {p.stem for p in usable_images(folder)}
-    missing = [i for i in range(count) if f"{i:05d}" not in have]
+    missing = [i for i in range(count) if f"{i:05d}" not in have and i % world == rank]
+    count = len(have & {f"{i:05d}" for i in range(count)}) + len(missing)  # what this process sees done at the end
     done = count - len(missing)
     if progress:
         progress(done, count)
@@ -78,14 +84,11 @@ def ensure_class_images(pipe, folder: Path, prompt: str, count: int, resolution:
     return sorted(folder / f"{i:05d}.png" for i in range(count) if (folder / f"{i:05d}.png").exists())
 
 
-def to_tensor(image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1], the VAE's input range."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
 class DreamBoothData:
-    """Instance (and class) images, served by position in an endless, seeded, shuffled stream."""
+    """Instance (and class) images, served by position in an endless, seeded, shuffled stream.
+
+    Each file is decoded and resized once (decoding and Lanczos resizing cost more than a small
+    U-Net's step); a sample is then a crop and maybe a flip of that, named by its `View`."""
 
     def __init__(self, instance_files: list[Path], class_files: list[Path] | None, resolution: int,
                  center_crop: bool, random_flip: bool, seed: int):
@@ -97,6 +100,7 @@ class DreamBoothData:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self._resized: dict[Path, torch.Tensor] = {}
 
     def _pick(self, files: list[Path], stream: str, index: int) -> Path:
         # Every epoch sees each file once, in an order fixed by (seed, stream, epoch).
@@ -105,15 +109,77 @@ class DreamBoothData:
         random.Random(f"{self.seed}/{stream}/{epoch}").shuffle(order)
         return files[order[offset]]
 
-    def _image(self, files: list[Path], stream: str, index: int) -> torch.Tensor:
+    def _decoded(self, path: Path) -> torch.Tensor:
+        """(3, H, W) uint8, the shorter side at the training resolution."""
+        if path not in self._resized:
+            self._resized[path] = torch.from_numpy(np.array(load_resized(path, self.resolution))).permute(2, 0, 1).contiguous()
+        return self._resized[path]
+
+    def view(self, files: list[Path], stream: str, index: int) -> "View":
         rng = random.Random(f"{self.seed}/{stream}/crop/{index}")
         flip = self.random_flip and rng.random() < 0.5
-        image = load_image(self._pick(files, stream, index), self.resolution, self.center_crop, flip, rng)
-        return to_tensor(image)
+        path = self._pick(files, stream, index)
+        height, width = self._decoded(path).shape[1:]
+        r = self.resolution
+        if self.center_crop:
+            left, top = (width - r) // 2, (height - r) // 2
+        else:
+            left, top = rng.randint(0, width - r), rng.randint(0, height - r)
+        return View(path, top, left, flip)
 
-    def batch(self, first: int, size: int) -> dict[str, torch.Tensor]:
+    def pixels(self, view: "View") -> torch.Tensor:
+        """(3, r, r) float in [-1, 1], the VAE's input range."""
+        r = self.resolution
+        crop = self._decoded(view.path)[:, view.top:view.top + r, view.left:view.left + r]
+        if view.flip:
+            crop = crop.flip(-1)
+        return crop.float() / 127.5 - 1.0
+
+    def batch(self, first: int, size: int) -> dict:
         """Samples first .. first+size-1 of the stream: instance pixels, then class pixels if any."""
-        pixels = [self._image(self.instance_files, "instance", first + i) for i in range(size)]
+        views = [self.view(self.instance_files, "instance", first + i) for i in range(size)]
         if self.class_files:
-            pixels += [self._image(self.class_files, "class", first + i) for i in range(size)]
-        return {"pixel_values": torch.stack(pixels), "num_instance": size}
+            views += [self.view(self.class_files, "class", first + i) for i in range(size)]
+        return {"pixel_values": torch.stack([self.pixels(v) for v in views]), "views": views, "num_instance": size}
+
+
+@dataclass(frozen=True)
+class View:
+    """One training sample's pixels: which file, where cropped, whether mirrored."""
+
+    path: Path
+    top: int
+    left: int
+    flip: bool
+
+
+class LatentCache:
+    """The VAE's posterior per view, encoded once (diffusers' --cache_latents).
+
+    A view always gives the same pixels, so its posterior N(mean, std) is the same every time it
+    comes round; each step still draws its own latent from it, as encoding afresh would. With
+    random crops of large images the views are many: past `limit` they are encoded each time."""
+
+    def __init__(self, vae, limit: int = 2048):
+        self.vae, self.limit = vae, limit
+        self.store: dict[View, torch.Tensor] = {}
+        self.encoded = 0  # views passed through the VAE, for the trainer's report
+
+    @torch.no_grad()
+    def posterior(self, views: list[View], pixels: torch.Tensor, dtype: torch.dtype):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        first_seen = {}
+        for i, v in enumerate(views):
+            if v not in self.store:
+                first_seen.setdefault(v, i)
+        missing = list(first_seen.values())
+        fresh = {}
+        if missing:
+            params = self.vae.encode(pixels[missing].to(self.vae.device, dtype)).latent_dist.parameters
+            self.encoded += len(missing)
+            for i, p in zip(missing, params):
+                fresh[views[i]] = p
+                if len(self.store) < self.limit:
+                    self.store[views[i]] = p
+        return DiagonalGaussianDistribution(torch.stack([fresh.get(v, self.store.get(v)) for v in views]))

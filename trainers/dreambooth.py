@@ -43,6 +43,8 @@ CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 TUNER_STATE = "tuner_state.safetensors"
 STEP_EVENT_INTERVAL = 0.5  # seconds: at most ~2 step events a second, always the first and last
+STOP_CHECK_STEPS = 10  # with several processes, how often they agree on stopping (a collective)
+MAX_PENDING_STEPS = 50  # losses read off the device at least this often (a diverged run stops soon)
 DEFAULT_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 7.5}
 OOM_HINT = ("out of memory: try --method bypass (no gradient flows through the backbone), --gradient_checkpointing, "
             "a lower --resolution, --train_batch_size 1, or --mixed_precision bf16/fp16 on a GPU")
@@ -151,13 +153,13 @@ def encode_prompt(pipe, prompt: str, device) -> torch.Tensor:
     return pipe.text_encoder(tokens.input_ids.to(device))[0]
 
 
-def diffusion_loss(unet, vae, noise_scheduler, pixel_values, embeddings, num_instance: int, args,
+def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embeddings, num_instance: int, args,
                    generator: torch.Generator, weight_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(total loss, instance loss, prior loss or None) of one batch; every random draw comes from `generator`."""
-    device = pixel_values.device
+    """(total loss, instance loss, prior loss or None) of one batch whose VAE posterior is given
+    (fresh or cached); every random draw comes from `generator`, the latent's first."""
     with torch.no_grad():
-        latents = vae.encode(pixel_values.to(weight_dtype)).latent_dist.sample(generator=generator)
-        latents = (latents * vae.config.scaling_factor).float()
+        latents = (posterior.sample(generator=generator) * scaling_factor).float()
+    device = latents.device
     b, c = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator).to(device)
     if args.noise_offset:
@@ -226,11 +228,16 @@ class StepReporter:
         self.durations: list[float] = []
         self.first = True
 
-    def update(self, step: int, loss: float, lr: float, seconds: float, **extra) -> None:
+    def due(self) -> bool:
+        """Whether the next update would be sent (the trainer reads its losses off the GPU then)."""
+        return self.first or time.monotonic() - self.last_emit >= self.interval
+
+    def update(self, step: int, loss: float, lr: float, seconds: float, hold: bool = False, **extra) -> None:
+        """`hold`: more steps read at the same time follow, so only the last of them may be sent."""
         self.pending.append(loss)
         self.durations = (self.durations + [seconds])[-20:]
         now = time.monotonic()
-        if self.first or step >= self.total or now - self.last_emit >= self.interval:
+        if not hold and (self.first or step >= self.total or now - self.last_emit >= self.interval):
             sec = sum(self.durations) / len(self.durations)
             self.events.emit("step", step=step, total=self.total, loss=sum(self.pending) / len(self.pending), lr=lr,
                              sec_per_step=round(sec, 4), eta_sec=round(sec * (self.total - step), 1), **extra)
@@ -335,6 +342,11 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
+    # Frozen weights in the compute dtype from here on, class-image generation included; the
+    # method's trainable weights go back to fp32 once attached (fp16 gradients cannot be unscaled).
+    if weight_dtype != torch.float32:
+        for module in (unet, vae, text_encoder):
+            module.to(dtype=weight_dtype)
     sampling = sampling_settings(args, source)
     if stop.agreed(accelerator):
         raise Cancelled
@@ -344,12 +356,13 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     if args.with_prior_preservation:
         class_dir = Path(args.class_data_dir) if args.class_data_dir else data.class_cache_dir(
             output_dir.resolve().parent, source.key(), args.class_prompt, args.resolution)
-        if accelerator.is_main_process:
-            events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}")
-            data.ensure_class_images(
-                pipe, class_dir, args.class_prompt, args.num_class_images, args.resolution, args.seed, batch_size=4,
-                progress=lambda done, total: events.phase("class-images", done=done, total=total), should_stop=stop.event.is_set,
-                **sampling)
+        events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}")
+        # Every process makes its share (image i on process i mod N); the main one reports its own.
+        data.ensure_class_images(
+            pipe, class_dir, args.class_prompt, args.num_class_images, args.resolution, args.seed,
+            batch_size=args.sample_batch_size, shard=(accelerator.process_index, accelerator.num_processes),
+            progress=lambda done, total: events.phase("class-images", done=done, total=total), should_stop=stop.event.is_set,
+            **sampling)
         accelerator.wait_for_everyone()
         if stop.agreed(accelerator):
             raise Cancelled
@@ -364,16 +377,15 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     handle = restuning.attach(unet, method_config)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    # Frozen weights in the compute dtype; trainable ones back to fp32 (fp16 gradients cannot be unscaled).
-    if weight_dtype != torch.float32:
-        for module in (unet, vae, text_encoder):
-            module.to(dtype=weight_dtype)
     cast_training_params(unet, dtype=torch.float32)
     params = [p for p in handle.parameters() if p.requires_grad]
     if on_attached is not None:
         on_attached(pipe, handle)
     trainable = sum(p.numel() for p in params)
+    if accelerator.is_main_process and options.recipe:
+        print("recipe: " + "; ".join(f"{k} {getattr(args, k):g} ({where})" for k, where in options.recipe.items()), flush=True)
     events.emit("info", method=method.name, method_config=method_config.to_dict(), trainable_params=trainable,
+                learning_rate=args.learning_rate, recipe=options.recipe,
                 total_params=sum(p.numel() for p in unet.parameters()), device=str(accelerator.device),
                 num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
                 attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling)
@@ -386,6 +398,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     instance_emb = encode_prompt(pipe, args.instance_prompt, accelerator.device)
     class_emb = encode_prompt(pipe, args.class_prompt, accelerator.device) if class_files else None
     dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
+    latent_cache = data.LatentCache(vae) if args.cache_latents else None
 
     # 5. optimiser and schedule
     if args.use_8bit_adam:
@@ -447,41 +460,67 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
                 events.emit("sample", step=at, prompt=item["prompt"], paths=[str(p.relative_to(output_dir)) for p in item["paths"]])
         last_sampled = at
 
+    # The losses stay on the device and are read in one go when they are reported, checkpointed
+    # or sampled: reading each step's loss (.item()) would make the CPU wait for the GPU every step.
+    pending: list[torch.Tensor] = []  # per step: (loss, instance loss)
+    pending_seconds: list[float] = []
+
+    def read_losses() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = step - len(values) + 1
+        for i, ((loss_value, instance_value), seconds) in enumerate(zip(values, pending_seconds)):
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"the loss became {loss_value} at step {first + i}")
+            result.losses.append(loss_value)
+            result.instance_losses.append(instance_value)
+            extra = {"instance_loss": instance_value} if class_files else {}
+            reporter.update(first + i, loss_value, lr_scheduler.get_last_lr()[0], seconds, hold=i < len(values) - 1, **extra)
+        pending.clear()
+        pending_seconds.clear()
+
     unet.train()
     while step < args.max_train_steps:
-        if stop.agreed(accelerator):
+        # With several processes, agreeing to stop is a collective: once every STOP_CHECK_STEPS steps.
+        if (world == 1 or step % STOP_CHECK_STEPS == 0) and stop.agreed(accelerator):
+            read_losses()
             if step > last_checkpoint:
                 save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, events)
             raise Cancelled
         started = time.perf_counter()
-        losses, instance_losses = [], []
+        step_loss = torch.zeros(2, device=accelerator.device)
         for micro in range(accum):
             batch = dataset.batch(((step * accum + micro) * world + rank) * bs, bs)
-            pixels = batch["pixel_values"].to(accelerator.device)
+            pixels = batch["pixel_values"]
+            if latent_cache is not None:
+                posterior = latent_cache.posterior(batch["views"], pixels, weight_dtype)
+            else:
+                with torch.no_grad():
+                    posterior = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist
             embeddings = torch.cat([instance_emb.expand(bs, -1, -1)] + ([class_emb.expand(bs, -1, -1)] if class_files else []))
             with accelerator.accumulate(unet):
-                loss, instance_loss, _ = diffusion_loss(unet, vae, noise_scheduler, pixels, embeddings, batch["num_instance"],
-                                                        args, step_generator(args.seed, step, micro, rank), weight_dtype)
+                loss, instance_loss, _ = diffusion_loss(unet, posterior, vae.config.scaling_factor, noise_scheduler, embeddings,
+                                                        batch["num_instance"], args, step_generator(args.seed, step, micro, rank),
+                                                        weight_dtype)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            instance_losses.append(instance_loss.item())
+            step_loss += torch.stack([loss.detach(), instance_loss.detach()]).float() / accum
         step += 1
-        loss_value = sum(losses) / accum
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"the loss became {loss_value} at step {step}")
-        result.losses.append(loss_value)
-        result.instance_losses.append(sum(instance_losses) / accum)
-        extra = {"instance_loss": result.instance_losses[-1]} if class_files else {}
-        reporter.update(step, loss_value, lr_scheduler.get_last_lr()[0], time.perf_counter() - started, **extra)
-        if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+        pending.append(step_loss)
+        pending_seconds.append(time.perf_counter() - started)
+        due_checkpoint = step % args.checkpointing_steps == 0 and step < args.max_train_steps
+        due_sample = step % args.validation_steps == 0
+        if reporter.due() or due_checkpoint or due_sample or step >= args.max_train_steps or len(pending) >= MAX_PENDING_STEPS:
+            read_losses()
+        if due_checkpoint:
             save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, events)
             last_checkpoint = step
-        if step % args.validation_steps == 0:
+        if due_sample:
             validate(step)
     result.step = step
     result.pipeline, result.handle = pipe, handle

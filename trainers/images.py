@@ -128,16 +128,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def load_resized(source: str | os.PathLike | BinaryIO, resolution: int) -> Image.Image:
+    """The image in RGB with its shorter side resized to `resolution` (Lanczos), not yet cropped."""
+    img, _ = _open(source)
+    img = to_rgb(img)
+    scale = resolution / min(img.width, img.height)
+    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
 def load_image(source: str | os.PathLike | BinaryIO, resolution: int, center_crop: bool = True, flip: bool = False,
                rng: random.Random | None = None) -> Image.Image:
     """A resolution x resolution RGB training image: the shorter side resized to `resolution`
     (Lanczos), then a center or (with `rng`) random crop, mirrored if `flip`.
     """
-    img, _ = _open(source)
-    img = to_rgb(img)
-    scale = resolution / min(img.width, img.height)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-    img = img.resize(size, Image.Resampling.LANCZOS)
+    img = load_resized(source, resolution)
     if center_crop:
         left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
     else:
