@@ -130,3 +130,35 @@ def test_docs_table_is_the_registry():
     start = doc.index("-->", doc.index("<!-- method-options:start")) + 3
     table = doc[start:doc.index("<!-- method-options:end")].strip()
     assert table == options.method_options_markdown(), "regenerate the table in docs/trainer.md"
+
+
+def test_each_method_gets_its_own_learning_rate_unless_one_is_given(tmp_path):
+    from restuning.methods import METHODS
+
+    def lr(model, method, *extra):
+        opts = options.parse(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", "x",
+                              "--instance_prompt", "a sks dog", "--method", method, *extra])
+        return opts.args.learning_rate, opts.recipe.get("learning_rate")
+
+    plain = tmp_path / "plain-model"
+    plain.mkdir()
+    assert lr(plain, "res-tuning") == (1e-4, "the res-tuning recipe (restuning.methods)")
+    assert lr(plain, "full") == (5e-6, "the full recipe (restuning.methods)")
+    assert all(lr(plain, m)[0] == METHODS[m].recipe["learning_rate"] for m in METHODS)
+    assert lr(plain, "full", "--learning_rate", "3e-5") == (3e-5, None)
+    # A model folder's recipes come first: the method's own, then its default.
+    (plain / "demo_settings.json").write_text(json.dumps({"recipes": {"default": {"learning_rate": 0.02}, "full": {"learning_rate": 0.002}}}))
+    assert lr(plain, "lora") == (0.02, "demo_settings.json of the base model")
+    assert lr(plain, "full") == (0.002, "demo_settings.json of the base model, for full")
+    (plain / "demo_settings.json").write_text("{not json")
+    assert lr(plain, "lora")[0] == 1e-4
+
+
+def test_the_default_checkpoint_interval_fits_the_run():
+    def every(*extra):
+        return options.parse(["--instance_data_dir", "x", "--instance_prompt", "a sks dog", *extra]).args.checkpointing_steps
+
+    assert every() == 100  # the default 400 steps: a crash loses at most a quarter
+    assert every("--max_train_steps", "3") == 1
+    assert every("--max_train_steps", "10000") == 500
+    assert every("--max_train_steps", "10000", "--checkpointing_steps", "7") == 7

@@ -29,6 +29,8 @@ MAIN = ("instance_prompt", "class_prompt", "with_prior_preservation", "max_train
 # Short runs are what a studio user starts first: sample and checkpoint more often than the
 # trainer's command-line defaults (100 and 500 steps), so the live view shows images early.
 STUDIO_DEFAULTS = {"validation_steps": 50, "num_validation_images": 2, "checkpointing_steps": 100}
+# What an empty optional box means, where it is not simply "not set".
+PLACEHOLDERS = {"learning_rate": "the method's own recipe (e.g. 1e-4; full fine-tuning 5e-6)"}
 
 
 def method_names() -> list[str]:
@@ -57,7 +59,7 @@ def component_for_action(action: argparse.Action, value=None):
     if action.choices:
         return gr.Dropdown(choices=list(action.choices), value=default, label=label, info=info, elem_id=elem_id)
     if action.type in (int, float) and default is None:  # optional: an empty box means "not given"
-        return gr.Textbox(value="", label=label, info=info, placeholder="not set", elem_id=elem_id)
+        return gr.Textbox(value="", label=label, info=info, placeholder=PLACEHOLDERS.get(action.dest, "not set"), elem_id=elem_id)
     if action.type in (int, float):
         return gr.Number(value=default, label=label, info=info, precision=0 if action.type is int else None, elem_id=elem_id)
     if action.nargs == "+":

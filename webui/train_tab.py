@@ -21,7 +21,8 @@ from .model import example_concepts
 from .presets import PRESET_KEYS, PRESETS, preset_values
 
 POLL_SECONDS = 1.0
-EXAMPLE_RECIPE = {"max_train_steps": 600, "learning_rate": 1e-2, "snr_gamma": 5.0, "train_batch_size": 4}
+# The learning rate is not here: left empty, each method gets its own from the model's recipes.
+EXAMPLE_RECIPE = {"max_train_steps": 600, "snr_gamma": 5.0, "train_batch_size": 4}
 
 
 def _pick_run(runner, who=None) -> str | None:

@@ -4,7 +4,7 @@ adding a method means adding one entry here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,15 @@ class Method:
     paper_params_m: float | None = None  # trainable parameters on SD v1.5 in the paper's Table 6
     # (pipeline, handle, folder) -> [(artifact kind, path)]: the files a trained run hands out.
     export: Callable = save_tuner
+    # Trainer options this method trains best with on an SD-scale model, used where the user sets
+    # none (a model folder can recommend its own: trainers.options.fill_recipe).
+    recipe: dict = field(default_factory=lambda: dict(TUNER_RECIPE))
+
+
+# The paper's generative setting (Table 11): AdamW, lr 1e-4, constant.
+TUNER_RECIPE = {"learning_rate": 1e-4}
+# Every weight moves: diffusers' DreamBooth recipe for full fine-tuning of SD v1.x.
+FULL_RECIPE = {"learning_rate": 5e-6}
 
 
 METHODS: dict[str, Method] = {}
@@ -53,7 +62,8 @@ register(Method("prefix", "Prefix", "Learned prefix keys and values inside atten
                 prefix.PrefixConfig, prefix.attach, 4.99))
 register(Method("prompt", "Prompt", "Learned tokens appended to the attention's token sequence (bound).",
                 prompt.PromptConfig, prompt.attach, 1.25))
-register(Method("full", "Full fine-tuning", "Every U-Net weight trains.", full.FullConfig, full.attach, 862.0, export=full_export.export))
+register(Method("full", "Full fine-tuning", "Every U-Net weight trains.", full.FullConfig, full.attach, 862.0, export=full_export.export,
+                recipe=FULL_RECIPE))
 
 
 def get(name: str) -> Method:
