@@ -71,3 +71,66 @@ def test_grid_and_png_metadata_round_trip(tmp_path):
     path = save_png(cells[0][0], tmp_path / "x.png", settings)
     assert read_png_settings(path) == settings
     assert read_png_settings(save_png(cells[0][0], tmp_path / "y.png", {}) ) == {}
+
+
+def test_a_full_fine_tune_is_read_once_per_render_and_rows_keep_their_order(tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    tuned = tiny_pipeline(seed=5).unet
+    tuned.save_pretrained(tmp_path / "unet")
+    reads = []
+    real = UNet2DConditionModel.from_pretrained
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", lambda *a, **k: reads.append(a) or real(*a, **k))
+    rows = [Settings(f"a photo of {w} dog", seed=0, steps=2, height=32, width=32) for w in ("sks", "red", "blue")]
+    base = pipe.unet
+    grid = Sampler(pipe).render([Column("base"), Column("full", unet_dir=tmp_path / "unet")], rows)
+    assert len(reads) == 1
+    assert pipe.unet is base  # the base U-Net is back
+    pipe_full = tiny_pipeline()  # the reference: the fine-tuned U-Net in a pipeline of its own
+    pipe_full.unet = tuned
+    pipe_full.set_progress_bar_config(disable=True)
+    expected = Sampler(pipe_full).render([Column("full alone")], rows)
+    for r in range(len(rows)):
+        assert np.abs(np.asarray(grid[r][1], dtype=np.int16) - np.asarray(expected[r][0], dtype=np.int16)).max() <= 2, f"row {r}"
+        assert np.abs(np.asarray(grid[r][1], dtype=np.int16) - np.asarray(grid[r][0], dtype=np.int16)).max() > 2, "base = full?"
+
+
+def test_running_out_of_memory_says_what_to_change(monkeypatch):
+    from trainers import sampling
+
+    pipe = tiny_pipeline()
+    sampler = Sampler(pipe)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sampler, "_call", no_memory)
+    with pytest.raises(sampling.SamplingError, match="ran out of memory while sampling.*wait for it to finish or cancel it"):
+        sampler.render([Column("base")], [Settings("a photo of sks dog", steps=1, height=32, width=32)])
+
+
+def test_sampling_runs_in_half_precision_on_a_gpu(monkeypatch):
+    from trainers.sampling import inference_dtype
+
+    assert inference_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inference_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert inference_dtype("cuda:0") == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_every_routable_kind_samples_in_half_precision(tmp_path, dtype):
+    # The CUDA path's dtype, run on the CPU: tuners load into a half-precision U-Net and render.
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    paths = [_tuner(tmp_path, pipe, config, name, i) for i, (config, name) in enumerate([
+        (restuning.ResTuningConfig(tuners={"attn1": "adapter", "attn2": "prefix", "ff": "prompt"}), "rt"),
+        (restuning.BypassConfig(), "bypass"), (restuning.LoraConfig(), "lora")])]
+    pipe.to(dtype)
+    grid = Sampler(pipe).render([Column("base")] + [Column(p.stem, tuner=p) for p in paths],
+                                [Settings("a photo of sks dog", steps=2, height=32, width=32)])
+    assert all(np.isfinite(np.asarray(image, dtype=np.float32)).all() for image in grid[0])
+    assert pipe.unet.conv_in.weight.dtype == dtype  # the backbone; tuners keep their own dtype and cast their output

@@ -35,6 +35,30 @@ PNG_KEY = "restuning"
 MAX_LOADED_TUNERS = 16
 
 
+class SamplingError(RuntimeError):
+    """A render that cannot be done as asked; the message says what to change."""
+
+
+def out_of_memory_message(device, batch: int) -> str:
+    free = ""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free_bytes, total = torch.cuda.mem_get_info(device)
+        free = f" ({free_bytes / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
+    return (f"the {device.type.upper()} ran out of memory while sampling{free}. A training run on the same device holds "
+            f"most of it: wait for it to finish or cancel it; or render fewer columns at once (this batch had "
+            f"{batch}), fewer or smaller images.")
+
+
+def inference_dtype(device) -> torch.dtype:
+    """What sampling runs in: half precision on a GPU (bf16 where the card has it, whose range
+    needs no care with SD's VAE; else fp16), fp32 on a CPU, where half precision is slower."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @dataclass
 class Column:
     """One column of a grid: the base model (no path), a tuner file, or a full fine-tune's unet/ folder."""
@@ -105,20 +129,27 @@ class Sampler:
                 return on_step
 
             grid: list[list[Image.Image | None]] = [[None] * len(columns) for _ in rows]
-            for r, settings in enumerate(rows):
+            try:
                 if routable:
                     self._set_scales(columns, names, active=routable)
-                    with restuning.route([names[i] for i in routable]):
-                        images = self._call(settings, len(routable), tick(f"row {r + 1}: {len(routable)} columns in one batch"))
-                    for i, image in zip(routable, images):
-                        grid[r][i] = image
-                    done[0] += 1
+                    for r, settings in enumerate(rows):
+                        with restuning.route([names[i] for i in routable]):
+                            images = self._call(settings, len(routable), tick(f"row {r + 1}: {len(routable)} columns in one batch"))
+                        for i, image in zip(routable, images):
+                            grid[r][i] = image
+                        done[0] += 1
+                # A column of its own renders all its rows in one go: a full fine-tune's U-Net is
+                # read from disk once per render, not once per row.
                 for i in solo:
                     self._set_scales(columns, names, active=[i])
                     with self._unet_of(columns[i]), restuning.route([names[i]]):
-                        grid[r][i] = self._call(settings, 1, tick(f"row {r + 1}: {columns[i].label}"))[0]
-                    done[0] += 1
-            self._set_scales(columns, names, active=range(len(columns)))
+                        for r, settings in enumerate(rows):
+                            grid[r][i] = self._call(settings, 1, tick(f"row {r + 1}: {columns[i].label}"))[0]
+                            done[0] += 1
+            except torch.OutOfMemoryError:
+                raise SamplingError(out_of_memory_message(self.pipe.device, len(routable))) from None
+            finally:
+                self._set_scales(columns, names, active=range(len(columns)))
             return grid
 
     def _set_scales(self, columns, names, active) -> None:

@@ -14,9 +14,10 @@ from restuning import ConfigError, TunerFileError
 from trainers.images import ImageError
 from trainers.jobs import JobError
 from trainers.options import OptionError
+from trainers.sampling import SamplingError
 from trainers.uploads import UploadError
 
-USER_ERRORS = (UploadError, ImageError, JobError, OptionError, ConfigError, TunerFileError)
+USER_ERRORS = (UploadError, ImageError, JobError, OptionError, ConfigError, TunerFileError, SamplingError)
 log = logging.getLogger("restuning.studio")
 
 
