@@ -145,7 +145,7 @@ def render_grid(tuner: Path, device: str, out_dir: Path) -> dict:
     from trainers.sampling import Column, Sampler, Settings, compose_grid, inference_dtype
 
     # The studio's own path (webui.pipeline) minus gradio, which the bare GPU box lacks.
-    pipe = load_pipeline(check_source(DEMO)).to(device, inference_dtype(device))
+    pipe = load_pipeline(check_source(DEMO), inference_dtype(device)).to(device)
     pipe.set_progress_bar_config(disable=True)
     sampler = Sampler(pipe)
     columns = [Column("base model"), Column("Res-Tuning", tuner=tuner)]

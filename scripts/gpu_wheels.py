@@ -6,8 +6,8 @@
 On the GPU machine:
     python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python3 -m bench.gpu_check
 
-Versions come from requirements.txt and requirements-gpu.txt, so the check runs what the project
-pins. bitsandbytes' wheel carries a native library per CUDA release (43 MB in all); only the one
+Versions come from requirements-base.txt and requirements-gpu.txt, so the check runs what the
+project pins. bitsandbytes' wheel carries a native library per CUDA release (43 MB in all); only the one
 matching the target's CUDA is kept, so the wheels fit in what travels with a working tree.
 """
 
@@ -28,7 +28,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 
 def pins() -> dict[str, str]:
     found = {}
-    for name in ("requirements.txt", "requirements-gpu.txt"):
+    for name in ("requirements-base.txt", "requirements-gpu.txt"):
         for line in (ROOT / name).read_text().splitlines():
             m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
             if m:
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     versions = pins()
     missing = [name for name in PACKAGES if name not in versions]
     if missing:
-        p.error(f"no pinned version of {missing} in requirements.txt / requirements-gpu.txt")
+        p.error(f"no pinned version of {missing} in requirements-base.txt / requirements-gpu.txt")
     args.dest.mkdir(exist_ok=True)
     for old in args.dest.glob("*.whl"):
         old.unlink()

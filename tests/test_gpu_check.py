@@ -80,3 +80,11 @@ def test_thinned_bitsandbytes_wheel_keeps_only_the_target_cuda(tmp_path):
         assert z.read("bitsandbytes/__init__.py") == b"bitsandbytes/__init__.py"
     assert kept == sorted(["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
                            "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes-0.dist-info/RECORD"])
+
+
+def test_gpu_wheels_take_the_pinned_versions():
+    pins = gpu_wheels.pins()
+    assert {"diffusers", "xformers", "bitsandbytes", "torch"} <= set(pins)
+    # xformers' wheel is built against one torch release: the GPU set pins that one.
+    assert (pins["torch"], pins["xformers"]) == ("2.10.0", "0.0.35")
+    assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text()

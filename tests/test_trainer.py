@@ -252,10 +252,8 @@ def test_model_sources(tiny_model, tmp_path):
     with pytest.raises(models.ModelError, match="pickle-based"):
         models.check_source(tmp_path / "weights.bin")
     (tmp_path / "model.safetensors").write_bytes(b"not really")
-    single = models.check_source(tmp_path / "model.safetensors")
-    assert single.kind == "single-file"
-    with pytest.raises(models.ModelError, match="tried converting the single-file checkpoint"):
-        models.load_pipeline(single)
+    with pytest.raises(models.ModelError, match="not a readable .safetensors file"):
+        models.check_source(tmp_path / "model.safetensors")
     hub = models.check_source("someone/some-model")
     assert hub.kind == "hub"
     with pytest.raises(models.ModelError, match="tried the hub id someone/some-model"):
@@ -572,4 +570,64 @@ def test_cached_latents_train_as_fresh_encoding_does(tiny_model, instance_dir, t
                                     "--random_flip", "--method", "res-tuning", flag)).losses
     assert len(runs["--cache_latents"]) == 4
     assert runs["--cache_latents"] == pytest.approx(runs["--no-cache_latents"], rel=1e-4, abs=1e-6)
+
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "res-tuning", "lora"])
+def test_xformers_set_first_keeps_every_method_working(method, tiny_unet):
+    # What the trainer does on a GPU where xformers works (diffusers' XFormersAttnProcessor, as
+    # enable_xformers_memory_efficient_attention sets it), without its kernels: the method's
+    # own processors replace xformers where it needs them, and the summary says how many.
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    import restuning
+    from restuning.methods import METHODS
+
+    tiny_unet.set_attn_processor(XFormersAttnProcessor())
+    restuning.attach(tiny_unet, METHODS[method].config())
+    kinds = [type(p).__name__ for p in tiny_unet.attn_processors.values()]
+    own = sum("XFormers" not in k for k in kinds)
+    summary = dreambooth.attention_summary(tiny_unet, "xformers")
+    if method in ("prefix", "prompt"):
+        assert 0 < own < len(kinds)
+        assert summary == f"xformers ({own} of {len(kinds)} attention layers run the method's own processor on PyTorch SDPA)"
+    else:
+        assert own == 0 and summary == "xformers"
+    assert dreambooth.attention_summary(tiny_unet, "PyTorch SDPA") == "PyTorch SDPA"
+
+
+def _checkpoint(path, *keys):
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(1) for k in keys}, str(path))
+    return path
+
+
+def test_single_file_checkpoints_are_recognised_from_their_header(tmp_path):
+    unet_key = "model.diffusion_model.input_blocks.0.0.weight"
+    sd1 = models.check_source(_checkpoint(tmp_path / "sd1.safetensors", unet_key, "cond_stage_model.transformer.text_model.x"))
+    assert (sd1.kind, sd1.family) == ("single-file", "sd1")
+    sd2 = models.check_source(_checkpoint(tmp_path / "sd2.safetensors", unet_key, "cond_stage_model.model.transformer.x"))
+    assert sd2.family == "sd2"
+    with pytest.raises(models.ModelError, match="tried converting the single-file checkpoint .*Stable Diffusion 2.x .*predict v"):
+        models.load_pipeline(sd2)  # names what it is even where the conversion fails (here: no weights, no hub)
+    with pytest.raises(models.ModelError, match="is an SDXL checkpoint.*SD 1.5"):
+        models.check_source(_checkpoint(tmp_path / "xl.safetensors", unet_key, "conditioner.embedders.1.model.x"))
+    other = models.check_source(_checkpoint(tmp_path / "lora.safetensors", "lora_unet_down.weight"))
+    with pytest.raises(models.ModelError, match="not a Stable Diffusion checkpoint"):
+        models.load_pipeline(other)
+
+
+def test_pipelines_load_in_the_asked_dtype_and_never_from_pickles(tiny_model, tmp_path):
+    import shutil
+
+    pipe = models.load_pipeline(models.check_source(tiny_model), torch.bfloat16)
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    weights = next((pickled / "unet").glob("*.safetensors"))
+    torch.save({}, weights.with_suffix(".bin"))
+    weights.unlink()
+    with pytest.raises(models.ModelError, match=r"holds pickle weights \(unet/diffusion_pytorch_model.bin\).*not loaded"):
+        models.load_pipeline(models.check_source(pickled))
 

@@ -146,6 +146,16 @@ def choose_attention(unet, want_xformers: bool) -> str:
     return "PyTorch SDPA"
 
 
+def attention_summary(unet, chosen: str) -> str:
+    """`chosen`, and under xformers how many attention layers a method's own processor (prefix,
+    prompt: PyTorch SDPA with its extra keys and values) took over after it was set."""
+    if chosen != "xformers":
+        return chosen
+    names = [type(p).__name__ for p in unet.attn_processors.values()]
+    own = sum("XFormers" not in n for n in names)
+    return f"xformers ({own} of {len(names)} attention layers run the method's own processor on PyTorch SDPA)" if own else chosen
+
+
 @torch.no_grad()
 def encode_prompt(pipe, prompt: str, device) -> torch.Tensor:
     tokens = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -332,7 +342,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
 
     # 1. the base model
     events.phase("loading", message=f"loading {source.location}")
-    pipe = models.load_pipeline(source)
+    pipe = models.load_pipeline(source, weight_dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -372,9 +382,10 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
 
     # 3. the method, from the registry: attention first (xformers would replace prefix/prompt processors)
     attention = choose_attention(unet, args.enable_xformers_memory_efficient_attention)
+    handle = restuning.attach(unet, method_config)
+    attention = attention_summary(unet, attention)
     if accelerator.is_main_process:
         print(f"attention: {attention}", flush=True)
-    handle = restuning.attach(unet, method_config)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     cast_training_params(unet, dtype=torch.float32)

@@ -1,10 +1,12 @@
 """The base model: a hub id, a local diffusers folder, or a single-file `.safetensors` checkpoint.
 
     source = check_source(name_or_path)   # cheap: what kind it is, or ModelError saying what is missing
-    pipe = load_pipeline(source)          # StableDiffusionPipeline in fp32, no safety checker
+    pipe = load_pipeline(source, dtype)   # StableDiffusionPipeline in that dtype, no safety checker
 
-Pickle-based checkpoints (.ckpt, .bin, .pt) are refused: unpickling a downloaded file can run
-arbitrary code. Every error says what was tried and what is missing.
+Pickle-based checkpoints (.ckpt, .bin, .pt) are refused, in a folder or on the hub too
+(`use_safetensors=True`): unpickling a downloaded file can run arbitrary code. A single-file
+checkpoint is recognised from its safetensors header (no weights read): SD 1.x and 2.x load,
+SDXL is refused with a message. Every error says what was tried and what is missing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ModelError(RuntimeError):
 class ModelSource:
     kind: str  # folder | single-file | hub
     location: str  # resolved path, or the hub id
+    family: str = ""  # single files: what their header says they are (FAMILIES)
 
     def key(self) -> str:
         """What identifies these weights, for caches (class images): the id, or the path and the
@@ -59,15 +62,47 @@ def check_source(name_or_path: str | os.PathLike) -> ModelSource:
                              "use a .safetensors checkpoint or a diffusers folder")
         if path.suffix.lower() != ".safetensors":
             raise ModelError(f"{path.name}: a single-file model must be a .safetensors checkpoint")
-        return ModelSource("single-file", str(path.resolve()))
+        family = single_file_family(path)
+        if family == "sdxl":
+            raise ModelError(f"{path.name} is an SDXL checkpoint (two text encoders, another U-Net): this studio tunes "
+                             "Stable Diffusion 1.x and 2.x; use an SD 1.5 checkpoint or a diffusers folder of one")
+        return ModelSource("single-file", str(path.resolve()), family)
     if HUB_ID.match(text) and not text.endswith(".safetensors"):
         return ModelSource("hub", text)
     raise ModelError(f"base model {text!r} not found: it is not an existing folder or .safetensors file, "
                      "nor a hub id of the form owner/name")
 
 
-def load_pipeline(source: ModelSource):
-    """A StableDiffusionPipeline from the checked source (fp32; no safety checker is loaded)."""
+FAMILIES = {
+    "sd1": "Stable Diffusion 1.x (CLIP ViT-L text encoder)",
+    "sd2": "Stable Diffusion 2.x (OpenCLIP text encoder; 768-px 2.x models predict v, which the trainer follows "
+           "from the scheduler's prediction_type)",
+    "sdxl": "Stable Diffusion XL",
+    "unknown": "not a Stable Diffusion checkpoint this loader knows (no model.diffusion_model.* U-Net weights)",
+}
+
+
+def single_file_family(path: Path) -> str:
+    """sd1, sd2, sdxl or unknown, from the names in the file's safetensors header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path.name}: not a readable .safetensors file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        return "unknown"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    return "sd1"
+
+
+def load_pipeline(source: ModelSource, dtype=None):
+    """A StableDiffusionPipeline from the checked source in `dtype` (default fp32; no safety
+    checker is loaded). Loading in the run's precision saves holding an fp32 copy first."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -75,17 +110,26 @@ def load_pipeline(source: ModelSource):
     # Progress bars would fill a background run's log with carriage returns; events carry progress.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    common = {"safety_checker": None, "requires_safety_checker": False}
+    common = {"safety_checker": None, "requires_safety_checker": False, **({"dtype": dtype} if dtype is not None else {})}
+    if source.kind == "single-file" and source.family == "unknown":
+        raise ModelError(f"{Path(source.location).name}: {FAMILIES['unknown']}")
     try:
         if source.kind == "folder":
-            return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **common)
+            return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, use_safetensors=True, **common)
         if source.kind == "single-file":
             return StableDiffusionPipeline.from_single_file(source.location, **common)
-        return StableDiffusionPipeline.from_pretrained(source.location, **common)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as exc:
+        return StableDiffusionPipeline.from_pretrained(source.location, use_safetensors=True, **common)
+    # IndexError/AttributeError: what diffusers' single-file conversion raises on tensors of unexpected shapes.
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, IndexError, AttributeError) as exc:
+        if source.kind == "folder":
+            pickles = sorted(str(p.relative_to(source.location)) for p in Path(source.location).glob("*/*") if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise ModelError(f"the diffusers folder {source.location} holds pickle weights ({', '.join(pickles[:3])}) where "
+                                 ".safetensors are needed: they are not loaded (unpickling can run code); re-save the "
+                                 "pipeline with save_pretrained(..., safe_serialization=True)") from None
         tried = {
             "folder": f"loading the diffusers folder {source.location}",
-            "single-file": f"converting the single-file checkpoint {source.location} "
+            "single-file": f"converting the single-file checkpoint {source.location}, {FAMILIES.get(source.family, 'of unknown kind')} "
                            "(diffusers also needs the matching SD component configs, fetched from the hub or its cache)",
             "hub": f"the hub id {source.location} (from the local cache"
                    + (" only: HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else " or the hub") + ")",

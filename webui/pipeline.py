@@ -37,7 +37,7 @@ class StudioPipeline:
             if self._sampler is None:
                 from trainers.models import check_source, load_pipeline
 
-                pipe = load_pipeline(check_source(self.base.source)).to(self.device, inference_dtype(self.device))
+                pipe = load_pipeline(check_source(self.base.source), inference_dtype(self.device)).to(self.device)
                 pipe.set_progress_bar_config(disable=True)
                 self._sampler = Sampler(pipe)
             return self._sampler
