@@ -631,3 +631,61 @@ def test_pipelines_load_in_the_asked_dtype_and_never_from_pickles(tiny_model, tm
     with pytest.raises(models.ModelError, match=r"holds pickle weights \(unet/diffusion_pytorch_model.bin\).*not loaded"):
         models.load_pipeline(models.check_source(pickled))
 
+
+
+def test_a_diffusers_readme_command_line_runs_to_completion(tmp_path, capsys, monkeypatch):
+    # diffusers' examples/dreambooth/README.md, "Training with LoRA" (train_dreambooth_lora.py), as
+    # written there with the paths swapped for the demo model and the sizes cut to fit a test
+    # (resolution 512 -> 64, max_train_steps 500 -> 4, checkpointing_steps 100 -> 2, validation_epochs 50 -> 1).
+    # It asks for wandb and a push to the Hub: neither exists here, and each gets one line saying so.
+    out = tmp_path / "lora-dreambooth"
+    demo = Path(__file__).resolve().parents[1] / "assets"
+    command = f"""
+      --pretrained_model_name_or_path={demo / "demo-model"}
+      --instance_data_dir={demo / "concepts" / "star"}
+      --output_dir={out}
+      --instance_prompt="a sks shape"
+      --resolution=64
+      --train_batch_size=1
+      --gradient_accumulation_steps=1
+      --checkpointing_steps=2
+      --learning_rate=1e-4
+      --report_to="wandb"
+      --lr_scheduler="constant"
+      --lr_warmup_steps=0
+      --max_train_steps=4
+      --validation_prompt="A sks shape on a blue background"
+      --validation_epochs=1
+      --seed="0"
+      --push_to_hub
+    """
+    import shlex
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert dreambooth.main(shlex.split(command) + ["--method", "lora", "--num_inference_steps", "2"]) == 0
+    printed = capsys.readouterr()
+    assert "--report_to wandb: wandb is not installed" in printed.out
+    assert "--push_to_hub is not used: nothing is uploaded" in printed.out
+    summary = next(line for line in printed.out.splitlines() if line.startswith("done: "))
+    assert summary.startswith(f"done: 4 steps; in {out}: ")
+    assert "pytorch_lora_weights.safetensors (lora-diffusers)" in summary and "tuner.safetensors (tuner)" in summary
+    assert "training: 100%" in printed.err and "4/4" in printed.err  # the terminal's progress bar
+    events = read_events(out)
+    assert last_phase(events) == "done"
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2]
+    # validation every epoch: 5 star images at batch 1 make 5 steps an epoch, so only at the end
+    assert sorted({e["step"] for e in events if e["event"] == "sample"}) == [4]
+
+
+def test_tensorboard_gets_the_loss_and_background_logs_get_no_bar(tiny_model, instance_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_train(argv(tiny_model, instance_dir, out, "--max_train_steps", 3, "--report_to", "tensorboard"))
+    logs = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert logs, "tensorboard wrote no event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logs[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert "training:" not in err and "\r" not in err  # not a terminal: no progress bar redraws

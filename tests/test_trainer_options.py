@@ -162,3 +162,63 @@ def test_the_default_checkpoint_interval_fits_the_run():
     assert every("--max_train_steps", "3") == 1
     assert every("--max_train_steps", "10000") == 500
     assert every("--max_train_steps", "10000", "--checkpointing_steps", "7") == 7
+
+
+DIFFUSERS_LORA_OPTIONS = [  # every option of diffusers' examples/dreambooth/train_dreambooth_lora.py
+    "pretrained_model_name_or_path", "revision", "variant", "tokenizer_name", "instance_data_dir", "class_data_dir",
+    "instance_prompt", "class_prompt", "validation_prompt", "num_validation_images", "validation_epochs",
+    "with_prior_preservation", "prior_loss_weight", "num_class_images", "output_dir", "seed", "resolution", "center_crop",
+    "train_text_encoder", "train_batch_size", "sample_batch_size", "num_train_epochs", "max_train_steps",
+    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "gradient_accumulation_steps",
+    "gradient_checkpointing", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
+    "dataloader_num_workers", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "max_grad_norm", "push_to_hub", "hub_token", "hub_model_id", "logging_dir", "allow_tf32", "report_to", "mixed_precision",
+    "prior_generation_precision", "local_rank", "enable_xformers_memory_efficient_attention", "pre_compute_text_embeddings",
+    "tokenizer_max_length", "text_encoder_use_attention_mask", "validation_images", "class_labels_conditioning", "rank"]
+# ... and those train_dreambooth.py has beyond them
+DIFFUSERS_FULL_EXTRA = ["offset_noise", "snr_gamma", "set_grads_to_none", "skip_save_text_encoder", "validation_scheduler"]
+
+
+def test_every_option_of_diffusers_dreambooth_scripts_is_known():
+    dests = {a.dest for a in options.build_parser()._actions}
+    assert not set(DIFFUSERS_LORA_OPTIONS + DIFFUSERS_FULL_EXTRA) - dests
+
+
+@pytest.mark.parametrize("flag,why", [(["--train_text_encoder"], "tunes the U-Net only"),
+                                      (["--tokenizer_name", "x"], "the base model's own"),
+                                      (["--validation_images", "a.png"], "text-to-image"),
+                                      (["--class_labels_conditioning", "timesteps"], "SD U-Nets have none")])
+def test_options_that_would_train_something_else_are_refused(flag, why):
+    with pytest.raises(OptionError, match=f"--{flag[0][2:]} is refused: .*{why}"):
+        options.parse(BASE + flag)
+
+
+def test_epochs_become_steps_the_way_diffusers_counts_them(tmp_path, monkeypatch):
+    for i in range(5):
+        (tmp_path / f"{i}.png").write_bytes(b"")  # counted by name: image_files lists, the trainer checks later
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    base = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks dog"]
+    o = options.parse(base + ["--num_train_epochs", "3", "--train_batch_size", "2", "--validation_epochs", "2"])
+    assert (o.args.max_train_steps, o.args.validation_steps) == (3 * 3, 2 * 3)  # ceil(5 / 2) = 3 steps an epoch
+    o = options.parse(base + ["--num_train_epochs", "2", "--with_prior_preservation", "--class_prompt", "a dog",
+                              "--num_class_images", "8", "--train_batch_size", "2"])
+    assert o.args.max_train_steps == 2 * 4  # the larger set, as diffusers' dataset length is
+    assert options.parse(base + ["--num_train_epochs", "3", "--max_train_steps", "7"]).args.max_train_steps == 7
+    assert options.parse(base).args.max_train_steps == 400
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert options.parse(base + ["--num_train_epochs", "1"]).args.max_train_steps == 3  # 5 batches shared by 2 processes
+
+
+def test_scale_lr_and_offset_noise(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    o = options.parse(BASE + ["--learning_rate", "1e-4", "--scale_lr", "--train_batch_size", "3", "--gradient_accumulation_steps", "2"])
+    assert o.args.learning_rate == pytest.approx(1e-4 * 3 * 2 * 2) and o.args.scale_lr is False
+    assert options.parse(BASE + ["--offset_noise"]).args.noise_offset == 0.1
+    assert options.parse(BASE + ["--offset_noise", "--noise_offset", "0.05"]).args.noise_offset == 0.05
+
+
+def test_ignored_options_say_why():
+    o = options.parse(BASE + ["--push_to_hub", "--hub_model_id", "me/dog", "--dataloader_num_workers", "4", "--local_rank", "0"])
+    notes = options.compat_notes(o.args)
+    assert len(notes) == 4 and notes[0].startswith("--push_to_hub is not used: nothing is uploaded")
+    assert options.compat_notes(options.parse(BASE).args) == []

@@ -107,6 +107,8 @@ def check_inputs(args) -> tuple[list[Path], models.ModelSource, Path | None]:
     resume = find_checkpoint(Path(args.output_dir), args.resume_from_checkpoint)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise opts.OptionError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    if args.prior_generation_precision == "fp16" and not torch.cuda.is_available():
+        raise opts.OptionError("--prior_generation_precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
     if args.class_data_dir and not args.with_prior_preservation:
         raise opts.OptionError("--class_data_dir is only used with --with_prior_preservation")
     return instance_files, source, resume
@@ -157,10 +159,25 @@ def attention_summary(unet, chosen: str) -> str:
 
 
 @torch.no_grad()
-def encode_prompt(pipe, prompt: str, device) -> torch.Tensor:
-    tokens = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+def encode_prompt(pipe, prompt: str, device, max_length: int | None = None, use_attention_mask: bool = False) -> torch.Tensor:
+    tokens = pipe.tokenizer(prompt, padding="max_length", max_length=max_length or pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tokens.input_ids.to(device))[0]
+    mask = tokens.attention_mask.to(device) if use_attention_mask else None
+    return pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+
+def trackers(wanted: str) -> tuple[list[str] | str | None, list[str]]:
+    """accelerate's log_with for --report_to, and a note for each tracker whose package is missing."""
+    import importlib.util
+
+    if wanted == "none":
+        return None, []
+    if wanted == "all":
+        return "all", []
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml"}[wanted]
+    if importlib.util.find_spec(package) is None:
+        return None, [f"--report_to {wanted}: {package} is not installed, so nothing is reported to it (pip install {package})"]
+    return [wanted], []
 
 
 def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embeddings, num_instance: int, args,
@@ -323,10 +340,12 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     output_dir = Path(args.output_dir)
     instance_files, source, resume = check_inputs(args)
 
+    log_with, notes = trackers(args.report_to)
     try:
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                  mixed_precision=args.mixed_precision,
-                                  project_config=ProjectConfiguration(project_dir=str(output_dir)))
+                                  mixed_precision=args.mixed_precision, log_with=log_with,
+                                  project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                      logging_dir=str(output_dir / args.logging_dir)))
     except ValueError as exc:
         raise opts.OptionError(f"accelerate refused the setup: {exc}") from None
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -336,13 +355,19 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
             f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
             "without GPUs, set ACCELERATE_USE_CPU=1 (or choose the CPU in `accelerate config`)")
     events.enabled = accelerator.is_main_process
+    if accelerator.is_main_process:
+        for note in notes + opts.compat_notes(args):
+            print(note, flush=True)
+            events.emit("info", message=note)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
     result = TrainResult()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # 1. the base model
     events.phase("loading", message=f"loading {source.location}")
-    pipe = models.load_pipeline(source, weight_dtype)
+    pipe = models.load_pipeline(source, weight_dtype, revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -367,12 +392,16 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         class_dir = Path(args.class_data_dir) if args.class_data_dir else data.class_cache_dir(
             output_dir.resolve().parent, source.key(), args.class_prompt, args.resolution)
         events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}")
+        prior_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            args.prior_generation_precision, weight_dtype)
+        pipe.to(dtype=prior_dtype)
         # Every process makes its share (image i on process i mod N); the main one reports its own.
         data.ensure_class_images(
             pipe, class_dir, args.class_prompt, args.num_class_images, args.resolution, args.seed,
             batch_size=args.sample_batch_size, shard=(accelerator.process_index, accelerator.num_processes),
             progress=lambda done, total: events.phase("class-images", done=done, total=total), should_stop=stop.event.is_set,
             **sampling)
+        pipe.to(dtype=weight_dtype)
         accelerator.wait_for_everyone()
         if stop.agreed(accelerator):
             raise Cancelled
@@ -402,12 +431,13 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
                 attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling)
 
     # 4. prompts: the text encoder is frozen, so each prompt's embedding is computed once
-    limit = pipe.tokenizer.model_max_length
+    limit = args.tokenizer_max_length or pipe.tokenizer.model_max_length
     for prompt in filter(None, [args.instance_prompt, args.class_prompt if class_files else None]):
         if len(pipe.tokenizer(prompt).input_ids) > limit:
             events.emit("info", message=f"the prompt {prompt!r} is longer than the text encoder's {limit} tokens; its end is cut")
-    instance_emb = encode_prompt(pipe, args.instance_prompt, accelerator.device)
-    class_emb = encode_prompt(pipe, args.class_prompt, accelerator.device) if class_files else None
+    text = {"max_length": args.tokenizer_max_length, "use_attention_mask": args.text_encoder_use_attention_mask}
+    instance_emb = encode_prompt(pipe, args.instance_prompt, accelerator.device, **text)
+    class_emb = encode_prompt(pipe, args.class_prompt, accelerator.device, **text) if class_files else None
     dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
     latent_cache = data.LatentCache(vae) if args.cache_latents else None
 
@@ -425,8 +455,12 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     # The prepared scheduler steps once per process per optimiser step (diffusers does the same).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if log_with:
+        accelerator.init_trackers("restuning-dreambooth", config={k: v for k, v in vars(args).items()
+                                                                  if isinstance(v, (int, float, str, bool))})
 
     # Checkpoints hold the method's weights only, not the frozen base again.
     def save_hook(models_, weights, folder):
@@ -488,9 +522,21 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
             result.instance_losses.append(instance_value)
             extra = {"instance_loss": instance_value} if class_files else {}
             reporter.update(first + i, loss_value, lr_scheduler.get_last_lr()[0], seconds, hold=i < len(values) - 1, **extra)
+            if log_with:
+                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], **extra}, step=first + i)
+        if bar is not None:
+            bar.update(len(values))
+            bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
         pending.clear()
         pending_seconds.clear()
 
+    # A progress bar for a person at a terminal only: the studio's runs log to a file, where
+    # carriage-return redraws would be noise (events.jsonl carries their progress).
+    bar = None
+    if accelerator.is_main_process and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.max_train_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     unet.train()
     while step < args.max_train_steps:
         # With several processes, agreeing to stop is a collective: once every STOP_CHECK_STEPS steps.
@@ -548,6 +594,10 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         written.append(("model-card", artifacts.write_model_card(output_dir, options, method, source, step, samples, written)))
         for kind, path in written:
             events.emit("artifact", kind=kind, path=str(Path(path).relative_to(output_dir)))
+        if bar is not None:
+            bar.close()
+        print(f"done: {step} steps; in {output_dir}: " + ", ".join(f"{Path(p).relative_to(output_dir)} ({kind})" for kind, p in written),
+              flush=True)
         result.artifacts = written
         events.phase("done", step=step, artifacts=[str(Path(p).relative_to(output_dir)) for _, p in written])
     accelerator.wait_for_everyone()

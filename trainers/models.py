@@ -100,7 +100,7 @@ def single_file_family(path: Path) -> str:
     return "sd1"
 
 
-def load_pipeline(source: ModelSource, dtype=None):
+def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, variant: str | None = None):
     """A StableDiffusionPipeline from the checked source in `dtype` (default fp32; no safety
     checker is loaded). Loading in the run's precision saves holding an fp32 copy first."""
     from diffusers import StableDiffusionPipeline
@@ -111,14 +111,16 @@ def load_pipeline(source: ModelSource, dtype=None):
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     common = {"safety_checker": None, "requires_safety_checker": False, **({"dtype": dtype} if dtype is not None else {})}
+    hub = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
     if source.kind == "single-file" and source.family == "unknown":
         raise ModelError(f"{Path(source.location).name}: {FAMILIES['unknown']}")
     try:
         if source.kind == "folder":
-            return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, use_safetensors=True, **common)
+            return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, use_safetensors=True,
+                                                           **common, **hub)
         if source.kind == "single-file":
             return StableDiffusionPipeline.from_single_file(source.location, **common)
-        return StableDiffusionPipeline.from_pretrained(source.location, use_safetensors=True, **common)
+        return StableDiffusionPipeline.from_pretrained(source.location, use_safetensors=True, **common, **hub)
     # IndexError/AttributeError: what diffusers' single-file conversion raises on tensors of unexpected shapes.
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, IndexError, AttributeError) as exc:
         if source.kind == "folder":

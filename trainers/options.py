@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from restuning.methods import METHODS
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEFAULT_METHOD = "res-tuning"
+DEFAULT_STEPS = 400
 
 
 class OptionError(ValueError):
@@ -76,7 +78,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
            "each step still draws a fresh latent from it, so training is the same, only faster")
     a("--train_batch_size", type=int, default=1, help="instance images per step and process")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches accumulated into one optimiser step")
-    a("--max_train_steps", type=int, default=400, help="optimiser steps to train")
+    a("--max_train_steps", type=int, help="optimiser steps to train (default: from --num_train_epochs if given, else 400)")
     a("--learning_rate", type=float,
       help="peak learning rate (default: the method's recipe: the base model folder's demo_settings.json if it has one, "
            "else the registry's, e.g. 1e-4 for the tuners as in the paper, 5e-6 for full fine-tuning)")
@@ -106,6 +108,81 @@ def _common(parser: argparse.ArgumentParser) -> None:
       help="steps between resumable checkpoints (accelerate state); default: a quarter of --max_train_steps, at most 500")
     a("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
     a("--resume_from_checkpoint", help="'latest' or a checkpoint folder to continue from")
+
+
+COMPAT_GROUP = "diffusers script options"
+# Options of diffusers' train_dreambooth.py / train_dreambooth_lora.py that this trainer accepts
+# so their command lines run, without acting on them; the reason is printed when one is given.
+IGNORED = {
+    "push_to_hub": "nothing is uploaded (the trainer makes no network calls): upload the run folder with "
+                   "`huggingface-cli upload <repo> <output_dir>`",
+    "hub_token": "nothing is uploaded (see --push_to_hub)",
+    "hub_model_id": "nothing is uploaded (see --push_to_hub)",
+    "dataloader_num_workers": "each image is decoded once and its VAE latents are cached: there is no data loader to parallelise",
+    "pre_compute_text_embeddings": "always so: the text encoder is frozen and each prompt is encoded once",
+    "local_rank": "accelerate reads each process's rank from the launcher's environment",
+    "set_grads_to_none": "always so",
+    "skip_save_text_encoder": "the text encoder is never saved: no method here trains it",
+    "validation_scheduler": "validation samples use the base model's own scheduler",
+}
+# Options that would change what is trained in ways this trainer does not do: refused, with why.
+REFUSED = {
+    "train_text_encoder": "every method here tunes the U-Net only; text-encoder training is not supported",
+    "tokenizer_name": "the tokenizer is the base model's own; a different one would not match its text encoder",
+    "validation_images": "it is for image-conditioned pipelines (image variation, super-resolution); this trainer is text-to-image",
+    "class_labels_conditioning": "it is for U-Nets with class-label conditioning (DeepFloyd IF's upscaler); SD U-Nets have none",
+}
+REPORT_TO = ("none", "tensorboard", "wandb", "comet_ml", "all")
+
+
+def _compat(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(COMPAT_GROUP, "the rest of diffusers' DreamBooth options, so their command lines run")
+    a = group.add_argument
+    a("--revision", help="hub revision (branch, tag or commit) of the base model")
+    a("--variant", help="weight variant of the base model's files, e.g. fp16")
+    a("--num_train_epochs", type=int,
+      help="epochs to train when --max_train_steps is not given (an epoch: every instance image, or class image if more, once)")
+    a("--validation_epochs", type=int, help="epochs between validation samples (instead of --validation_steps)")
+    a("--scale_lr", action="store_true", help="multiply the learning rate by batch size x accumulation steps x processes")
+    a("--lr_num_cycles", type=int, default=1, help="hard restarts of the cosine_with_restarts schedule")
+    a("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
+    a("--prior_generation_precision", choices=("no", "fp32", "fp16", "bf16"),
+      help="precision of class-image generation (default: the run's; fp16 needs a GPU)")
+    a("--report_to", default="none", choices=REPORT_TO,
+      help="trackers for the loss and learning rate, through accelerate (tensorboard writes to <output_dir>/<logging_dir>)")
+    a("--logging_dir", default="logs", help="the trackers' folder inside the run folder")
+    a("--allow_tf32", action="store_true", help="TF32 matrix products on Ampere or newer GPUs (faster, slightly less exact)")
+    a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum)")
+    a("--text_encoder_use_attention_mask", action="store_true", help="pass the padding mask to the text encoder")
+    a("--offset_noise", action="store_true", help="diffusers' switch for offset noise: --noise_offset 0.1 unless one is given")
+    for name in ("push_to_hub", "pre_compute_text_embeddings", "set_grads_to_none", "skip_save_text_encoder", "train_text_encoder"):
+        a(f"--{name}", action="store_true", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
+    for name, kind in (("hub_token", str), ("hub_model_id", str), ("dataloader_num_workers", int), ("local_rank", int),
+                       ("validation_scheduler", str), ("tokenizer_name", str), ("class_labels_conditioning", str)):
+        a(f"--{name}", type=kind, help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
+    a("--validation_images", nargs="+", help=f"refused: {REFUSED['validation_images']}")
+
+
+def compat_notes(args: argparse.Namespace) -> list[str]:
+    """One line per accepted-but-ignored option that was given."""
+    return [f"--{name} is not used: {why}" for name, why in IGNORED.items() if _given(getattr(args, name, None))]
+
+
+def _given(value) -> bool:
+    return value is not None and value is not False  # 0 is a value given (--local_rank 0)
+
+
+def steps_per_epoch(args: argparse.Namespace) -> int:
+    """diffusers' count: batches of the larger of the instance and class sets, per process, per optimiser step."""
+    from .images import image_files
+
+    folder = Path(args.instance_data_dir or "")
+    examples = len(image_files(folder)) if folder.is_dir() else 0
+    if args.with_prior_preservation:
+        examples = max(examples, args.num_class_images)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(max(examples, 1) / args.train_batch_size)
+    return max(1, math.ceil(batches / world / args.gradient_accumulation_steps))
 
 
 def _field_type(cls: type, name: str) -> str:
@@ -153,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _common(parser)
+    _compat(parser)
     group = parser.add_argument_group("method options", "each applies to the methods named in brackets; lists are comma-separated")
     for name, owners in sorted(method_fields().items()):
         # Absent unless given, so the method's own default applies and an option given for a
@@ -263,7 +341,7 @@ def _check_config_value(action: argparse.Action, value) -> None:
         return
     if isinstance(value, str) and action.type in (int, float):
         return
-    if isinstance(action, argparse.BooleanOptionalAction):
+    if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:  # on/off flags, store_true too
         expected = (bool,)
     elif action.nargs == "+":
         expected = (list, str)
@@ -324,7 +402,25 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
     if args.output_dir is None:
         args.output_dir = str(config_path.parent) if config_path else f"{args.method}-dreambooth-model"
     method_config = _method_config(args)
+    for name, why in REFUSED.items():
+        if _given(getattr(args, name, None)):
+            raise OptionError(f"--{name} is refused: {why}")
+    for name in ("num_train_epochs", "validation_epochs", "train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise OptionError(f"--{name} must be a positive whole number, got {value}")
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch(args) if args.num_train_epochs else DEFAULT_STEPS
+    if args.validation_epochs is not None:
+        args.validation_steps = args.validation_epochs * steps_per_epoch(args)
+    if args.offset_noise and not args.noise_offset:
+        args.noise_offset = 0.1
     recipe = fill_recipe(args)
+    if args.scale_lr and args.learning_rate is not None:
+        factor = args.train_batch_size * args.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
+        args.learning_rate *= factor
+        args.scale_lr = False  # applied: a config written from these options must not scale again
+        recipe["learning_rate"] = f"{recipe.get('learning_rate', 'given')}, scaled x{factor} (--scale_lr)"
     check(args)
     for name in method_fields():
         if hasattr(args, name):

@@ -17,7 +17,7 @@ import typing
 import gradio as gr
 
 from restuning.methods import METHODS
-from trainers.options import OptionError, build_parser, from_dict, parse_value
+from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
 
 FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
 
@@ -28,7 +28,7 @@ STUDIO_SET = {"help", "config", "method", "pretrained_model_name_or_path", "inst
 MAIN = ("instance_prompt", "class_prompt", "with_prior_preservation", "max_train_steps", "learning_rate")
 # Short runs are what a studio user starts first: sample and checkpoint more often than the
 # trainer's command-line defaults (100 and 500 steps), so the live view shows images early.
-STUDIO_DEFAULTS = {"validation_steps": 50, "num_validation_images": 2, "checkpointing_steps": 100}
+STUDIO_DEFAULTS = {"validation_steps": 50, "num_validation_images": 2, "checkpointing_steps": 100, "max_train_steps": DEFAULT_STEPS}
 # What an empty optional box means, where it is not simply "not set".
 PLACEHOLDERS = {"learning_rate": "the method's own recipe (e.g. 1e-4; full fine-tuning 5e-6)"}
 
@@ -45,8 +45,9 @@ def method_choices() -> list[tuple[str, str]]:
 def trainer_actions() -> dict[str, argparse.Action]:
     """The trainer's common options by name (method options come from the registry instead)."""
     parser = build_parser()
-    method_group = next(g for g in parser._action_groups if g.title == "method options")
-    skip = {a.dest for a in method_group._group_actions} | STUDIO_SET
+    # Method options come from the registry; diffusers' script options are for command lines.
+    groups = [g for g in parser._action_groups if g.title in ("method options", COMPAT_GROUP)]
+    skip = {a.dest for g in groups for a in g._group_actions} | STUDIO_SET
     return {a.dest: a for a in parser._actions if a.dest not in skip}
 
 
