@@ -110,10 +110,13 @@ class RunInfo:
 
 
 def _read_json(path: Path) -> dict:
+    """The file's object; {} for a missing, unreadable or non-object file (one run's bad file
+    must not stop the listing or the scheduler)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -237,22 +240,25 @@ class JobRunner:
         `config` are the trainer's options as given. `batch` runs about to be submitted together
         count against the owner's limit at once, so a comparison is queued whole or not at all.
         """
-        self.check_owner_limit(owner, batch)
-        run_id, path = self.new_run_dir(label or str(config.get("method", "")))
-        try:
-            instance = path / INSTANCE_DIR
-            instance.mkdir()
-            for src, name in images:
-                if Path(name).name != name or name in ("", ".", ".."):
-                    raise JobError(f"unsafe image file name {name!r}")
-                shutil.copyfile(src, instance / name)
-            now = time.time()
-            _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now, "owner": owner})
-            self._write_config(path, dict(config))
-            EventLog(path).phase("queued")
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
+        # checked and queued under one lock: parallel submissions of one visitor cannot all pass
+        # the limit before any of them is counted
+        with self._lock:
+            self.check_owner_limit(owner, batch)
+            run_id, path = self.new_run_dir(label or str(config.get("method", "")))
+            try:
+                instance = path / INSTANCE_DIR
+                instance.mkdir()
+                for src, name in images:
+                    if Path(name).name != name or name in ("", ".", ".."):
+                        raise JobError(f"unsafe image file name {name!r}")
+                    shutil.copyfile(src, instance / name)
+                now = time.time()
+                _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now, "owner": owner})
+                self._write_config(path, dict(config))
+                EventLog(path).phase("queued")
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
         self.tick()
         return run_id
 
@@ -261,6 +267,7 @@ class JobRunner:
         it is listed, downloaded and sampled like a trained one."""
         from safetensors import safe_open
 
+        self.check_owner(owner)
         run_id, path = self.new_run_dir(label or "imported")
         try:
             shutil.copyfile(src, path / "tuner.safetensors")
@@ -361,8 +368,17 @@ class JobRunner:
                     return event["path"]
         return None
 
+    def check_owner(self, owner: str) -> None:
+        """On a shared studio every run belongs to a visitor: one without an id (an API client
+        that skipped the page's load event) could neither see nor cancel its runs, and no
+        per-visitor limit would hold it."""
+        if self.max_active_per_owner is not None and not owner:
+            raise JobError("this studio is shared and every run belongs to a visitor: open the studio's page "
+                           "(an API client calls the page's load endpoint first, in the same session)")
+
     def check_owner_limit(self, owner: str, batch: int = 1) -> None:
-        if not owner or self.max_active_per_owner is None:
+        self.check_owner(owner)
+        if self.max_active_per_owner is None:
             return
         active = sum(1 for r in self.list_runs() if r.owner == owner and r.status in ("queued", "running"))
         if active + batch > self.max_active_per_owner:
