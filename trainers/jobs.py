@@ -41,7 +41,7 @@ from pathlib import Path
 
 import psutil
 
-from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events
+from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events, scan_events
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "config.json"
@@ -99,6 +99,7 @@ class RunInfo:
     checkpoint: str | None = None
     owner: str = ""  # the visitor who started it (a shared studio); "" for runs made locally
     published: bool = False  # its owner shares it with every visitor (read-only)
+    skipped_events: int = 0  # malformed lines of events.jsonl, left out of `events`
 
     @property
     def method(self) -> str:
@@ -117,6 +118,12 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _time(job: dict, key: str) -> float:
+    """A time from job.json; 0 for anything else, so one bad file cannot break the sort of all."""
+    value = job.get(key, 0)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -199,7 +206,7 @@ class JobRunner:
         self._cancel_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._events_cache: dict[str, tuple[tuple[int, int], list]] = {}
+        self._events_cache: dict[str, tuple[tuple[int, int], tuple[list, int]]] = {}
         self._recover()
 
     # ---- paths -------------------------------------------------------------------------------
@@ -216,7 +223,7 @@ class JobRunner:
     def run_ids(self) -> list[str]:
         ids = [p.name for p in self.runs_dir.iterdir()
                if RUN_ID.match(p.name) and p.is_dir() and not p.is_symlink() and (p / JOB_FILE).exists()]
-        return sorted(ids, key=lambda i: (_read_json(self.runs_dir / i / JOB_FILE).get("created", 0), i))
+        return sorted(ids, key=lambda i: (_time(_read_json(self.runs_dir / i / JOB_FILE), "created"), i))
 
     # ---- submitting --------------------------------------------------------------------------
 
@@ -293,19 +300,24 @@ class JobRunner:
     # ---- status ------------------------------------------------------------------------------
 
     def events(self, run_id: str) -> list[dict]:
-        """The run's events, re-read only when the file changed (the UI polls every second)."""
+        """The run's well-formed events (trainers.events.scan_events)."""
+        return self.scanned_events(run_id)[0]
+
+    def scanned_events(self, run_id: str) -> tuple[list[dict], int]:
+        """(events, malformed lines skipped), re-read only when the file changed (the UI polls
+        every second)."""
         path = self.run_dir(run_id) / EVENTS_FILE
         try:
             st = path.stat()
             key = (st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
-            return []
+            return [], 0
         cached = self._events_cache.get(run_id)
         if cached and cached[0] == key:
             return cached[1]
-        events = read_events(path.parent)
-        self._events_cache[run_id] = (key, events)
-        return events
+        scanned = scan_events(path.parent)
+        self._events_cache[run_id] = (key, scanned)
+        return scanned
 
     def _alive(self, run_id: str, path: Path) -> bool:
         child = self._children.get(run_id)
@@ -320,13 +332,13 @@ class JobRunner:
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
             if last_phase(self.events(run_id)) == "queued" and not (path / PROCESS_FILE).exists():
-                waiting.append((_read_json(path / JOB_FILE).get("queued_at", 0), run_id))
+                waiting.append((_time(_read_json(path / JOB_FILE), "queued_at"), run_id))
         return [run_id for _, run_id in sorted(waiting)]
 
     def info(self, run_id: str, *, queue: list[str] | None = None) -> RunInfo:
         path = self.run_dir(run_id)
         job = _read_json(path / JOB_FILE)
-        events = self.events(run_id)
+        events, skipped = self.scanned_events(run_id)
         phase = last_phase(events)
         alive = self._alive(run_id, path)
         if phase in FINAL_PHASES:
@@ -338,10 +350,11 @@ class JobRunner:
         else:
             # started, not alive, no final word: the process died while nobody watched
             status = "failed"
-        info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=job.get("label", ""),
-                       group=job.get("group", ""), created=job.get("created", 0.0), device=job.get("device", ""),
+        info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=str(job.get("label", "")),
+                       group=str(job.get("group", "")), created=_time(job, "created"), device=str(job.get("device", "")),
                        config=_read_json(path / CONFIG_FILE), events=events, alive=alive,
-                       owner=str(job.get("owner", "")), published=bool(job.get("published", False)))
+                       owner=str(job.get("owner", "")), published=bool(job.get("published", False)),
+                       skipped_events=skipped)
         if status == "queued":
             waiting = self.queue() if queue is None else queue
             info.position = waiting.index(run_id) + 1 if run_id in waiting else None
@@ -499,7 +512,13 @@ class JobRunner:
                 device = next((d for d in self.devices if busy.get(d, 0) < self.per_device), None)
                 if device is None:
                     break
-                self._launch(run_id, device)
+                try:
+                    self._launch(run_id, device)
+                except (OSError, ValueError, TypeError) as exc:
+                    # this run cannot start (its folder is damaged): it fails alone, the queue goes on
+                    EventLog(self.runs_dir / run_id).phase("failed", error=f"the run could not start: {exc}",
+                                                           hint="start a new run; this one's folder is damaged")
+                    continue
                 busy[device] = busy.get(device, 0) + 1
 
     def _busy_devices(self) -> dict[str, int]:
