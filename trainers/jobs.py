@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -51,6 +52,16 @@ LOG_FILE = "train.log"
 INSTANCE_DIR = "instance"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 LOG_TAIL_LINES = 30
+
+
+MEMORY_SHARE = 0.8  # of the machine's memory, for all the CPU runs one device holds at once
+
+
+def default_memory_limit(per_device: int = 1) -> int:
+    """Bytes of address space one CPU run may take: its share of the machine's memory, so a run
+    asking for too much fails alone (with the trainer's out-of-memory message) instead of
+    driving the host, and the studio serving it, into swapless exhaustion."""
+    return int(psutil.virtual_memory().total * MEMORY_SHARE / max(1, per_device))
 
 
 class JobError(ValueError):
@@ -136,7 +147,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24].strip("-") or "run"
 
 
-def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+LAUNCHER_ERROR = re.compile(r"^subprocess\.CalledProcessError: ")
+MEMORY_WORDS = re.compile(r"MemoryError|can't allocate memory|Cannot allocate memory|out of memory", re.I)
+SIGNAL_DEATH = re.compile(r"died with <Signals\.(\w+): (\d+)>")
+
+
+def _log_lines(run_dir: Path) -> list[str]:
     path = Path(run_dir) / LOG_FILE
     if not path.exists():
         return []
@@ -145,7 +161,32 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
         f.seek(max(0, f.tell() - 64 * 1024))
         text = f.read().decode("utf-8", errors="replace")
     # tqdm-style progress rewrites a line with carriage returns: keep what the line ended as
-    return [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()][-lines:]
+    return [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()]
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The log's last lines without `accelerate launch`'s own traceback: when the trainer fails,
+    the launcher re-raises its exit status as a CalledProcessError, which says nothing the
+    trainer did not (and shows the server's paths); how the process ended is in its phase."""
+    text = _log_lines(run_dir)
+    for end in range(len(text) - 1, -1, -1):
+        if LAUNCHER_ERROR.match(text[end]):
+            start = next((i for i in range(end, -1, -1) if text[i].startswith("Traceback (most recent call last)")), end)
+            text = text[:start] + text[end + 1:]
+            break
+    return text[-lines:]
+
+
+def how_it_ended(run_dir: Path, returncode: int | None) -> str:
+    """'killed (signal 9)' for a process killed by a signal, whether the launcher we started or
+    the trainer it started (the launcher then exits with 1 and names the signal in its log)."""
+    if returncode is not None and returncode < 0:
+        return f"killed (signal {-returncode})"
+    for line in reversed(_log_lines(run_dir)[-LOG_TAIL_LINES:]):
+        found = SIGNAL_DEATH.search(line)
+        if found:
+            return f"killed (signal {found.group(2)})"
+    return f"exit code {returncode}" if returncode is not None else "it was gone when the studio started"
 
 
 def _process_alive(record: dict) -> bool:
@@ -188,11 +229,16 @@ def _group_has_live_member(pgid: int) -> bool:
 class JobRunner:
     def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
                  command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5,
-                 max_active_per_owner: int | None = None, unguessable_ids: bool = False):
+                 max_active_per_owner: int | None = None, unguessable_ids: bool = False,
+                 memory_limit: int | None = -1):
+        """`memory_limit`: bytes of address space per CPU run (-1: default_memory_limit, None:
+        no cap). CUDA runs are not capped this way: the CUDA driver reserves address space far
+        beyond any memory it uses."""
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) if devices else detect_devices()
         self.per_device = max(1, int(per_device))
+        self.memory_limit = default_memory_limit(self.per_device) if memory_limit == -1 else memory_limit
         self.command = command
         self.poll_seconds = poll_seconds
         self.kill_after = kill_after
@@ -358,11 +404,17 @@ class JobRunner:
         if status == "queued":
             waiting = self.queue() if queue is None else queue
             info.position = waiting.index(run_id) + 1 if run_id in waiting else None
+        final = next((e for e in reversed(events) if e.get("event") == "phase"), {})
         if status == "failed":
-            final = next((e for e in reversed(events) if e.get("event") == "phase"), {})
             info.error = str(final.get("error") or "the training process stopped without reporting why")
             info.hint = str(final.get("hint") or "")
-        if status in ("failed", "cancelled"):
+            limit = _read_json(path / PROCESS_FILE).get("memory_limit")
+            if isinstance(limit, int) and MEMORY_WORDS.search(info.error + "\n" + "\n".join(log_tail(path, 5))):
+                info.hint = (f"each run on this machine may use at most {limit / 2**30:.1f} GB of memory; "
+                             + (info.hint or "lower the resolution, the batch size or the number of validation images"))
+        # the trainer's own error and hint say what went wrong; the log's last lines are shown when
+        # nothing else does (a process that died without a word: the runner's event carries them)
+        if status == "cancelled" or (status == "failed" and (final.get("phase") != "failed" or "log_tail" in final)):
             info.log_tail = log_tail(path)
         info.checkpoint = self._last_checkpoint(path, events)
         info.resumable = status in ("failed", "cancelled") and info.checkpoint is not None and not alive
@@ -497,7 +549,7 @@ class JobRunner:
                 if child.poll() is not None and not (ours and _process_alive(record)):
                     del self._children[run_id]
                     if ours:
-                        self._finish(run_id, f"exit code {child.returncode}")
+                        self._finish(run_id, how_it_ended(self.runs_dir / run_id, child.returncode))
             for run_id, since in list(self._cancel_at.items()):
                 path = self.runs_dir / run_id
                 record = _read_json(path / PROCESS_FILE)
@@ -556,15 +608,30 @@ class JobRunner:
             child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self._children[run_id] = child
+        limit = self._cap_memory(child.pid) if device == "cpu" else None
         try:
             create_time = psutil.Process(child.pid).create_time()
         except psutil.Error:
             create_time = 0.0
         _write_json(path / PROCESS_FILE, {"pid": child.pid, "create_time": create_time, "device": device,
-                                          "started": time.time(), "command": cmd})
+                                          "started": time.time(), "command": cmd, "memory_limit": limit})
         job = _read_json(path / JOB_FILE)
         job["device"] = device
         _write_json(path / JOB_FILE, job)
+
+    def _cap_memory(self, pid: int) -> int | None:
+        """Set the run's address-space limit from outside (prlimit), not in a preexec_fn, which is
+        unsafe in a threaded server; it is set while `nice` and the launcher are still starting,
+        and the trainer process they start inherits it."""
+        if not self.memory_limit:
+            return None
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = self.memory_limit if hard == resource.RLIM_INFINITY else min(self.memory_limit, hard)
+        try:
+            resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+        except (OSError, ValueError):
+            return None
+        return soft
 
     def _finish(self, run_id: str, how: str) -> None:
         """A process ended: if the trainer did not write a final phase, write one for it."""
@@ -587,7 +654,7 @@ class JobRunner:
             record = _read_json(path / PROCESS_FILE)
             phase = last_phase(read_events(path))
             if record and phase not in FINAL_PHASES and not _process_alive(record):
-                self._finish(run_id, "it was gone when the studio started")
+                self._finish(run_id, how_it_ended(path, None))
             elif record and _read_json(path / JOB_FILE).get("cancel_requested") and _process_alive(record):
                 self._cancel_at[run_id] = time.monotonic()
 
