@@ -19,6 +19,7 @@ from .images import ImageError, check_image
 MAX_FILES = 50
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_TUNER_BYTES = 4 * 1024 * 1024 * 1024  # a full fine-tune of SD v1.5 in fp32 is 3.4 GB
+SHARED_MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # a shared studio: any tuner but a full fine-tune
 MAX_NAME_CHARS = 120
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
@@ -88,6 +89,16 @@ def check_images(paths: list[str | os.PathLike] | None, *, max_files: int = MAX_
     if problems:
         raise UploadError(f"{len(problems)} of {len(paths)} files cannot be used:\n" + "\n".join(problems))
     return checked
+
+
+def discard(paths, upload_dir: str | os.PathLike) -> None:
+    """Delete refused uploads, but only files inside `upload_dir` (where the web server stores
+    what browsers send): a path that names anything else (an example image) is left alone."""
+    root = Path(upload_dir).resolve()
+    for path in paths or []:
+        path = Path(path)
+        if path.resolve().is_relative_to(root) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 def check_tuner_file(path: str | os.PathLike, base_unet, *, max_bytes: int = MAX_TUNER_BYTES):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import html
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
-from trainers.uploads import check_name, check_tuner_file
+from trainers.uploads import check_name, check_tuner_file, discard
 
 from . import live, visitors
 from .errors import friendly
@@ -154,11 +155,13 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
         return run_id, None, None
 
     def try_import(path, name, who):
-        """A refused file is named in a warning and cleared from the box, ready for the next try."""
+        """A refused file is named in a warning, deleted and cleared from the box, ready for the next try."""
         try:
             return friendly(do_import)(path, name, who)
         except gr.Error as exc:
             gr.Warning(exc.message)
+            if path:
+                discard([path], get_upload_folder())
             return gr.skip(), gr.skip(), None
 
     import_button.click(try_import, [upload, import_name, owner], [selected, shown, upload])

@@ -11,9 +11,10 @@ from __future__ import annotations
 import secrets
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from restuning.methods import METHODS
-from trainers.uploads import check_images
+from trainers.uploads import check_images, discard
 
 from . import forms, live, visitors
 from .errors import friendly
@@ -108,16 +109,18 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="live-log")
 
     def on_upload(paths):
-        """Preview what passed; a refused batch is named file by file and nothing is previewed."""
+        """Preview what passed; a refused batch is named file by file, deleted from the server and
+        cleared from the box, and nothing is previewed."""
         if not paths:
-            return gr.Gallery(value=None, visible=False)
+            return gr.skip(), gr.Gallery(value=None, visible=False)
         try:
-            return gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
+            return gr.skip(), gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
         except gr.Error as exc:
             gr.Warning(exc.message, duration=None)
-            return gr.Gallery(value=None, visible=False)
+            discard(paths, get_upload_folder())
+            return None, gr.Gallery(value=None, visible=False)
 
-    files.upload(on_upload, files, preview, show_progress="hidden")
+    files.upload(on_upload, files, [files, preview], show_progress="hidden")
     if examples:
         # "sks" is the rare token and "shape" the class the demo model knows; prior preservation
         # keeps "a shape" meaning the shapes it already draws. On the demo model the example also

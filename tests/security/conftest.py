@@ -16,6 +16,6 @@ def shared_studio(tmp_path):
     runner = make_runner(tmp_path / "runs", max_active_per_owner=2, unguessable_ids=True)
     demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test", shared=True)
     port = free_port()
-    demo.launch(prevent_thread_lock=True, quiet=True, **webui.launch_options(runner, "127.0.0.1", port))
+    demo.launch(prevent_thread_lock=True, quiet=True, **webui.launch_options(runner, "127.0.0.1", port, shared=True))
     yield f"http://127.0.0.1:{port}", runner
     demo.close()
