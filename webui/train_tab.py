@@ -65,9 +65,9 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
                                        for name, paths in examples.items()}
             with gr.Row():
                 trainer_comps["instance_prompt"] = gr.Textbox(
-                    label="Instance prompt", placeholder="a photo of sks star", elem_id="instance-prompt",
+                    label="Instance prompt", placeholder=base.prompts[0], elem_id="instance-prompt",
                     info="names the concept with a rare token (sks) plus its class")
-                trainer_comps["class_prompt"] = gr.Textbox(label="Class prompt (optional)", placeholder="a photo of a star",
+                trainer_comps["class_prompt"] = gr.Textbox(label="Class prompt (optional)", placeholder=base.prompts[1],
                                                            info=actions["class_prompt"].help)
             trainer_comps["with_prior_preservation"] = forms.component_for_action(actions["with_prior_preservation"])
             method = gr.Radio(choices=forms.method_choices(), value=forms.method_names()[0], label="Method",
@@ -182,7 +182,7 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
         # each part is sent only when what it shows changed: a tick that only adds a loss point
         # redraws the plot and the progress bar, not the gallery (an open page that watches a
         # run costs every other page load on the machine its redraws)
-        now = {"run": (run_id, info.status, info.position, mine, info.resumable), "events": len(info.events),
+        now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable), "events": len(info.events),
                "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
         before = last if isinstance(last, dict) else {}
         if now == before:
