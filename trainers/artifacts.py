@@ -86,12 +86,14 @@ def write_model_card(output_dir: Path, options, method, source, step: int, sampl
         "",
         "| option | value |",
         "|---|---|",
-        *(f"| {name} | {table_cell(getattr(args, name))} |" for name in SETTINGS + (PRIOR_SETTINGS if args.with_prior_preservation else ())
+        *(f"| {name} | {table_cell(getattr(args, name))} |"
+          for name in SETTINGS + (PRIOR_SETTINGS if args.with_prior_preservation else ())
           if getattr(args, name, None) is not None),
         "",
     ]
     if samples:
-        lines += ["## Samples", "", f"Validation prompt(s): {', '.join(code_span(p) for p in args.validation_prompt)}, seed {args.seed}.", ""]
+        prompts = ", ".join(code_span(p) for p in args.validation_prompt)
+        lines += ["## Samples", "", f"Validation prompt(s): {prompts}, seed {args.seed}.", ""]
         lines += [f"![sample]({Path(p).relative_to(output_dir).as_posix()})" for p in samples] + [""]
     lines += ["## Files and how to load them", ""]
     for kind, path in written:

@@ -92,5 +92,6 @@ def launch_options(runner, host: str, port: int, shared: bool = False) -> dict:
     # private so that nothing in it is served directly (webui.files)
     return {"server_name": host, "server_port": port, "allowed_paths": [str(runner.runs_dir), str(EXAMPLE_CONCEPTS)],
             "app_kwargs": {"middleware": [files.private(runner.runs_dir)]},
-            "max_file_size": SHARED_MAX_UPLOAD_BYTES if shared else MAX_TUNER_BYTES, "css": CSS, "theme": THEME, "show_error": False,
+            "max_file_size": SHARED_MAX_UPLOAD_BYTES if shared else MAX_TUNER_BYTES,
+            "css": CSS, "theme": THEME, "show_error": False,
             "footer_links": ["gradio"]}

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from tests.test_jobs import FAKE, images, make_runner, wait_for  # noqa: F401 (images is a fixture)
+from tests.test_jobs import FAKE, make_runner, wait_for
 from trainers.jobs import JobRunner, default_memory_limit
 from webui import live, runs_tab
 
