@@ -19,6 +19,3 @@ def shared_studio(tmp_path):
     demo.launch(prevent_thread_lock=True, quiet=True, **webui.launch_options(runner, "127.0.0.1", port, shared=True))
     yield f"http://127.0.0.1:{port}", runner
     demo.close()
-
-
-from tests.e2e.conftest import browser  # noqa: E402,F401 (the browser tests' Chromium, for tests here)

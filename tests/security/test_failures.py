@@ -9,6 +9,7 @@ import sys
 import time
 
 from tests.test_jobs import FAKE, make_runner, wait_for
+from trainers.events import last_phase
 from trainers.jobs import JobRunner, default_memory_limit
 from webui import live, runs_tab
 
@@ -18,6 +19,18 @@ LAUNCHER = "import subprocess, sys; subprocess.run(sys.argv[1:], check=True)"
 
 def launched(config_path, config, device):
     return [sys.executable, "-c", LAUNCHER, sys.executable, str(FAKE), "--config", str(config_path)]
+
+
+def ended(runner, run_id, timeout=20.0):
+    """The run once its final phase is written (a process that just died is `failed` a moment
+    before the runner reaps it and writes how it ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runner.tick()
+        if last_phase(runner.events(run_id)) in ("failed", "done", "cancelled"):
+            return runner.info(run_id)
+        time.sleep(0.05)
+    raise AssertionError(f"{run_id} has no final phase")
 
 
 def shown(info) -> str:
@@ -45,7 +58,7 @@ def test_a_killed_run_says_it_was_killed(tmp_path, images):
         time.sleep(0.05)
     trainer = next(e["pid"] for e in runner.events(run_id) if e.get("pid"))
     os.kill(trainer, signal.SIGKILL)  # the trainer, under the launcher: as the OOM killer or a kill -9 does
-    info = wait_for(runner, run_id, {"failed"})
+    info = ended(runner, run_id)
     assert "killed (signal 9)" in info.error and "exit code" not in info.error
     assert "CalledProcessError" not in shown(info)
     direct = make_runner(tmp_path / "direct")
@@ -54,14 +67,14 @@ def test_a_killed_run_says_it_was_killed(tmp_path, images):
     while not (direct.run_dir(run_id) / "process.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(json.loads((direct.run_dir(run_id) / "process.json").read_text())["pid"], signal.SIGKILL)
-    assert "killed (signal 9)" in wait_for(direct, run_id, {"failed"}).error
+    assert "killed (signal 9)" in ended(direct, run_id).error
 
 
 def test_a_run_over_its_memory_cap_fails_alone_saying_so(tmp_path, images):
     runner = make_runner(tmp_path / "runs", memory_limit=1 << 30)
     greedy = runner.submit({"max_train_steps": 2, "fake_reserve_mb": 4096}, images)
     modest = runner.submit({"max_train_steps": 2}, images)
-    info = wait_for(runner, greedy, {"failed", "done"})
+    info = ended(runner, greedy)
     assert info.status == "failed" and "at most 1.0 GB of memory" in info.hint
     assert wait_for(runner, modest, {"failed", "done"}).status == "done"
     assert 0 < default_memory_limit() < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,6 +1,7 @@
-"""Two visitors in two browsers, and a restart (issue 13, items 1-3 as a visitor meets them): a
-run one visitor imports is not the other's, and its owner still has it after the studio
-restarts (the BrowserState key is kept in the runs folder)."""
+"""Two visitors in two browsers, and a restart (issue 13, items 1-3 as a visitor meets them; the
+rest of that issue's tests are in tests/security/): a run one visitor imports is not the other's,
+and its owner still has it after the studio restarts (the BrowserState key is kept in the runs
+folder)."""
 
 import pytest
 
