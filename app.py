@@ -66,7 +66,7 @@ def main(argv=None) -> None:
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     if args.where.space_id and not args.where.persistent:
         print("Res-Tuning Studio: no persistent storage at /data: runs vanish when the Space restarts (docs/space.md)")
-    demo.launch(**webui.launch_options(runner, args.host, args.port))
+    demo.launch(**webui.launch_options(runner, args.host, args.port, shared=args.shared))
 
 
 if __name__ == "__main__":

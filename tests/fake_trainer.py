@@ -3,10 +3,12 @@
 SIGTERM checkpoints, writes `cancelled` and exits. Extra config keys steer it in tests:
 fake_step_seconds (pace), fake_crash_at (step at which it dies without a word), fake_save_seconds
 (time the checkpoint on SIGTERM takes), fake_report_env (environment variables it reports in its
-info event)."""
+info event), fake_reserve_mb (address space it reserves at start, untouched), fake_fail_with (an
+error it reports as the real trainer does, then exits 1). Its info event carries its pid."""
 
 import argparse
 import json
+import mmap
 import os
 import signal
 import sys
@@ -46,8 +48,14 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     log.phase("loading")
     print("fake trainer: loading", flush=True)
-    log.emit("info", trainable_params=1234, method=config.get("method"),
+    log.emit("info", trainable_params=1234, method=config.get("method"), pid=os.getpid(),
              env={name: os.environ.get(name) for name in config.get("fake_report_env", [])})
+    if config.get("fake_reserve_mb"):
+        mmap.mmap(-1, int(config["fake_reserve_mb"]) * 2**20)
+    if config.get("fake_fail_with"):
+        print(f"error: {config['fake_fail_with']}", file=sys.stderr, flush=True)
+        log.phase("failed", error=config["fake_fail_with"], hint="fix the input and start again")
+        sys.exit(1)
     log.phase("training")
     while step < total:
         time.sleep(pace)

@@ -16,7 +16,7 @@ from trainers.sampling import Settings, read_png_settings
 from webui import compare_tab, generate_tab, pipeline, visitors
 from webui.model import describe
 
-ALICE, BOB = "a" * 32, "b" * 32
+ALICE, BOB = visitors.owner_id("a" * 32), visitors.owner_id("b" * 32)
 
 
 @pytest.fixture(scope="module")

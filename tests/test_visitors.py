@@ -7,13 +7,15 @@ from tests.test_jobs import images, make_runner, wait_for  # noqa: F401 (images 
 from trainers.jobs import JobError
 from webui import visitors
 
-ALICE, BOB = visitors.new_owner(), visitors.new_owner()
+ALICE, BOB = (visitors.owner_id(visitors.new_secret()) for _ in range(2))
 
 
-def test_owner_ids_are_random_and_checked():
-    assert ALICE != BOB and visitors.checked_owner(ALICE) == ALICE
-    for bad in (None, "", "../x", "A" * 32, 42):
-        assert visitors.checked_owner(bad) is None
+def test_visitor_secrets_are_random_and_checked():
+    secret = visitors.new_secret()
+    assert secret != visitors.new_secret() and visitors.checked_secret(secret) == secret
+    assert ALICE != BOB and visitors.OWNER.match(ALICE)
+    for bad in (None, "", "../x", "A" * 32, 42, ALICE):
+        assert visitors.checked_secret(bad) is None
 
 
 def test_each_visitor_sees_and_controls_only_their_own_runs(tmp_path, images):

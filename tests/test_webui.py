@@ -72,10 +72,13 @@ def test_the_ui_offers_every_trainer_option_and_every_method_field(tmp_path):
     runner = JobRunner(tmp_path / "runs", devices=["cpu"])
     demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test")
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
-    missing = [name for name in forms.trainer_actions() if name not in labels and name not in forms.MAIN]
+    infos = " ".join(str(getattr(block, "info", "")) for block in demo.blocks.values())
+    missing = [name for name in forms.trainer_actions() if f"(--{name})" not in infos and name not in forms.MAIN]
     assert not missing
     for method in METHODS.values():
-        assert {f.name for f in forms.dataclasses.fields(method.config)} <= labels
+        assert all(f"(--{f.name})" in infos for f in forms.dataclasses.fields(method.config))
+    assert not {"with_prior_preservation", "max_train_steps", "learning_rate"} & labels, "human labels"
+    assert {"Prior preservation", "Training steps", "Learning rate"} <= labels
 
 
 def test_the_page_holds_the_train_tab_and_builds_the_others_on_their_first_visit(tmp_path):

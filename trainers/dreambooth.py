@@ -647,7 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         except opts.OptionError as exc:
             run_dir = _run_dir(argv)
             if run_dir is not None and is_main:
-                EventLog(run_dir).phase("failed", error=str(exc), hint="fix the option and start again")
+                try:
+                    EventLog(run_dir).phase("failed", error=str(exc), hint="fix the option and start again")
+                except OSError:  # the folder is what is wrong (the message says so): nowhere to log it
+                    pass
             print(f"error: {exc}", file=sys.stderr)
             return 2
         events = EventLog(options.args.output_dir, enabled=is_main)

@@ -49,21 +49,61 @@ class EventLog:
         return self.emit("phase", phase=phase, **fields)
 
 
-def read_events(run_dir: str | os.PathLike) -> list[dict]:
-    """All complete events of a run; a half-written last line (a writer mid-append) is skipped."""
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# what the readers of each kind rely on; a line that breaks it is skipped like unreadable JSON
+SHAPES = {
+    "phase": lambda e: e.get("phase") in PHASES,
+    "step": lambda e: all(_number(e.get(k)) for k in ("step", "total", "loss"))
+    and all(_number(e[k]) for k in ("lr", "sec_per_step", "eta_sec", "instance_loss") if k in e),
+    "sample": lambda e: _strings(e.get("paths", [])),
+    "checkpoint": lambda e: isinstance(e.get("path"), str),
+    "artifact": lambda e: isinstance(e.get("kind"), str) and isinstance(e.get("path"), str),
+}
+
+
+def well_formed(event) -> bool:
+    """An object with a string `event`, and for the kinds the studio reads, fields of the types
+    it reads them as (other kinds are free, as `info` is)."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return False
+    shape = SHAPES.get(event["event"])
+    return shape is None or shape(event)
+
+
+def scan_events(run_dir: str | os.PathLike) -> tuple[list[dict], int]:
+    """(the run's well-formed events, how many complete lines were skipped as malformed). A
+    half-written last line (a writer mid-append) is neither read nor counted."""
     path = Path(run_dir) / EVENTS_FILE
-    if not path.exists():
-        return []
-    events = []
-    with open(path, encoding="utf-8") as f:
+    events, skipped = [], 0
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return events, skipped
+    with f:
         for line in f:
-            if not line.endswith("\n"):
+            if not line.endswith(b"\n"):
                 break
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return events
+                event = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                event = None
+            if well_formed(event):
+                events.append(event)
+            elif line.strip():
+                skipped += 1
+    return events, skipped
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict]:
+    """All complete, well-formed events of a run (scan_events also counts the skipped lines)."""
+    return scan_events(run_dir)[0]
 
 
 def last_phase(events: list[dict]) -> str | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image, ImageOps
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -119,8 +120,19 @@ def check_folder(folder: str | os.PathLike) -> list[ImageInfo]:
     return infos
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (Pillow's I;16 modes, or I) scaled to 8-bit L: Pillow's own convert clips
+    such values at 255, which turns almost every pixel white. 16-bit RGB PNGs already open as
+    8-bit RGB."""
+    if not img.mode.startswith("I"):
+        return img
+    levels = np.asarray(img, dtype=np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with any transparency composited onto white."""
+    img = to_8bit(img)
     if "A" in img.getbands() or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import psutil
 
-from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events
+from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events, scan_events
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "config.json"
@@ -51,6 +52,16 @@ LOG_FILE = "train.log"
 INSTANCE_DIR = "instance"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 LOG_TAIL_LINES = 30
+
+
+MEMORY_SHARE = 0.8  # of the machine's memory, for all the CPU runs one device holds at once
+
+
+def default_memory_limit(per_device: int = 1) -> int:
+    """Bytes of address space one CPU run may take: its share of the machine's memory, so a run
+    asking for too much fails alone (with the trainer's out-of-memory message) instead of
+    driving the host, and the studio serving it, into swapless exhaustion."""
+    return int(psutil.virtual_memory().total * MEMORY_SHARE / max(1, per_device))
 
 
 class JobError(ValueError):
@@ -99,6 +110,7 @@ class RunInfo:
     checkpoint: str | None = None
     owner: str = ""  # the visitor who started it (a shared studio); "" for runs made locally
     published: bool = False  # its owner shares it with every visitor (read-only)
+    skipped_events: int = 0  # malformed lines of events.jsonl, left out of `events`
 
     @property
     def method(self) -> str:
@@ -110,10 +122,19 @@ class RunInfo:
 
 
 def _read_json(path: Path) -> dict:
+    """The file's object; {} for a missing, unreadable or non-object file (one run's bad file
+    must not stop the listing or the scheduler)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _time(job: dict, key: str) -> float:
+    """A time from job.json; 0 for anything else, so one bad file cannot break the sort of all."""
+    value = job.get(key, 0)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -126,7 +147,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24].strip("-") or "run"
 
 
-def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+LAUNCHER_ERROR = re.compile(r"^subprocess\.CalledProcessError: ")
+MEMORY_WORDS = re.compile(r"MemoryError|can't allocate memory|Cannot allocate memory|out of memory", re.I)
+SIGNAL_DEATH = re.compile(r"died with <Signals\.(\w+): (\d+)>")
+
+
+def _log_lines(run_dir: Path) -> list[str]:
     path = Path(run_dir) / LOG_FILE
     if not path.exists():
         return []
@@ -135,7 +161,32 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
         f.seek(max(0, f.tell() - 64 * 1024))
         text = f.read().decode("utf-8", errors="replace")
     # tqdm-style progress rewrites a line with carriage returns: keep what the line ended as
-    return [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()][-lines:]
+    return [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()]
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The log's last lines without `accelerate launch`'s own traceback: when the trainer fails,
+    the launcher re-raises its exit status as a CalledProcessError, which says nothing the
+    trainer did not (and shows the server's paths); how the process ended is in its phase."""
+    text = _log_lines(run_dir)
+    for end in range(len(text) - 1, -1, -1):
+        if LAUNCHER_ERROR.match(text[end]):
+            start = next((i for i in range(end, -1, -1) if text[i].startswith("Traceback (most recent call last)")), end)
+            text = text[:start] + text[end + 1:]
+            break
+    return text[-lines:]
+
+
+def how_it_ended(run_dir: Path, returncode: int | None) -> str:
+    """'killed (signal 9)' for a process killed by a signal, whether the launcher we started or
+    the trainer it started (the launcher then exits with 1 and names the signal in its log)."""
+    if returncode is not None and returncode < 0:
+        return f"killed (signal {-returncode})"
+    for line in reversed(_log_lines(run_dir)[-LOG_TAIL_LINES:]):
+        found = SIGNAL_DEATH.search(line)
+        if found:
+            return f"killed (signal {found.group(2)})"
+    return f"exit code {returncode}" if returncode is not None else "it was gone when the studio started"
 
 
 def _process_alive(record: dict) -> bool:
@@ -178,11 +229,16 @@ def _group_has_live_member(pgid: int) -> bool:
 class JobRunner:
     def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
                  command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5,
-                 max_active_per_owner: int | None = None, unguessable_ids: bool = False):
+                 max_active_per_owner: int | None = None, unguessable_ids: bool = False,
+                 memory_limit: int | None = -1):
+        """`memory_limit`: bytes of address space per CPU run (-1: default_memory_limit, None:
+        no cap). CUDA runs are not capped this way: the CUDA driver reserves address space far
+        beyond any memory it uses."""
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) if devices else detect_devices()
         self.per_device = max(1, int(per_device))
+        self.memory_limit = default_memory_limit(self.per_device) if memory_limit == -1 else memory_limit
         self.command = command
         self.poll_seconds = poll_seconds
         self.kill_after = kill_after
@@ -196,7 +252,7 @@ class JobRunner:
         self._cancel_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._events_cache: dict[str, tuple[tuple[int, int], list]] = {}
+        self._events_cache: dict[str, tuple[tuple[int, int], tuple[list, int]]] = {}
         self._recover()
 
     # ---- paths -------------------------------------------------------------------------------
@@ -213,7 +269,7 @@ class JobRunner:
     def run_ids(self) -> list[str]:
         ids = [p.name for p in self.runs_dir.iterdir()
                if RUN_ID.match(p.name) and p.is_dir() and not p.is_symlink() and (p / JOB_FILE).exists()]
-        return sorted(ids, key=lambda i: (_read_json(self.runs_dir / i / JOB_FILE).get("created", 0), i))
+        return sorted(ids, key=lambda i: (_time(_read_json(self.runs_dir / i / JOB_FILE), "created"), i))
 
     # ---- submitting --------------------------------------------------------------------------
 
@@ -237,22 +293,25 @@ class JobRunner:
         `config` are the trainer's options as given. `batch` runs about to be submitted together
         count against the owner's limit at once, so a comparison is queued whole or not at all.
         """
-        self.check_owner_limit(owner, batch)
-        run_id, path = self.new_run_dir(label or str(config.get("method", "")))
-        try:
-            instance = path / INSTANCE_DIR
-            instance.mkdir()
-            for src, name in images:
-                if Path(name).name != name or name in ("", ".", ".."):
-                    raise JobError(f"unsafe image file name {name!r}")
-                shutil.copyfile(src, instance / name)
-            now = time.time()
-            _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now, "owner": owner})
-            self._write_config(path, dict(config))
-            EventLog(path).phase("queued")
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
+        # checked and queued under one lock: parallel submissions of one visitor cannot all pass
+        # the limit before any of them is counted
+        with self._lock:
+            self.check_owner_limit(owner, batch)
+            run_id, path = self.new_run_dir(label or str(config.get("method", "")))
+            try:
+                instance = path / INSTANCE_DIR
+                instance.mkdir()
+                for src, name in images:
+                    if Path(name).name != name or name in ("", ".", ".."):
+                        raise JobError(f"unsafe image file name {name!r}")
+                    shutil.copyfile(src, instance / name)
+                now = time.time()
+                _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now, "owner": owner})
+                self._write_config(path, dict(config))
+                EventLog(path).phase("queued")
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
         self.tick()
         return run_id
 
@@ -261,6 +320,7 @@ class JobRunner:
         it is listed, downloaded and sampled like a trained one."""
         from safetensors import safe_open
 
+        self.check_owner(owner)
         run_id, path = self.new_run_dir(label or "imported")
         try:
             shutil.copyfile(src, path / "tuner.safetensors")
@@ -286,19 +346,24 @@ class JobRunner:
     # ---- status ------------------------------------------------------------------------------
 
     def events(self, run_id: str) -> list[dict]:
-        """The run's events, re-read only when the file changed (the UI polls every second)."""
+        """The run's well-formed events (trainers.events.scan_events)."""
+        return self.scanned_events(run_id)[0]
+
+    def scanned_events(self, run_id: str) -> tuple[list[dict], int]:
+        """(events, malformed lines skipped), re-read only when the file changed (the UI polls
+        every second)."""
         path = self.run_dir(run_id) / EVENTS_FILE
         try:
             st = path.stat()
             key = (st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
-            return []
+            return [], 0
         cached = self._events_cache.get(run_id)
         if cached and cached[0] == key:
             return cached[1]
-        events = read_events(path.parent)
-        self._events_cache[run_id] = (key, events)
-        return events
+        scanned = scan_events(path.parent)
+        self._events_cache[run_id] = (key, scanned)
+        return scanned
 
     def _alive(self, run_id: str, path: Path) -> bool:
         child = self._children.get(run_id)
@@ -313,13 +378,13 @@ class JobRunner:
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
             if last_phase(self.events(run_id)) == "queued" and not (path / PROCESS_FILE).exists():
-                waiting.append((_read_json(path / JOB_FILE).get("queued_at", 0), run_id))
+                waiting.append((_time(_read_json(path / JOB_FILE), "queued_at"), run_id))
         return [run_id for _, run_id in sorted(waiting)]
 
     def info(self, run_id: str, *, queue: list[str] | None = None) -> RunInfo:
         path = self.run_dir(run_id)
         job = _read_json(path / JOB_FILE)
-        events = self.events(run_id)
+        events, skipped = self.scanned_events(run_id)
         phase = last_phase(events)
         alive = self._alive(run_id, path)
         if phase in FINAL_PHASES:
@@ -331,18 +396,25 @@ class JobRunner:
         else:
             # started, not alive, no final word: the process died while nobody watched
             status = "failed"
-        info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=job.get("label", ""),
-                       group=job.get("group", ""), created=job.get("created", 0.0), device=job.get("device", ""),
+        info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=str(job.get("label", "")),
+                       group=str(job.get("group", "")), created=_time(job, "created"), device=str(job.get("device", "")),
                        config=_read_json(path / CONFIG_FILE), events=events, alive=alive,
-                       owner=str(job.get("owner", "")), published=bool(job.get("published", False)))
+                       owner=str(job.get("owner", "")), published=bool(job.get("published", False)),
+                       skipped_events=skipped)
         if status == "queued":
             waiting = self.queue() if queue is None else queue
             info.position = waiting.index(run_id) + 1 if run_id in waiting else None
+        final = next((e for e in reversed(events) if e.get("event") == "phase"), {})
         if status == "failed":
-            final = next((e for e in reversed(events) if e.get("event") == "phase"), {})
             info.error = str(final.get("error") or "the training process stopped without reporting why")
             info.hint = str(final.get("hint") or "")
-        if status in ("failed", "cancelled"):
+            limit = _read_json(path / PROCESS_FILE).get("memory_limit")
+            if isinstance(limit, int) and MEMORY_WORDS.search(info.error + "\n" + "\n".join(log_tail(path, 5))):
+                info.hint = (f"each run on this machine may use at most {limit / 2**30:.1f} GB of memory; "
+                             + (info.hint or "lower the resolution, the batch size or the number of validation images"))
+        # the trainer's own error and hint say what went wrong; the log's last lines are shown when
+        # nothing else does (a process that died without a word: the runner's event carries them)
+        if status == "cancelled" or (status == "failed" and (final.get("phase") != "failed" or "log_tail" in final)):
             info.log_tail = log_tail(path)
         info.checkpoint = self._last_checkpoint(path, events)
         info.resumable = status in ("failed", "cancelled") and info.checkpoint is not None and not alive
@@ -361,8 +433,17 @@ class JobRunner:
                     return event["path"]
         return None
 
+    def check_owner(self, owner: str) -> None:
+        """On a shared studio every run belongs to a visitor: one without an id (an API client
+        that skipped the page's load event) could neither see nor cancel its runs, and no
+        per-visitor limit would hold it."""
+        if self.max_active_per_owner is not None and not owner:
+            raise JobError("this studio is shared and every run belongs to a visitor: open the studio's page "
+                           "(an API client calls the page's load endpoint first, in the same session)")
+
     def check_owner_limit(self, owner: str, batch: int = 1) -> None:
-        if not owner or self.max_active_per_owner is None:
+        self.check_owner(owner)
+        if self.max_active_per_owner is None:
             return
         active = sum(1 for r in self.list_runs() if r.owner == owner and r.status in ("queued", "running"))
         if active + batch > self.max_active_per_owner:
@@ -468,7 +549,7 @@ class JobRunner:
                 if child.poll() is not None and not (ours and _process_alive(record)):
                     del self._children[run_id]
                     if ours:
-                        self._finish(run_id, f"exit code {child.returncode}")
+                        self._finish(run_id, how_it_ended(self.runs_dir / run_id, child.returncode))
             for run_id, since in list(self._cancel_at.items()):
                 path = self.runs_dir / run_id
                 record = _read_json(path / PROCESS_FILE)
@@ -483,7 +564,13 @@ class JobRunner:
                 device = next((d for d in self.devices if busy.get(d, 0) < self.per_device), None)
                 if device is None:
                     break
-                self._launch(run_id, device)
+                try:
+                    self._launch(run_id, device)
+                except (OSError, ValueError, TypeError) as exc:
+                    # this run cannot start (its folder is damaged): it fails alone, the queue goes on
+                    EventLog(self.runs_dir / run_id).phase("failed", error=f"the run could not start: {exc}",
+                                                           hint="start a new run; this one's folder is damaged")
+                    continue
                 busy[device] = busy.get(device, 0) + 1
 
     def _busy_devices(self) -> dict[str, int]:
@@ -521,15 +608,30 @@ class JobRunner:
             child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self._children[run_id] = child
+        limit = self._cap_memory(child.pid) if device == "cpu" else None
         try:
             create_time = psutil.Process(child.pid).create_time()
         except psutil.Error:
             create_time = 0.0
         _write_json(path / PROCESS_FILE, {"pid": child.pid, "create_time": create_time, "device": device,
-                                          "started": time.time(), "command": cmd})
+                                          "started": time.time(), "command": cmd, "memory_limit": limit})
         job = _read_json(path / JOB_FILE)
         job["device"] = device
         _write_json(path / JOB_FILE, job)
+
+    def _cap_memory(self, pid: int) -> int | None:
+        """Set the run's address-space limit from outside (prlimit), not in a preexec_fn, which is
+        unsafe in a threaded server; it is set while `nice` and the launcher are still starting,
+        and the trainer process they start inherits it."""
+        if not self.memory_limit:
+            return None
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = self.memory_limit if hard == resource.RLIM_INFINITY else min(self.memory_limit, hard)
+        try:
+            resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+        except (OSError, ValueError):
+            return None
+        return soft
 
     def _finish(self, run_id: str, how: str) -> None:
         """A process ended: if the trainer did not write a final phase, write one for it."""
@@ -552,7 +654,7 @@ class JobRunner:
             record = _read_json(path / PROCESS_FILE)
             phase = last_phase(read_events(path))
             if record and phase not in FINAL_PHASES and not _process_alive(record):
-                self._finish(run_id, "it was gone when the studio started")
+                self._finish(run_id, how_it_ended(path, None))
             elif record and _read_json(path / JOB_FILE).get("cancel_requested") and _process_alive(record):
                 self._cancel_at[run_id] = time.monotonic()
 

@@ -32,6 +32,11 @@ DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEFAULT_METHOD = "res-tuning"
 DEFAULT_STEPS = 400
+# What no run needs, and what would take the machine down: a 24 GB card trains SD v1.5 at 512 px
+# with a batch of a few; the bounds leave room for bigger cards, not for 1e6.
+UPPER = {"resolution": 2048, "train_batch_size": 64, "gradient_accumulation_steps": 1024, "max_train_steps": 1_000_000,
+         "num_validation_images": 16, "num_class_images": 10_000, "num_train_epochs": 100_000, "num_inference_steps": 1000, "validation_prompts": 16,
+         "sample_batch_size": 64, "method_size": 4096}
 
 
 class OptionError(ValueError):
@@ -284,9 +289,14 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
         raise OptionError(f"{', '.join('--' + n for n in foreign)} not an option of {args.method} (its options: {theirs})")
     values = {name: parse_value(cls, name, value) for name, value in given.items()}
     try:
-        return cls.from_dict(values)
+        config = cls.from_dict(values)
     except (ValueError, TypeError) as exc:
         raise OptionError(str(exc)) from None
+    for f in dataclasses.fields(cls):  # sizes (dim, rank, heads): a tuner's weights grow with them
+        value = getattr(config, f.name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > UPPER["method_size"]:
+            raise OptionError(f"--{f.name} is at most {UPPER['method_size']}, got {value:,}")
+    return config
 
 
 def check(args: argparse.Namespace) -> None:
@@ -304,9 +314,19 @@ def check(args: argparse.Namespace) -> None:
                  "validation_steps", "checkpointing_steps", "num_class_images", "sample_batch_size"):
         value = getattr(args, name)
         need(value > 0, f"--{name} must be a positive whole number, got {value}")
+        if name in UPPER:
+            need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {value:,}")
     need(args.lr_warmup_steps >= 0, f"--lr_warmup_steps cannot be negative, got {args.lr_warmup_steps}")
-    need(args.resolution >= 64 and args.resolution % 8 == 0,
-         f"--resolution must be a multiple of 8 and at least 64 (e.g. 512), got {args.resolution}")
+    need(64 <= args.resolution <= UPPER["resolution"] and args.resolution % 8 == 0,
+         f"--resolution must be a multiple of 8 and at least 64, at most {UPPER['resolution']} (e.g. 512), got {args.resolution}")
+    need(0 <= args.seed < 2**32, f"--seed must be a whole number from 0 to {2**32 - 1}, got {args.seed}")
+    need(args.num_inference_steps is None or args.num_inference_steps <= UPPER["num_inference_steps"],
+         f"--num_inference_steps is at most {UPPER['num_inference_steps']}")
+    need(args.guidance_scale is None or math.isfinite(args.guidance_scale),
+         f"--guidance_scale must be a finite number (7.5 is usual), got {args.guidance_scale}")
+    need(len(args.validation_prompt or []) <= UPPER["validation_prompts"],
+         f"--validation_prompt: at most {UPPER['validation_prompts']} prompts")
+    _check_output_dir(args.output_dir, need)
     need(args.checkpoints_total_limit is None or args.checkpoints_total_limit > 0,
          f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}")
     need(args.num_inference_steps is None or args.num_inference_steps > 0, "--num_inference_steps must be positive")
@@ -319,6 +339,16 @@ def check(args: argparse.Namespace) -> None:
         need(bool(args.class_prompt and args.class_prompt.strip()), "--with_prior_preservation needs --class_prompt, e.g. 'a photo of dog'")
     if args.validation_prompt is not None:
         need(all(p.strip() for p in args.validation_prompt), "--validation_prompt cannot be empty")
+
+
+def _check_output_dir(output_dir, need) -> None:
+    """A folder this process can create or write into: found here, not as a traceback when the
+    trainer first writes its events there."""
+    out = Path(output_dir)
+    need(not out.exists() or out.is_dir(), f"--output_dir {out} is a file, not a folder")
+    nearest = next(p for p in (out, *out.parents) if p.exists())
+    need(nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK),
+         f"--output_dir {out}: {nearest} is not a folder this user can write into")
 
 
 def _namespace(parser: argparse.ArgumentParser, argv: list[str], config: dict | None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ from .images import ImageError, check_image
 MAX_FILES = 50
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_TUNER_BYTES = 4 * 1024 * 1024 * 1024  # a full fine-tune of SD v1.5 in fp32 is 3.4 GB
+SHARED_MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # a shared studio: any tuner but a full fine-tune
 MAX_NAME_CHARS = 120
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
@@ -90,12 +91,28 @@ def check_images(paths: list[str | os.PathLike] | None, *, max_files: int = MAX_
     return checked
 
 
+def discard(paths, upload_dir: str | os.PathLike) -> None:
+    """Delete refused uploads, but only files inside `upload_dir` (where the web server stores
+    what browsers send): a path that names anything else (an example image) is left alone."""
+    root = Path(upload_dir).resolve()
+    for path in paths or []:
+        path = Path(path)
+        if path.resolve().is_relative_to(root) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
 def check_tuner_file(path: str | os.PathLike, base_unet, *, max_bytes: int = MAX_TUNER_BYTES):
     """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
-    valid and whose architecture fingerprint matches `base_unet` (anything with a diffusers
-    U-Net `.config`). Returns (method config, header metadata)."""
-    from restuning import TunerFileError, read_config, read_header
-    from restuning.arch import fingerprint_mismatch
+    valid, whose architecture fingerprint matches `base_unet` (anything with a diffusers U-Net
+    `.config`) and whose tensors are exactly the ones that config attaches, with their shapes: a
+    header cannot announce a size its weights do not have (a copy of the U-Net on the meta device
+    takes the tuner, so the check costs no memory). Returns (method config, header metadata)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from restuning import ConfigError, TunerFileError, attach, read_config, read_header
+    from restuning.arch import FINGERPRINT_FIELDS, fingerprint_mismatch
 
     path = Path(path)
     label = original_name(path)
@@ -109,10 +126,30 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, max_bytes: int = MAX
                           "(pickles can run code when loaded)")
     try:
         header = read_header(path)
+        if not isinstance(json.loads(header["config"]), dict):
+            raise UploadError(f"{label}: the header's config is not a JSON object of method options")
         config = read_config(path)
     except TunerFileError as exc:
         raise UploadError(str(exc).replace(str(path), label)) from None
-    mismatch = fingerprint_mismatch(json.loads(header["base_arch"]), base_unet)
+    arch = json.loads(header["base_arch"])
+    missing = [f for f in FINGERPRINT_FIELDS if f not in arch] if isinstance(arch, dict) else list(FINGERPRINT_FIELDS)
+    if missing:
+        raise UploadError(f"{label}: the header's base_arch does not describe a U-Net (no {', '.join(missing)})")
+    mismatch = fingerprint_mismatch(arch, base_unet)
     if mismatch:
         raise UploadError(f"{label} was trained for another U-Net than this studio's base model: " + "; ".join(mismatch))
+    try:
+        with torch.device("meta"):
+            probe = UNet2DConditionModel.from_config(base_unet.config)
+            expected = {k: tuple(v.shape) for k, v in attach(probe, config).state_dict().items()}
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise UploadError(f"{label}: its config cannot be attached to this base model: {exc}") from None
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if found != expected:
+        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+        problems = [f"{len(expected.keys() - found.keys())} tensor(s) its config needs are missing",
+                    f"{len(found.keys() - expected.keys())} are not the config's",
+                    *(f"{k} is {list(found[k])}, its config makes {list(expected[k])}" for k in wrong[:3])]
+        raise UploadError(f"{label}: its tensors do not match its config: " + "; ".join(problems))
     return config, header

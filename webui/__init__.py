@@ -10,9 +10,9 @@ import html
 
 import gradio as gr
 
-from trainers.uploads import MAX_TUNER_BYTES
+from trainers.uploads import MAX_TUNER_BYTES, SHARED_MAX_UPLOAD_BYTES
 
-from . import compare_tab, generate_tab, pipeline, runs_tab, train_tab, visitors
+from . import compare_tab, files, generate_tab, pipeline, runs_tab, train_tab, visitors
 from .model import EXAMPLE_CONCEPTS
 
 CSS = """
@@ -29,10 +29,14 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
           sample_device: str = "cpu") -> gr.Blocks:
     """`shared`: many visitors (a Space), each sees only their own and published runs."""
     studio = pipeline.StudioPipeline(base, sample_device)
-    with gr.Blocks(title="Res-Tuning Studio") as demo:
-        # who this page is: None on a local machine (one user, every run); on a shared server a
-        # random id kept in the browser's localStorage, "" until the page has loaded it
-        remembered = gr.BrowserState(None, storage_key="restuning-owner")
+    # uploads and cached copies older than a day go, checked hourly: a visitor who uploads and
+    # leaves does not fill the disk (a copy handed out again is touched, so it stays)
+    with gr.Blocks(title="Res-Tuning Studio", delete_cache=(3600, 86400)) as demo:
+        # who this page is: None on a local machine (one user, every run); on a shared server the
+        # owner id proven by a secret kept in the browser's localStorage, "" until the page has
+        # loaded it (webui.visitors)
+        remembered = gr.BrowserState(None, storage_key="restuning-visitor",
+                                     secret=visitors.browser_key(runner.runs_dir) if shared else None)
         owner = gr.State("" if shared else None)
         gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> a new concept from a few images; "
                 f"runs live in <code>{html.escape(str(runner.runs_dir))}</code> and keep going when this page closes.</p>")
@@ -76,12 +80,18 @@ def on_first_visit(tab: gr.Tab, owner: gr.State, build_content) -> None:
 
 
 def identify(stored):
-    """The visitor's owner id: the one this browser remembers, or a new one it will remember."""
-    who = visitors.checked_owner(stored) or visitors.new_owner()
-    return who, who
+    """(the secret this browser remembers, or a new one it will remember; the owner id it proves)."""
+    secret = visitors.checked_secret(stored) or visitors.new_secret()
+    return secret, visitors.owner_id(secret)
 
 
-def launch_options(runner, host: str, port: int) -> dict:
+def launch_options(runner, host: str, port: int, shared: bool = False) -> dict:
+    """`shared`: the upload route takes at most SHARED_MAX_UPLOAD_BYTES (every tuner but a full
+    fine-tune), not a full fine-tune's 4 GB from every visitor."""
+    # the runs folder is allowed so that handlers' files may be copied into Gradio's cache, and
+    # private so that nothing in it is served directly (webui.files)
     return {"server_name": host, "server_port": port, "allowed_paths": [str(runner.runs_dir), str(EXAMPLE_CONCEPTS)],
-            "max_file_size": MAX_TUNER_BYTES, "css": CSS, "theme": THEME, "show_error": False,
+            "app_kwargs": {"middleware": [files.private(runner.runs_dir)]},
+            "max_file_size": SHARED_MAX_UPLOAD_BYTES if shared else MAX_TUNER_BYTES,
+            "css": CSS, "theme": THEME, "show_error": False,
             "footer_links": ["gradio"]}

@@ -108,7 +108,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
             with gr.Row():
                 with_base = gr.Checkbox(value=True, label="Include the base model", interactive=True, elem_id="compare-base")
                 reload = gr.Button("Refresh the list", size="sm", elem_id="compare-refresh")
-            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", interactive=True, elem_id="compare-prompt")
+            prompt = gr.Textbox(label="Prompt", placeholder=base.prompts[0], interactive=True, elem_id="compare-prompt")
             more = gr.Textbox(label="More prompts, one per line (a row each)", lines=2, interactive=True, elem_id="compare-more")
             negative = gr.Textbox(label="Negative prompt", interactive=True, elem_id="compare-negative")
             with gr.Row():

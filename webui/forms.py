@@ -33,6 +33,27 @@ STUDIO_DEFAULTS = {"validation_steps": 50, "num_validation_images": 2, "checkpoi
 PLACEHOLDERS = {"learning_rate": "the method's own recipe (e.g. 1e-4; full fine-tuning 5e-6)"}
 
 
+# What a newcomer reads; the option's own name stays in the help text, for the command line and
+# users of diffusers' scripts. Names not listed read as their words.
+LABELS = {
+    "with_prior_preservation": "Prior preservation", "num_class_images": "Class images", "prior_loss_weight":
+    "Prior loss weight", "train_batch_size": "Batch size", "gradient_accumulation_steps": "Gradient accumulation steps",
+    "max_train_steps": "Training steps", "learning_rate": "Learning rate", "lr_scheduler": "Learning-rate schedule",
+    "lr_warmup_steps": "Warm-up steps", "adam_beta1": "Adam beta 1", "adam_beta2": "Adam beta 2",
+    "adam_weight_decay": "Adam weight decay", "adam_epsilon": "Adam epsilon", "max_grad_norm": "Gradient clipping norm",
+    "snr_gamma": "Min-SNR gamma", "use_8bit_adam": "8-bit Adam",
+    "enable_xformers_memory_efficient_attention": "xFormers attention", "validation_prompt": "Validation prompts",
+    "num_validation_images": "Validation images per prompt", "validation_steps": "Steps between validation samples",
+    "num_inference_steps": "Sampling steps", "checkpointing_steps": "Steps between checkpoints",
+    "checkpoints_total_limit": "Checkpoints kept", "dim": "Tuner size (dim)", "ops": "OPs", "taps": "Taps",
+}
+
+
+def label_and_info(name: str, help_text: str | None) -> tuple[str, str]:
+    label = LABELS.get(name) or name.replace("_", " ").capitalize()
+    return label, f"{help_text or ''} (--{name})".strip()
+
+
 def method_names() -> list[str]:
     first = [m for m in FIRST_METHODS if m in METHODS]
     return first + [m for m in METHODS if m not in first]
@@ -53,7 +74,7 @@ def trainer_actions() -> dict[str, argparse.Action]:
 
 def component_for_action(action: argparse.Action, value=None):
     """A Gradio input for one trainer option; an empty Number/Textbox means "not given"."""
-    label, info, elem_id = action.dest, action.help, f"opt-{action.dest}"
+    (label, info), elem_id = label_and_info(action.dest, action.help), f"opt-{action.dest}"
     default = STUDIO_DEFAULTS.get(action.dest, action.default) if value is None else value
     if isinstance(action, argparse.BooleanOptionalAction):
         return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)
@@ -97,7 +118,7 @@ def _default(f: dataclasses.Field):
 def component_for_field(method: str, f: dataclasses.Field):
     """A Gradio input for one field of a method's config dataclass."""
     kind = str(typing.get_type_hints(METHODS[method].config)[f.name])
-    label, info, default, elem_id = f.name, f.metadata.get("help"), _default(f), f"opt-{method}-{f.name}"
+    (label, info), default, elem_id = label_and_info(f.name, f.metadata.get("help")), _default(f), f"opt-{method}-{f.name}"
     choices = f.metadata.get("choices")
     if "tuple" in kind or "list" in kind:
         return gr.CheckboxGroup(choices=list(choices or default), value=list(default), label=label, info=info, elem_id=elem_id)

@@ -60,7 +60,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
                 tuner = gr.Dropdown(label="Tuner", choices=tuner_choices(runner, who), value=BASE, interactive=True,
                                     elem_id="gen-tuner")
                 reload = gr.Button("Refresh", size="sm", elem_id="gen-refresh")
-            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks star", interactive=True, elem_id="gen-prompt")
+            prompt = gr.Textbox(label="Prompt", placeholder=base.prompts[0], interactive=True, elem_id="gen-prompt")
             negative = gr.Textbox(label="Negative prompt", interactive=True, elem_id="gen-negative")
             with gr.Row():
                 seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, interactive=True, elem_id="gen-seed")
@@ -77,7 +77,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
             with gr.Accordion("Load settings from a PNG", open=False):
                 png = gr.File(label="a PNG made here", file_types=[".png"], interactive=True, elem_id="gen-load-png")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Generated", columns=4, height=480, format="png", elem_id="gen-gallery")
+            gallery = gr.Gallery(label="Generated", columns=4, height=480, format="png", interactive=False, elem_id="gen-gallery")
             chosen = gr.Code(label="Settings of the selected image", language="json", elem_id="gen-settings")
 
     def refresh(who, current):

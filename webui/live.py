@@ -113,7 +113,7 @@ def log_text(info: RunInfo | None, lines: int = 20) -> str:
     if info is None:
         return ""
     phases = [f"[{e['phase']}] {e.get('message') or e.get('error') or ''}".rstrip()
-              for e in info.events if e.get("event") == "phase"]
+              + (f"\n  hint: {e['hint']}" if e.get("hint") else "") for e in info.events if e.get("event") == "phase"]
     return "\n".join(phases[-8:] + ["---"] + log_tail(info.dir, lines))
 
 

@@ -24,6 +24,12 @@ class BaseModel:
         return Path(self.source).resolve() == DEMO_MODEL
 
     @property
+    def prompts(self) -> tuple[str, str]:
+        """(instance, class) prompts to show as examples: the demo model's captions read "a shape",
+        "a red circle", not photos."""
+        return ("a sks shape", "a shape") if self.is_demo else ("a photo of sks star", "a photo of a star")
+
+    @property
     def name(self) -> str:
         return "the bundled demo model" if self.is_demo else self.source
 

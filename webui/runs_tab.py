@@ -5,9 +5,12 @@ their own runs and the published ones, controls only their own, and publishes ex
 
 from __future__ import annotations
 
-import gradio as gr
+import html
 
-from trainers.uploads import check_name, check_tuner_file
+import gradio as gr
+from gradio.utils import get_upload_folder
+
+from trainers.uploads import check_name, check_tuner_file, discard
 
 from . import live, visitors
 from .errors import friendly
@@ -17,25 +20,31 @@ DOWNLOADS = (("tuner", "tuner.safetensors"), ("model-card", "model card (README.
 
 
 def _details(info) -> str:
+    """HTML with every run-supplied string escaped: a prompt, name or tuner header is whatever
+    a visitor typed or a file held, and shows to other visitors once published; as Markdown an
+    image link in it would make their browsers fetch an outside address."""
     facts = live.facts(info)
     tuner = live.weights_file(info)
     params = facts.get("trainable_params")
-    lines = [f"### {info.id}",
-             f"- **status**: {live.status_line(info)}",
-             f"- **method**: {info.method}" + (f" (comparison group {info.group})" if info.group else ""),
-             f"- **trainable parameters**: {params:,}" if isinstance(params, int) else "- **trainable parameters**: not reported yet",
-             f"- **weights file**: {tuner.name}, {live.human_size(tuner.stat().st_size)}" if tuner else "- **weights file**: not saved yet",
-             f"- **prompt**: {info.prompt or '(none)'}"]
+    items = [("status", live.status_line(info)),
+             ("method", info.method + (f" (comparison group {info.group})" if info.group else "")),
+             ("trainable parameters", f"{params:,}" if isinstance(params, int) else "not reported yet"),
+             ("weights file", f"{tuner.name}, {live.human_size(tuner.stat().st_size)}" if tuner else "not saved yet"),
+             ("prompt", info.prompt or "(none)")]
     step = live.last_step(info)
     if step:
-        lines.append(f"- **steps**: {step['step']}/{step['total']}, last loss {step['loss']:.4f}")
+        items.append(("steps", f"{step['step']}/{step['total']}, last loss {step['loss']:.4f}"))
     if info.checkpoint:
-        lines.append(f"- **last checkpoint**: {info.checkpoint}")
+        items.append(("last checkpoint", info.checkpoint))
     if info.hint:
-        lines.append(f"- **hint**: {info.hint}")
+        items.append(("hint", info.hint))
+    if info.skipped_events:
+        items.append(("events.jsonl", f"{info.skipped_events} malformed line(s) skipped"))
+    parts = [f"<h3>{html.escape(info.id)}</h3>", "<ul>",
+             *(f"<li><b>{name}</b>: {html.escape(str(value))}</li>" for name, value in items), "</ul>"]
     if info.log_tail:
-        lines += ["", "Last log lines:", "```", *info.log_tail[-12:], "```"]
-    return "\n".join(lines)
+        parts += ["<p>Last log lines:</p>", f"<pre>{html.escape(chr(10).join(info.log_tail[-12:]))}</pre>"]
+    return "\n".join(parts)
 
 
 def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
@@ -70,7 +79,7 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             pick = gr.Dropdown(label="Run", choices=ids, value=run_id, interactive=True, elem_id="runs-pick")
-            details = gr.Markdown(elem_id="runs-details", **now["details"])
+            details = gr.HTML(elem_id="runs-details", **now["details"])
             run_samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="runs-samples", **now["samples"])
         with gr.Column(scale=2):
             downloads = {kind: gr.DownloadButton(f"Download {label}", elem_id=f"download-{kind}", **now[kind])
@@ -146,11 +155,13 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
         return run_id, None, None
 
     def try_import(path, name, who):
-        """A refused file is named in a warning and cleared from the box, ready for the next try."""
+        """A refused file is named in a warning, deleted and cleared from the box, ready for the next try."""
         try:
             return friendly(do_import)(path, name, who)
         except gr.Error as exc:
             gr.Warning(exc.message)
+            if path:
+                discard([path], get_upload_folder())
             return gr.skip(), gr.skip(), None
 
     import_button.click(try_import, [upload, import_name, owner], [selected, shown, upload])

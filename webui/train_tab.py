@@ -11,9 +11,10 @@ from __future__ import annotations
 import secrets
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from restuning.methods import METHODS
-from trainers.uploads import check_images
+from trainers.uploads import check_images, discard
 
 from . import forms, live, visitors
 from .errors import friendly
@@ -65,9 +66,9 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
                                        for name, paths in examples.items()}
             with gr.Row():
                 trainer_comps["instance_prompt"] = gr.Textbox(
-                    label="Instance prompt", placeholder="a photo of sks star", elem_id="instance-prompt",
+                    label="Instance prompt", placeholder=base.prompts[0], elem_id="instance-prompt",
                     info="names the concept with a rare token (sks) plus its class")
-                trainer_comps["class_prompt"] = gr.Textbox(label="Class prompt (optional)", placeholder="a photo of a star",
+                trainer_comps["class_prompt"] = gr.Textbox(label="Class prompt (optional)", placeholder=base.prompts[1],
                                                            info=actions["class_prompt"].help)
             trainer_comps["with_prior_preservation"] = forms.component_for_action(actions["with_prior_preservation"])
             method = gr.Radio(choices=forms.method_choices(), value=forms.method_names()[0], label="Method",
@@ -109,16 +110,18 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="live-log")
 
     def on_upload(paths):
-        """Preview what passed; a refused batch is named file by file and nothing is previewed."""
+        """Preview what passed; a refused batch is named file by file, deleted from the server and
+        cleared from the box, and nothing is previewed."""
         if not paths:
-            return gr.Gallery(value=None, visible=False)
+            return gr.skip(), gr.Gallery(value=None, visible=False)
         try:
-            return gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
+            return gr.skip(), gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
         except gr.Error as exc:
             gr.Warning(exc.message, duration=None)
-            return gr.Gallery(value=None, visible=False)
+            discard(paths, get_upload_folder())
+            return None, gr.Gallery(value=None, visible=False)
 
-    files.upload(on_upload, files, preview, show_progress="hidden")
+    files.upload(on_upload, files, [files, preview], show_progress="hidden")
     if examples:
         # "sks" is the rare token and "shape" the class the demo model knows; prior preservation
         # keeps "a shape" meaning the shapes it already draws. On the demo model the example also
@@ -180,7 +183,7 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
         # each part is sent only when what it shows changed: a tick that only adds a loss point
         # redraws the plot and the progress bar, not the gallery (an open page that watches a
         # run costs every other page load on the machine its redraws)
-        now = {"run": (run_id, info.status, info.position, mine, info.resumable), "events": len(info.events),
+        now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable), "events": len(info.events),
                "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
         before = last if isinstance(last, dict) else {}
         if now == before:

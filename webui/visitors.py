@@ -1,31 +1,70 @@
 """Who may see and control which run when the studio is shared (a Hugging Face Space).
 
-A visitor is a random owner id kept in the browser (gr.BrowserState: localStorage), made on the
-first visit. A run belongs to the owner who started or imported it; other visitors see it only
-once its owner publishes it, and then only to look at, sample and download, never to cancel,
-resume, delete or unpublish. On a local machine there is one user: owner None sees and controls
-every run, as before.
+A visitor is a random secret kept in the browser (gr.BrowserState: localStorage), made on the
+first visit. What is stored with a run (job.json) and names the visitor's scratch folder is the
+owner id, a hash of that secret: a visitor proves who they are with the secret, and reading any
+file of the runs folder (or a future leak of one) gives nobody the secret. A run belongs to the
+owner who started or imported it; other visitors see it only once its owner publishes it, and
+then only to look at, sample and download, never to cancel, resume, delete or unpublish. On a
+local machine there is one user: owner None sees and controls every run, as before.
+
+The BrowserState's encryption secret is kept in the runs folder (or RESTUNING_VISITOR_SECRET), so
+a restarted studio still reads what its visitors' browsers remember.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import secrets
 from pathlib import Path
 
 from trainers.jobs import JobError, RunInfo
 
-OWNER = re.compile(r"^[0-9a-f]{32}$")
+SECRET = re.compile(r"^[0-9a-f]{32}$")  # what the browser remembers
+OWNER = re.compile(r"^[0-9a-f]{64}$")  # what runs store: sha256 of the secret
 SCRATCH = "_studio"  # not a run id (RUN_ID starts with a letter or digit): never listed as a run
+BROWSER_KEY_FILE = "browser-state.key"
+BROWSER_KEY_ENV = "RESTUNING_VISITOR_SECRET"
 
 
-def new_owner() -> str:
+def new_secret() -> str:
     return secrets.token_hex(16)
 
 
-def checked_owner(value) -> str | None:
-    """A well-formed owner id from the browser, else None (the caller makes a new one)."""
-    return value if isinstance(value, str) and OWNER.match(value) else None
+def checked_secret(value) -> str | None:
+    """A well-formed secret from the browser, else None (the caller makes a new one)."""
+    return value if isinstance(value, str) and SECRET.match(value) else None
+
+
+def owner_id(secret: str) -> str:
+    return hashlib.sha256(b"restuning-visitor:" + secret.encode()).hexdigest()
+
+
+def browser_key(runs_dir, env=None) -> str:
+    """The encryption secret of the visitor's BrowserState: the environment's, else one made on
+    the first start and kept in the runs folder (persistent storage on a Space), readable only
+    by this user and never served (webui.files)."""
+    env = os.environ if env is None else env
+    if env.get(BROWSER_KEY_ENV, "").strip():
+        return env[BROWSER_KEY_ENV].strip()
+    path = Path(runs_dir) / SCRATCH / BROWSER_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # written whole under another name, then linked into place: a second studio starting at
+        # the same moment keeps the first one's key, and nobody reads a half-written one
+        tmp = path.with_name(f".{BROWSER_KEY_FILE}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secrets.token_urlsafe(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text(encoding="ascii").strip()
 
 
 def can_see(info: RunInfo, owner: str | None) -> bool:
@@ -58,7 +97,7 @@ def controlled(runner, run_id: str, owner: str | None) -> RunInfo:
 
 def scratch_dir(runner, owner: str | None, what: str) -> Path:
     """This visitor's folder for pictures the studio renders (grids, generated images), inside
-    the runs folder so the server may serve it and nothing is written elsewhere."""
+    the runs folder so nothing is written elsewhere; the page gets a copy in Gradio's cache."""
     if owner is not None and not OWNER.match(owner):
         raise JobError("this page has no visitor id yet; reload it")
     path = Path(runner.runs_dir) / SCRATCH / (owner or "local") / what

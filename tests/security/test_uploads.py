@@ -1,0 +1,55 @@
+"""Uploads (issue 13, item 5): what a visitor's browser or API client uploads and the studio
+refuses is deleted at once, the rest expires, and a shared studio's upload route has a limit
+below a full fine-tune's 4 GB."""
+
+import secrets
+from pathlib import Path
+
+from gradio.utils import get_upload_folder
+
+import webui
+from trainers.uploads import MAX_TUNER_BYTES, SHARED_MAX_UPLOAD_BYTES, discard
+
+
+def stored(name: str) -> list[Path]:
+    return list(Path(get_upload_folder()).rglob(name))
+
+
+def test_refused_uploads_are_deleted_from_the_server(shared_studio, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = shared_studio
+    client = Client(url, verbose=False)
+    image = tmp_path / f"not-an-image-{secrets.token_hex(4)}.png"
+    image.write_bytes(b"hello, certainly not a PNG")
+    files, _ = client.predict([handle_file(image)], api_name="/on_upload")
+    assert files is None, "the refused batch is cleared from the box"
+    assert stored(image.name) == []
+
+
+def test_only_uploads_are_ever_discarded(tmp_path):
+    """The Runs tab's import deletes a refused tuner file the same way (its events exist once
+    the tab is opened, out of the API's reach): what is outside the upload folder stays."""
+    inside = Path(get_upload_folder()) / secrets.token_hex(8) / "refused.safetensors"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(b"junk")
+    example = tmp_path / "example.png"
+    example.write_bytes(b"an example image")
+    sneaky = inside.parent / "link.png"
+    sneaky.symlink_to(example)
+    discard([inside, example, sneaky, inside.parent / ".." / ".." / example.name], get_upload_folder())
+    assert not inside.exists() and example.read_bytes() == b"an example image"
+    sneaky.unlink()
+    inside.parent.rmdir()
+
+
+def test_uploads_expire_and_a_shared_studio_bounds_the_upload_route(tmp_path):
+    from tests.test_jobs import make_runner
+    from webui.model import describe
+
+    runner = make_runner(tmp_path / "runs")
+    assert webui.launch_options(runner, "127.0.0.1", 7860)["max_file_size"] == MAX_TUNER_BYTES
+    assert webui.launch_options(runner, "127.0.0.1", 7860, shared=True)["max_file_size"] == SHARED_MAX_UPLOAD_BYTES
+    demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test", shared=True)
+    frequency, age = demo.delete_cache
+    assert frequency <= 3600 and age <= 86400
