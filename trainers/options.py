@@ -35,7 +35,7 @@ DEFAULT_STEPS = 400
 # What no run needs, and what would take the machine down: a 24 GB card trains SD v1.5 at 512 px
 # with a batch of a few; the bounds leave room for bigger cards, not for 1e6.
 UPPER = {"resolution": 2048, "train_batch_size": 64, "gradient_accumulation_steps": 1024, "max_train_steps": 1_000_000,
-         "num_validation_images": 16, "num_class_images": 10_000, "num_train_epochs": 100_000, "num_inference_steps": 1000, "validation_prompts": 16,
+         "num_validation_images": 16, "num_class_images": 10_000, "num_inference_steps": 1000, "validation_prompts": 16,
          "sample_batch_size": 64, "method_size": 4096}
 
 
