@@ -133,7 +133,7 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     page.click("#example-star")  # the bundled example concept fills the images and prompts
     page.wait_for_selector("#concept-preview img", timeout=30_000)
     assert page.input_value("#instance-prompt textarea") == "a sks shape"
-    assert page.input_value("#opt-learning_rate input") == ""  # empty: each method's own recipe
+    assert page.input_value("#opt-learning_rate textarea") == ""  # empty: each method's own recipe
     fill(page, "max_train_steps", 5000)
     train_for_comparison(page)  # Res-Tuning, Res-Tuning-Bypass and LoRA are ticked by default
     page.wait_for_selector("#live-progress [data-status=running]", timeout=120_000)
@@ -150,7 +150,8 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     for p in new:
         c = json.loads((p / "config.json").read_text())
         assert from_dict({**c, "instance_data_dir": "instance", "output_dir": "run"}).args.learning_rate == 0.01
-    full = from_dict({**config, "method": "full", "instance_data_dir": "instance", "output_dir": "run"})
+    full = from_dict({"method": "full", "pretrained_model_name_or_path": config["pretrained_model_name_or_path"],
+                      "instance_prompt": "a sks shape", "instance_data_dir": "instance", "output_dir": "run"})
     assert (full.args.learning_rate, full.recipe["learning_rate"]) == (0.001, "demo_settings.json of the base model, for full")
     assert sorted(f.read_bytes() for f in (new[0] / "instance").iterdir()) == sorted(f.read_bytes() for f in STARS)
     page.get_by_role("tab", name="Runs / tuners").click()
