@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import train_cost, train_e2e
+from bench import train_cost, train_e2e, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -328,11 +328,7 @@ def main(argv=None) -> dict:
         result["variants"] = cost_rows(runnable, settings, budget, per_case) + skipped
     result["wall_s"] = time.monotonic() - started
     stem = "gpu_check_dry" if args.dry else "gpu_check_" + result["versions"]["gpu"].lower().replace("nvidia ", "").replace(" ", "-")
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out_dir / f"{stem}.md").write_text(table)
-    print("\n" + table)
-    print(f"wrote {args.out_dir / stem}.json and .md")
+    write_results(args.out_dir, stem, result, markdown(result))
     return result
 
 

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 INFERENCE = "inference"
@@ -345,12 +347,7 @@ def main(argv=None) -> dict | None:
     result = {"settings": settings, "reference": args.reference, "rows": rows, "wall_s": time.time() - started,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     stem = f"train_cost_{args.arch}_{args.device}_{args.resolution}px_b{args.batch_size}_{args.precision}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out_dir / f"{stem}.md").write_text(table)
-    print("\n" + table)
-    print(f"wrote {args.out_dir / stem}.json and .md")
+    write_results(args.out_dir, stem, result, markdown(result))
     return result
 
 
