@@ -689,3 +689,11 @@ def test_tensorboard_gets_the_loss_and_background_logs_get_no_bar(tiny_model, in
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     err = capsys.readouterr().err
     assert "training:" not in err and "\r" not in err  # not a terminal: no progress bar redraws
+
+
+def test_a_run_log_does_not_open_with_bitsandbytes_kernels_warning():
+    code = "import trainers.dreambooth, peft, bitsandbytes, bitsandbytes.optim"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "kernels" not in proc.stderr

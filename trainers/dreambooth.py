@@ -20,6 +20,7 @@ encoder is frozen, so the prompts' embeddings are computed once. Progress goes t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -38,6 +39,10 @@ from . import artifacts, data, models
 from . import options as opts
 from .events import EventLog
 from .images import ImageError, check_folder
+
+# bitsandbytes says on import, in every CPU run's log, that an optional kernels package is missing:
+# nothing the trainer uses needs it (its 8-bit AdamW runs without), so only that line is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
 
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
