@@ -49,8 +49,9 @@ def default_variants() -> list[Variant]:
     from restuning.methods import METHODS
 
     variants = [Variant(m.label, name) for name, m in METHODS.items()]
-    variants.insert(1, Variant("Res-Tuning (Single: ff=prompt)", "res-tuning", {"tuners": {"ff": "prompt"}}))
-    variants.insert(2, Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}))
+    singles = [Variant(f"Res-Tuning (Single: {op}={kind})", "res-tuning", {"tuners": {op: kind}})
+               for op, kind in (("attn1", "adapter"), ("attn1", "prefix"), ("ff", "prompt"))]
+    variants[1:1] = [*singles, Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}})]
     return variants
 
 
