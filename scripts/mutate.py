@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_TESTS = ("tests/test_tuner_math.py", "tests/test_equivalence.py", "tests/test_bypass.py",
-                 "tests/test_restuning.py", "tests/test_io.py")
+                 "tests/test_restuning.py", "tests/test_io.py", "tests/test_library.py")
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ MUTATIONS = [
              "torch.logsumexp((q @ k_extra.transpose(-1, -2))", "tests/test_equivalence.py"),
     Mutation("unbound-strength-squared", "restuning/unbinding.py", "mixing_weight(q, k, k_extra, scale) * strength",
              "mixing_weight(q, k, k_extra, scale) * strength * strength", "tests/test_equivalence.py"),
-    Mutation("bound-prompt-keys-through-w-v", "restuning/methods/prompt/model.py", "k_pro = split_heads(attn, attn.to_k(prompt))",
-             "k_pro = split_heads(attn, attn.to_v(prompt))", "tests/test_equivalence.py"),
+    Mutation("bound-prompt-keys-through-w-v", "restuning/methods/prompt/layer.py", "return split_heads(attn, attn.to_k(prompt))",
+             "return split_heads(attn, attn.to_v(prompt))", "tests/test_equivalence.py"),
     Mutation("bypass-tap-outputs-attached", "restuning/methods/bypass/model.py", "call.outputs[path] = output.detach()",
              "call.outputs[path] = output", "tests/test_bypass.py"),
     Mutation("bypass-tap-input-attached", "restuning/methods/bypass/model.py",

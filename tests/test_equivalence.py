@@ -13,8 +13,8 @@ from diffusers.models.attention_processor import Attention
 import restuning
 from restuning import unbinding
 from restuning.methods.attention import split_heads
-from restuning.methods.prefix.model import PrefixAttnProcessor
-from restuning.methods.prompt.model import PromptAttnProcessor
+from restuning.methods.prefix.layer import PrefixAttnProcessor
+from restuning.methods.prompt.layer import PromptAttnProcessor
 from restuning.core import Attached, transformer_blocks
 from restuning.tuners import Adapter
 
