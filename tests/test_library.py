@@ -148,3 +148,20 @@ def test_the_package_has_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_method_folder_has_the_same_shape():
+    """PEFT's tuners/<method>/{config,model}.py: the config in config.py, attach in model.py,
+    both exported by the folder's __init__; the registry is the one list of methods."""
+    import importlib
+
+    from restuning.methods import METHODS
+
+    for method in METHODS.values():
+        package = method.attach.__module__.rsplit(".", 1)[0]
+        folder = PACKAGE.parent.joinpath(*package.split("."))
+        assert method.attach.__module__ == f"{package}.model", method.name
+        assert method.config.__module__ == f"{package}.config", method.name
+        assert (folder / "config.py").is_file() and (folder / "model.py").is_file()
+        exported = importlib.import_module(package)
+        assert exported.attach is method.attach and getattr(exported, method.config.__name__) is method.config
