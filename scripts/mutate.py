@@ -53,7 +53,7 @@ MUTATIONS = [
              "tests/test_tuner_math.py"),
     Mutation("strength-squared", "restuning/core.py", "residual = residual * scale", "residual = residual * scale * scale",
              "tests/test_tuner_math.py"),
-    Mutation("bound-adapter-reads-op-input", "restuning/methods/adapter/__init__.py", "adapter(output.to(dtype))",
+    Mutation("bound-adapter-reads-op-input", "restuning/methods/adapter/model.py", "adapter(output.to(dtype))",
              "adapter(args[0].to(dtype))", "tests/test_equivalence.py"),
     Mutation("lambda-prefix-logits-unscaled", "restuning/unbinding.py", "torch.logsumexp((q @ k_extra.transpose(-1, -2)) * scale",
              "torch.logsumexp((q @ k_extra.transpose(-1, -2))", "tests/test_equivalence.py"),
