@@ -263,14 +263,24 @@ def test_one_backbone_forward_feeds_several_bypasses(tiny_unet, unet_inputs, two
 
 
 def test_several_bypasses_train_from_one_backbone_forward(tiny_unet, unet_inputs, two_bypasses):
+    """Each bypass gets from the shared forward exactly the gradient it gets when run alone."""
     handles = restuning.attached(tiny_unet)
-    for h in handles.values():
-        h.modules["bypass"].requires_grad_(True)
+    assert all(p.requires_grad for h in handles.values() for p in h.parameters())  # attaching "b" left "a" trainable
     seen = _taps(tiny_unet)
     outs = restuning.bypass_outputs(tiny_unet, ["a", "b"], *unet_inputs)
     sum(o.pow(2).mean() for o in outs).backward()
     assert seen["backbone_grad"] == [False]
-    assert all(p.grad is not None for h in handles.values() for p in h.parameters())
+    shared = {n: [p.grad.clone() for p in h.parameters()] for n, h in handles.items()}
+    for name in handles:
+        for h in handles.values():
+            for p in h.parameters():
+                p.grad = None
+        for other in handles:
+            restuning.set_scale(tiny_unet, 1.0 if other == name else 0.0, name=other)
+        tiny_unet(*unet_inputs).sample.pow(2).mean().backward()
+        assert any(torch.count_nonzero(g) > 0 for g in shared[name])
+        for got, p in zip(shared[name], handles[name].parameters(), strict=True):
+            torch.testing.assert_close(got, p.grad, atol=1e-7, rtol=1e-5)
 
 
 def test_route_sends_each_sample_through_its_own_bypass(tiny_unet, unet_inputs, two_bypasses):
