@@ -40,10 +40,12 @@ def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False) -> 
     for p in unet.parameters():
         if id(p) not in earlier:
             p.requires_grad_(False)
-    handle = method.attach(unet, config, name)
-    # peft marks only its own adapter trainable when it injects one, freezing everything else.
-    for p, trainable in earlier.values():
-        p.requires_grad_(trainable)
+    try:
+        handle = method.attach(unet, config, name)
+    finally:
+        # peft marks only its own adapter trainable when it injects one, freezing everything else.
+        for p, trainable in earlier.values():
+            p.requires_grad_(trainable)
     table[name] = handle
     keep_tuners_out_of_state(unet)
     return handle

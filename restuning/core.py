@@ -2,8 +2,9 @@
 
 Every method (Res-Tuning, the Bypass, the bound baselines, LoRA, full fine-tuning) attaches
 through `restuning.attach(unet, config, name)` (restuning/api.py), which returns an `Attached`
-handle kept on the U-Net under `name`. The handle knows the method's trainable parameters, its weights, its inference strength
-and how to undo itself, so `save`, `load`, `set_scale` and `detach` are the same calls for all.
+handle kept on the U-Net under `name`. The handle knows the method's trainable parameters, its
+weights, its inference strength and how to undo itself, so `save`, `load`, `set_scale` and
+`detach` are the same calls for all.
 """
 
 from __future__ import annotations
