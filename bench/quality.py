@@ -91,6 +91,11 @@ def train(variant: Variant, args, work: Path, seed: int) -> dict:
         "method": variant.method,
         **variant.options,
     }
+    done = [e for e in read_events(run) if e.get("event") == "phase" and e.get("phase") == "done"]
+    if args.resume and done and (run / "config.json").exists() and json.loads((run / "config.json").read_text()) == config:
+        saved = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
+        return {**_figures(run, seed, read_events(run)), "wall_s": saved.get("wall_s"), "peak_rss_gib": saved.get("peak_rss_gib"),
+                "resumed": True}
     (run / "config.json").write_text(json.dumps(config, indent=2))
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")],
@@ -101,15 +106,19 @@ def train(variant: Variant, args, work: Path, seed: int) -> dict:
     if proc.returncode != 0:
         tail = (run / "log.txt").read_text().splitlines()[-15:]
         raise RuntimeError(f"{variant.label}: the trainer failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    result = {**_figures(run, seed, events), "wall_s": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+    (run / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _figures(run: Path, seed: int, events: list[dict]) -> dict:
     steps = [e for e in events if e.get("event") == "step"]
     per_step = [e["sec_per_step"] for e in steps if e.get("sec_per_step")]
     info = {k: v for e in events if e.get("event") == "info" for k, v in e.items() if k not in ("t", "event")}
     artifacts = {e["kind"]: e["path"] for e in events if e.get("event") == "artifact"}
     return {
         "run": str(run),
-        "wall_s": round(time.time() - started, 1),
         "sec_per_step": round(statistics.median(per_step), 4) if per_step else None,
-        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
         "seed": seed,
         "trainable_params": info.get("trainable_params"),
         "final_loss": steps[-1]["loss"] if steps else None,
@@ -227,7 +236,7 @@ def write(args, variants, trained, columns, counts, concept_grid, concept_prompt
         per_step = [r["sec_per_step"] for r in runs if r["sec_per_step"]]
         rows.append({"label": variant.label, "method": variant.method, "options": variant.options, "runs": runs,
                      "trainable_params": runs[0]["trainable_params"], "sec_per_step": statistics.median(per_step) if per_step else None,
-                     "peak_rss_gib": max(r["peak_rss_gib"] for r in runs), **stats})
+                     "peak_rss_gib": max((r["peak_rss_gib"] for r in runs if r["peak_rss_gib"]), default=None), **stats})
     reference = next((r for r in rows if r["method"] == "adapter" and not r.get("options")), None)
     for row in rows:
         if reference is not None and row is not reference:
@@ -292,6 +301,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", help="comma-separated labels or method names (default: all but the extra layouts)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true", help="reuse finished trainings in --work whose config is the same")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: exercises the path, claims nothing")
     args = parser.parse_args(argv)
     args.error = parser.error
@@ -316,7 +326,7 @@ def main(argv=None) -> None:
     trained = []
     for variant in variants:
         for seed in range(args.train_seeds):
-            print(f"training {variant.label}, seed {seed} ...", flush=True)
+            print(f"{'reusing or ' if args.resume else ''}training {variant.label}, seed {seed} ...", flush=True)
             trained.append((variant, train(variant, args, args.work, seed)))
     columns = columns_for(trained)
     print(f"sampling {len(columns)} columns x {len(NEW_CONTEXTS) * args.seeds * 2} rows ...", flush=True)
