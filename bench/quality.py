@@ -235,7 +235,7 @@ def write(args, variants, trained, columns, counts, concept_grid, concept_prompt
         stats = summarise([counts[i + 1] for i in picks])
         per_step = [r["sec_per_step"] for r in runs if r["sec_per_step"]]
         rows.append({"label": variant.label, "method": variant.method, "options": variant.options, "runs": runs,
-                     "trainable_params": runs[0]["trainable_params"], "sec_per_step": statistics.median(per_step) if per_step else None,
+                     "trainable_params": runs[0]["trainable_params"], "sec_per_step": round(statistics.median(per_step), 3) if per_step else None,
                      "peak_rss_gib": max((r["peak_rss_gib"] for r in runs if r["peak_rss_gib"]), default=None), **stats})
     reference = next((r for r in rows if r["method"] == "adapter" and not r.get("options")), None)
     for row in rows:
