@@ -1,27 +1,33 @@
 """Concept-learning quality of every method on the bundled demo model: the paper's Table 6 and
-Fig. 7 comparison, reproducible on a CPU.
+Fig. 7 comparison, reproducible on a CPU, with the sample sizes to rank methods.
 
-    python -m bench.quality                 # default run (13 min on 2 cores)
+    python -m bench.quality                 # default run (about 30 min on 2 cores)
     python -m bench.quality --quick         # the whole path in a minute; no quality claims
 
-For each variant (every registry method at its defaults, plus extra Res-Tuning layouts), the
+For each variant (every registry method at its defaults, plus Res-Tuning's Single layouts), the
 trainer learns one held-out shape ("sks", default star) from the example images with prior
-preservation, all for the same number of steps, each in a fresh process. Then every tuner and the
-untuned base render the same prompts and seeds (one batched call per row), and the shipped
-evaluator scores them:
+preservation, all for the same number of steps, once per training seed, each in a fresh process.
+Then every trained tuner and the untuned base render the same prompts and seeds (one batched call
+per row), and the shipped evaluator scores them:
 
 - concept fidelity: "a <colour> sks shape on a <background> background" shows the concept;
 - prompt fidelity:  those samples take the asked colour and background;
 - preservation:     prompts about held-in shapes still give those shapes, colours, backgrounds;
 
-beside trainable parameters, seconds per step and peak memory. Writes JSON, a Markdown table and
-a sample grid (one column per method) to bench/results/.
+beside trainable parameters, seconds per step and peak memory. A cell pools its training seeds:
+4 prompts x `--seeds` sampling seeds x `--train-seeds` trainings (default 4 x 16 x 2 = 128
+samples). Beside each figure: its 95% Wilson interval, which counts sampling noise only (the
+samples of one training are not independent of each other, so the spread between training
+seeds is shown too, per seed), and the difference to the Adapter baseline with its 95% Newcombe
+interval, starred where that interval excludes 0. Writes JSON, a Markdown table and a sample
+grid (one column per method, first training seed) to bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -49,16 +55,23 @@ def default_variants() -> list[Variant]:
     from restuning.methods import METHODS
 
     variants = [Variant(m.label, name) for name, m in METHODS.items()]
-    variants.insert(1, Variant("Res-Tuning (Single: ff=prompt)", "res-tuning", {"tuners": {"ff": "prompt"}}))
-    variants.insert(2, Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}))
+    singles = [Variant(f"Res-Tuning (Single: {op}={kind})", "res-tuning", {"tuners": {op: kind}})
+               for op, kind in (("attn1", "adapter"), ("attn1", "prefix"), ("ff", "prompt"))]
+    variants[1:1] = singles
     return variants
 
 
-def train(variant: Variant, args, work: Path) -> dict:
+def extra_variants() -> list[Variant]:
+    """Chosen by label with --methods; left out of the default run to keep it within 30 minutes."""
+    return [Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}})]
+
+
+def train(variant: Variant, args, work: Path, seed: int) -> dict:
     """Run the trainer in a fresh process; return its cost figures and the run folder."""
     from trainers.events import read_events
 
-    run = work / variant.label.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "").replace("=", "-")
+    slug = variant.label.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "").replace("=", "-")
+    run = work / f"{slug}_seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     config = {
         "pretrained_model_name_or_path": str(args.base),
@@ -73,11 +86,16 @@ def train(variant: Variant, args, work: Path) -> dict:
         "learning_rate": args.full_learning_rate if variant.method == "full" else args.learning_rate,
         **({"snr_gamma": args.snr_gamma} if args.snr_gamma else {}),
         "checkpointing_steps": args.steps + 1,  # no checkpoints: they would only cost time here
-        "seed": args.seed,
+        "seed": seed,
         "output_dir": str(run),
         "method": variant.method,
         **variant.options,
     }
+    done = [e for e in read_events(run) if e.get("event") == "phase" and e.get("phase") == "done"]
+    if args.resume and done and (run / "config.json").exists() and json.loads((run / "config.json").read_text()) == config:
+        saved = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
+        return {**_figures(run, seed, read_events(run)), "wall_s": saved.get("wall_s"), "peak_rss_gib": saved.get("peak_rss_gib"),
+                "resumed": True}
     (run / "config.json").write_text(json.dumps(config, indent=2))
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")],
@@ -88,40 +106,68 @@ def train(variant: Variant, args, work: Path) -> dict:
     if proc.returncode != 0:
         tail = (run / "log.txt").read_text().splitlines()[-15:]
         raise RuntimeError(f"{variant.label}: the trainer failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    result = {**_figures(run, seed, events), "wall_s": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+    (run / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _figures(run: Path, seed: int, events: list[dict]) -> dict:
     steps = [e for e in events if e.get("event") == "step"]
     per_step = [e["sec_per_step"] for e in steps if e.get("sec_per_step")]
     info = {k: v for e in events if e.get("event") == "info" for k, v in e.items() if k not in ("t", "event")}
     artifacts = {e["kind"]: e["path"] for e in events if e.get("event") == "artifact"}
     return {
         "run": str(run),
-        "wall_s": round(time.time() - started, 1),
         "sec_per_step": round(statistics.median(per_step), 4) if per_step else None,
-        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
+        "seed": seed,
         "trainable_params": info.get("trainable_params"),
         "final_loss": steps[-1]["loss"] if steps else None,
         "artifacts": artifacts,
     }
 
 
-def columns_for(results: list[tuple[Variant, dict]]):
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
+    """p1 - p2 and its 95% interval (Newcombe's method 10, from the two Wilson intervals)."""
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson(k1, n1), wilson(k2, n2)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def columns_for(trained: list[tuple[Variant, dict]]):
     from trainers.sampling import Column
 
     columns = [Column("SD (base)", caption=["base model", "no tuning"])]
-    for variant, r in results:
+    for variant, r in trained:
         art = r["artifacts"]
         run = Path(r["run"])
+        label = f"{variant.label} seed {r['seed']}"
         caption = [variant.label, f"{(r['trainable_params'] or 0) / 1e6:.3f}M params"]
         if "tuner" in art:
-            columns.append(Column(variant.label, tuner=run / art["tuner"], caption=caption))
+            columns.append(Column(label, tuner=run / art["tuner"], caption=caption))
         elif "unet" in art:
-            columns.append(Column(variant.label, unet_dir=run / art["unet"], caption=caption))
+            columns.append(Column(label, unet_dir=run / art["unet"], caption=caption))
         else:
             raise RuntimeError(f"{variant.label}: no loadable artefact among {sorted(art)}")
     return columns
 
 
-def evaluate(args, columns, concept: str):
-    """Render every prompt x seed for every column; score with the evaluator."""
+METRICS = ("concept_fidelity", "prompt_colour", "prompt_background", "preservation_shape", "preservation_colour", "preservation_background")
+
+
+def evaluate(args, columns):
+    """Render every prompt x seed for every column; count the evaluator's hits per column."""
     from diffusers import StableDiffusionPipeline
 
     from scripts.evaluator import Evaluator
@@ -146,60 +192,92 @@ def evaluate(args, columns, concept: str):
     keep_prompts = [f"a {c} {s} on a {b} background" for c, s, b in PRESERVATION]
     concept_grid = sampler.render(columns, rows_for(concept_prompts))
     keep_grid = sampler.render(columns, rows_for(keep_prompts))
-    concept_expected = [{"shape": concept, "colour": c, "background": b} for c, b in NEW_CONTEXTS for _ in seeds]
+    concept_expected = [{"shape": args.concept, "colour": c, "background": b} for c, b in NEW_CONTEXTS for _ in seeds]
     keep_expected = [{"shape": s, "colour": c, "background": b} for c, s, b in PRESERVATION for _ in seeds]
-    scores = []
-    for i, column in enumerate(columns):
+    counts = []
+    for i in range(len(columns)):
         got = evaluator.score([row[i] for row in concept_grid], concept_expected)
         kept = evaluator.score([row[i] for row in keep_grid], keep_expected)
-        scores.append({
-            "concept_fidelity": got["shape"],
-            "prompt_fidelity": (got["colour"] + got["background"]) / 2,
-            "prompt_colour": got["colour"],
-            "prompt_background": got["background"],
-            "preservation_shape": kept["shape"],
-            "preservation": (kept["shape"] + kept["colour"] + kept["background"]) / 3,
-        })
-    return scores, concept_grid, keep_grid, concept_prompts
+        hits = {"concept_fidelity": got["shape"], "prompt_colour": got["colour"], "prompt_background": got["background"],
+                "preservation_shape": kept["shape"], "preservation_colour": kept["colour"], "preservation_background": kept["background"]}
+        counts.append({"n": got["n"], **{k: round(v * got["n"]) for k, v in hits.items()}})
+    return counts, concept_grid, concept_prompts
 
 
-def write(args, results, columns, scores, concept_grid, concept_prompts, elapsed):
+def summarise(counts: list[dict]) -> dict:
+    """Pool the counts of one variant's trainings: rates, 95% intervals, per-seed rates."""
+    n = sum(c["n"] for c in counts)
+    out = {"n": n}
+    for metric in METRICS:
+        k = sum(c[metric] for c in counts)
+        out[metric] = {"k": k, "rate": k / n, "ci95": wilson(k, n), "per_seed": [c[metric] / c["n"] for c in counts]}
+    out["prompt_fidelity"] = (out["prompt_colour"]["rate"] + out["prompt_background"]["rate"]) / 2
+    out["preservation"] = sum(out[m]["rate"] for m in ("preservation_shape", "preservation_colour", "preservation_background")) / 3
+    return out
+
+
+def _cell(metric: dict) -> str:
+    lo, hi = metric["ci95"]
+    seeds = "/".join(f"{r:.2f}" for r in metric["per_seed"])
+    return f"{metric['rate']:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({seeds})" if len(metric["per_seed"]) > 1 else "")
+
+
+def write(args, variants, trained, columns, counts, concept_grid, concept_prompts, elapsed):
     from trainers.sampling import compose_grid
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = scores[0]
+    base = summarise([counts[0]])
     rows = [{"label": "SD (base)", "method": None, **base}]
-    for (variant, r), s in zip(results, scores[1:]):
-        rows.append({"label": variant.label, "method": variant.method, "options": variant.options, **r, **s})
-    report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds,
-              "learning_rate": args.learning_rate, "full_learning_rate": args.full_learning_rate, "snr_gamma": args.snr_gamma, "batch_size": args.batch_size,
-              "base": str(args.base), "elapsed_s": round(elapsed, 1), "rows": rows}
+    for variant in variants:
+        picks = [i for i, (v, _) in enumerate(trained) if v is variant]
+        runs = [trained[i][1] for i in picks]
+        stats = summarise([counts[i + 1] for i in picks])
+        per_step = [r["sec_per_step"] for r in runs if r["sec_per_step"]]
+        rows.append({"label": variant.label, "method": variant.method, "options": variant.options, "runs": runs,
+                     "trainable_params": runs[0]["trainable_params"], "sec_per_step": round(statistics.median(per_step), 3) if per_step else None,
+                     "peak_rss_gib": max((r["peak_rss_gib"] for r in runs if r["peak_rss_gib"]), default=None), **stats})
+    reference = next((r for r in rows if r["method"] == "adapter" and not r.get("options")), None)
+    for row in rows:
+        if reference is not None and row is not reference:
+            c, ref = row["concept_fidelity"], reference["concept_fidelity"]
+            row["concept_vs_adapter"] = newcombe(c["k"], row["n"], ref["k"], reference["n"])
+    report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds, "train_seeds": args.train_seeds,
+              "learning_rate": args.learning_rate, "full_learning_rate": args.full_learning_rate, "snr_gamma": args.snr_gamma,
+              "batch_size": args.batch_size, "base": str(args.base), "elapsed_s": round(elapsed, 1), "rows": rows}
     name = "quality_quick" if args.quick else "quality"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    per_cell = rows[1]["n"] if len(rows) > 1 else base["n"]
     lines = [
         f"Concept `{args.concept}` learned as `sks` in {args.steps} steps per method (lr {args.learning_rate:g}, full "
-        f"fine-tuning {args.full_learning_rate:g}; batch "
-        f"{args.batch_size} + {args.batch_size} prior images, min-SNR {args.snr_gamma:g}); {args.seeds} seeds x "
-        f"{len(NEW_CONTEXTS)} new contexts; base model's false-positive rate for the concept: {base['concept_fidelity']:.2f}.",
+        f"fine-tuning {args.full_learning_rate:g}; batch {args.batch_size} + {args.batch_size} prior images, min-SNR "
+        f"{args.snr_gamma:g}), {args.train_seeds} training seed(s) per method; {len(NEW_CONTEXTS)} new contexts x "
+        f"{args.seeds} sampling seeds = {per_cell} samples per cell ({base['n']} for the base). "
+        f"Figures: rate [95% Wilson interval] (per training seed). Δ: concept fidelity minus Adapter's, "
+        f"[95% Newcombe interval], * where it excludes 0. Run time {elapsed / 60:.0f} min.",
         "",
-        "| method | params | s/step | peak RSS (GiB) | concept fidelity | prompt fidelity | preservation |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| SD (base) | - | - | - | {base['concept_fidelity']:.2f} (FP rate) | {base['prompt_fidelity']:.2f} | {base['preservation']:.2f} |",
+        "| method | params | s/step | peak RSS (GiB) | concept fidelity | Δ vs Adapter | prompt fidelity | preservation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in rows[1:]:
-        params = f"{row['trainable_params'] / 1e6:.3f}M" if row.get("trainable_params") else "?"
-        lines.append(f"| {row['label']} | {params} | {row['sec_per_step']} | {row['peak_rss_gib']} | "
-                     f"{row['concept_fidelity']:.2f} | {row['prompt_fidelity']:.2f} | {row['preservation']:.2f} |")
+    for row in rows:
+        params = f"{row['trainable_params'] / 1e6:.3f}M" if row.get("trainable_params") else "-"
+        delta = "-"
+        if "concept_vs_adapter" in row:
+            d, lo, hi = row["concept_vs_adapter"]
+            delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + ("*" if lo > 0 or hi < 0 else "")
+        lines.append(f"| {row['label']} | {params} | {row.get('sec_per_step') or '-'} | {row.get('peak_rss_gib') or '-'} | "
+                     f"{_cell(row['concept_fidelity'])} | {delta} | {row['prompt_fidelity']:.2f} | {row['preservation']:.2f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    # The grid: the first seed of every concept prompt, one column per method.
-    picks = [concept_grid[i * args.seeds] for i in range(len(concept_prompts))]
-    grid = compose_grid(picks, [c.caption or [c.label] for c in columns], row_labels=[f"{c} sks shape on {b}" for c, b in NEW_CONTEXTS], scale=2)
+    # The grid: the first seed of every concept prompt, one column per method (its first training).
+    firsts = [0] + [1 + next(i for i, (v, _) in enumerate(trained) if v is variant) for variant in variants]
+    picks = [[concept_grid[p * args.seeds][i] for i in firsts] for p in range(len(concept_prompts))]
+    grid = compose_grid(picks, [columns[i].caption or [columns[i].label] for i in firsts],
+                        row_labels=[f"{c} sks shape on {b}" for c, b in NEW_CONTEXTS], scale=2)
     grid.save(out / f"{name}_grid.png")
     print("\n".join(lines))
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=ROOT / "assets" / "demo-model")
     parser.add_argument("--evaluator", type=Path, default=ROOT / "assets" / "evaluator")
@@ -216,34 +294,44 @@ def main(argv=None) -> None:
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting (0: off)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--class-images", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=16, help="sampling seeds per prompt (4 prompts)")
+    parser.add_argument("--train-seeds", type=int, default=2, help="trainings per method, with seeds 0, 1, ...")
     parser.add_argument("--sample-steps", type=int, default=None)
     parser.add_argument("--scheduler", default="DPM++ 2M")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", help="comma-separated labels or method names (default: all)")
+    parser.add_argument("--methods", help="comma-separated labels or method names (default: all but the extra layouts)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true", help="reuse finished trainings in --work whose config is the same")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: exercises the path, claims nothing")
     args = parser.parse_args(argv)
+    args.error = parser.error
     if args.quick:
-        args.steps, args.seeds, args.sample_steps, args.class_images, args.batch_size = 2, 1, 2, 2, 1
+        args.steps, args.seeds, args.sample_steps, args.class_images, args.batch_size, args.train_seeds = 2, 1, 2, 2, 1, 1
     args.concept_dir = ROOT / "assets" / "concepts" / args.concept
     if not args.concept_dir.is_dir():
         parser.error(f"no example images for concept {args.concept!r} in {args.concept_dir}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     variants = default_variants()
     if args.methods:
         wanted = {w.strip() for w in args.methods.split(",")}
-        variants = [v for v in variants if v.label in wanted or (v.method in wanted and not v.options)]
+        every = variants + extra_variants()
+        variants = [v for v in every if v.label in wanted or (v.method in wanted and not v.options)]
         if not variants:
-            parser.error(f"--methods {args.methods!r} matches no variant; labels: {', '.join(v.label for v in default_variants())}")
+            args.error(f"--methods {args.methods!r} matches no variant; labels: {', '.join(v.label for v in every)}")
     started = time.time()
-    results = []
+    trained = []
     for variant in variants:
-        print(f"training {variant.label} ...", flush=True)
-        results.append((variant, train(variant, args, args.work)))
-    columns = columns_for(results)
-    scores, concept_grid, _, concept_prompts = evaluate(args, columns, args.concept)
-    write(args, results, columns, scores, concept_grid, concept_prompts, time.time() - started)
+        for seed in range(args.train_seeds):
+            print(f"{'reusing or ' if args.resume else ''}training {variant.label}, seed {seed} ...", flush=True)
+            trained.append((variant, train(variant, args, args.work, seed)))
+    columns = columns_for(trained)
+    print(f"sampling {len(columns)} columns x {len(NEW_CONTEXTS) * args.seeds * 2} rows ...", flush=True)
+    counts, concept_grid, concept_prompts = evaluate(args, columns)
+    write(args, variants, trained, columns, counts, concept_grid, concept_prompts, time.time() - started)
 
 
 if __name__ == "__main__":

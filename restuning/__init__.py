@@ -8,9 +8,10 @@
     restuning.detach(unet)                                # the untouched base model again
 """
 
+from .api import attach, load, read_config
 from .config import ConfigError, MethodConfig
-from .core import AttachError, attach, attached, detach, route, set_scale, trainable_parameters
-from .io import TunerFileError, load, read_config, read_header, save
+from .core import AttachError, attached, detach, route, set_scale, trainable_parameters
+from .io import TunerFileError, read_header, save
 from .methods import METHODS, config_from_dict
 from .methods.adapter import AdapterConfig
 from .methods.bypass import BypassConfig, bypass_outputs

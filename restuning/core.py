@@ -1,9 +1,10 @@
 """Attaching methods to a U-Net, and taking them off again.
 
 Every method (Res-Tuning, the Bypass, the bound baselines, LoRA, full fine-tuning) attaches
-through `attach(unet, config, name)`, which returns an `Attached` handle kept on the U-Net under
-`name`. The handle knows the method's trainable parameters, its weights, its inference strength
-and how to undo itself, so `save`, `load`, `set_scale` and `detach` are the same calls for all.
+through `restuning.attach(unet, config, name)` (restuning/api.py), which returns an `Attached`
+handle kept on the U-Net under `name`. The handle knows the method's trainable parameters, its
+weights, its inference strength and how to undo itself, so `save`, `load`, `set_scale` and
+`detach` are the same calls for all.
 """
 
 from __future__ import annotations
@@ -84,30 +85,37 @@ def attached(unet: nn.Module) -> dict[str, Attached]:
     return unet.__dict__.setdefault(_ATTACHED, {})
 
 
-def attach(unet: nn.Module, config, name: str = DEFAULT_NAME, *, replace: bool = False) -> Attached:
-    """Freeze the backbone and attach the method `config` describes; return its handle.
+_STATE_HOOKS = "_restuning_state_hooks"
 
-    Attaching under a name that is already taken is refused unless `replace=True`, which detaches
-    the old one first: weights are never silently doubled.
+
+def keep_tuners_out_of_state(unet: nn.Module) -> None:
+    """Leave the modules of attached tuners out of `unet.state_dict()`, and let a base checkpoint
+    load into `unet` strictly with tuners attached.
+
+    The tuners must be submodules of the U-Net so that `.to()` and `.parameters()` reach them, but
+    then they would be written by `unet.save_pretrained` into what is meant to be the base model.
+    Their weights are saved by `restuning.save`. LoRA and full fine-tuning hold no modules of
+    their own here (peft's layers are diffusers' business), so they are not filtered.
     """
-    from .methods import method_for_config
+    if _STATE_HOOKS in unet.__dict__:
+        return
 
-    method = method_for_config(config)
-    config.validate()
-    table = attached(unet)
-    if name in table:
-        if not replace:
-            raise AttachError(
-                f"a {table[name].config.method} tuner is already attached as {name!r}; "
-                f"call restuning.detach(unet) first, pass replace=True, or use another name"
-            )
-        detach(unet, name)
-    if any(a.config.method == "full" for a in table.values()) or (config.method == "full" and table):
-        raise AttachError("full fine-tuning cannot be combined with other tuners on the same U-Net")
-    unet.requires_grad_(False)
-    handle = method.attach(unet, config, name)
-    table[name] = handle
-    return handle
+    def tuner_paths(prefix: str) -> tuple[str, ...]:
+        ids = {id(m) for a in attached(unet).values() for m in a.modules.values()}
+        return tuple(f"{prefix}{path}." for path, m in unet.named_modules(remove_duplicate=False) if id(m) in ids)
+
+    def drop_from_state(module, state, prefix, local_metadata):
+        paths = tuner_paths(prefix)
+        for key in [k for k in state if k.startswith(paths)] if paths else []:
+            del state[key]
+
+    def allow_missing(module, incompatible):
+        paths = tuner_paths("")
+        if paths:
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(paths)]
+
+    unet.__dict__[_STATE_HOOKS] = (unet.register_state_dict_post_hook(drop_from_state),
+                                   unet.register_load_state_dict_post_hook(allow_missing))
 
 
 def detach(unet: nn.Module, name: str | None = None) -> None:

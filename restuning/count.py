@@ -12,7 +12,8 @@ import argparse
 import json
 
 from .arch import build_unet
-from .core import attach, attached, detach
+from .api import attach
+from .core import attached, detach
 from .methods import METHODS
 
 

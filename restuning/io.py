@@ -1,6 +1,10 @@
 """One file format for every tuner: safetensors weights with the method's config, the format
 version and the base architecture's fingerprint in the header, so a single downloaded file is
 self-describing. Loading never unpickles anything.
+
+Writing and checking files lives here; `restuning.load` and `restuning.read_config`, which need
+the registry of methods to rebuild a config, live in restuning/api.py, so that the methods (whose
+exports write tuner files) can import this module without an import cycle.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import arch
-from .core import DEFAULT_NAME, Attached, attach, attached
+from .core import DEFAULT_NAME, attached
 
 FORMAT = "restuning"
 FORMAT_VERSION = 1
@@ -75,39 +79,6 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         except json.JSONDecodeError:
             raise TunerFileError(f"{path.name}: the header's {key} is missing or not valid JSON") from None
     return metadata
-
-
-def read_config(path: str | os.PathLike):
-    """The method config stored in a tuner file."""
-    from .methods import config_from_dict
-
-    metadata = read_header(path)
-    try:
-        return config_from_dict(json.loads(metadata["config"]))
-    except (ValueError, TypeError) as exc:
-        raise TunerFileError(f"{Path(path).name}: the stored config is not usable: {exc}") from None
-
-
-def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bool = False) -> Attached:
-    """Attach the tuner stored in `path` to `unet` and load its weights, in one call."""
-    path = Path(path)
-    metadata = read_header(path)
-    config = read_config(path)
-    mismatch = arch.fingerprint_mismatch(json.loads(metadata["base_arch"]), unet)
-    if mismatch:
-        raise TunerFileError(f"{path.name} was trained for another U-Net architecture: " + "; ".join(mismatch))
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    handle = attach(unet, config, name, replace=replace)
-    device = next(unet.parameters()).device
-    try:
-        handle.load_state_dict({k: v.to(device) for k, v in state.items()})
-    except ValueError as exc:
-        from .core import detach
-
-        detach(unet, name)
-        raise TunerFileError(f"{path.name}: {exc}") from None
-    return handle
 
 
 def file_size(path) -> int:

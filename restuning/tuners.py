@@ -3,20 +3,32 @@ a residual, so that x' = OP(x) + Res-Tuner(x) (Eq. 7).
 
 A Res-Tuner owns all its parameters and never touches the backbone's weights; that is what lets
 any tuner sit beside any OP (attention, feed-forward, whole block) and is the paper's point.
-Each one starts at exactly zero output, so attaching leaves the model's output unchanged
-(bit for bit: a zero weight times anything finite is exactly zero).
+Each one ends in a zero-initialised layer (W_up, V_pre, W_o), so attaching leaves the model's
+output unchanged bit for bit (a zero weight times anything finite is exactly zero), while that
+layer gets gradient at the first step and every other parameter from the second on.
 
-- `Adapter`      φ(x W_down) W_up, bottleneck `length`, W_up zero-initialised (Eq. 6's branch).
-- `ResPrefix`    Attn(x̂, K_pre, V_pre): the prefix half of Eq. 3 with `length` learned keys and
-                 values per head; V_pre starts at zero. The query is x itself, layer-normalised
-                 without parameters (x̂), because a Res-Tuner may not borrow the OP's W_q.
-- `ResPrompt`    g ⊙ Attn(x̂, P, P): the prompt half of Eq. 5 with `length` learned prompt tokens P.
-                 Prompt tokens live in the input space and the backbone's W_k, W_v are not
-                 available to a detached tuner, so the tokens serve as keys and values directly; a
-                 per-channel gate g (zero at start) gives the exact identity at attach.
+With x̂ = LN(x) the parameter-free layer norm (mean 0, variance 1 per token, eps 1e-5), s = 1/sqrt(d)
+the logit scale of heads of width d, and Attn(Q, K, V) = softmax(s·Q Kᵀ) V per head:
 
-The mixing weight λ of Eq. 10/12 depends on the OP's own keys; in the unbound framework it is
-absorbed into the tuner's learned scale, which is why the Res-Tuners carry no λ.
+- `Adapter`   φ(x W_down + b_down) W_up + b_up, φ = GELU, bottleneck `length` (the branch of
+              Eq. 6, here reading the OP's input x as Eq. 7 does); W_up, b_up start at zero.
+- `ResPrefix` Attn(x̂, K_pre, V_pre): the prefix half of Eq. 3 with `length` free keys and values
+              (L, C), split into `heads` heads of d = C/heads; V_pre starts at zero. The query is
+              x̂ itself, because a detached tuner may not borrow the OP's W_q.
+- `ResPrompt` Attn(x̂ W_q, P W_k, P W_v) W_o: the prompt half of Eq. 5, where K_pro = x_pro W_k and
+              V_pro = x_pro W_v come from one set of `length` prompt tokens P (L, C) living in the
+              input space. The detached tuner cannot use the OP's W_q, W_k, W_v, so it carries its
+              own, into an inner width of PROMPT_WIDTH channels (`heads` heads; 4·64·C + L·C
+              parameters against Res-Prefix's 2·L·C), and W_o (zero at start) brings the result
+              back to C channels. It is not a special case of Res-Prefix: its query is learned and
+              its keys and values are tied through the shared tokens.
+
+λ. In the unbound forms (Eq. 3, 5) the parallel branch is weighted by λ of Eq. 10/12, which
+varies per query and depends on the OP's own keys, and the OP's output by 1 − λ. Res-Tuning does
+not reproduce that: it keeps the OP's output at weight 1 and adds the tuner's output at weight 1
+(Eq. 7); the tuner has no access to the OP's keys, so no λ is computed. What remains of the
+weighting is only the magnitude the zero-initialised output layer learns, which is the same for
+every query. The exact unbound forms, with λ, are `restuning.unbinding` and the bound baselines.
 """
 
 from __future__ import annotations
@@ -52,27 +64,38 @@ class ResPrefix(nn.Module):
         self.value = nn.Parameter(torch.zeros(length, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _attend_learned_tokens(x, self.key, self.value, self.heads)
+        x_hat = F.layer_norm(x, (x.shape[-1],))
+        return _attend(x_hat, self.key.to(x.dtype), self.value.to(x.dtype), self.heads)
+
+
+# Inner width of Res-Prompt's own attention: 8 heads of 8 channels at the default `heads`.
+PROMPT_WIDTH = 64
 
 
 class ResPrompt(nn.Module):
     def __init__(self, dim: int, length: int = 10, heads: int = 8):
         super().__init__()
-        self.heads = _heads_for(dim, heads)
+        self.heads = _heads_for(PROMPT_WIDTH, heads)
         self.tokens = nn.Parameter(torch.randn(length, dim))
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.query = nn.Linear(dim, PROMPT_WIDTH, bias=False)
+        self.key = nn.Linear(dim, PROMPT_WIDTH, bias=False)
+        self.value = nn.Linear(dim, PROMPT_WIDTH, bias=False)
+        self.out = nn.Linear(PROMPT_WIDTH, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.gate * _attend_learned_tokens(x, self.tokens, self.tokens, self.heads)
+        x_hat = F.layer_norm(x, (x.shape[-1],))
+        return self.out(_attend(self.query(x_hat), self.key(self.tokens), self.value(self.tokens), self.heads))
 
 
-def _attend_learned_tokens(x: Tensor, key: Tensor, value: Tensor, heads: int) -> Tensor:
-    """Multi-head attention of every token of x (…, N, C) to L learned tokens (L, C)."""
-    *lead, n, c = x.shape
+def _attend(q: Tensor, key: Tensor, value: Tensor, heads: int) -> Tensor:
+    """Multi-head attention of every token of q (…, N, C) to L tokens (L, C): softmax(s·Q Kᵀ) V."""
+    *lead, n, c = q.shape
     d = c // heads
-    q = F.layer_norm(x, (c,)).reshape(*lead, n, heads, d).transpose(-2, -3)
-    k = key.to(q.dtype).reshape(-1, heads, d).transpose(0, 1)
-    v = value.to(q.dtype).reshape(-1, heads, d).transpose(0, 1)
+    q = q.reshape(*lead, n, heads, d).transpose(-2, -3)
+    k = key.reshape(-1, heads, d).transpose(0, 1)
+    v = value.reshape(-1, heads, d).transpose(0, 1)
     out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v
     return out.transpose(-2, -3).reshape(*lead, n, c)
 

@@ -110,14 +110,76 @@ def test_gradients_equal_those_of_a_backbone_run_with_grad(tiny_unet, unet_input
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
 
 
-def test_a_res_tuner_beside_the_bypass_still_gets_its_gradient(tiny_unet, unet_inputs):
+def _head_input(unet, inputs):
+    seen = []
+    hook = unet.conv_norm_out.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    run(unet, inputs)
+    hook.remove()
+    return seen[0]
+
+
+def test_taps_are_detached_so_no_bypass_gradient_reaches_the_backbone(tiny_unet, unet_inputs):
+    """Beside a Res-Tuner the backbone runs with grad, so a tap left attached would send the
+    bypass's gradient into the backbone and into that Res-Tuner. Reference: the same run with the
+    bypass's correction Δ added at the head as a constant. The text input's gradient and the
+    Res-Tuner's must be the reference's, value for value."""
     bypass = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4), name="bypass")
     restuners = restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"ff": "adapter"}), name="rt")
-    bypass.modules["bypass"].requires_grad_(True)  # attaching "rt" froze everything else
     _perturb(bypass)
-    tiny_unet(*unet_inputs).sample.pow(2).mean().backward()
-    assert all(p.grad is not None for p in restuners.parameters())
-    assert all(p.grad is not None for p in bypass.parameters())
+    _perturb(restuners, seed=4)
+    sample, t, text = unet_inputs
+
+    with_bypass = _head_input(tiny_unet, unet_inputs)
+    restuning.set_scale(tiny_unet, 0.0, name="bypass")
+    delta = with_bypass - _head_input(tiny_unet, unet_inputs)
+    assert delta.abs().max() > 1e-3
+
+    def grads(extra_hook):
+        hook = tiny_unet.conv_norm_out.register_forward_pre_hook(lambda m, args: (args[0] + delta,)) if extra_hook else None
+        for p in restuners.parameters():
+            p.grad = None
+        needs = text.clone().requires_grad_(True)
+        tiny_unet(sample, t, needs).sample.pow(2).mean().backward()
+        if hook is not None:
+            hook.remove()
+        return [needs.grad, *(p.grad.clone() for p in restuners.parameters())]
+
+    reference = grads(extra_hook=True)
+    restuning.set_scale(tiny_unet, 1.0, name="bypass")
+    actual = grads(extra_hook=False)
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in bypass.parameters() if p.requires_grad)
+    for got, want in zip(actual, reference, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("horizontal,vertical", [("adapter", "adapter"), ("prefix", "prompt"), ("prompt", "prefix")])
+def test_eq8_with_trained_tuners_against_the_chain_written_out(horizontal, vertical):
+    """x_l^b = λ_l·(x_l + h_l(x_l)) + (1-λ_l)·(s + v_l(s)), s = x_{l-1}^b (R_l is the identity
+    here: same channels and size, identity smoothing); Δ = g ⊙ (x_L^b - x_L)."""
+    from tests.test_tuner_math import reference
+
+    torch.manual_seed(0)
+    net = BypassNetwork([8, 8, 8], horizontal, vertical, dim=3, heads=1)
+    with torch.no_grad():
+        for stage in net.stages:
+            for p in (*stage.horizontal.parameters(), *stage.vertical.parameters()):
+                p.copy_(torch.randn_like(p) * 0.5)
+        net.stages[0].mix.fill_(0.7)
+        net.stages[1].mix.fill_(-0.4)
+        net.gate.copy_(torch.randn(8))
+    x0, x1, x2 = (torch.randn(2, 8, 3, 3) for _ in range(3))
+
+    def tuner(module, x):
+        tokens = x.flatten(2).transpose(1, 2)
+        return reference(module, tokens, heads=1).transpose(1, 2).reshape(x.shape)
+
+    state = x0
+    for stage, x in zip(net.stages, (x1, x2)):
+        lam = 1 / (1 + torch.exp(-stage.mix.detach()))
+        state = lam * (x + tuner(stage.horizontal, x)) + (1 - lam) * (state + tuner(stage.vertical, state))
+    expected = net.gate.detach().view(1, -1, 1, 1) * (state - x2)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x0, [x1, x2]), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_training_changes_the_output_not_the_backbone(tiny_unet, unet_inputs):
@@ -201,14 +263,24 @@ def test_one_backbone_forward_feeds_several_bypasses(tiny_unet, unet_inputs, two
 
 
 def test_several_bypasses_train_from_one_backbone_forward(tiny_unet, unet_inputs, two_bypasses):
+    """Each bypass gets from the shared forward exactly the gradient it gets when run alone."""
     handles = restuning.attached(tiny_unet)
-    for h in handles.values():
-        h.modules["bypass"].requires_grad_(True)
+    assert all(p.requires_grad for h in handles.values() for p in h.parameters())  # attaching "b" left "a" trainable
     seen = _taps(tiny_unet)
     outs = restuning.bypass_outputs(tiny_unet, ["a", "b"], *unet_inputs)
     sum(o.pow(2).mean() for o in outs).backward()
     assert seen["backbone_grad"] == [False]
-    assert all(p.grad is not None for h in handles.values() for p in h.parameters())
+    shared = {n: [p.grad.clone() for p in h.parameters()] for n, h in handles.items()}
+    for name in handles:
+        for h in handles.values():
+            for p in h.parameters():
+                p.grad = None
+        for other in handles:
+            restuning.set_scale(tiny_unet, 1.0 if other == name else 0.0, name=other)
+        tiny_unet(*unet_inputs).sample.pow(2).mean().backward()
+        assert any(torch.count_nonzero(g) > 0 for g in shared[name])
+        for got, p in zip(shared[name], handles[name].parameters(), strict=True):
+            torch.testing.assert_close(got, p.grad, atol=1e-7, rtol=1e-5)
 
 
 def test_route_sends_each_sample_through_its_own_bypass(tiny_unet, unet_inputs, two_bypasses):

@@ -13,9 +13,9 @@ from diffusers.models.attention_processor import Attention
 import restuning
 from restuning import unbinding
 from restuning.methods.attention import split_heads
-from restuning.methods.prefix.model import PrefixAttnProcessor
-from restuning.methods.prompt.model import PromptAttnProcessor
-from restuning.core import Attached
+from restuning.methods.prefix.layer import PrefixAttnProcessor
+from restuning.methods.prompt.layer import PromptAttnProcessor
+from restuning.core import Attached, transformer_blocks
 from restuning.tuners import Adapter
 
 TOL = 1e-5
@@ -134,22 +134,30 @@ def test_prompt_baseline_processor_is_original_prompt_tuning(channels, cross):
     assert (original - processed).abs().max().item() <= TOL
 
 
-def test_sequential_adapter_equals_parallel_form(tiny_unet, unet_inputs):
-    """Eq. 6 on a real U-Net block: the bound Houlsby adapter after the FFN equals
-    FFN(x) + φ(FFN(x) W_down) W_up computed beside it."""
-    restuning.attach(tiny_unet, restuning.AdapterConfig())
-    handle = restuning.attached(tiny_unet)["default"]
-    key, adapter = next(iter(handle.modules.items()))
+def _houlsby(y, adapter):
+    """The sequential adapter written out: y + GELU(y W_downᵀ + b_down) W_upᵀ + b_up."""
+    hidden = y @ adapter.down.weight.T + adapter.down.bias
+    return y + 0.5 * hidden * (1 + torch.erf(hidden / 2**0.5)) @ adapter.up.weight.T + adapter.up.bias
+
+
+def test_sequential_adapter_equals_parallel_form(tiny_unet):
+    """Eq. 6 on a real U-Net block. The bound baseline must be the adapter *after* the FFN, on
+    FFN(x) (whose values differ from x), equal to the sequential form written out by hand; the
+    parallel form of `unbinding` must equal it too."""
+    ff = transformer_blocks(tiny_unet, ("mid",))[0][1].ff
+    x = torch.randn(2, 16, ff.net[0].proj.in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = ff(x)
+    assert (y - x).abs().max() > 0.1
+    handle = restuning.attach(tiny_unet, restuning.AdapterConfig(blocks=("mid",)))
+    adapter = next(iter(handle.modules.values()))
+    torch.manual_seed(0)
     with torch.no_grad():
         for p in adapter.parameters():
             p.normal_()
-    ff = tiny_unet.get_submodule(key)
-    x = torch.randn(2, 16, ff.net[0].proj.in_features)
-    with torch.no_grad():
-        sequential = ff(x)
-        restuning.set_scale(tiny_unet, 0.0)
-        parallel = unbinding.parallel_adapter(ff(x), adapter)
-    assert torch.equal(sequential, parallel)
+        expected = _houlsby(y, adapter)
+        torch.testing.assert_close(ff(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unbinding.parallel_adapter(y, adapter), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unbound_strength_interpolates_between_base_and_prefix():
@@ -160,12 +168,19 @@ def test_unbound_strength_interpolates_between_base_and_prefix():
     full = unbinding.attention(q, torch.cat([ke, k], 2), torch.cat([ve, v], 2), scale)
     assert torch.allclose(unbinding.unbound_attention(q, k, v, ke, ve, scale, 1.0), full, atol=1e-6)
     assert torch.equal(unbinding.unbound_attention(q, k, v, ke, ve, scale, 0.0), base)
+    # Strength s scales λ of Eq. 10, written out: (1 - sλ)·Attn(Q,K,V) + sλ·Attn(Q,K_pre,V_pre).
+    e_extra = torch.exp(q @ ke.transpose(-1, -2) * scale).sum(-1, keepdim=True)
+    e_base = torch.exp(q @ k.transpose(-1, -2) * scale).sum(-1, keepdim=True)
+    lam = 0.4 * e_extra / (e_extra + e_base)
+    expected = (1 - lam) * base + lam * unbinding.attention(q, ke, ve, scale)
+    torch.testing.assert_close(unbinding.unbound_attention(q, k, v, ke, ve, scale, 0.4), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_res_adapter_is_eq6_branch_reading_the_op_input():
+def test_res_adapter_is_eq6_branch():
     adapter = Adapter(16, 4)
     with torch.no_grad():
         adapter.up.weight.normal_()
+        adapter.up.bias.normal_()
     x = torch.randn(3, 16)
-    expected = adapter.up(torch.nn.functional.gelu(adapter.down(x)))
-    assert torch.equal(adapter(x), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x), _houlsby(x, adapter) - x, atol=1e-6, rtol=1e-6)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import MethodConfig
+from ..io import save
 from . import adapter, bypass, full, lora, prefix, prompt, res_tuning
 from .full import export as full_export
 from .lora import export as lora_export
@@ -16,8 +17,6 @@ from .lora import export as lora_export
 
 def save_tuner(pipeline, handle, folder: Path) -> list[tuple[str, Path]]:
     """The default artefact of a trained method: one restuning tuner file, config in its header."""
-    from ..io import save
-
     return [("tuner", save(pipeline.unet, Path(folder) / "tuner.safetensors", handle.name))]
 
 

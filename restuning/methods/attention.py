@@ -2,12 +2,26 @@
 
 They are attention processors (diffusers' own seam for changing how an `Attention` module
 attends); these helpers do the projections the way diffusers' `AttnProcessor2_0` does.
+
+Several bound tuners may sit on one attention (the sampler loads every column's tuner onto one
+U-Net and routes each sample to one of them). The attention's processor is then a `BoundTuners`
+holding all of them; with strengths s_t and λ_t of Eq. 10/12 it computes
+
+    Attn(Q, K, V) + Σ_t [MHA_t(Q) − Attn(Q, K, V)],   MHA_t = (1 − s_t λ_t)·Attn(Q,K,V) + s_t λ_t·Attn(Q,K_t,V_t)
+
+which is each tuner's own attention for a sample routed to one tuner (the usual case) and, with
+one tuner, exactly that tuner's Eq. 2/4. With several tuners active on one sample their parallel
+branches add up (the unbound reading of Eq. 3), which is not one softmax over all their keys.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..core import AttachError, Attached, sample_mask
+from ..unbinding import unbound_attention
 
 
 def check_supported(attn, attention_mask) -> None:
@@ -35,3 +49,82 @@ def finish(attn, out: Tensor, dtype) -> Tensor:
     out = out.transpose(1, 2).reshape(b, n, h * d).to(dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     return out / attn.rescale_output_factor
+
+
+def extended_attention(attn, q, k, v, k_extra, v_extra, handle: Attached):
+    """Attention with extra keys/values at the handle's strength and routing.
+
+    At strength 1 it is computed the original way, one softmax over the concatenation; at other
+    strengths with the unbound form (Eq. 3) and λ scaled, the untouched attention at 0.
+    """
+    strength = handle.scale
+    mask = sample_mask(handle.name, q.shape[0], q.device)
+    if strength == 0 or (mask is not None and not bool(mask.any())):
+        return sdpa(attn, q, k, v)
+    if strength == 1:
+        out = sdpa(attn, q, torch.cat([k_extra, k], dim=2), torch.cat([v_extra, v], dim=2))
+    else:
+        out = unbound_attention(q, k, v, k_extra, v_extra, attn.scale, strength)
+    if mask is not None and not bool(mask.all()):
+        out = torch.where(mask.view(-1, 1, 1, 1), out, sdpa(attn, q, k, v))
+    return out
+
+
+def bound_attention(attn, hidden_states, encoder_hidden_states, attention_mask, tuners) -> Tensor:
+    """One attention call with the bound tuners `tuners` (each has `.handle` and `.extra`)."""
+    check_supported(attn, attention_mask)
+    context = context_of(attn, hidden_states, encoder_hidden_states)
+    q = split_heads(attn, attn.to_q(hidden_states))
+    k = split_heads(attn, attn.to_k(context))
+    v = split_heads(attn, attn.to_v(context))
+    outs = [extended_attention(attn, q, k, v, *t.extra(attn, context), t.handle) for t in tuners]
+    if len(outs) == 1:
+        out = outs[0]
+    else:
+        base = sdpa(attn, q, k, v)
+        out = base + sum(o - base for o in outs)
+    return finish(attn, out, hidden_states.dtype)
+
+
+class BoundTuners(nn.Module):
+    """The processor of an attention that carries bound prefix/prompt tuners, by tuner name."""
+
+    def __init__(self, previous):
+        super().__init__()
+        self.tuners = nn.ModuleDict()
+        self.__dict__["previous"] = previous  # not a submodule: it is the backbone's, not ours
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        return bound_attention(attn, hidden_states, encoder_hidden_states, attention_mask, list(self.tuners.values()))
+
+
+def install_processor(attn, processor: nn.Module, handle: Attached) -> None:
+    """Add a bound tuner to the attention, and refuse any change of its processor while it has one.
+
+    `unet.set_attn_processor`, `enable_xformers_memory_efficient_attention`, fused projections and
+    the like all go through `Attention.set_processor`; letting them through would silently drop the
+    tuners (their weights live in the processor) while `restuning.attached` still lists them.
+    """
+    holder = attn.get_processor()
+    if not isinstance(holder, BoundTuners):
+        holder = BoundTuners(holder)
+        type(attn).set_processor(attn, holder)
+
+        def refuse(*args, **kwargs):
+            names = ", ".join(repr(n) for n in holder.tuners)
+            raise AttachError(
+                f"bound tuner(s) {names} live in this attention's processor; changing the processor "
+                f"(set_attn_processor, xformers, fused projections) would remove them. Detach them first "
+                f"(restuning.detach), or set the processor before attaching."
+            )
+
+        attn.__dict__["set_processor"] = refuse
+    holder.tuners[handle.name] = processor
+
+    def undo():
+        del holder.tuners[handle.name]
+        if len(holder.tuners) == 0:
+            del attn.__dict__["set_processor"]
+            type(attn).set_processor(attn, holder.previous)
+
+    handle.undo.append(undo)

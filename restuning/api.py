@@ -1,0 +1,80 @@
+"""The calls that need the registry of methods: attach a method by its config, and load a tuner
+file (whose header names its method). The layers below import nothing from here:
+core (handles, routing) <- io (tuner files) <- methods (the registry) <- api.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+
+from . import arch
+from .core import DEFAULT_NAME, AttachError, Attached, attached, detach, keep_tuners_out_of_state
+from .io import TunerFileError, read_header
+from .methods import config_from_dict, method_for_config
+
+
+def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False) -> Attached:
+    """Freeze the backbone and attach the method `config` describes; return its handle.
+
+    Attaching under a name that is already taken is refused unless `replace=True`, which detaches
+    the old one first: weights are never silently doubled. Tuners attached earlier under other
+    names keep their trainable state: only the backbone's own parameters are frozen.
+    """
+    method = method_for_config(config)
+    config.validate()
+    table = attached(unet)
+    if name in table:
+        if not replace:
+            raise AttachError(
+                f"a {table[name].config.method} tuner is already attached as {name!r}; "
+                f"call restuning.detach(unet) first, pass replace=True, or use another name"
+            )
+        detach(unet, name)
+    if any(a.config.method == "full" for a in table.values()) or (config.method == "full" and table):
+        raise AttachError("full fine-tuning cannot be combined with other tuners on the same U-Net")
+    earlier = {id(p): (p, p.requires_grad) for a in table.values() for p in a.parameters()}
+    for p in unet.parameters():
+        if id(p) not in earlier:
+            p.requires_grad_(False)
+    try:
+        handle = method.attach(unet, config, name)
+    finally:
+        # peft marks only its own adapter trainable when it injects one, freezing everything else.
+        for p, trainable in earlier.values():
+            p.requires_grad_(trainable)
+    table[name] = handle
+    keep_tuners_out_of_state(unet)
+    return handle
+
+
+def read_config(path: str | os.PathLike):
+    """The method config stored in a tuner file."""
+    metadata = read_header(path)
+    try:
+        return config_from_dict(json.loads(metadata["config"]))
+    except (ValueError, TypeError) as exc:
+        raise TunerFileError(f"{Path(path).name}: the stored config is not usable: {exc}") from None
+
+
+def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bool = False) -> Attached:
+    """Attach the tuner stored in `path` to `unet` and load its weights, in one call."""
+    path = Path(path)
+    metadata = read_header(path)
+    config = read_config(path)
+    mismatch = arch.fingerprint_mismatch(json.loads(metadata["base_arch"]), unet)
+    if mismatch:
+        raise TunerFileError(f"{path.name} was trained for another U-Net architecture: " + "; ".join(mismatch))
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    handle = attach(unet, config, name, replace=replace)
+    device = next(unet.parameters()).device
+    try:
+        handle.load_state_dict({k: v.to(device) for k, v in state.items()})
+    except ValueError as exc:
+        detach(unet, name)
+        raise TunerFileError(f"{path.name}: {exc}") from None
+    return handle

@@ -1,0 +1,8 @@
+from dataclasses import dataclass
+
+from ...config import MethodConfig
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    method = "full"
