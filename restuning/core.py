@@ -41,7 +41,7 @@ class Attached:
     handles: list = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
     scale: float = 1.0
-    # Whether `route` can send single samples through this method (it reads `sample_mask`).
+    # Whether `route` can send single samples through this method (it reads `routing_of`).
     routable: ClassVar[bool] = True
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -170,9 +170,25 @@ def op_module(block: nn.Module, op: str) -> nn.Module | None:
 
 # -- per-sample routing -------------------------------------------------------------------------
 
-# Which tuner each sample of the batch goes through, for one call: {name: bool mask over the batch}.
-# A context variable, not a module attribute, so concurrent calls on one U-Net do not mix.
-_routing: contextvars.ContextVar[dict[str, Tensor] | None] = contextvars.ContextVar("restuning_routing", default=None)
+# Which tuner each sample of the batch goes through, within one `route` block: the flags per name
+# (plain Python, so deciding whether a tuner runs never waits for the GPU) and, filled on first
+# use, each name's mask and rows on the device (one host-to-device copy per block, not one per
+# hooked module and step). A context variable, not a module attribute, so concurrent calls on one
+# U-Net do not mix.
+_routing: contextvars.ContextVar[dict | None] = contextvars.ContextVar("restuning_routing", default=None)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which samples of one call go through a tuner."""
+
+    any: bool
+    all: bool
+    mask: Tensor | None = None  # (batch,) bool on the call's device; None when all or none do
+    rows: Tensor | None = None  # the indices where mask is True
+
+
+EVERY_SAMPLE = Routing(any=True, all=True)
 
 
 @contextlib.contextmanager
@@ -180,41 +196,48 @@ def route(names: list[str | None]):
     """Within this block, sample i of every U-Net call goes through the tuner named names[i] only
     (None: the base model). Used to render several tuners side by side in one batched call.
     """
-    masks = {n: torch.tensor([m == n for m in names]) for n in set(names) if n is not None}
-    token = _routing.set(masks)
+    flags = {n: tuple(m == n for m in names) for n in set(names) if n is not None}
+    token = _routing.set({"flags": flags, "count": len(names), "cache": {}})
     try:
         yield
     finally:
         _routing.reset(token)
 
 
-def sample_mask(name: str, batch: int, device) -> Tensor | None:
-    """None when every sample uses tuner `name`; else a (batch,) bool mask of those that do."""
-    masks = _routing.get()
-    if masks is None:
-        return None
-    mask = masks.get(name)
-    if mask is None:
-        return torch.zeros(batch, dtype=torch.bool, device=device)
-    if mask.numel() != batch:
-        # Classifier-free guidance doubles the batch as [uncond; cond]: the routing repeats.
-        if batch % mask.numel():
-            raise AttachError(f"routing was given for {mask.numel()} samples but the call has {batch}")
-        mask = mask.repeat(batch // mask.numel())
-    return mask.to(device)
+def routing_of(name: str, batch: int, device) -> Routing:
+    """How the current `route` block (if any) sends this call's samples through tuner `name`."""
+    table = _routing.get()
+    if table is None:
+        return EVERY_SAMPLE
+    key = (name, batch, str(device))
+    found = table["cache"].get(key)
+    if found is not None:
+        return found
+    flags = table["flags"].get(name, (False,) * table["count"])
+    # Classifier-free guidance doubles the batch as [uncond; cond]: the routing repeats.
+    if batch % len(flags):
+        raise AttachError(f"routing was given for {len(flags)} samples but the call has {batch}")
+    flags = flags * (batch // len(flags))
+    if all(flags) or not any(flags):
+        found = Routing(any=any(flags), all=all(flags))
+    else:
+        found = Routing(any=True, all=False, mask=torch.tensor(flags, device=device),
+                        rows=torch.tensor([i for i, f in enumerate(flags) if f], device=device))
+    table["cache"][key] = found
+    return found
 
 
 def add_residual(output: Tensor, residual_fn: Callable[[], Tensor], name: str, scale: float, batch_rows: Tensor | None = None) -> Tensor:
     """output + scale·residual, honouring per-sample routing; scale 0 adds nothing at all."""
     if scale == 0:
         return output
-    mask = sample_mask(name, output.shape[0], output.device)
-    if mask is not None and not bool(mask.any()):
+    routing = routing_of(name, output.shape[0], output.device)
+    if not routing.any:
         return output
     residual = residual_fn()
     if scale != 1:
         residual = residual * scale
     residual = residual.to(output.dtype)
-    if mask is None:
+    if routing.all:
         return output + residual
-    return output + residual * mask.view(-1, *([1] * (output.ndim - 1))).to(residual.dtype)
+    return output + residual * routing.mask.view(-1, *([1] * (output.ndim - 1))).to(residual.dtype)

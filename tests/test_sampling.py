@@ -134,3 +134,18 @@ def test_every_routable_kind_samples_in_half_precision(tmp_path, dtype):
                                 [Settings("a photo of sks dog", steps=2, height=32, width=32)])
     assert all(np.isfinite(np.asarray(image, dtype=np.float32)).all() for image in grid[0])
     assert pipe.unet.conv_in.weight.dtype == dtype  # the backbone; tuners keep their own dtype and cast their output
+
+
+def test_routing_decides_on_the_host_and_copies_each_mask_once():
+    from restuning.core import routing_of
+
+    with restuning.route(["a", None, "a", "b"]):
+        first = routing_of("a", 8, torch.device("cpu"))  # classifier-free guidance: the batch doubled
+        assert routing_of("a", 8, torch.device("cpu")) is first  # cached for the whole block
+        assert (first.any, first.all) == (True, False)
+        assert first.mask.tolist() == [True, False, True, False] * 2 and first.rows.tolist() == [0, 2, 4, 6]
+        assert routing_of("c", 4, "cpu").any is False and routing_of("c", 4, "cpu").mask is None
+    with restuning.route(["a", "a"]):
+        every = routing_of("a", 2, "cpu")
+        assert every.all and every.mask is None
+    assert routing_of("a", 3, "cpu").all  # outside a route block every sample goes through every tuner

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AttachError, Attached, sample_mask
-from ..unbinding import unbound_attention
+from ..core import AttachError, Attached, routing_of
 
 
 def check_supported(attn, attention_mask) -> None:
@@ -52,21 +51,24 @@ def finish(attn, out: Tensor, dtype) -> Tensor:
 
 
 def extended_attention(attn, q, k, v, k_extra, v_extra, handle: Attached):
-    """Attention with extra keys/values at the handle's strength and routing.
+    """Attention with extra keys/values at the handle's strength s and routing.
 
-    At strength 1 it is computed the original way, one softmax over the concatenation; at other
-    strengths with the unbound form (Eq. 3) and λ scaled, the untouched attention at 0.
+    At s = 1 it is computed the original way, one softmax over the concatenation. At other
+    strengths, the unbound form (Eq. 3) with λ scaled by s, (1 - sλ)·Attn(Q, K, V) + sλ·Attn(Q,
+    K_extra, V_extra), is the same as base + s·(full - base) with full the attention over the
+    concatenation and base the untouched one: two fused SDPA calls, never the N x N weights.
     """
     strength = handle.scale
-    mask = sample_mask(handle.name, q.shape[0], q.device)
-    if strength == 0 or (mask is not None and not bool(mask.any())):
+    routing = routing_of(handle.name, q.shape[0], q.device)
+    if strength == 0 or not routing.any:
         return sdpa(attn, q, k, v)
-    if strength == 1:
-        out = sdpa(attn, q, torch.cat([k_extra, k], dim=2), torch.cat([v_extra, v], dim=2))
-    else:
-        out = unbound_attention(q, k, v, k_extra, v_extra, attn.scale, strength)
-    if mask is not None and not bool(mask.all()):
-        out = torch.where(mask.view(-1, 1, 1, 1), out, sdpa(attn, q, k, v))
+    out = sdpa(attn, q, torch.cat([k_extra, k], dim=2), torch.cat([v_extra, v], dim=2))
+    base = None
+    if strength != 1:
+        base = sdpa(attn, q, k, v)
+        out = base + strength * (out - base)
+    if not routing.all:
+        out = torch.where(routing.mask.view(-1, 1, 1, 1), out, base if base is not None else sdpa(attn, q, k, v))
     return out
 
 

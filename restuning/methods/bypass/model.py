@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ...core import AttachError, Attached, sample_mask
+from ...core import AttachError, Attached, routing_of
 from .layer import BypassNetwork
 
 _RUNNER = "_restuning_bypass_runner"
@@ -151,12 +151,11 @@ class _Runner:
         if call.fanout is not None:
             return (torch.cat([x if n is None else x + self._delta(n, call, x) for n in call.fanout]),)
         for name in call.active:
-            mask = sample_mask(name, x.shape[0], x.device)
-            if mask is None:
+            routing = routing_of(name, x.shape[0], x.device)
+            if routing.all:
                 x = x + self._delta(name, call, x)
-            else:
-                rows = mask.nonzero().squeeze(1)
-                x = x.index_add(0, rows, self._delta(name, call, x, rows))
+            elif routing.any:
+                x = x.index_add(0, routing.rows, self._delta(name, call, x, routing.rows))
         return (x,)
 
     def _delta(self, name: str, call: _Call, x: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -179,8 +178,7 @@ class _Runner:
 
 
 def _routed_in(name: str, sample: Tensor) -> bool:
-    mask = sample_mask(name, sample.shape[0], sample.device)
-    return mask is None or bool(mask.any())
+    return routing_of(name, sample.shape[0], sample.device).any
 
 
 def _capture_input(path: str):
