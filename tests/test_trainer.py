@@ -697,3 +697,47 @@ def test_a_run_log_does_not_open_with_bitsandbytes_kernels_warning():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "kernels" not in proc.stderr
+
+
+def test_bundled_sd1_configs_describe_sd15_and_its_tokenizer():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = models.SD1_CONFIG
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]  # SD v1.5's U-Net, VAE and CLIP ViT-L/14 text encoder
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's own ids
+
+
+def test_a_single_sd1_file_is_converted_with_the_bundled_configs_and_no_hub(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    seen = {}
+
+    def fake(path, **kwargs):
+        seen.update(kwargs, path=path)
+        return "pipeline"
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", fake)
+    path = _checkpoint(tmp_path / "sd1.safetensors", "model.diffusion_model.input_blocks.0.0.weight",
+                       "cond_stage_model.transformer.text_model.x")
+    assert models.load_pipeline(models.check_source(path), torch.float16) == "pipeline"
+    assert (seen["config"], seen["local_files_only"], seen["dtype"]) == (str(models.SD1_CONFIG), True, torch.float16)
+
+
+def test_a_single_sd1_file_without_a_component_is_a_message_and_asks_no_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "unet-only.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 768)}, str(path))
+    with pytest.raises(models.ModelError, match="(?i)with the bundled SD 1.x configs.*weights for this component appear to be missing"):
+        models.load_pipeline(models.check_source(path))
+

@@ -73,6 +73,10 @@ def check_source(name_or_path: str | os.PathLike) -> ModelSource:
                      "nor a hub id of the form owner/name")
 
 
+# SD 1.x's component configs and CLIP tokenizer (scripts/sd_configs.py), so that a single-file
+# SD 1.x checkpoint loads with no hub: the file holds the weights only.
+SD1_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "sd-configs" / "sd-v1"
+
 FAMILIES = {
     "sd1": "Stable Diffusion 1.x (CLIP ViT-L text encoder)",
     "sd2": "Stable Diffusion 2.x (OpenCLIP text encoder; 768-px 2.x models predict v, which the trainer follows "
@@ -104,6 +108,7 @@ def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, 
     """A StableDiffusionPipeline from the checked source in `dtype` (default fp32; no safety
     checker is loaded). Loading in the run's precision saves holding an fp32 copy first."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -119,10 +124,12 @@ def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, 
             return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, use_safetensors=True,
                                                            **common, **hub)
         if source.kind == "single-file":
-            return StableDiffusionPipeline.from_single_file(source.location, **common)
+            local = {"config": str(SD1_CONFIG), "local_files_only": True} if source.family == "sd1" else {}
+            return StableDiffusionPipeline.from_single_file(source.location, **common, **local)
         return StableDiffusionPipeline.from_pretrained(source.location, use_safetensors=True, **common, **hub)
     # IndexError/AttributeError: what diffusers' single-file conversion raises on tensors of unexpected shapes.
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, IndexError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, IndexError, AttributeError,
+            SingleFileComponentError) as exc:
         if source.kind == "folder":
             pickles = sorted(str(p.relative_to(source.location)) for p in Path(source.location).glob("*/*") if p.suffix in PICKLE_SUFFIXES)
             if pickles:
@@ -132,7 +139,8 @@ def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, 
         tried = {
             "folder": f"loading the diffusers folder {source.location}",
             "single-file": f"converting the single-file checkpoint {source.location}, {FAMILIES.get(source.family, 'of unknown kind')} "
-                           "(diffusers also needs the matching SD component configs, fetched from the hub or its cache)",
+                           + ("(with the bundled SD 1.x configs)" if source.family == "sd1" else
+                              "(diffusers also needs the matching SD 2.x component configs, fetched from the hub or its cache)"),
             "hub": f"the hub id {source.location} (from the local cache"
                    + (" only: HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else " or the hub") + ")",
         }[source.kind]
