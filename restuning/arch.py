@@ -87,8 +87,11 @@ def fingerprint(unet) -> dict:
 def fingerprint_mismatch(saved: dict, unet) -> list[str]:
     """Human-readable differences between a saved fingerprint and a U-Net; empty when they match."""
     current = fingerprint(unet)
+    # A field the file does not name is a mismatch too: fingerprint() always writes every field,
+    # so only a crafted or truncated header lacks one, and it must not skip the check.
     return [
-        f"{field}: file has {saved.get(field)!r}, model has {current.get(field)!r}"
+        f"{field}: file has {saved[field]!r}, model has {current.get(field)!r}" if field in saved
+        else f"{field}: file does not say, model has {current.get(field)!r}"
         for field in FINGERPRINT_FIELDS
-        if field in saved and saved[field] != current[field]
+        if field not in saved or saved[field] != current[field]
     ]

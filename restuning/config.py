@@ -30,9 +30,13 @@ class MethodConfig:
     method: ClassVar[str] = ""
 
     def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
+            problem = _type_problem(value, hints.get(f.name))
+            if problem:
+                raise ConfigError(f"{self.method}: {f.name} must be {problem}, got {value!r}")
             if choices is not None:
                 values = value if isinstance(value, (list, tuple)) else [value]
                 bad = [v for v in values if v not in choices]
@@ -63,6 +67,26 @@ class MethodConfig:
         config = cls(**kwargs)
         config.validate()
         return config
+
+
+def _type_problem(value, hint) -> str | None:
+    """What `value` should have been for a field typed `hint` (a file's header or a form can hold
+    anything JSON can), or None when it fits."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "text"
+    if hint in (tuple, list) or origin in (tuple, list):
+        return None if isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value) else "a list of names"
+    if hint is dict or origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return None if ok else "a mapping of names to names"
+    return None
 
 
 # Integer options that must be positive wherever they appear.

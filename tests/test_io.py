@@ -160,3 +160,26 @@ def test_tuner_loads_into_a_stable_diffusion_pipeline(tmp_path, unet_inputs):
     restuning.set_scale(loaded.unet, 0)
     base = loaded("a photo of sks", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert tuned.shape == (1, 32, 32, 3) and not (tuned == base).all()
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"method": "res-tuning", "dim": "wide"}, "dim must be a whole number"),
+    ({"method": "res-tuning", "dim": True}, "dim must be a whole number"),
+    ({"method": "res-tuning", "tuners": ["attn1"]}, "tuners must be a mapping of names to names"),
+    ({"method": "lora", "blocks": "mid"}, "blocks must be a list of names"),
+    ({"method": "bypass", "vertical": 3}, "vertical must be text"),
+])
+def test_a_config_of_the_wrong_json_types_is_refused(data, message):
+    from restuning.methods import config_from_dict
+
+    with pytest.raises(restuning.ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_a_fingerprint_missing_a_field_does_not_match(tiny_unet):
+    from restuning.arch import fingerprint, fingerprint_mismatch
+
+    saved = fingerprint(tiny_unet)
+    assert fingerprint_mismatch(saved, tiny_unet) == []
+    del saved["block_out_channels"]
+    assert fingerprint_mismatch(saved, tiny_unet) == ["block_out_channels: file does not say, model has [32, 64]"]
