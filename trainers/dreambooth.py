@@ -372,6 +372,8 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
 
     # 1. the base model
     events.phase("loading", message=f"loading {source.location}")
+    # Frozen weights in the compute dtype from the start, class-image generation included; the
+    # method's trainable weights go back to fp32 once attached (fp16 gradients cannot be unscaled).
     pipe = models.load_pipeline(source, weight_dtype, revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
@@ -382,11 +384,6 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    # Frozen weights in the compute dtype from here on, class-image generation included; the
-    # method's trainable weights go back to fp32 once attached (fp16 gradients cannot be unscaled).
-    if weight_dtype != torch.float32:
-        for module in (unet, vae, text_encoder):
-            module.to(dtype=weight_dtype)
     sampling = sampling_settings(args, source)
     if stop.agreed(accelerator):
         raise Cancelled

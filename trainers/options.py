@@ -177,6 +177,11 @@ def _given(value) -> bool:
     return value is not None and value is not False  # 0 is a value given (--local_rank 0)
 
 
+def _world_size() -> int:
+    """Processes of the run, as the launcher (accelerate, torchrun) announces them before it starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def steps_per_epoch(args: argparse.Namespace) -> int:
     """diffusers' count: batches of the larger of the instance and class sets, per process, per optimiser step."""
     from .images import image_files
@@ -185,7 +190,7 @@ def steps_per_epoch(args: argparse.Namespace) -> int:
     examples = len(image_files(folder)) if folder.is_dir() else 0
     if args.with_prior_preservation:
         examples = max(examples, args.num_class_images)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size()
     batches = math.ceil(max(examples, 1) / args.train_batch_size)
     return max(1, math.ceil(batches / world / args.gradient_accumulation_steps))
 
@@ -439,15 +444,16 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise OptionError(f"--{name} must be a positive whole number, got {value}")
+    per_epoch = steps_per_epoch(args) if args.num_train_epochs or args.validation_epochs else None
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch(args) if args.num_train_epochs else DEFAULT_STEPS
+        args.max_train_steps = args.num_train_epochs * per_epoch if args.num_train_epochs else DEFAULT_STEPS
     if args.validation_epochs is not None:
-        args.validation_steps = args.validation_epochs * steps_per_epoch(args)
+        args.validation_steps = args.validation_epochs * per_epoch
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
     recipe = fill_recipe(args)
     if args.scale_lr and args.learning_rate is not None:
-        factor = args.train_batch_size * args.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
+        factor = args.train_batch_size * args.gradient_accumulation_steps * _world_size()
         args.learning_rate *= factor
         args.scale_lr = False  # applied: a config written from these options must not scale again
         recipe["learning_rate"] = f"{recipe.get('learning_rate', 'given')}, scaled x{factor} (--scale_lr)"
