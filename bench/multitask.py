@@ -2,6 +2,7 @@
 forward, against K separate U-Net forwards.
 
     python -m bench.multitask              # SD v1.5 U-Net architecture (random weights), 256 px, K = 1, 2, 5, 10
+    python -m bench.multitask --depth 0    # Bypasses injecting at the head (the paper's) instead of the default depth
     python -m bench.multitask --quick      # tiny U-Net, K = 1, 2, one repeat: the path, no figures
 
 On one U-Net with K Bypasses attached (each perturbed, so that their outputs differ), one U-Net
@@ -9,7 +10,8 @@ call at batch 1 per task, timed three ways, interleaved, median of --repeats:
 
 - separate: K calls, call k routed to Bypass k (`restuning.route([name_k])`): the backbone runs K times;
 - fan-out: `restuning.bypass_outputs(unet, names, x, t, c)`: the frozen backbone runs once on the
-  one input and each Bypass reads its features (what the paper's multi-task inference does);
+  one input and each Bypass reads its features (what the paper's multi-task inference does); at
+  depth k the last k up blocks then run once per task, on that task's corrected input;
 - routed batch: one call with the input repeated K times and sample k routed to Bypass k: the
   backbone runs once at batch K, the way the Compare tab renders several tuners.
 
@@ -37,14 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def attach_many(unet, method: str, k: int, prefix: str) -> list[str]:
+def attach_many(unet, method: str, k: int, prefix: str, **options) -> list[str]:
     import restuning
     from restuning.methods import METHODS
 
     names = []
     for i in range(k):
         name = f"{prefix}{i}"
-        handle = restuning.attach(unet, METHODS[method].config(), name=name)
+        handle = restuning.attach(unet, METHODS[method].config(**options), name=name)
         torch.manual_seed(100 + i)
         with torch.no_grad():
             for p in handle.parameters():
@@ -62,7 +64,7 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
-def run(arch: str, resolution: int, ks: list[int], repeats: int, device: str) -> dict:
+def run(arch: str, resolution: int, ks: list[int], repeats: int, device: str, depth: int) -> dict:
     import restuning
     from restuning.arch import build_unet
 
@@ -70,7 +72,7 @@ def run(arch: str, resolution: int, ks: list[int], repeats: int, device: str) ->
     unet = build_unet(arch, seed=0, device=dev).eval()
     unet.requires_grad_(False)
     kmax = max(ks)
-    bypasses = attach_many(unet, "bypass", kmax, "bp")
+    bypasses = attach_many(unet, "bypass", kmax, "bp", depth=depth)
     tuners = attach_many(unet, "res-tuning", kmax, "rt")
     g = torch.Generator().manual_seed(0)
     side = resolution // 8
@@ -139,7 +141,7 @@ def markdown(result: dict) -> str:
     by = {(r["k"], r["case"]): r for r in result["rows"]}
     ks = sorted({r["k"] for r in result["rows"]})
     lines = [
-        f"### Multi-task inference: `{s['arch']}` U-Net (random weights), {s['resolution']} px, {s['device']}",
+        f"### Multi-task inference: `{s['arch']}` U-Net (random weights), {s['resolution']} px, {s['device']}, Bypass depth {s['depth']}",
         "",
         f"One U-Net call per task, median of {s['repeats']} interleaved repeats; {s['machine']}, torch {s['torch']}, "
         f"{result['date']}. Ratios are against K separate calls of the same kind.",
@@ -171,22 +173,26 @@ def main(argv=None) -> dict:
     p.add_argument("--ks", default="1,2,5,10", help="numbers of tasks (default 1,2,5,10)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--depth", type=int, default=None, help="the Bypasses' injection depth (default: BypassConfig's)")
     p.add_argument("--quick", action="store_true", help="tiny U-Net, 64 px, K = 1, 2, one repeat")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    from restuning.methods.bypass import BypassConfig
+
+    depth = BypassConfig().depth if args.depth is None else args.depth
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     arch, resolution, ks, repeats = "sd15", args.resolution, [int(k) for k in args.ks.split(",")], args.repeats
     if args.quick:
         arch, resolution, ks, repeats = "tiny", 64, [1, 2], 1
     started = time.time()
-    result = run(arch, resolution, ks, repeats, device)
-    result["settings"] = {"arch": arch, "resolution": resolution, "ks": ks, "repeats": repeats, "device": device,
+    result = run(arch, resolution, ks, repeats, device, depth)
+    result["settings"] = {"arch": arch, "resolution": resolution, "ks": ks, "repeats": repeats, "device": device, "depth": depth,
                           "torch": torch.__version__,
                           "machine": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores, "
                                                                                              f"{torch.get_num_threads()} threads"}
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["wall_s"] = time.time() - started
-    write_results(args.out_dir, f"multitask_{arch}_{device}", result, markdown(result))
+    write_results(args.out_dir, f"multitask_{arch}_{device}_depth{depth}", result, markdown(result))
     return result
 
 

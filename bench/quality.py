@@ -63,7 +63,14 @@ def default_variants() -> list[Variant]:
 
 def extra_variants() -> list[Variant]:
     """Chosen by label with --methods; left out of the default run to keep it within 30 minutes."""
-    return [Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}})]
+    return [Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}),
+            *bypass_ablation()]
+
+
+def bypass_ablation() -> list[Variant]:
+    from bench import BYPASS_ABLATION
+
+    return [Variant(label, "bypass", options) for _, label, options in BYPASS_ABLATION]
 
 
 def train(variant: Variant, args, work: Path, seed: int) -> dict:
@@ -98,8 +105,9 @@ def train(variant: Variant, args, work: Path, seed: int) -> dict:
                 "resumed": True}
     (run / "config.json").write_text(json.dumps(config, indent=2))
     started = time.time()
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
     proc = subprocess.Popen([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")],
-                            cwd=ROOT, stdout=open(run / "log.txt", "w"), stderr=subprocess.STDOUT)
+                            cwd=ROOT, stdout=open(run / "log.txt", "w"), stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     events = read_events(run)
@@ -173,7 +181,7 @@ def evaluate(args, columns):
     from scripts.evaluator import Evaluator
     from trainers.sampling import Sampler, Settings
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(args.base), local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(args.base), local_files_only=True, safety_checker=None).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     settings = json.loads((Path(args.base) / "demo_settings.json").read_text()) if (Path(args.base) / "demo_settings.json").exists() else {}
     steps = args.sample_steps or settings.get("num_inference_steps", 25)
@@ -299,6 +307,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample-steps", type=int, default=None)
     parser.add_argument("--scheduler", default="DPM++ 2M")
     parser.add_argument("--methods", help="comma-separated labels or method names (default: all but the extra layouts)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default) for training and sampling")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="reuse finished trainings in --work whose config is the same")
@@ -307,6 +316,10 @@ def parse_args(argv=None):
     args.error = parser.error
     if args.quick:
         args.steps, args.seeds, args.sample_steps, args.class_images, args.batch_size, args.train_seeds = 2, 1, 2, 2, 1, 1
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.concept_dir = ROOT / "assets" / "concepts" / args.concept
     if not args.concept_dir.is_dir():
         parser.error(f"no example images for concept {args.concept!r} in {args.concept_dir}")

@@ -33,11 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench import write_results
+from bench import BYPASS_ABLATION, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 INFERENCE = "inference"
+ABLATION = {case: (label, options) for case, label, options in BYPASS_ABLATION}
 GIB = 1024**3
 
 # Table 6 of the paper (SD v1.5 on COCO, 8xA100, 512 px, batch 8): training memory (GB) and
@@ -91,6 +92,8 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     """One case. The last three are bench.gpu_check's variants: activation recomputation,
     bitsandbytes' 8-bit AdamW ("adamw8bit"), and xformers attention (set before the method is
     attached, as the trainer does, so prefix/prompt processors stay in place)."""
+    import dataclasses
+
     import torch
     import torch.nn.functional as F
     from diffusers.training_utils import cast_training_params
@@ -108,7 +111,11 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     unet.requires_grad_(False)
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
-    if case != INFERENCE:
+    if case in ABLATION:
+        config = METHODS["bypass"].config
+        fields = {f.name for f in dataclasses.fields(config)}
+        restuning.attach(unet, config(**{k: v for k, v in ABLATION[case][1].items() if k in fields}))
+    elif case != INFERENCE:
         restuning.attach(unet, METHODS[case].config())
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -229,7 +236,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     rows = {r["case"]: r for r in result["rows"]}
     ref = result["reference"]
-    label = {INFERENCE: "Inference only (no_grad)", **{n: m.label for n, m in METHODS.items()}}
+    label = {INFERENCE: "Inference only (no_grad)", **{n: m.label for n, m in METHODS.items()}, **{c: v[0] for c, v in ABLATION.items()}}
     ref_label = label.get(ref, ref)
     lines = [
         f"### Training cost: `{s['arch']}` U-Net, random weights, {s['device']}, {s['resolution']} px, "
@@ -277,14 +284,15 @@ def target_checks(rows: dict) -> list[tuple[str, float, bool]]:
 def parse(argv=None):
     from restuning.methods import METHODS
 
-    cases = [INFERENCE, *METHODS]
+    cases = [INFERENCE, *METHODS, *ABLATION]
     p = argparse.ArgumentParser(prog="python -m bench.train_cost", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (the latent is 1/8 of it); default 256")
     p.add_argument("--batch-size", type=int, default=1, help="default 1")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
     p.add_argument("--steps", type=int, default=5, help="training steps per case; the median of steps 2..N is reported (default 5)")
-    p.add_argument("--methods", default=",".join(cases), help=f"comma-separated cases (default all: {','.join(cases)})")
+    p.add_argument("--methods", default=",".join([INFERENCE, *METHODS]),
+                   help=f"comma-separated cases (default every method: {','.join([INFERENCE, *METHODS])}; also {','.join(ABLATION)})")
     p.add_argument("--reference", help="case the ratios are taken against (default: full if run, else lora)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     p.add_argument("--paper-setting", action="store_true", help="the paper's setting on CUDA: 512 px, batch 8, fp16")

@@ -21,7 +21,12 @@ from . import arch
 from .core import DEFAULT_NAME, attached
 
 FORMAT = "restuning"
-FORMAT_VERSION = 1
+# 2: the Bypass's second design (zero-conv output, Convpass, text tuners); other methods' files
+# are the same as in version 1.
+FORMAT_VERSION = 2
+# The oldest version each method's files can be read from; what changed is said in the refusal.
+OLDEST_READABLE = {"bypass": (2, "version 1 holds the first Bypass design (a gated output g ⊙ (x_L^b − x_L)), which learned nothing "
+                                 "and whose weights do not carry over; train the Bypass again")}
 
 
 class TunerFileError(ValueError):
@@ -73,6 +78,10 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         raise TunerFileError(f"{path.name}: format version {version} is newer than this restuning reads ({FORMAT_VERSION}); upgrade restuning")
     if version < 1:
         raise TunerFileError(f"{path.name}: unknown format version {version}")
+    oldest, why = OLDEST_READABLE.get(metadata.get("method", ""), (1, ""))
+    if version < oldest:
+        raise TunerFileError(f"{path.name}: a {metadata.get('method')} file of format version {version}, older than this restuning "
+                             f"reads ({oldest}): {why}")
     for key in ("config", "base_arch"):
         try:
             json.loads(metadata.get(key, ""))

@@ -11,5 +11,5 @@ def test_quick_run_fans_out_exactly_and_writes_its_table(tmp_path):
     assert checks[1]["outputs_differ_by"] > 1e-3  # two Bypasses that agree would prove nothing
     cases = {r["case"] for r in result["rows"] if r["case"] != "check"}
     assert cases == {"bypass: separate", "bypass: fan-out", "bypass: routed batch", "res-tuning: separate", "res-tuning: routed batch"}
-    table = (tmp_path / "multitask_tiny_cpu.md").read_text()
+    table = (tmp_path / "multitask_tiny_cpu_depth2.md").read_text()
     assert "| 2 |" in table and "not measured at K = 10" in table

@@ -1,5 +1,6 @@
-"""Res-Tuning-Bypass on a real diffusers U-Net: Eq. 8, exact identity at attach, no gradient
-through the backbone, several bypasses on one backbone forward, save/load/scale/detach."""
+"""Res-Tuning-Bypass on a real diffusers U-Net: Eq. 8, exact identity at attach, gradient for
+every parameter after one step, no gradient through the backbone, the text tuners, injection
+depth, several bypasses on one backbone forward, save/load/scale/detach."""
 
 import itertools
 import threading
@@ -12,7 +13,7 @@ from restuning.arch import build_unet
 from restuning.methods.bypass.layer import BypassNetwork
 from tests.conftest import run
 
-KINDS = ("adapter", "prefix", "prompt")
+KINDS = ("convpass", "adapter", "prefix", "prompt")
 
 
 def _perturb(handle, seed=9):
@@ -22,10 +23,10 @@ def _perturb(handle, seed=9):
             p.add_(torch.randn_like(p) * 0.1)
 
 
-def _taps(unet):
-    """Record every tapped feature and the grad mode the backbone and the head ran in."""
+def _taps(unet, depth=0):
+    """Record every feature a bypass at `depth` taps and the grad mode the backbone and the head ran in."""
     seen = {"features": [], "backbone_grad": [], "head_grad": []}
-    for path in ("mid_block", *(f"up_blocks.{i}" for i in range(len(unet.up_blocks)))):
+    for path in ("mid_block", *(f"up_blocks.{i}" for i in range(len(unet.up_blocks) - depth))):
         unet.get_submodule(path).register_forward_hook(lambda m, a, out: seen["features"].append(out))
     unet.down_blocks[0].register_forward_hook(lambda m, a, out: seen["backbone_grad"].append(torch.is_grad_enabled()))
     unet.conv_out.register_forward_hook(lambda m, a, out: seen["head_grad"].append(torch.is_grad_enabled()))
@@ -41,46 +42,105 @@ def test_identity_at_attach_for_every_tuner_pair(tiny_unet, unet_inputs, horizon
         assert torch.equal(tiny_unet(*unet_inputs).sample.detach(), base)
 
 
-def test_taps_lambda_and_gate_at_start(tiny_unet):
-    handle = restuning.attach(tiny_unet, restuning.BypassConfig())
+@pytest.mark.parametrize("options", [{"output": "gate"}, {"text": False}, {"depth": 1}, {"depth": 2, "taps": ("mid",)}])
+def test_identity_at_attach_for_every_design(tiny_unet, unet_inputs, options):
+    base = run(tiny_unet, unet_inputs)
+    restuning.attach(tiny_unet, restuning.BypassConfig(dim=6, **options))
+    assert torch.equal(run(tiny_unet, unet_inputs), base)
+    with torch.enable_grad():
+        assert torch.equal(tiny_unet(*unet_inputs).sample.detach(), base)
+
+
+def test_taps_lambda_and_output_at_start(tiny_unet):
+    default = restuning.attach(tiny_unet, restuning.BypassConfig(), name="default")
+    # depth 2: the correction enters up_blocks[-2]; the taps are the blocks before it
+    assert len(default.modules["bypass"].stages) == 1 + len(tiny_unet.up_blocks) - 2
+    handle = restuning.attach(tiny_unet, restuning.BypassConfig(depth=0), name="head")
     network = handle.modules["bypass"]
     assert len(network.stages) == 1 + len(tiny_unet.up_blocks)  # mid_block, then every up block
     assert all(float(torch.sigmoid(s.mix.detach())) == 0.5 for s in network.stages)
-    assert torch.count_nonzero(network.gate) == 0
-    only_up = restuning.attach(tiny_unet, restuning.BypassConfig(taps=("up",)), name="up")
+    assert torch.count_nonzero(network.out[2].weight) == 0 and torch.count_nonzero(network.out[2].bias) == 0
+    # behind Z nothing starts at zero: the tuners' output layers are live
+    assert all(torch.count_nonzero(s.horizontal.up.weight) > 0 and torch.count_nonzero(s.text.out.weight) > 0 for s in network.stages)
+    only_up = restuning.attach(tiny_unet, restuning.BypassConfig(taps=("up",), depth=0), name="up")
     assert len(only_up.modules["bypass"].stages) == len(tiny_unet.up_blocks)
+    deep = restuning.attach(tiny_unet, restuning.BypassConfig(depth=1), name="deep")
+    assert len(deep.modules["bypass"].stages) == len(tiny_unet.up_blocks)  # the last up block is after the injection
+    gate = restuning.attach(tiny_unet, restuning.BypassConfig(output="gate", depth=0), name="gate")
+    assert torch.count_nonzero(gate.modules["bypass"].gate) == 0
 
 
-def test_eq8_on_feature_maps():
-    """With zero tuners, x_l^b = λ·x_l + (1-λ)·R(x_{l-1}^b); at g = 1, Δ = x_L^b - x_L."""
-    torch.manual_seed(0)
-    net = BypassNetwork([8, 8, 4], "adapter", "adapter", dim=3, heads=1)
-    x0, x1, x2 = torch.randn(2, 8, 2, 2), torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
-    with torch.no_grad():
-        net.stages[0].mix.fill_(1.0)
-        net.gate.fill_(1.0)
-        delta = net(x0, [x1, x2])
-    lam = torch.sigmoid(torch.tensor(1.0))
-    s1 = lam * x1 + (1 - lam) * torch.nn.functional.interpolate(x0, size=(4, 4), mode="nearest")
-    s2 = 0.5 * x2 + 0.5 * s1.view(2, 4, 2, 4, 4).mean(2)  # 8 -> 4 channels: pairs averaged at start
-    torch.testing.assert_close(delta, s2 - x2)
+def _one_step_then_grads(unet, inputs, handle, seed=0):
+    """One AdamW step from attach, then the gradient of one more backward, per parameter."""
+    sample, t, text = inputs
+    opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
+    torch.manual_seed(seed)
+    target = torch.randn_like(sample)
+    for step in range(2):
+        opt.zero_grad()
+        (unet(sample, t, text).sample - target).pow(2).mean().backward()
+        if step == 0:
+            opt.step()
+    return {n: p.grad for n, p in handle.modules["bypass"].named_parameters()}
 
 
-def test_sd15_budget_is_near_the_papers_and_has_no_dense_3x3():
-    unet = build_unet("sd15", device="meta")
-    handle = restuning.attach(unet, restuning.BypassConfig())
-    n = sum(p.numel() for p in handle.parameters())
-    assert 3.0e6 < n < 4.5e6  # the paper's Table 6: 3.76M (0.44%)
-    convs = [m for m in handle.modules["bypass"].modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(m.groups == m.in_channels for m in convs if m.kernel_size != (1, 1))
-    channels = [s.horizontal.down.in_features for s in handle.modules["bypass"].stages]
-    assert channels == [1280, 1280, 1280, 640, 320]
+@pytest.mark.parametrize("options", [{}, {"horizontal": "adapter", "vertical": "prefix"}, {"horizontal": "prompt"}, {"depth": 1}])
+def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, options):
+    """Issue 11's test: lambda, the tuners, the text tuners, the resamplers and Z all receive a
+    non-zero gradient on the second backward."""
+    handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, **options))
+    grads = _one_step_then_grads(tiny_unet, unet_inputs, handle)
+    dead = [n for n, g in grads.items() if g is None or torch.count_nonzero(g) == 0]
+    assert not dead, f"no gradient after one step: {dead}"
 
 
-def test_backbone_runs_without_grad_and_only_the_bypass_trains(tiny_unet, unet_inputs):
+def test_the_first_design_fails_the_gradient_test(tiny_unet, unet_inputs):
+    """What the zero-conv output fixes: behind g = 0, one step later the tuners' inner layers
+    still have exactly zero gradient."""
+    handle = restuning.attach(tiny_unet, restuning.BypassConfig(output="gate", horizontal="adapter", vertical="adapter", dim=4, text=False))
+    grads = _one_step_then_grads(tiny_unet, unet_inputs, handle)
+    dead = [n for n, g in grads.items() if torch.count_nonzero(g) == 0]
+    assert any(n.endswith("horizontal.down.weight") for n in dead) and "gate" not in dead
+
+
+def test_the_prompt_reaches_the_correction_and_no_gradient_reaches_the_text(tiny_unet, unet_inputs):
     handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4))
     _perturb(handle)
-    seen = _taps(tiny_unet)
+    network = handle.modules["bypass"]
+    sample, t, text = unet_inputs
+    seen = []
+    tiny_unet.conv_norm_out.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    run(tiny_unet, (sample, t, text))
+    run(tiny_unet, (sample, t, text + 1.0))
+    restuning.set_scale(tiny_unet, 0.0)
+    run(tiny_unet, (sample, t, text))
+    run(tiny_unet, (sample, t, text + 1.0))
+    # the correction itself (not only the backbone's features) changes with the prompt
+    assert not torch.allclose(seen[1] - seen[3], seen[0] - seen[2], atol=1e-4)
+    restuning.set_scale(tiny_unet, 1.0)
+    for stage in network.stages:
+        stage.text.out.weight.grad = None
+    tiny_unet(sample, t, text).sample.pow(2).mean().backward()
+    assert all(torch.count_nonzero(s.text.key.weight.grad) > 0 for s in network.stages)
+
+
+@pytest.mark.parametrize("depth,widths", [(2, [1280, 1280, 1280]), (0, [1280, 1280, 1280, 640, 320])])
+def test_sd15_budget_is_near_the_papers_and_has_no_dense_3x3_at_the_backbones_width(depth, widths):
+    unet = build_unet("sd15", device="meta")
+    handle = restuning.attach(unet, restuning.BypassConfig(depth=depth))
+    n = sum(p.numel() for p in handle.parameters())
+    assert 2.9e6 < n < 4.1e6  # the paper's Table 6: 3.76M (0.44%)
+    network = handle.modules["bypass"]
+    dense = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1]
+    assert dense and all(m.in_channels <= 320 for m in dense)  # Convpass at width dim; Z 3x3 only at <= 320 channels
+    assert [s.horizontal.down.in_channels for s in network.stages] == widths
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_backbone_runs_without_grad_and_only_the_bypass_trains(tiny_unet, unet_inputs, depth):
+    handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=depth))
+    _perturb(handle)
+    seen = _taps(tiny_unet, depth)
     loss = tiny_unet(*unet_inputs).sample.pow(2).mean()
     loss.backward()
     own = {id(p) for p in handle.parameters()}
@@ -92,10 +152,12 @@ def test_backbone_runs_without_grad_and_only_the_bypass_trains(tiny_unet, unet_i
     assert torch.is_grad_enabled()  # the caller's grad mode is restored
 
 
-def test_gradients_equal_those_of_a_backbone_run_with_grad(tiny_unet, unet_inputs):
+@pytest.mark.parametrize("depth", [0, 1])
+def test_gradients_equal_those_of_a_backbone_run_with_grad(tiny_unet, unet_inputs, depth):
     """The no-grad backbone is a saving, not an approximation: forcing autograd through the
-    backbone (an input that requires grad) gives the bypass exactly the same gradients."""
-    handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4))
+    backbone (an input that requires grad) gives the bypass exactly the same gradients, also
+    when the correction enters before the last up block and its gradient flows through it."""
+    handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=depth))
     _perturb(handle)
     sample, t, text = unet_inputs
     tiny_unet(sample, t, text).sample.pow(2).mean().backward()
@@ -123,7 +185,7 @@ def test_taps_are_detached_so_no_bypass_gradient_reaches_the_backbone(tiny_unet,
     bypass's gradient into the backbone and into that Res-Tuner. Reference: the same run with the
     bypass's correction Δ added at the head as a constant. The text input's gradient and the
     Res-Tuner's must be the reference's, value for value."""
-    bypass = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4), name="bypass")
+    bypass = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=0), name="bypass")
     restuners = restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"ff": "adapter"}), name="rt")
     _perturb(bypass)
     _perturb(restuners, seed=4)
@@ -159,7 +221,7 @@ def test_eq8_with_trained_tuners_against_the_chain_written_out(horizontal, verti
     from tests.test_tuner_math import reference
 
     torch.manual_seed(0)
-    net = BypassNetwork([8, 8, 8], horizontal, vertical, dim=3, heads=1)
+    net = BypassNetwork([8, 8, 8], horizontal, vertical, dim=3, heads=1, output="gate")
     with torch.no_grad():
         for stage in net.stages:
             for p in (*stage.horizontal.parameters(), *stage.vertical.parameters()):
@@ -182,6 +244,46 @@ def test_eq8_with_trained_tuners_against_the_chain_written_out(horizontal, verti
         torch.testing.assert_close(net(x0, [x1, x2]), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_zero_conv_output_and_convpass_and_text_against_the_chain_written_out():
+    """x_l^b = λ(x + cp_h(x) + t(x, c)) + (1-λ)(s + cp_v(s)); Δ = Z(SiLU(GN(x_L^b))), with
+    Convpass cp(x) = W_up * GELU(W_3x3 * GELU(W_down * x)) and t a hand-written cross-attention."""
+    import math
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    net = BypassNetwork([8, 8, 8], "convpass", "convpass", dim=4, heads=2, text_channels=6)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x0, x1, x2 = (torch.randn(2, 8, 3, 3) for _ in range(3))
+    c = torch.randn(2, 5, 6)
+
+    def convpass(m, x):
+        return F.conv2d(F.gelu(F.conv2d(F.gelu(F.conv2d(x, m.down.weight, m.down.bias)), m.conv.weight, m.conv.bias, padding=1)),
+                        m.up.weight, m.up.bias)
+
+    def text(m, x):
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = (tokens - tokens.mean(-1, keepdim=True)) / torch.sqrt(tokens.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        q, k, v = tokens @ m.query.weight.T, c @ m.key.weight.T, c @ m.value.weight.T
+        heads, d = [], q.shape[-1] // 2
+        for h in range(2):
+            sl = slice(d * h, d * h + d)
+            heads.append(torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(d), -1) @ v[..., sl])
+        out = torch.cat(heads, -1) @ m.out.weight.T + m.out.bias
+        return out.transpose(1, 2).reshape(x.shape)
+
+    state = x0
+    for stage, x in zip(net.stages, (x1, x2)):
+        lam = torch.sigmoid(stage.mix)
+        s_in = F.conv2d(state, stage.resample.smooth.weight, stage.resample.smooth.bias, padding=1, groups=8)
+        state = lam * (x + convpass(stage.horizontal, x) + text(stage.text, x)) + (1 - lam) * (s_in + convpass(stage.vertical, s_in))
+    norm, z = net.out[0], net.out[2]
+    expected = F.conv2d(F.silu(F.group_norm(state, norm.num_groups, norm.weight, norm.bias)), z.weight, z.bias, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x0, [x1, x2], c), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_training_changes_the_output_not_the_backbone(tiny_unet, unet_inputs):
     base = run(tiny_unet, unet_inputs)
     backbone = {n: p.detach().clone() for n, p in tiny_unet.named_parameters()}
@@ -193,7 +295,7 @@ def test_training_changes_the_output_not_the_backbone(tiny_unet, unet_inputs):
         loss.backward()
         opt.step()
     assert not torch.equal(run(tiny_unet, unet_inputs), base)
-    assert torch.count_nonzero(handle.modules["bypass"].gate) > 0
+    assert torch.count_nonzero(handle.modules["bypass"].out[2].weight) > 0
     for n, p in tiny_unet.named_parameters():
         if n in backbone:
             assert torch.equal(p, backbone[n]), f"backbone weight {n} changed"
@@ -260,6 +362,37 @@ def test_one_backbone_forward_feeds_several_bypasses(tiny_unet, unet_inputs, two
         torch.testing.assert_close(out, two_bypasses[name], atol=1e-5, rtol=0)
     with pytest.raises(restuning.AttachError, match="not attached"):
         restuning.bypass_outputs(tiny_unet, ["c"], *unet_inputs)
+
+
+def test_at_depth_1_the_last_up_block_runs_with_grad_and_its_weights_get_none(tiny_unet, unet_inputs):
+    handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=1))
+    _perturb(handle)
+    grad_modes = {}
+    for path in ("mid_block", "up_blocks.0", "up_blocks.1"):
+        tiny_unet.get_submodule(path).register_forward_pre_hook(lambda m, a, p=path: grad_modes.__setitem__(p, torch.is_grad_enabled()))
+    tiny_unet(*unet_inputs).sample.pow(2).mean().backward()
+    assert grad_modes == {"mid_block": False, "up_blocks.0": False, "up_blocks.1": True}
+    own = {id(p) for p in handle.parameters()}
+    assert all(p.grad is None for p in tiny_unet.parameters() if id(p) not in own)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_fan_out_below_the_head_matches_separate_calls(tiny_unet, unet_inputs, depth):
+    for name, seed in (("a", 1), ("b", 2)):
+        _perturb(restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=depth), name=name), seed=seed)
+    alone = {}
+    for only in ("a", "b", None):
+        for other in ("a", "b"):
+            restuning.set_scale(tiny_unet, 1.0 if other == only else 0.0, name=other)
+        alone[only] = run(tiny_unet, unet_inputs)
+    restuning.set_scale(tiny_unet, 1.0)
+    with torch.no_grad():
+        outs = restuning.bypass_outputs(tiny_unet, ["a", None, "b"], *unet_inputs)
+    for name, out in zip(["a", None, "b"], outs):
+        torch.testing.assert_close(out, alone[name], atol=1e-5, rtol=0)
+    restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=0), name="head")
+    with pytest.raises(restuning.AttachError, match="one depth"):
+        restuning.bypass_outputs(tiny_unet, ["a", "head"], *unet_inputs)
 
 
 def test_several_bypasses_train_from_one_backbone_forward(tiny_unet, unet_inputs, two_bypasses):
@@ -351,7 +484,11 @@ def test_bf16_unet_with_fp32_bypass(tiny_unet, unet_inputs):
 
 def test_bad_configs_are_refused_with_the_reason(tiny_unet):
     with pytest.raises(restuning.ConfigError, match="taps must include 'up'"):
-        restuning.attach(tiny_unet, restuning.BypassConfig(taps=("mid",)))
+        restuning.attach(tiny_unet, restuning.BypassConfig(taps=("mid",), depth=0))
+    with pytest.raises(restuning.AttachError, match="only 2 up blocks"):
+        restuning.attach(tiny_unet, restuning.BypassConfig(depth=3))
+    with pytest.raises(restuning.ConfigError, match="depth must be"):
+        restuning.attach(tiny_unet, restuning.BypassConfig(depth=-1))
     with pytest.raises(restuning.ConfigError, match="horizontal"):
         restuning.attach(tiny_unet, restuning.BypassConfig(horizontal="lora"))
     with pytest.raises(restuning.ConfigError, match="positive"):

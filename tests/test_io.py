@@ -51,7 +51,7 @@ def test_header_carries_config_version_and_architecture(tmp_path, tiny_unet):
     restuning.attach(tiny_unet, restuning.ResTuningConfig(dim=4))
     path = restuning.save(tiny_unet, tmp_path / "t.safetensors")
     header = restuning.read_header(path)
-    assert header["format"] == "restuning" and header["format_version"] == "1"
+    assert header["format"] == "restuning" and header["format_version"] == "2"
     assert json.loads(header["config"])["dim"] == 4
     assert json.loads(header["base_arch"])["block_out_channels"] == [32, 64]
     assert restuning.read_config(path) == restuning.ResTuningConfig(dim=4)
@@ -183,3 +183,19 @@ def test_a_fingerprint_missing_a_field_does_not_match(tiny_unet):
     assert fingerprint_mismatch(saved, tiny_unet) == []
     del saved["block_out_channels"]
     assert fingerprint_mismatch(saved, tiny_unet) == ["block_out_channels: file does not say, model has [32, 64]"]
+
+
+def test_version_1_files_load_except_the_first_bypass_design(tmp_path, tiny_unet, unet_inputs):
+    """Format 2 changed only the Bypass: a version-1 Res-Tuning file still loads; a version-1
+    Bypass file is refused with the version named, and nothing is attached."""
+    old = _rewrite(_saved(tmp_path, tiny_unet), tmp_path / "old.safetensors", format_version="1")
+    fresh = build_unet("tiny")
+    restuning.load(fresh, old)
+    restuning.detach(fresh)
+    unet = build_unet("tiny")
+    restuning.attach(unet, restuning.BypassConfig(dim=4))
+    bypass = restuning.save(unet, tmp_path / "bypass.safetensors")
+    old_bypass = _rewrite(bypass, tmp_path / "old_bypass.safetensors", format_version="1")
+    with pytest.raises(restuning.TunerFileError, match="bypass file of format version 1.*first Bypass design"):
+        restuning.load(fresh, old_bypass)
+    assert restuning.attached(fresh) == {}

@@ -1,42 +1,119 @@
 """The bypass network of Res-Tuning-Bypass (Section 3.2, Fig. 3c), as plain modules that read
 feature maps and know nothing of the U-Net they came from.
 
-With x_0 the input of the first tap and x_1..x_L the backbone's (detached) outputs at the taps:
+With x_0 the input of the first tap, x_1..x_L the backbone's (detached) outputs at the taps and
+c the (detached) text embeddings:
 
     x_0^b = x_0
     x_l^b = λ_l·H_l(x_l) + (1-λ_l)·V_l(R_l(x_{l-1}^b)),   λ_l = sigmoid(a_l), a_l = 0  (Eq. 8)
 
-H_l and V_l are Res-Tuners beside an identity OP (Eq. 7): H(x) = x + h(x), V(s) = s + v(s), with
-h, v an Adapter, Res-Prefix or Res-Prompt (restuning.tuners) applied to the map's H·W tokens.
-R_l brings the state to tap l's channels and resolution: a 1x1 channel map (none when the
-channels already agree; initialised to average or repeat channel groups, so the state keeps its
-scale), nearest resizing, and a depthwise 3x3 conv initialised to the identity, which lets the
-vertical path smooth what nearest upsampling makes blocky. Nothing here is a dense 3x3 conv:
-those would cost 14.7M parameters each at 1280 channels.
+H_l and V_l are Res-Tuners beside an identity OP (Eq. 7): H(x) = x + h(x) [+ t(x, c)],
+V(s) = s + v(s), with h, v a Convpass (below), or an Adapter, Res-Prefix or Res-Prompt
+(restuning.tuners) applied to the map's H·W tokens. With `text`, t is a Res-Tuner beside the
+backbone's cross-attention: its own W_q reads x, its own W_k, W_v read c. R_l brings the state to
+tap l's channels and resolution: a 1x1 channel map (none when the channels agree; initialised to
+average or repeat channel groups, so the state keeps its scale), bilinear resizing, and a
+depthwise 3x3 conv initialised to the identity. Nothing here is a dense 3x3 conv at the
+backbone's width: those would cost 14.7M parameters each at 1280 channels.
 
-Exact identity at attach. With λ = 0.5 the last state x_L^b is a blend of every tap, not x_L, so
-feeding it to the head as is (ms-swift's design) cannot reproduce the base model, and neither
-can the residual form H(x) = x + h(x) alone. The network therefore returns a correction
+What reaches the backbone. The caller adds a correction Δ at the injection point (the head's
+input, or an up block's input), whose input there is x_L:
 
-    Δ = g ⊙ (x_L^b − x_L)          g ∈ R^C, zero-initialised
+    'zero-conv' (default)  Δ = Z(SiLU(GN(x_L^b)))    Z a 3x3 conv (1x1 past 320 channels), zero at start
+    'gate' (first design)  Δ = g ⊙ (x_L^b − x_L)     g ∈ R^C, zero at start
 
-that the caller adds to the head's input: head(x_L + s·Δ), s the strength. At attach g = 0, so
-Δ = 0 and the output is the base model's bit for bit; at g = 1 the head reads the paper's x_L^b
-exactly. g is per channel, so training moves each channel from the backbone to the bypass at
-its own pace, and λ keeps its meaning and its 0.5 start.
+Both give Δ = 0 at attach, so the output is the base model's bit for bit. The gate learns
+nothing, measured (bench/results/bypass_ablation.md): every parameter behind a zero g has zero
+gradient, g moves by about the learning rate per step, and what it multiplies (a blend of other
+taps minus x_L) is no correction, so the prior-preservation loss keeps g small and the network
+behind it barely trains. Z instead maps the state to any correction, and only Z starts at zero:
+the tuners behind it start live (their output layers randomly initialised, as identity no longer
+depends on them), so once the first optimiser step has moved Z every parameter has gradient.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...tuners import make_tuner
+from ...tuners import Adapter, ResPrefix, ResPrompt, make_tuner
+
+OUTPUTS = ("zero-conv", "gate")
+# Z is a 3x3 conv up to the width of SD's head input (320 channels: 0.92M parameters) and a 1x1
+# conv at the wider inputs of deeper injection points (a 3x3 at 1280 channels would be 14.7M).
+DENSE_3X3_MAX = 320
 
 
-def on_tokens(tuner: nn.Module, x: Tensor) -> Tensor:
-    """Apply a token tuner (…, N, C) to a feature map (B, C, H, W)."""
+class Convpass(nn.Module):
+    """A convolutional bypass (Convpass, Jie & Deng 2022, cited by the paper): 1x1 conv to `dim`
+    channels, 3x3 conv at that width, 1x1 conv back, GELU between. The 3x3 conv gives the chain
+    spatial reach at dim² instead of C² parameters; the last conv starts at zero."""
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.down = nn.Conv2d(channels, dim, 1)
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.up = nn.Conv2d(dim, channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(F.gelu(self.conv(F.gelu(self.down(x)))))
+
+
+KINDS = ("convpass", "adapter", "prefix", "prompt")
+
+
+class TextAttention(nn.Module):
+    """t(x, c) = Attn(LN(x) W_q, c W_k, c W_v) W_o per pixel of x: a Res-Tuner beside the
+    backbone's cross-attention, with its own projections into `width` channels."""
+
+    def __init__(self, channels: int, text_channels: int, width: int = 64, heads: int = 8):
+        super().__init__()
+        self.heads = heads if width % heads == 0 else 1
+        self.query = nn.Linear(channels, width, bias=False)
+        self.key = nn.Linear(text_channels, width, bias=False)
+        self.value = nn.Linear(text_channels, width, bias=False)
+        self.out = nn.Linear(width, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, text: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = F.layer_norm(x.flatten(2).transpose(1, 2), (c,))
+
+        def split(t):
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.query(tokens)), split(self.key(text)), split(self.value(text)))
+        out = self.out(out.transpose(1, 2).flatten(2))
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _make(kind: str, channels: int, dim: int, heads: int) -> nn.Module:
+    return Convpass(channels, dim) if kind == "convpass" else make_tuner(kind, channels, dim, heads)
+
+
+def _wake(module: nn.Module) -> None:
+    """Randomly initialise a tuner's zero-initialised output layer (PyTorch's default init for
+    layers; 1/sqrt(C) for Res-Prefix's values, the scale of its keys' softmax-weighted mean)."""
+    for layer in module.modules():
+        if isinstance(layer, (Convpass, Adapter)):
+            layer.up.reset_parameters()
+        elif isinstance(layer, (ResPrompt, TextAttention)):
+            layer.out.reset_parameters()
+        elif isinstance(layer, ResPrefix):
+            with torch.no_grad():
+                layer.value.normal_(0, 1 / math.sqrt(layer.value.shape[-1]))
+
+
+def apply_tuner(tuner: nn.Module, x: Tensor) -> Tensor:
+    """A tuner on a feature map (B, C, H, W): Convpass reads the map, the others its H·W tokens."""
+    if isinstance(tuner, Convpass):
+        return tuner(x)
     b, _, h, w = x.shape
     out = tuner(x.flatten(2).transpose(1, 2))
     return out.transpose(1, 2).reshape(b, out.shape[-1], h, w)
@@ -48,7 +125,7 @@ class ChannelMap(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.proj = nn.Linear(in_channels, out_channels)
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
         big, small = max(in_channels, out_channels), min(in_channels, out_channels)
         if big % small == 0:
             group = big // small
@@ -59,16 +136,16 @@ class ChannelMap(nn.Module):
                 else:
                     grouping = torch.arange(out_channels) // group
                     weight = (grouping.unsqueeze(1) == torch.arange(in_channels).unsqueeze(0)).float()
-                self.proj.weight.copy_(weight)
+                self.proj.weight.copy_(weight[:, :, None, None])
                 self.proj.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return on_tokens(self.proj, x)
+        return self.proj(x)
 
 
 class Resampler(nn.Module):
-    """R_l: channels first (at the lower resolution, where it is cheaper), then size, then a
-    depthwise 3x3 smoothing that starts as the identity."""
+    """R_l: channels first (at the lower resolution, where it is cheaper), then size (bilinear
+    up, mean-pooled down), then a depthwise 3x3 smoothing that starts as the identity."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -83,7 +160,7 @@ class Resampler(nn.Module):
         x = self.channels(x)
         if x.shape[-2:] != size:
             if x.shape[-2] < size[0]:
-                x = F.interpolate(x, size=size, mode="nearest")
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             else:
                 x = F.adaptive_avg_pool2d(x, size)
         return self.smooth(x)
@@ -92,34 +169,62 @@ class Resampler(nn.Module):
 class BypassStage(nn.Module):
     """One l of Eq. 8."""
 
-    def __init__(self, in_channels: int, channels: int, horizontal: str, vertical: str, dim: int, heads: int):
+    def __init__(self, in_channels: int, channels: int, horizontal: str, vertical: str, dim: int, heads: int,
+                 text_channels: int | None = None):
         super().__init__()
         self.resample = Resampler(in_channels, channels)
-        self.horizontal = make_tuner(horizontal, channels, dim, heads)
-        self.vertical = make_tuner(vertical, channels, dim, heads)
+        self.horizontal = _make(horizontal, channels, dim, heads)
+        self.vertical = _make(vertical, channels, dim, heads)
+        self.text = TextAttention(channels, text_channels, heads=heads) if text_channels else None
         self.mix = nn.Parameter(torch.zeros(()))  # a_l: λ = sigmoid(0) = 0.5 at start
 
-    def forward(self, feature: Tensor, state: Tensor) -> Tensor:
+    def forward(self, feature: Tensor, state: Tensor, text: Tensor | None = None) -> Tensor:
         state = self.resample(state, feature.shape[-2:])
+        across = feature + apply_tuner(self.horizontal, feature)
+        if self.text is not None:
+            across = across + self.text(feature, text)
         lam = torch.sigmoid(self.mix)
-        return lam * (feature + on_tokens(self.horizontal, feature)) + (1 - lam) * (state + on_tokens(self.vertical, state))
+        return lam * across + (1 - lam) * (state + apply_tuner(self.vertical, state))
 
 
 class BypassNetwork(nn.Module):
-    """The whole chain: reads x_0 and x_1..x_L, returns the head-input correction Δ."""
+    """The whole chain: reads x_0, x_1..x_L (and c), returns the correction Δ."""
 
-    def __init__(self, channels: list[int], horizontal: str, vertical: str, dim: int, heads: int):
-        """`channels`: x_0's channel count, then each tap's."""
+    def __init__(self, channels: list[int], horizontal: str, vertical: str, dim: int, heads: int,
+                 output: str = "zero-conv", text_channels: int | None = None):
+        """`channels`: x_0's channel count, then each tap's; `text_channels`: the width of the
+        text embeddings the cross-attention tuners read (None: no text tuners)."""
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown bypass output {output!r}; choose from {', '.join(OUTPUTS)}")
+        self.output = output
         self.stages = nn.ModuleList(
-            BypassStage(c_in, c_out, horizontal, vertical, dim, heads) for c_in, c_out in zip(channels, channels[1:])
+            BypassStage(c_in, c_out, horizontal, vertical, dim, heads, text_channels) for c_in, c_out in zip(channels, channels[1:])
         )
-        self.gate = nn.Parameter(torch.zeros(channels[-1]))
+        last = channels[-1]
+        if output == "gate":
+            self.gate = nn.Parameter(torch.zeros(last))
+        else:
+            kernel = 3 if last <= DENSE_3X3_MAX else 1
+            self.out = nn.Sequential(nn.GroupNorm(math.gcd(32, last), last), nn.SiLU(), nn.Conv2d(last, last, kernel, padding=kernel // 2))
+            nn.init.zeros_(self.out[2].weight)
+            nn.init.zeros_(self.out[2].bias)
+            _wake(self.stages)
 
-    def forward(self, x0: Tensor, features: list[Tensor]) -> Tensor:
-        dtype = self.gate.dtype
+    @property
+    def uses_text(self) -> bool:
+        return self.stages[0].text is not None
+
+    def forward(self, x0: Tensor, features: list[Tensor], text: Tensor | None = None) -> Tensor:
+        dtype = self.stages[0].mix.dtype
         state = x0.to(dtype)
         features = [f.to(dtype) for f in features]
+        if self.uses_text:
+            if text is None:
+                raise ValueError("this bypass reads the text embeddings; none were given")
+            text = text.to(dtype)
         for stage, feature in zip(self.stages, features, strict=True):
-            state = stage(feature, state)
-        return self.gate.view(1, -1, 1, 1) * (state - features[-1])
+            state = stage(feature, state, text)
+        if self.output == "gate":
+            return self.gate.view(1, -1, 1, 1) * (state - features[-1])
+        return self.out(state)

@@ -1,19 +1,25 @@
 """Wiring Res-Tuning-Bypass networks into a diffusers `UNet2DConditionModel`.
 
 Taps: x_0 is the input of the first tapped block (`mid_block` by default); x_1..x_L are the
-outputs of `mid_block` and of every block of `up_blocks` (1280, 1280, 1280, 640, 320 channels at
-8, 16, 32, 64, 64 px latent side for a 512 px image). The bypass network (layer.py, Eq. 8) turns
-them into a correction Δ of the input of the frozen head, conv_norm_out -> act -> conv_out:
+outputs of `mid_block` and of the up blocks before the injection point (1280, 1280, 1280, 640,
+320 channels at 8, 16, 32, 64, 64 px latent side for a 512 px image); c is the U-Net's
+`encoder_hidden_states`. The bypass network (layer.py, Eq. 8) turns them into a correction Δ
+added at the injection point, whose input is x_L:
 
-    output = head(x_L + s·Δ)        s: the strength set by restuning.set_scale; 0 skips it
+    depth 0 (the paper's):  output = head(x_L + s·Δ)       head: conv_norm_out -> act -> conv_out
+    depth k:                up_blocks[-k] reads x_L + s·Δ  (and the frozen blocks after it run as usual)
 
-Memory by design: while any bypass is active in a call, the backbone up to the last tap runs
-with grad disabled (the effect of `torch.no_grad()`, not inference mode: the tapped features
-must stay usable by autograd as inputs of the bypass), and the taps are detached. Grad is
-switched back on at the head, so autograd records only the bypass and the head. If anything
-upstream does need grad (an input that requires grad, a trainable parameter of the backbone
-such as a Res-Tuner attached beside the bypass), the backbone runs with grad as usual: the
-result stays correct and only the saving is lost.
+s is the strength set by restuning.set_scale; 0 skips the bypass.
+
+Memory by design: while any bypass is active in a call, the backbone up to the injection point
+runs with grad disabled (the effect of `torch.no_grad()`, not inference mode: the tapped features
+must stay usable by autograd as inputs of the bypass), and the taps are detached. Grad is switched
+back on at the injection point, so autograd records the bypass and what follows the injection:
+the head at depth 0; at depth k also the last k up blocks' activations (their weights stay
+frozen, so no weight gradients and no optimiser state). If anything upstream does need grad (an
+input that requires grad, a trainable parameter of the backbone such as a Res-Tuner attached
+beside the bypass), the backbone runs with grad as usual: the result stays correct and only the
+saving is lost.
 
 Everything is done with hooks, so an ordinary `unet(sample, t, text)` call or `pipe(...)` runs
 the bypass. One set of hooks per U-Net serves every attached bypass. What one call captures
@@ -47,6 +53,7 @@ class _Bypass:
     handle: Attached
     network: BypassNetwork
     paths: list[str]
+    inject: str
 
 
 @dataclass
@@ -56,6 +63,8 @@ class _Call:
     grad: bool
     active: list[str]
     fanout: tuple | None
+    text: Tensor | None = None
+    expanded: tuple | None = None  # fan-out below the head: (the block it began at, batch, copies)
     inputs: dict[str, Tensor] = field(default_factory=dict)
     outputs: dict[str, Tensor] = field(default_factory=dict)
     token: contextvars.Token | None = None
@@ -66,16 +75,26 @@ _call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("restuning_
 _fanout: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("restuning_bypass_fanout", default=None)
 
 
-def tap_paths(unet: nn.Module, taps) -> list[str]:
-    """Module paths of the tapped blocks, in forward order."""
+def tap_paths(unet: nn.Module, taps, depth: int = 0) -> list[str]:
+    """Module paths of the tapped blocks, in forward order: those before the injection point."""
+    n = len(unet.up_blocks)
+    if depth > n:
+        raise AttachError(f"bypass depth {depth}: this U-Net has only {n} up blocks")
     paths = []
     if "mid" in taps and getattr(unet, "mid_block", None) is not None:
         paths.append("mid_block")
     if "up" in taps:
-        paths += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+        paths += [f"up_blocks.{i}" for i in range(n - depth)]
     if not paths:
-        raise AttachError("the U-Net has no mid or up blocks to tap")
+        raise AttachError("the U-Net has no mid or up blocks to tap before the injection point")
     return paths
+
+
+def injection_path(unet: nn.Module, depth: int) -> str:
+    """The module whose input the bypass corrects: the head at depth 0, else up_blocks[-depth]."""
+    if depth:
+        return f"up_blocks.{len(unet.up_blocks) - depth}"
+    return "conv_norm_out" if unet.conv_norm_out is not None else "conv_out"
 
 
 def tap_channels(unet: nn.Module, paths: list[str]) -> list[int]:
@@ -84,6 +103,32 @@ def tap_channels(unet: nn.Module, paths: list[str]) -> list[int]:
     widths = list(unet.config.block_out_channels)
     out = {"mid_block": widths[-1], **{f"up_blocks.{i}": c for i, c in enumerate(reversed(widths))}}
     return [widths[-1]] + [out[p] for p in paths]
+
+
+def text_channels(unet: nn.Module) -> int:
+    width = unet.config.cross_attention_dim
+    if not isinstance(width, int):
+        raise AttachError(f"bypass text tuners need one cross-attention width; this U-Net has {width!r} (set text=false)")
+    return width
+
+
+def _hidden(args, kwargs) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, x: Tensor):
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
+
+
+def _repeat_batch(value, times: int, batch: int):
+    """`value` with every tensor of `batch` rows repeated `times` over, as torch.cat of copies."""
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+        return value.repeat(times, *[1] * (value.dim() - 1))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_repeat_batch(v, times, batch) for v in value)
+    return value
 
 
 class _Runner:
@@ -113,11 +158,15 @@ class _Runner:
         unet = self.unet
         firsts = {b.paths[0] for b in self.bypasses.values()}
         taps = {p for b in self.bypasses.values() for p in b.paths}
-        head = unet.conv_norm_out if unet.conv_norm_out is not None else unet.conv_out
+        injections = {b.inject for b in self.bypasses.values()}
+        # Below an up-block injection, a fan-out's later up blocks need their skip connections,
+        # time and text embeddings copied once per task as well.
+        followers = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))] if any(p.startswith("up_blocks.") for p in injections) else []
         self.hooks = [
             unet.register_forward_pre_hook(self._begin, with_kwargs=True),
             unet.register_forward_hook(self._end, with_kwargs=True, always_call=True),
-            head.register_forward_pre_hook(self._head),
+            *(unet.get_submodule(p).register_forward_pre_hook(self._injector(p), with_kwargs=True) for p in sorted(injections)),
+            *(unet.get_submodule(p).register_forward_pre_hook(_follower(p), with_kwargs=True) for p in followers),
             *(unet.get_submodule(p).register_forward_pre_hook(_capture_input(p), with_kwargs=True) for p in sorted(firsts)),
             *(unet.get_submodule(p).register_forward_hook(_capture_output(p)) for p in sorted(taps)),
         ]
@@ -132,6 +181,9 @@ class _Runner:
             names = None
             active = [n for n, b in self.bypasses.items() if b.handle.scale != 0 and _routed_in(n, sample)]
         call = _Call(grad=torch.is_grad_enabled(), active=active, fanout=names)
+        if any(self.bypasses[n].network.uses_text for n in active):
+            text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+            call.text = None if text is None else text.detach()
         if (active or names is not None) and call.grad and not self._backbone_needs_grad(args, kwargs):
             torch.set_grad_enabled(False)
         call.token = _call.set(call)
@@ -142,29 +194,49 @@ class _Runner:
             torch.set_grad_enabled(call.grad)
             _call.reset(call.token)
 
-    def _head(self, module, args):
-        call = _call.get()
-        if call is None or (not call.active and call.fanout is None):
-            return None
-        torch.set_grad_enabled(call.grad)
-        x = args[0]
-        if call.fanout is not None:
-            return (torch.cat([x if n is None else x + self._delta(n, call, x) for n in call.fanout]),)
-        for name in call.active:
-            routing = routing_of(name, x.shape[0], x.device)
-            if routing.all:
-                x = x + self._delta(name, call, x)
-            elif routing.any:
-                x = x.index_add(0, routing.rows, self._delta(name, call, x, routing.rows))
-        return (x,)
+    def _injector(self, path: str):
+        def hook(module, args, kwargs):
+            call = _call.get()
+            if call is None or (not call.active and call.fanout is None):
+                return None
+            torch.set_grad_enabled(call.grad)
+            x = _hidden(args, kwargs)
+            if call.fanout is not None:
+                if path != self._fanout_path(call.fanout):
+                    return None
+                batch, times = x.shape[0], len(call.fanout)
+                x = torch.cat([x if n is None else x + self._delta(n, call, x) for n in call.fanout])
+                if times > 1 and path.startswith("up_blocks."):
+                    call.expanded = (path, batch, times)
+                    args, kwargs = _expand(args, kwargs, batch, times)
+                return _with_hidden(args, kwargs, x)
+            changed = False
+            for name in call.active:
+                if self.bypasses[name].inject != path:
+                    continue
+                routing = routing_of(name, x.shape[0], x.device)
+                if routing.all:
+                    x = x + self._delta(name, call, x)
+                elif routing.any:
+                    x = x.index_add(0, routing.rows, self._delta(name, call, x, routing.rows))
+                changed = True
+            return _with_hidden(args, kwargs, x) if changed else None
+
+        return hook
+
+    def _fanout_path(self, names) -> str:
+        paths = {self.bypasses[n].inject for n in names if n is not None}
+        return paths.pop() if paths else injection_path(self.unet, 0)
 
     def _delta(self, name: str, call: _Call, x: Tensor, rows: Tensor | None = None) -> Tensor:
         bypass = self.bypasses[name]
         x0 = call.inputs[bypass.paths[0]]
         features = [call.outputs[p] for p in bypass.paths]
+        text = call.text if bypass.network.uses_text else None
         if rows is not None:
             x0, features = x0[rows], [f[rows] for f in features]
-        delta = bypass.network(x0, features)
+            text = None if text is None else text[rows]
+        delta = bypass.network(x0, features, text)
         if bypass.handle.scale != 1:
             delta = delta * bypass.handle.scale
         return delta.to(x.dtype)
@@ -177,6 +249,20 @@ class _Runner:
         return any(p.requires_grad and id(p) not in self.own for p in self.unet.parameters())
 
 
+def _expand(args, kwargs, batch: int, times: int):
+    return _repeat_batch(args, times, batch), {k: _repeat_batch(v, times, batch) for k, v in kwargs.items()}
+
+
+def _follower(path: str):
+    def hook(module, args, kwargs):
+        call = _call.get()
+        if call is None or call.expanded is None or call.expanded[0] == path:
+            return None
+        return _expand(args, kwargs, *call.expanded[1:])
+
+    return hook
+
+
 def _routed_in(name: str, sample: Tensor) -> bool:
     return routing_of(name, sample.shape[0], sample.device).any
 
@@ -185,7 +271,7 @@ def _capture_input(path: str):
     def hook(module, args, kwargs):
         call = _call.get()
         if call is not None and (call.active or call.fanout is not None):
-            call.inputs[path] = (args[0] if args else kwargs["hidden_states"]).detach()
+            call.inputs[path] = _hidden(args, kwargs).detach()
 
     return hook
 
@@ -200,9 +286,10 @@ def _capture_output(path: str):
 
 
 def attach(unet: nn.Module, config, name: str) -> Attached:
-    paths = tap_paths(unet, config.taps)
+    paths = tap_paths(unet, config.taps, config.depth)
     device = next(unet.parameters()).device
-    network = BypassNetwork(tap_channels(unet, paths), config.horizontal, config.vertical, config.dim, config.heads).to(device)
+    network = BypassNetwork(tap_channels(unet, paths), config.horizontal, config.vertical, config.dim, config.heads,
+                            output=config.output, text_channels=text_channels(unet) if config.text else None).to(device)
     if not hasattr(unet, _HOLDER):
         setattr(unet, _HOLDER, nn.ModuleDict())
     getattr(unet, _HOLDER)[name] = network
@@ -210,7 +297,7 @@ def attach(unet: nn.Module, config, name: str) -> Attached:
     if _RUNNER not in unet.__dict__:
         unet.__dict__[_RUNNER] = _Runner(unet)
     runner = unet.__dict__[_RUNNER]
-    runner.add(name, _Bypass(handle, network, paths))
+    runner.add(name, _Bypass(handle, network, paths, injection_path(unet, config.depth)))
 
     def undo():
         runner.remove(name)
@@ -227,6 +314,7 @@ def attach(unet: nn.Module, config, name: str) -> Attached:
 def bypass_outputs(unet: nn.Module, names: list[str | None], sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> list[Tensor]:
     """Run the backbone once and return one U-Net output per name in `names`, each as if only
     that bypass were attached (None: the base model). Extra keyword arguments go to the U-Net.
+    The bypasses named must share one injection depth (the batch fans out there).
     """
     runner = unet.__dict__.get(_RUNNER)
     if runner is None:
@@ -234,6 +322,9 @@ def bypass_outputs(unet: nn.Module, names: list[str | None], sample: Tensor, tim
     unknown = [n for n in names if n is not None and n not in runner.bypasses]
     if unknown or not names:
         raise AttachError(f"not attached bypasses: {unknown or 'none given'}; attached: {sorted(runner.bypasses)}")
+    depths = {runner.bypasses[n].handle.config.depth for n in names if n is not None}
+    if len(depths) > 1:
+        raise AttachError(f"bypass_outputs needs bypasses of one depth; these have depths {sorted(depths)}")
     token = _fanout.set((runner, tuple(names)))
     try:
         out = unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
