@@ -51,7 +51,7 @@ STEP_EVENT_INTERVAL = 0.5  # seconds: at most ~2 step events a second, always th
 STOP_CHECK_STEPS = 10  # with several processes, how often they agree on stopping (a collective)
 MAX_PENDING_STEPS = 50  # losses read off the device at least this often (a diverged run stops soon)
 DEFAULT_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 7.5}
-OOM_HINT = ("out of memory: try --method bypass (no gradient flows through the backbone), --gradient_checkpointing, "
+OOM_HINT = ("out of memory: try --method bypass --depth 0 (no gradient flows through the backbone), --gradient_checkpointing, "
             "a lower --resolution, --train_batch_size 1, or --mixed_precision bf16/fp16 on a GPU")
 
 
