@@ -62,8 +62,8 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         raise TunerFileError(f"{path.name}: not a safetensors file ({exc})") from None
     if metadata.get("format") != FORMAT:
         raise TunerFileError(
-            f"{path.name}: not a restuning tuner file (its header has no 'format: {FORMAT}'); "
-            "a diffusers LoRA file loads with pipe.load_lora_weights instead"
+            f"{path.name}: not a restuning tuner file (its header has no 'format: {FORMAT}'), "
+            "nor a LoRA file in diffusers' or kohya's format (no unet.…lora / lora_unet_… keys)"
         )
     try:
         version = int(metadata.get("format_version", ""))
