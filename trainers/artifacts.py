@@ -18,7 +18,7 @@ LOADING = {
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained({base})
-restuning.load(pipe.unet, {file})          # the config is read from the file's header
+restuning.load(pipe.unet, {file}, text_encoder=pipe.text_encoder)  # config from the file's header
 image = pipe({prompt}).images[0]''',
     "lora-diffusers": '''from diffusers import StableDiffusionPipeline
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from ...core import BLOCK_GROUPS
-from ...io import FORMAT, TunerFileError
+from ...io import FORMAT, TunerFileError, write
 from .config import TEXT_ENCODER_ATTENTION, LoraConfig
 from .model import TARGET_SUFFIXES, TEXT_ENCODER_PREFIX, names
 
@@ -106,6 +106,14 @@ def read(path, unet, text_encoder=None) -> tuple[LoraConfig, dict]:
                         if text_targets else "")
     config.validate()
     return config, {**unet_state, **{TEXT_ENCODER_PREFIX + k: v for k, v in text_state.items()}}
+
+
+def write_tuner(path, dst, unet, text_encoder=None) -> Path:
+    """The LoRA file `path` converted to a restuning tuner file `dst` for `unet` (checked as read()
+    checks it; weightless meta-device models will do), so the studio lists, samples and hands it
+    out like a LoRA trained here."""
+    config, state = read(path, unet, text_encoder)
+    return write(dst, state, config, unet, {"imported_from": file_format(_keys_and_header(Path(path))[0])})
 
 
 def _layers(state: dict) -> list[str]:
