@@ -73,7 +73,7 @@ def test_saved_files_render_as_the_sampler_renders_them(trained):
 
 def test_other_methods_refuse_it_and_the_rate_needs_it(tmp_path):
     base = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks dog"]
-    with pytest.raises(OptionError, match="--train_text_encoder is refused for res-tuning: .*U-Net"):
+    with pytest.raises(OptionError, match="--train_text_encoder is refused: res-tuning tunes the U-Net only .*--method lora"):
         options.parse(base + ["--method", "res-tuning", "--train_text_encoder"])
     with pytest.raises(OptionError, match="--text_encoder_lr is for a LoRA that trains the text encoder"):
         options.parse(base + ["--method", "lora", "--text_encoder_lr", "1e-5"])

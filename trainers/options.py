@@ -473,15 +473,15 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
 
 
 # Why --train_text_encoder is refused for every method but LoRA.
-TEXT_ENCODER_REFUSED = ("the Res-Tuners, the Bypass and the bound baselines are defined on the U-Net's blocks (the paper "
-                        "tunes the U-Net only), and full fine-tuning here fine-tunes the U-Net; use --method lora")
+TEXT_ENCODER_REFUSED = ("tunes the U-Net only (the Res-Tuners, the Bypass and the bound baselines are defined on its "
+                        "blocks, as in the paper; full fine-tuning here is the U-Net's); LoRA trains the text encoder too: --method lora")
 
 
 def _text_encoder(args: argparse.Namespace, config: MethodConfig) -> MethodConfig:
     """--train_text_encoder as the LoRA config's text-encoder layers; --text_encoder_lr checked."""
     if args.train_text_encoder:
         if args.method != "lora":
-            raise OptionError(f"--train_text_encoder is refused for {args.method}: {TEXT_ENCODER_REFUSED}")
+            raise OptionError(f"--train_text_encoder is refused: {args.method} {TEXT_ENCODER_REFUSED}")
         if not config.text_encoder:
             config = dataclasses.replace(config, text_encoder=TEXT_ENCODER_ATTENTION)
     if args.text_encoder_lr is not None:
