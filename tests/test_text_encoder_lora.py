@@ -2,6 +2,8 @@
 U-Net's (at --text_encoder_lr), is saved in every LoRA file, and renders the same through the
 project's sampler, restuning.load and diffusers' own pipe.load_lora_weights. Other methods refuse it."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,6 +13,8 @@ from tests.test_trainer import argv, build_tiny, fresh_accelerate_state, load_ba
 from trainers import options
 from trainers.options import OptionError
 from trainers.sampling import Column, Sampler, Settings
+from trainers.uploads import check_tuner_file, lora_as_tuner_file
+from webui.model import describe
 
 SETTINGS = Settings("a photo of sks dog", seed=0, steps=3, guidance=3.0, scheduler="DDIM", height=64, width=64)
 
@@ -50,7 +54,7 @@ def test_the_option_trains_the_text_encoders_lora(trained):
         assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in f.keys())
 
 
-def test_saved_files_render_as_the_sampler_renders_them(trained):
+def test_saved_files_render_as_the_sampler_renders_them(trained, tmp_path):
     model, out, _, _ = trained
     pipe = load_base(model)
     ours = Sampler(pipe).render([Column("base"), Column("lora", tuner=out / "tuner.safetensors")], [SETTINGS])[0]
@@ -59,16 +63,23 @@ def test_saved_files_render_as_the_sampler_renders_them(trained):
     restuning.detach(pipe.unet)
     assert not any("lora" in n for n, _ in pipe.text_encoder.named_parameters()), "detach takes the text encoder's LoRA off too"
 
+    theirs = load_base(model)
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
-        theirs = load_base(model)
         theirs.load_lora_weights(str(out), weight_name=name)
         image = Sampler(theirs).render([Column("diffusers")], [SETTINGS])[0][0]
         assert torch.equal(torch.tensor(list(image.getdata())), tuned), name
+        theirs.unload_lora_weights()
 
-    imported = load_base(model)
-    restuning.load(imported.unet, out / "pytorch_lora_weights.safetensors", text_encoder=imported.text_encoder)
-    image = Sampler(imported).render([Column("imported")], [SETTINGS])[0][0]
-    assert torch.equal(torch.tensor(list(image.getdata())), tuned)
+    # restuning.load of the diffusers file itself (the sampler passes the text encoder), and the
+    # studio's import: converted to a tuner file, checked on weightless copies of the base model
+    base_model = describe(str(model))
+    upload = shutil.copy(out / "pytorch_lora_weights.safetensors", tmp_path / "their_lora.safetensors")
+    converted = lora_as_tuner_file(upload, base_model.unet_on_meta(), base_model.text_encoder_on_meta())
+    config, _ = check_tuner_file(converted, base_model.unet_on_meta(), base_text_encoder=base_model.text_encoder_on_meta())
+    assert config.text_encoder == "q_proj,k_proj,v_proj,out_proj"
+    images = Sampler(load_base(model)).render([Column("direct", tuner=upload), Column("studio", tuner=converted)], [SETTINGS])[0]
+    for image in images:
+        assert torch.equal(torch.tensor(list(image.getdata())), tuned)
 
 
 def test_other_methods_refuse_it_and_the_rate_needs_it(tmp_path):

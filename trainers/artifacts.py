@@ -57,7 +57,7 @@ def code_block(code: str, language: str = "python") -> list[str]:
     return [fence + language, code, fence]
 
 
-SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "text_encoder_lr",
             "lr_scheduler", "lr_warmup_steps", "snr_gamma", "noise_offset", "mixed_precision", "seed")
 PRIOR_SETTINGS = ("class_prompt", "num_class_images", "prior_loss_weight")
 
