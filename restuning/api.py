@@ -46,7 +46,8 @@ def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False, tex
             p.requires_grad_(False)
     takes_text_encoder = "text_encoder" in inspect.signature(method.attach).parameters
     try:
-        handle = method.attach(unet, config, name, text_encoder=text_encoder) if takes_text_encoder else method.attach(unet, config, name)
+        extra = {"text_encoder": text_encoder} if takes_text_encoder else {}
+        handle = method.attach(unet, config, name, **extra)
     finally:
         # peft marks only its own adapter trainable when it injects one, freezing everything else.
         for p, trainable in earlier.values():

@@ -83,7 +83,8 @@ def test_project_lora_round_trips_through_its_diffusers_file_pixel_identically(e
     folder, tuned, base = exported
     pipe = tiny_pipeline()
     handle = restuning.load(pipe.unet, folder / lora_export.DIFFUSERS_FILE)
-    assert (handle.config.rank, handle.config.alpha, handle.config.blocks, handle.config.targets) == (4, 8, ("down", "mid", "up"), "")
+    config = handle.config
+    assert (config.rank, config.alpha, config.blocks, config.targets, config.text_encoder) == (4, 8, ("down", "mid", "up"), "", "")
     assert torch.equal(render(pipe), tuned)
     restuning.set_scale(pipe.unet, 0.0)
     assert torch.equal(render(pipe), base)
@@ -158,7 +159,7 @@ def test_text_encoder_keys_need_the_text_encoder(tmp_path):
     handle = trained_lora(pipe, restuning.LoraConfig(blocks=("mid",), text_encoder="q_proj,v_proj"))
     lora_export.export(pipe, handle, tmp_path)
     restuning.detach(pipe.unet)
-    with pytest.raises(restuning.TunerFileError, match=r"tunes the text encoder too .*text_encoder\..*text_encoder=pipe.text_encoder"):
+    with pytest.raises(restuning.TunerFileError, match=r"tunes the text encoder too .*text_encoder\..*=pipe.text_encoder"):
         restuning.load(pipe.unet, tmp_path / lora_export.DIFFUSERS_FILE)
     assert not restuning.attached(pipe.unet)
 

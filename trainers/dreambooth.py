@@ -480,7 +480,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         trained.append(accelerator.prepare(text_encoder))
     encoders = [prompt_encoder(pipe, prompt, accelerator.device, **text, text_encoder=trained[-1] if text_params else None)
                 for prompt in prompts]
-    if not text_params:
+    if not text_params:  # a frozen text encoder: each embedding computed once, handed out every step
         with torch.no_grad():
             frozen = [encode() for encode in encoders]
         encoders = [lambda e=e: e for e in frozen]

@@ -20,13 +20,14 @@ from safetensors import SafetensorError, safe_open
 from ...core import BLOCK_GROUPS
 from ...io import FORMAT, TunerFileError, write
 from .config import TEXT_ENCODER_ATTENTION, LoraConfig
-from .model import TARGET_SUFFIXES, TEXT_ENCODER_PREFIX, names
+from .model import TARGET_SUFFIXES, TEXT_ENCODER_PREFIX, split_names
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 LORA_KEY_PARTS = (".lora.down.", ".lora.up.", ".lora_A.", ".lora_B.", ".lora_linear_layer.", "_lora.down.", "_lora.up.")
 # LyCORIS and DoRA files look like kohya's but hold other decompositions, which a LoRA cannot carry.
-NOT_LORA_PARTS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".diff": "full-weight differences"}
+NOT_LORA_PARTS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
+                  ".diff": "full-weight differences"}
 
 
 def _keys_and_header(path: Path) -> tuple[list[str], dict[str, str]] | None:
@@ -102,7 +103,7 @@ def read(path, unet, text_encoder=None) -> tuple[LoraConfig, dict]:
 
     config = LoraConfig(rank=rank, alpha=alpha, blocks=blocks,
                         targets=_compact(unet, targets, TARGET_SUFFIXES, "", tuple(BLOCK_GROUPS[g] for g in blocks)),
-                        text_encoder=_compact(text_encoder, text_targets, names(TEXT_ENCODER_ATTENTION), TEXT_ENCODER_ATTENTION)
+                        text_encoder=_compact(text_encoder, text_targets, split_names(TEXT_ENCODER_ATTENTION), TEXT_ENCODER_ATTENTION)
                         if text_targets else "")
     config.validate()
     return config, {**unet_state, **{TEXT_ENCODER_PREFIX + k: v for k, v in text_state.items()}}

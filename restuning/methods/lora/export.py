@@ -50,7 +50,8 @@ def export(pipeline, handle, folder: Path) -> list[tuple[str, Path]]:
 
         # transformers 5's CLIPTextModel has no `text_model.` level, but kohya's SD 1.x names keep it
         # (lora_te_text_model_encoder_…): AUTOMATIC1111 and ComfyUI look layers up by those names.
-        text_prefix = "text_encoder." if text_encoder is None or hasattr(text_encoder, "text_model") else "text_encoder.text_model."
+        flat = text_encoder is not None and not hasattr(text_encoder, "text_model")
+        text_prefix = "text_encoder.text_model." if flat else "text_encoder."
         kohya = convert_state_dict_to_kohya({**{f"unet.{k}": v for k, v in unet_state.items()},
                                              **{text_prefix + k: v for k, v in text_state.items()}})
         # diffusers names the text encoder of SD 1.x `lora_te1_`, SDXL's first one; SD 1.x tools read `lora_te_`.

@@ -17,7 +17,7 @@ TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_PREFIX = "text_encoder."
 
 
-def names(text: str) -> tuple[str, ...]:
+def split_names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
@@ -90,13 +90,15 @@ def _activate_all(model: nn.Module, exclude: str | None = None, owner: nn.Module
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     table = attached(owner if owner is not None else model)
-    names_ = [n for n, a in table.items() if isinstance(a, LoraAttached) and n != exclude]
+    active = [n for n, a in table.items() if isinstance(a, LoraAttached) and n != exclude]
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.set_adapter([n for n in names_ if n in module.lora_A])
+            module.set_adapter([n for n in active if n in module.lora_A])
 
 
-def target_layers(model: nn.Module, wanted: tuple[str, ...], prefixes: tuple[str, ...] = ("",), *, kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
+def target_layers(model: nn.Module, wanted: tuple[str, ...], prefixes: tuple[str, ...] = ("",), *,
+                  kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
+    """The layers of `model` under `prefixes` whose names match `wanted` (peft's target_modules rule)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     # A layer that already carries another LoRA is peft's wrapper, not a plain layer.
@@ -108,7 +110,7 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
     from peft import LoraConfig as PeftLoraConfig
 
     prefixes = tuple(BLOCK_GROUPS[g] for g in config.blocks)
-    wanted = names(config.targets) or TARGET_SUFFIXES
+    wanted = split_names(config.targets) or TARGET_SUFFIXES
     targets = target_layers(unet, wanted, prefixes, kinds=(nn.Linear,) if not config.targets else (nn.Linear, nn.Conv2d))
     if not targets:
         raise AttachError(f"no layers named {', '.join(wanted)} found in {', '.join(config.blocks)}")
@@ -117,7 +119,7 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
         if text_encoder is None:
             raise AttachError(f"this LoRA tunes the text encoder too ({config.text_encoder}): "
                               "pass text_encoder=pipe.text_encoder")
-        text_targets = target_layers(text_encoder, names(config.text_encoder))
+        text_targets = target_layers(text_encoder, split_names(config.text_encoder))
         if not text_targets:
             raise AttachError(f"no text-encoder layers named {config.text_encoder} found")
 
