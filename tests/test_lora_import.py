@@ -17,6 +17,7 @@ from trainers.sampling import Column, Sampler, Settings
 from trainers.uploads import UploadError, check_tuner_file, lora_as_tuner_file
 
 PROMPT = "a photo of sks dog"
+pytestmark = pytest.mark.slow  # each renders the tiny pipeline several times (~10 s on 2 cores)
 
 
 def render(pipe):

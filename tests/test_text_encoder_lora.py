@@ -40,6 +40,7 @@ def trained(tmp_path_factory):
     return model, out, result, start
 
 
+@pytest.mark.slow
 def test_the_option_trains_the_text_encoders_lora(trained):
     model, out, result, start = trained
     assert result.step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
@@ -54,6 +55,7 @@ def test_the_option_trains_the_text_encoders_lora(trained):
         assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in f.keys())
 
 
+@pytest.mark.slow
 def test_saved_files_render_as_the_sampler_renders_them(trained, tmp_path):
     model, out, _, _ = trained
     pipe = load_base(model)
