@@ -64,6 +64,7 @@ def default_variants() -> list[Variant]:
 def extra_variants() -> list[Variant]:
     """Chosen by label with --methods; left out of the default run to keep it within 30 minutes."""
     return [Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}),
+            Variant("LoRA + text encoder", "lora", {"train_text_encoder": True}),
             *bypass_ablation()]
 
 

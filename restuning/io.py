@@ -39,12 +39,18 @@ def save(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, extra: dict[st
     if name not in table:
         raise TunerFileError(f"nothing to save: no tuner named {name!r} is attached")
     handle = table[name]
-    state = {k: v.detach().to("cpu").contiguous() for k, v in handle.state_dict().items()}
+    return write(path, handle.state_dict(), handle.config, unet, extra)
+
+
+def write(path: str | os.PathLike, state: dict[str, torch.Tensor], config, unet, extra: dict[str, str] | None = None) -> Path:
+    """Write `state` as a tuner file of `config` for `unet`'s architecture (save() for an attached
+    tuner; a LoRA file from elsewhere converted to this format uses it directly)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "method": handle.config.method,
-        "config": handle.config.to_json(),
+        "method": config.method,
+        "config": config.to_json(),
         "base_arch": json.dumps(arch.fingerprint(unet), sort_keys=True),
         **(extra or {}),
     }
@@ -67,8 +73,8 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         raise TunerFileError(f"{path.name}: not a safetensors file ({exc})") from None
     if metadata.get("format") != FORMAT:
         raise TunerFileError(
-            f"{path.name}: not a restuning tuner file (its header has no 'format: {FORMAT}'); "
-            "a diffusers LoRA file loads with pipe.load_lora_weights instead"
+            f"{path.name}: not a restuning tuner file (its header has no 'format: {FORMAT}'), "
+            "nor a LoRA file in diffusers' or kohya's format (no unet.…lora / lora_unet_… keys)"
         )
     try:
         version = int(metadata.get("format_version", ""))

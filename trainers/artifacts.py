@@ -18,7 +18,7 @@ LOADING = {
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained({base})
-restuning.load(pipe.unet, {file})          # the config is read from the file's header
+restuning.load(pipe.unet, {file}, text_encoder=pipe.text_encoder)  # config from the file's header
 image = pipe({prompt}).images[0]''',
     "lora-diffusers": '''from diffusers import StableDiffusionPipeline
 
@@ -57,7 +57,7 @@ def code_block(code: str, language: str = "python") -> list[str]:
     return [fence + language, code, fence]
 
 
-SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "text_encoder_lr",
             "lr_scheduler", "lr_warmup_steps", "snr_gamma", "noise_offset", "mixed_precision", "seed")
 PRIOR_SETTINGS = ("class_prompt", "num_class_images", "prior_loss_weight")
 

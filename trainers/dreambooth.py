@@ -31,6 +31,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,12 +164,16 @@ def attention_summary(unet, chosen: str) -> str:
     return f"xformers ({own} of {len(names)} attention layers run the method's own processor on PyTorch SDPA)" if own else chosen
 
 
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str, device, max_length: int | None = None, use_attention_mask: bool = False) -> torch.Tensor:
+def prompt_encoder(pipe, prompt: str, device, max_length: int | None = None, use_attention_mask: bool = False,
+                   text_encoder=None) -> Callable[[], torch.Tensor]:
+    """The prompt's embedding as a call: tokenised once, encoded by `text_encoder` (the pipeline's
+    unless given: a prepared one under accelerate) each time it is called."""
     tokens = pipe.tokenizer(prompt, padding="max_length", max_length=max_length or pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")
+    ids = tokens.input_ids.to(device)
     mask = tokens.attention_mask.to(device) if use_attention_mask else None
-    return pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    encoder = text_encoder if text_encoder is not None else pipe.text_encoder
+    return lambda: encoder(ids, attention_mask=mask)[0]
 
 
 def trackers(wanted: str) -> tuple[list[str] | str | None, list[str]]:
@@ -413,13 +418,18 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
 
     # 3. the method, from the registry: attention first (xformers would replace prefix/prompt processors)
     attention = choose_attention(unet, args.enable_xformers_memory_efficient_attention)
-    handle = restuning.attach(unet, method_config)
+    handle = restuning.attach(unet, method_config, text_encoder=text_encoder)
+    # LoRA with text-encoder layers (--train_text_encoder): they train beside the U-Net's
+    text_params = {id(p) for p in text_encoder.parameters() if p.requires_grad}
     attention = attention_summary(unet, attention)
     if accelerator.is_main_process:
         print(f"attention: {attention}", flush=True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if text_params:
+            text_encoder.gradient_checkpointing_enable()
     cast_training_params(unet, dtype=torch.float32)
+    cast_training_params(text_encoder, dtype=torch.float32)
     params = [p for p in handle.parameters() if p.requires_grad]
     if on_attached is not None:
         on_attached(pipe, handle)
@@ -428,18 +438,19 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         print("recipe: " + "; ".join(f"{k} {getattr(args, k):g} ({where})" for k, where in options.recipe.items()), flush=True)
     events.emit("info", method=method.name, method_config=method_config.to_dict(), trainable_params=trainable,
                 learning_rate=args.learning_rate, recipe=options.recipe,
+                **({"text_encoder_learning_rate": args.text_encoder_lr or args.learning_rate} if text_params else {}),
                 total_params=sum(p.numel() for p in unet.parameters()), device=str(accelerator.device),
                 num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
                 attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling)
 
-    # 4. prompts: the text encoder is frozen, so each prompt's embedding is computed once
+    # 4. prompts: each prompt's embedding is computed once while the text encoder is frozen, every
+    # step when its LoRA trains
     limit = args.tokenizer_max_length or pipe.tokenizer.model_max_length
     for prompt in filter(None, [args.instance_prompt, args.class_prompt if class_files else None]):
         if len(pipe.tokenizer(prompt).input_ids) > limit:
             events.emit("info", message=f"the prompt {prompt!r} is longer than the text encoder's {limit} tokens; its end is cut")
     text = {"max_length": args.tokenizer_max_length, "use_attention_mask": args.text_encoder_use_attention_mask}
-    instance_emb = encode_prompt(pipe, args.instance_prompt, accelerator.device, **text)
-    class_emb = encode_prompt(pipe, args.class_prompt, accelerator.device, **text) if class_files else None
+    prompts = [args.instance_prompt] + ([args.class_prompt] if class_files else [])
     dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
     latent_cache = data.LatentCache(vae) if args.cache_latents else None
 
@@ -452,7 +463,10 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         optimizer_class, extra = bnb.optim.AdamW8bit, {}
     else:
         optimizer_class, extra = torch.optim.AdamW, {"fused": accelerator.device.type in ("cpu", "cuda")}
-    optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    groups = [{"params": [p for p in params if id(p) not in text_params]}]
+    if text_params:
+        groups.append({"params": [p for p in params if id(p) in text_params], "lr": args.text_encoder_lr or args.learning_rate})
+    optimizer = optimizer_class(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
     # The prepared scheduler steps once per process per optimiser step (diffusers does the same).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
@@ -460,6 +474,16 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    trained = [unet]
+    if text_params:
+        # prepared like the U-Net (gradients synchronised across processes); the pipeline keeps the plain one
+        trained.append(accelerator.prepare(text_encoder))
+    encoders = [prompt_encoder(pipe, prompt, accelerator.device, **text, text_encoder=trained[-1] if text_params else None)
+                for prompt in prompts]
+    if not text_params:  # a frozen text encoder: each embedding computed once, handed out every step
+        with torch.no_grad():
+            frozen = [encode() for encode in encoders]
+        encoders = [lambda e=e: e for e in frozen]
     if log_with:
         accelerator.init_trackers("restuning-dreambooth", config={k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
@@ -539,7 +563,8 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.max_train_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    unet.train()
+    for model in trained:
+        model.train()
     while step < args.max_train_steps:
         # With several processes, agreeing to stop is a collective: once every STOP_CHECK_STEPS steps.
         if (world == 1 or step % STOP_CHECK_STEPS == 0) and stop.agreed(accelerator):
@@ -557,8 +582,8 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
             else:
                 with torch.no_grad():
                     posterior = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist
-            embeddings = torch.cat([instance_emb.expand(bs, -1, -1)] + ([class_emb.expand(bs, -1, -1)] if class_files else []))
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*trained):
+                embeddings = torch.cat([encode().expand(bs, -1, -1) for encode in encoders])
                 loss, instance_loss, _ = diffusion_loss(unet, posterior, vae.config.scaling_factor, noise_scheduler, embeddings,
                                                         batch["num_instance"], args, step_generator(args.seed, step, micro, rank),
                                                         weight_dtype)

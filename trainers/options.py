@@ -27,6 +27,7 @@ from pathlib import Path
 
 from restuning.config import MethodConfig
 from restuning.methods import METHODS
+from restuning.methods.lora.config import TEXT_ENCODER_ATTENTION
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -124,15 +125,15 @@ IGNORED = {
     "hub_token": "nothing is uploaded (see --push_to_hub)",
     "hub_model_id": "nothing is uploaded (see --push_to_hub)",
     "dataloader_num_workers": "each image is decoded once and its VAE latents are cached: there is no data loader to parallelise",
-    "pre_compute_text_embeddings": "always so: the text encoder is frozen and each prompt is encoded once",
+    "pre_compute_text_embeddings": "always so while the text encoder is frozen: each prompt is encoded once "
+                                   "(every step when it trains, --train_text_encoder)",
     "local_rank": "accelerate reads each process's rank from the launcher's environment",
     "set_grads_to_none": "always so",
-    "skip_save_text_encoder": "the text encoder is never saved: no method here trains it",
+    "skip_save_text_encoder": "the text encoder is never saved whole: a LoRA's text-encoder layers are part of its LoRA files",
     "validation_scheduler": "validation samples use the base model's own scheduler",
 }
 # Options that would change what is trained in ways this trainer does not do: refused, with why.
 REFUSED = {
-    "train_text_encoder": "every method here tunes the U-Net only; text-encoder training is not supported",
     "tokenizer_name": "the tokenizer is the base model's own; a different one would not match its text encoder",
     "validation_images": "it is for image-conditioned pipelines (image variation, super-resolution); this trainer is text-to-image",
     "class_labels_conditioning": "it is for U-Nets with class-label conditioning (DeepFloyd IF's upscaler); SD U-Nets have none",
@@ -160,7 +161,13 @@ def _compat(parser: argparse.ArgumentParser) -> None:
     a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum)")
     a("--text_encoder_use_attention_mask", action="store_true", help="pass the padding mask to the text encoder")
     a("--offset_noise", action="store_true", help="diffusers' switch for offset noise: --noise_offset 0.1 unless one is given")
-    for name in ("push_to_hub", "pre_compute_text_embeddings", "set_grads_to_none", "skip_save_text_encoder", "train_text_encoder"):
+    a("--train_text_encoder", action="store_true",
+      help=f"LoRA only: LoRA on the text encoder's attention projections too ({TEXT_ENCODER_ATTENTION}), trained with the "
+           "U-Net's, as diffusers' train_dreambooth_lora.py does (the lora option --text_encoder names other layers)")
+    a("--text_encoder_lr", type=float,
+      help="learning rate of the text encoder's LoRA (default: --learning_rate, one rate for both as in diffusers' "
+           "train_dreambooth_lora.py; its SDXL and Flux scripts name this option)")
+    for name in ("push_to_hub", "pre_compute_text_embeddings", "set_grads_to_none", "skip_save_text_encoder"):
         a(f"--{name}", action="store_true", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
     for name, kind in (("hub_token", str), ("hub_model_id", str), ("dataloader_num_workers", int), ("local_rank", int),
                        ("validation_scheduler", str), ("tokenizer_name", str), ("class_labels_conditioning", str)):
@@ -440,6 +447,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
     for name, why in REFUSED.items():
         if _given(getattr(args, name, None)):
             raise OptionError(f"--{name} is refused: {why}")
+    method_config = _text_encoder(args, method_config)
     for name in ("num_train_epochs", "validation_epochs", "train_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -462,6 +470,26 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         if hasattr(args, name):
             delattr(args, name)
     return Options(args, method_config, recipe)
+
+
+# Why --train_text_encoder is refused for every method but LoRA.
+TEXT_ENCODER_REFUSED = ("tunes the U-Net only (the Res-Tuners, the Bypass and the bound baselines are defined on its "
+                        "blocks, as in the paper; full fine-tuning here is the U-Net's); LoRA trains the text encoder too: --method lora")
+
+
+def _text_encoder(args: argparse.Namespace, config: MethodConfig) -> MethodConfig:
+    """--train_text_encoder as the LoRA config's text-encoder layers; --text_encoder_lr checked."""
+    if args.train_text_encoder:
+        if args.method != "lora":
+            raise OptionError(f"--train_text_encoder is refused: {args.method} {TEXT_ENCODER_REFUSED}")
+        if not config.text_encoder:
+            config = dataclasses.replace(config, text_encoder=TEXT_ENCODER_ATTENTION)
+    if args.text_encoder_lr is not None:
+        if not getattr(config, "text_encoder", ""):
+            raise OptionError("--text_encoder_lr is for a LoRA that trains the text encoder: add --train_text_encoder")
+        if not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
+            raise OptionError(f"--text_encoder_lr must be a positive number, got {args.text_encoder_lr}")
+    return config
 
 
 def parse(argv: list[str] | None = None) -> Options:

@@ -102,7 +102,8 @@ class Sampler:
             self._names.move_to_end(key)
             return self._names[key]
         name = "t" + hashlib.sha1(key.encode()).hexdigest()[:12]
-        restuning.load(self.pipe.unet, path, name=name)
+        # the text encoder for a LoRA that tunes it too (set_scale then switches both on and off)
+        restuning.load(self.pipe.unet, path, name=name, text_encoder=self.pipe.text_encoder)
         self._names[key] = name
         while len(self._names) > MAX_LOADED_TUNERS:
             _, old = self._names.popitem(last=False)

@@ -8,6 +8,7 @@ that could escape a folder. Every problem of a batch is reported at once, one li
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -101,20 +102,8 @@ def discard(paths, upload_dir: str | os.PathLike) -> None:
             path.unlink(missing_ok=True)
 
 
-def check_tuner_file(path: str | os.PathLike, base_unet, *, max_bytes: int = MAX_TUNER_BYTES):
-    """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
-    valid, whose architecture fingerprint matches `base_unet` (anything with a diffusers U-Net
-    `.config`) and whose tensors are exactly the ones that config attaches, with their shapes: a
-    header cannot announce a size its weights do not have (a copy of the U-Net on the meta device
-    takes the tuner, so the check costs no memory). Returns (method config, header metadata)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
-
-    from restuning import ConfigError, TunerFileError, attach, read_config, read_header
-    from restuning.arch import FINGERPRINT_FIELDS, fingerprint_mismatch
-
-    path = Path(path)
+def _check_file(path: Path, max_bytes: int) -> str:
+    """The upload's name, once its name, size and first bytes are fine for a safetensors file."""
     label = original_name(path)
     check_name(label, "file name")
     if path.stat().st_size > max_bytes:
@@ -124,6 +113,43 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, max_bytes: int = MAX
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise UploadError(f"{label}: this is a pickle/PyTorch checkpoint; only .safetensors tuner files are accepted "
                           "(pickles can run code when loaded)")
+    return label
+
+
+def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, *, max_bytes: int = MAX_TUNER_BYTES) -> Path:
+    """An uploaded LoRA file in diffusers' or kohya's format, converted to a restuning tuner file
+    beside it (`<name>-restuning.safetensors`) after the same file checks as check_tuner_file and
+    a check of every layer it changes against the base model (weightless models will do); any
+    other file is returned as it is, for check_tuner_file to judge."""
+    from restuning import TunerFileError
+    from restuning.methods.lora import convert
+
+    path = Path(path)
+    label = _check_file(path, max_bytes)
+    if not convert.is_foreign_lora(path):
+        return path
+    try:
+        return convert.write_tuner(path, path.with_name(f"{path.stem}-restuning.safetensors"), base_unet, base_text_encoder)
+    except TunerFileError as exc:
+        raise UploadError(str(exc).replace(str(path), label)) from None
+
+
+def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, max_bytes: int = MAX_TUNER_BYTES):
+    """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
+    valid, whose architecture fingerprint matches `base_unet` (anything with a diffusers U-Net
+    `.config`) and whose tensors are exactly the ones that config attaches, with their shapes: a
+    header cannot announce a size its weights do not have (a copy of the U-Net on the meta device
+    takes the tuner, so the check costs no memory; a copy of `base_text_encoder`, also weightless,
+    for a LoRA that tunes the text encoder too). Returns (method config, header metadata)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from restuning import AttachError, ConfigError, TunerFileError, attach, read_config, read_header
+    from restuning.arch import FINGERPRINT_FIELDS, fingerprint_mismatch
+
+    path = Path(path)
+    label = _check_file(path, max_bytes)
     try:
         header = read_header(path)
         if not isinstance(json.loads(header["config"]), dict):
@@ -141,8 +167,9 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, max_bytes: int = MAX
     try:
         with torch.device("meta"):
             probe = UNet2DConditionModel.from_config(base_unet.config)
-            expected = {k: tuple(v.shape) for k, v in attach(probe, config).state_dict().items()}
-    except (ConfigError, ValueError, TypeError) as exc:
+            text_probe = copy.deepcopy(base_text_encoder) if base_text_encoder is not None else None
+            expected = {k: tuple(v.shape) for k, v in attach(probe, config, text_encoder=text_probe).state_dict().items()}
+    except (ConfigError, ValueError, TypeError, AttachError) as exc:
         raise UploadError(f"{label}: its config cannot be attached to this base model: {exc}") from None
     with safe_open(str(path), framework="pt") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

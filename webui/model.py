@@ -41,6 +41,19 @@ class BaseModel:
         with torch.device("meta"):
             return UNet2DConditionModel.from_config(self.unet_config)
 
+    def text_encoder_on_meta(self):
+        """A weightless text encoder of this model: what an imported LoRA that tunes the text
+        encoder too is checked against. A single SD 1.x checkpoint has SD v1.5's (the bundled configs)."""
+        import torch
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from trainers.models import SD1_CONFIG
+
+        source = str(SD1_CONFIG) if Path(self.source).suffix in SINGLE_FILE_SUFFIXES else self.source
+        config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")
+        with torch.device("meta"):
+            return CLIPTextModel(config)
+
 
 def describe(source: str | None) -> BaseModel:
     """Read the configs of a diffusers folder or hub id; a single SD 1.x checkpoint file has the

@@ -6,11 +6,12 @@ their own runs and the published ones, controls only their own, and publishes ex
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from trainers.uploads import check_name, check_tuner_file, discard
+from trainers.uploads import check_name, check_tuner_file, discard, lora_as_tuner_file
 
 from . import live, visitors
 from .errors import friendly
@@ -96,7 +97,8 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
                     confirm = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
                     keep = gr.Button("Keep it", elem_id="runs-delete-keep")
             with gr.Accordion("Import a tuner file", open=False):
-                upload = gr.File(label="tuner .safetensors (a restuning file for this base model)", file_count="single",
+                upload = gr.File(label="tuner .safetensors for this base model: a restuning file, or a diffusers or kohya LoRA",
+                                 file_count="single",
                                  interactive=True, elem_id="import-file")
                 import_name = gr.Textbox(label="Name", placeholder="my-star", interactive=True, elem_id="import-name")
                 import_button = gr.Button("Import", elem_id="import")
@@ -148,10 +150,18 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
         if not path:
             raise gr.Error("choose a .safetensors tuner file first")
         label = check_name(name, "name") if name and name.strip() else ""
-        config, header = check_tuner_file(path, base.unet_on_meta())
-        run_id = runner.import_tuner(path, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
-                                     label=label or "imported", owner=who or "")
-        gr.Info(f"imported as {run_id}")
+        text_encoder = base.text_encoder_on_meta()
+        # a diffusers or kohya LoRA file becomes a restuning tuner file first, so it is listed,
+        # sampled in the Compare grid and downloaded like a LoRA trained here
+        tuner = lora_as_tuner_file(path, base.unet_on_meta(), text_encoder)
+        try:
+            config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=text_encoder)
+            run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
+                                         label=label or "imported", owner=who or "")
+        finally:
+            if tuner != Path(path):
+                tuner.unlink(missing_ok=True)
+        gr.Info(f"imported as {run_id}" + (f" (a {header['imported_from']} LoRA file)" if header.get("imported_from") else ""))
         return run_id, None, None
 
     def try_import(path, name, who):

@@ -3,6 +3,9 @@ from dataclasses import dataclass
 from ...config import MethodConfig, option
 from ...core import BLOCK_GROUPS
 
+# CLIP's attention projections: where diffusers' train_dreambooth_lora.py puts the text encoder's LoRA.
+TEXT_ENCODER_ATTENTION = "q_proj,k_proj,v_proj,out_proj"
+
 
 @dataclass
 class LoraConfig(MethodConfig):
@@ -10,3 +13,8 @@ class LoraConfig(MethodConfig):
     rank: int = option(4, "LoRA rank")
     alpha: int = option(4, "LoRA alpha (the update is scaled by alpha / rank)")
     blocks: tuple = option(("mid", "up"), "U-Net parts whose attention projections get LoRA", choices=BLOCK_GROUPS)
+    targets: str = option("", "U-Net layers that get LoRA instead of the attention projections: comma-separated "
+                              "layer names or name endings within --blocks, as peft's target_modules (e.g. to_k,to_v); "
+                              "empty: to_q,to_k,to_v,to_out.0")
+    text_encoder: str = option("", "text-encoder layers that get LoRA too, comma-separated names or name endings "
+                                   f"(--train_text_encoder sets {TEXT_ENCODER_ATTENTION}); empty: the text encoder is not tuned")

@@ -1,5 +1,11 @@
 """LoRA through peft (never hand-written): low-rank updates of the attention projections of the
-chosen U-Net parts, injected with diffusers' `unet.add_adapter`.
+chosen U-Net parts (or of the layers `targets` names), injected with diffusers' `unet.add_adapter`;
+optionally of the text encoder's layers too, injected with transformers' `text_encoder.add_adapter`
+as diffusers' train_dreambooth_lora.py does.
+
+One handle covers both models: its state dict holds the U-Net's peft keys as they are and the text
+encoder's under `text_encoder.` (no U-Net layer path starts with that), so a tuner file, a
+checkpoint and `set_scale` treat the pair as one tuner.
 """
 
 from torch import nn
@@ -8,77 +14,128 @@ from ...core import BLOCK_GROUPS, AttachError, Attached, attached
 from .config import LoraConfig
 
 TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _matches(path: str, wanted: tuple[str, ...]) -> bool:
+    # peft's rule for target_modules: the whole name, or its ending after a dot
+    return any(path == w or path.endswith("." + w) for w in wanted)
 
 
 class LoraAttached(Attached):
     routable = False
 
-    def __init__(self, unet: nn.Module, name: str, config: LoraConfig):
+    def __init__(self, unet: nn.Module, name: str, config: LoraConfig, text_encoder: nn.Module | None = None):
         super().__init__(name=name, config=config)
         self.unet = unet
+        self.text_encoder = text_encoder
+
+    def _models(self):
+        return [(self.unet, "")] + ([(self.text_encoder, TEXT_ENCODER_PREFIX)] if self.text_encoder is not None else [])
 
     def parameters(self):
-        return (p for n, p in self.unet.named_parameters() if f".{self.name}." in n and "lora_" in n)
+        return (p for model, _ in self._models() for n, p in model.named_parameters() if f".{self.name}." in n and "lora_" in n)
 
     def state_dict(self):
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.unet, adapter_name=self.name)
+        return {prefix + k: v for model, prefix in self._models()
+                for k, v in get_peft_model_state_dict(model, adapter_name=self.name).items()}
 
     def load_state_dict(self, state):
         from peft.utils import set_peft_model_state_dict
 
         expected = self.state_dict()
         if set(expected) != set(state):
-            raise ValueError(f"LoRA weights do not fit this model: {len(set(expected) - set(state))} missing, {len(set(state) - set(expected))} unexpected")
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ValueError(f"LoRA weights do not fit this model: {len(missing)} missing (e.g. {missing[:2]}), "
+                             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
         for key, tensor in state.items():
             if tensor.shape != expected[key].shape:
                 raise ValueError(f"LoRA weight {key} has shape {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}")
-        set_peft_model_state_dict(self.unet, state, adapter_name=self.name)
+        unet_state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
+        set_peft_model_state_dict(self.unet, unet_state, adapter_name=self.name)
+        if self.text_encoder is not None:
+            text_state = {k[len(TEXT_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX)}
+            set_peft_model_state_dict(self.text_encoder, text_state, adapter_name=self.name)
 
     def set_scale(self, scale):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         super().set_scale(scale)
-        for module in self.unet.modules():
-            if isinstance(module, BaseTunerLayer) and self.name in module.scaling:
-                module.set_scale(self.name, self.scale)
+        for model, _ in self._models():
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and self.name in module.scaling:
+                    module.set_scale(self.name, self.scale)
 
     def detach(self):
         self.unet.delete_adapters(self.name)
         _activate_all(self.unet, exclude=self.name)
+        if self.text_encoder is not None:
+            self.text_encoder.delete_adapter(self.name)
+            _activate_all(self.text_encoder, exclude=self.name, owner=self.unet)
 
 
-def _activate_all(unet: nn.Module, exclude: str | None = None) -> None:
+def _activate_all(model: nn.Module, exclude: str | None = None, owner: nn.Module | None = None) -> None:
     """Keep every attached LoRA active at once; each one's strength is its scale.
 
     peft activates only the newest adapter by default (and another one when an active adapter
-    is deleted), which would silently switch off LoRAs attached earlier.
+    is deleted), which would silently switch off LoRAs attached earlier. `owner` is the U-Net
+    whose table lists the tuners, when `model` is a text encoder.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    names = [n for n, a in attached(unet).items() if isinstance(a, LoraAttached) and n != exclude]
-    for module in unet.modules():
+    table = attached(owner if owner is not None else model)
+    active = [n for n, a in table.items() if isinstance(a, LoraAttached) and n != exclude]
+    for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.set_adapter([n for n in names if n in module.lora_A])
+            module.set_adapter([n for n in active if n in module.lora_A])
 
 
-def attach(unet: nn.Module, config: LoraConfig, name: str) -> Attached:
-    from peft import LoraConfig as PeftLoraConfig
-
+def target_layers(model: nn.Module, wanted: tuple[str, ...], prefixes: tuple[str, ...] = ("",), *,
+                  kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
+    """The layers of `model` under `prefixes` whose names match `wanted` (peft's target_modules rule)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    # A layer that already carries another LoRA is peft's wrapper, not a plain layer.
+    return [n for n, m in model.named_modules()
+            if n.startswith(prefixes) and _matches(n, wanted) and isinstance(m, (*kinds, BaseTunerLayer))]
+
+
+def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Module | None = None) -> Attached:
+    from peft import LoraConfig as PeftLoraConfig
+
     prefixes = tuple(BLOCK_GROUPS[g] for g in config.blocks)
-    # A projection that already carries another LoRA is peft's wrapper, not an nn.Linear.
-    targets = [
-        n for n, m in unet.named_modules()
-        if n.startswith(prefixes) and n.endswith(TARGET_SUFFIXES) and isinstance(m, (nn.Linear, BaseTunerLayer))
-    ]
+    wanted = split_names(config.targets) or TARGET_SUFFIXES
+    targets = target_layers(unet, wanted, prefixes, kinds=(nn.Linear,) if not config.targets else (nn.Linear, nn.Conv2d))
     if not targets:
-        raise AttachError(f"no attention projections found in {', '.join(config.blocks)}")
-    peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=targets)
-    unet.add_adapter(peft_config, adapter_name=name)
-    handle = LoraAttached(unet, name, config)
+        raise AttachError(f"no layers named {', '.join(wanted)} found in {', '.join(config.blocks)}")
+    text_targets = []
+    if config.text_encoder:
+        if text_encoder is None:
+            raise AttachError(f"this LoRA tunes the text encoder too ({config.text_encoder}): "
+                              "pass text_encoder=pipe.text_encoder")
+        text_targets = target_layers(text_encoder, split_names(config.text_encoder))
+        if not text_targets:
+            raise AttachError(f"no text-encoder layers named {config.text_encoder} found")
+
+    def peft_config(modules):
+        return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=modules)
+
+    unet.add_adapter(peft_config(targets), adapter_name=name)
+    handle = LoraAttached(unet, name, config, text_encoder if text_targets else None)
+    if text_targets:
+        try:
+            text_encoder.add_adapter(peft_config(text_targets), adapter_name=name)
+        except Exception:
+            unet.delete_adapters(name)
+            raise
     attached(unet)[name] = handle  # so that _activate_all sees it; attach() stores it again
     _activate_all(unet)
+    if text_targets:
+        _activate_all(text_encoder, owner=unet)
     return handle
