@@ -43,13 +43,15 @@ def adapter_reference(t, x):
 
 
 def prefix_reference(t, x, heads):
-    return attention(layer_norm(x), t.key, t.value, heads)
+    length = t.key.shape[0]
+    return attention(layer_norm(x), t.key, t.value, heads) * (length * t.gate)
 
 
 def prompt_reference(t, x, heads):
     q = layer_norm(x) @ t.query.weight.T
     k, v = t.tokens @ t.key.weight.T, t.tokens @ t.value.weight.T
-    return attention(q, k, v, heads) @ t.out.weight.T + t.out.bias
+    length = t.tokens.shape[0]
+    return (attention(q, k, v, heads) * (length / PROMPT_WIDTH)) @ t.out.weight.T + t.out.bias
 
 
 def reference(t, x, heads=8):
@@ -113,7 +115,7 @@ def test_res_prompt_is_not_a_res_prefix_of_its_tokens():
     with torch.no_grad():
         q = layer_norm(x) @ t.query.weight.T
         keys = t.tokens @ t.key.weight.T
-        tied = attention(q, keys, keys, 8) @ t.out.weight.T + t.out.bias
+        tied = (attention(q, keys, keys, 8) * (5 / PROMPT_WIDTH)) @ t.out.weight.T + t.out.bias
         got = t(x)
     assert not torch.allclose(got, tied, atol=1e-3)
 
@@ -162,7 +164,7 @@ def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, kin
         (tiny_unet(*unet_inputs).sample - target).pow(2).mean().backward()
 
     step()
-    output_layer = {"adapter": ("up.weight",), "prefix": ("value",), "prompt": ("out.weight",)}[kind]
+    output_layer = {"adapter": ("up.weight",), "prefix": ("gate",), "prompt": ("out.weight",)}[kind]
     assert all(torch.count_nonzero(p.grad) > 0 for n, p in named if n.endswith(output_layer))
     opt.step()
     step()
