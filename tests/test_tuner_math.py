@@ -170,3 +170,39 @@ def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, kin
     step()
     dead = [n for n, p in named if p.grad is None or torch.count_nonzero(p.grad) == 0]
     assert not dead, f"no gradient after one step: {dead[:5]}"
+
+
+def test_res_prefix_keys_learn_as_fast_as_its_values():
+    """Issue #12: with zero-initialised values every value row got the same gradient, so the keys
+    got ~1/100 of the values' (0.007 here) and the prefix stayed a near-constant bias. Random values
+    behind a zero gate: after one step the keys' gradient is of the values' size."""
+    torch.manual_seed(0)
+    t = ResPrefix(64, 10, heads=8)
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(4, 64, 64, generator=g) * 3 + 1.5, torch.randn(4, 64, 64, generator=g)
+    opt = torch.optim.AdamW(t.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        (t(x) - target).pow(2).mean().backward()
+        opt.step()
+    assert t.key.grad.norm() > 0.3 * t.value.grad.norm() > 0
+
+
+def test_every_kind_starts_at_the_same_pace_under_adam():
+    """Issue #12: Res-Prompt's W_o reads 64 channels where an adapter's W_up reads `length`, and its
+    residual outgrew its OP's output within 8 steps; L/64 on what W_o reads brings it to an adapter's
+    pace. Same input, target and optimiser, 8 steps: each kind's residual within 3x of an adapter's."""
+    sizes = {}
+    for kind in KINDS:
+        torch.manual_seed(0)
+        t = {"adapter": Adapter(320, 10), "prefix": ResPrefix(320, 10), "prompt": ResPrompt(320, 10)}[kind]
+        g = torch.Generator().manual_seed(1)
+        x, target = torch.randn(4, 64, 320, generator=g), torch.randn(4, 64, 320, generator=g)
+        opt = torch.optim.AdamW(t.parameters(), lr=1e-2)
+        for _ in range(8):
+            opt.zero_grad()
+            (t(x) - target).pow(2).mean().backward()
+            opt.step()
+        with torch.no_grad():
+            sizes[kind] = float(t(x).norm() / x.norm())
+    assert all(sizes["adapter"] / 3 < size < sizes["adapter"] * 3 for size in sizes.values()), sizes
