@@ -95,7 +95,7 @@ SELECTION_RULE = (f"highest concept fidelity among the cells with prompt fidelit
 # the measured pace while running.
 COST = {
     "cpu": {"step": 0.25, "full_step": 0.35, "start": 25.0, "column": 40.0, "solo_column": 60.0, "cores_per_job": 2},
-    "cuda": {"step": 0.037, "full_step": 0.045, "start": 15.0, "column": 1.0, "solo_column": 4.0, "cores_per_job": 2},
+    "cuda": {"step": 0.037, "full_step": 0.045, "start": 15.0, "column": 1.5, "solo_column": 4.0, "cores_per_job": 2},
 }
 GPU_SHARE = 3
 
@@ -454,8 +454,8 @@ def evaluate(args, columns):
     # for this form), which would blame the tuners for the base model's grammar.
     concept_prompts = [f"a {c} sks shape on a {b} background" for c, b in NEW_CONTEXTS]
     keep_prompts = [f"a {c} {s} on a {b} background" for c, s, b in PRESERVATION]
-    concept_grid = sampler.render(columns, rows_for(concept_prompts))
-    keep_grid = sampler.render(columns, rows_for(keep_prompts))
+    concept_grid = render_in_groups(sampler, columns, rows_for(concept_prompts))
+    keep_grid = render_in_groups(sampler, columns, rows_for(keep_prompts))
     concept_expected = [{"shape": args.concept, "colour": c, "background": b} for c, b in NEW_CONTEXTS for _ in seeds]
     keep_expected = [{"shape": s, "colour": c, "background": b} for c, s, b in PRESERVATION for _ in seeds]
     counts = []
@@ -466,6 +466,20 @@ def evaluate(args, columns):
                 "preservation_shape": kept["shape"], "preservation_colour": kept["colour"], "preservation_background": kept["background"]}
         counts.append({"n": got["n"], **{k: round(v * got["n"]) for k, v in hits.items()}})
     return counts, concept_grid, concept_prompts
+
+
+def render_in_groups(sampler, columns, rows, group: int | None = None):
+    """sampler.render over groups of columns, the grids joined side by side: the Sampler keeps at
+    most MAX_LOADED_TUNERS tuners attached, and a sweep has more columns than that."""
+    from trainers.sampling import MAX_LOADED_TUNERS
+
+    group = group or MAX_LOADED_TUNERS - 1
+    grid = [[] for _ in rows]
+    for start in range(0, len(columns), group):
+        part = sampler.render(columns[start:start + group], rows)
+        for r, images in enumerate(part):
+            grid[r].extend(images)
+    return grid
 
 
 def summarise(counts: list[dict]) -> dict:

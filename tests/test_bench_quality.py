@@ -187,3 +187,20 @@ def test_quick_sweep_in_parallel_on_the_cpu_scores_every_cell_and_records_the_wi
     md = (out / "quality_sweep_quick.md").read_text()
     assert "★" in md and "| Prefix | lr 0.03, blocks all |" in md
     assert (quality.ROOT / "assets" / "demo-model" / "demo_settings.json").read_text() == real
+
+
+def test_a_sweeps_many_columns_render_in_groups_the_sampler_can_hold():
+    from trainers.sampling import MAX_LOADED_TUNERS
+
+    class FakeSampler:
+        widest = 0
+
+        def render(self, columns, rows):
+            self.widest = max(self.widest, len(columns))
+            return [[(c, r) for c in columns] for r in rows]
+
+    sampler = FakeSampler()
+    columns, rows = list(range(3 * MAX_LOADED_TUNERS + 2)), ["a", "b"]
+    grid = quality.render_in_groups(sampler, columns, rows)
+    assert grid == [[(c, r) for c in columns] for r in rows]
+    assert sampler.widest < MAX_LOADED_TUNERS
