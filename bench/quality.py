@@ -163,7 +163,18 @@ def sweep_cells(variants: list[Variant], quick: bool = False) -> list[Cell]:
                 recipe = {"learning_rate": lr, **({"blocks": b} if b else {})}
                 priority = (lr != middle) + (b_i > 0)
                 cells.append(Cell(variant, recipe, "sweep", 0, priority))
-    return sorted(cells, key=lambda c: c.priority)
+    # Within a priority, round-robin over the variants, so a cut leaves none without its cells.
+    # Within a variant's second tier: every block at the middle rate first, then the highest rate.
+    def within(c):
+        return (-len(c.recipe.get("blocks", ())), -c.recipe["learning_rate"])
+
+    rank, seen = {}, {}
+    for i in sorted(range(len(cells)), key=lambda i: within(cells[i])):
+        key = (cells[i].variant.label, cells[i].priority)
+        rank[i] = seen.get(key, 0)
+        seen[key] = rank[i] + 1
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].priority, rank[i], i))
+    return [cells[i] for i in order]
 
 
 def select(cells: list[dict]) -> dict | None:
