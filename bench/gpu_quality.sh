@@ -32,9 +32,11 @@ fi
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/restuning-sweep.XXXXXX")}
 echo "work folder: $WORK; results: $OUT_DIR; $(nproc) cores"
 start=$(date +%s)
+status=0
 $PY -m bench.quality --sweep "${args[@]}" --work "$WORK" --out "$OUT_DIR" "$@" 2>&1 \
     | grep --line-buffered -v -e "should be kept in float32" -e "requires torchvision" -e "kernels-community" \
-    | tee "$OUT_DIR/quality_sweep.log"
-echo "wall: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/quality_sweep.log"
+    | tee "$OUT_DIR/quality_sweep.log" || status=$?
+echo "wall: $(( $(date +%s) - start )) s, exit $status" | tee -a "$OUT_DIR/quality_sweep.log"
 # Per-cell logs, small: the trainer's output of each cell, for a cell that failed or was slow.
 tar -czf "$OUT_DIR/quality_sweep_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls -d */log.txt */result.json 2>/dev/null) 2>/dev/null || true
+exit "$status"
