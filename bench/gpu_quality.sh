@@ -14,7 +14,7 @@
 # 600-step cell is ~22 s of steps plus ~15 s to start; the model is too small to fill the GPU, so
 # about 3 trainings run at full speed at once and 8 at once each run ~2.7x slower (assumed, not
 # measured; the log's per-cell walls will tell). All 54 cells of the default variants would take
-# about 11 min; --budget-min 7 keeps the ~29 most useful (every method's middle rate at the
+# about 12 min; --budget-min 7 keeps the 28 most useful (every method's middle rate at the
 # paper's blocks first) and stops starting cells when the measured pace says they would not end
 # in time. Extra arguments pass through (e.g. --methods lora,adapter to sweep fewer methods fully).
 set -euo pipefail
