@@ -21,18 +21,43 @@ samples of one training are not independent of each other, so the spread between
 seeds is shown too, per seed), and the difference to the Adapter baseline with its 95% Newcombe
 interval, starred where that interval excludes 0. Writes JSON, a Markdown table and a sample
 grid (one column per method, first training seed) to bench/results/.
+
+Recipes. Each variant trains with its recipe: --learning-rate / --full-learning-rate where given,
+else the base model folder's recipes (demo_settings.json "recipes": the variant's label, then its
+method, then "default"), else the registry's (restuning.methods). The table names each one.
+
+Sweep (`--sweep`, issue #15): per variant, a grid of learning rate x U-Net blocks (SWEEP_LRS;
+SWEEP_BLOCKS for methods with a `blocks` option), one training seed per cell, all cells sampled
+and scored like the default run. Each variant's best cell is chosen by SELECTION_RULE:
+
+    among the cells with prompt fidelity >= 0.9 and preservation >= 0.85, the highest concept
+    fidelity; ties (within 1/n) by the mean of the three figures; if no cell passes both floors,
+    the highest mean of the three (flagged "no cell met the floors").
+
+Writes quality_sweep.{json,md} (every cell and the winners); `--write-recipes` records the winners
+in the base model folder's demo_settings.json, where the trainer (trainers.options.fill_recipe),
+the studio and this bench's default run read them. `--jobs N` trains N cells at once (separate
+processes, cores split between them); `--device` picks the CPU or a GPU for training and
+sampling; `--budget-min` leaves out the cells that would not fit (estimate printed first) and
+stops starting cells when the measured pace says they would not finish in time.
+
+    python -m bench.quality --sweep --jobs 2 --budget-min 240      # CPU: hours
+    bench/gpu_quality.sh                                           # one GPU: ~7 min
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +74,129 @@ class Variant:
     label: str
     method: str
     options: dict = field(default_factory=dict)
+
+
+# The sweep's grid. Tuners: around the 1e-2 the demo model's recipe found; full fine-tuning: around
+# 1e-3 (the model was pretrained at 1e-3). Blocks: the paper's (mid + up) and every block.
+SWEEP_LRS = {"tuner": (3e-3, 1e-2, 3e-2), "full": (3e-4, 1e-3, 3e-3)}
+SWEEP_BLOCKS = {"mid+up": ("mid", "up"), "all": ("down", "mid", "up")}
+QUICK_LRS = {"tuner": (3e-3, 3e-2), "full": (3e-4, 3e-3)}
+MIN_PROMPT_FIDELITY, MIN_PRESERVATION = 0.9, 0.85
+SELECTION_RULE = (f"highest concept fidelity among the cells with prompt fidelity >= {MIN_PROMPT_FIDELITY} and preservation "
+                  f">= {MIN_PRESERVATION}, ties (within one sample) by the mean of the three; if no cell meets both floors, "
+                  f"the highest mean of the three")
+
+# Cost model for --budget-min, in seconds. CPU: the default run's figures on these 2-core machines
+# (bench/results/quality_partial.md: 0.14-0.34 s/step for one training alone). GPU: the trainer on
+# an H200 at 0.037 s/step, batch 4 + 4 (bench/results/train_e2e_cuda.md); the demo model is too
+# small to fill the GPU, so GPU_SHARE trainings at once are assumed to run at full speed each and
+# more slow down in proportion. Per training start (process, model load, cached class images) and
+# per sampled column (128 rows of 25 steps) as measured or guessed; printed, then checked against
+# the measured pace while running.
+COST = {
+    "cpu": {"step": 0.25, "full_step": 0.35, "start": 25.0, "column": 40.0, "solo_column": 60.0, "cores_per_job": 2},
+    "cuda": {"step": 0.037, "full_step": 0.045, "start": 15.0, "column": 1.5, "solo_column": 4.0, "cores_per_job": 2},
+}
+GPU_SHARE = 3
+
+
+@dataclass
+class Cell:
+    """One training: a variant with a recipe and a seed."""
+
+    variant: Variant
+    recipe: dict  # learning_rate, and blocks where the sweep set them
+    source: str   # where the recipe came from
+    seed: int = 0
+    priority: int = 0
+
+    @property
+    def recipe_text(self) -> str:
+        return recipe_text(self.recipe)
+
+
+def recipe_text(recipe: dict) -> str:
+    parts = [f"lr {recipe['learning_rate']:g}"]
+    if recipe.get("blocks"):
+        blocks = tuple(recipe["blocks"])
+        parts.append(next((f"blocks {name}" for name, b in SWEEP_BLOCKS.items() if b == blocks), "blocks " + "+".join(blocks)))
+    return ", ".join(parts)
+
+
+def has_blocks(variant: Variant) -> bool:
+    from restuning.methods import METHODS
+
+    return "blocks" in {f.name for f in dataclasses.fields(METHODS[variant.method].config)} and "blocks" not in variant.options
+
+
+def recipe_for(variant: Variant, args) -> tuple[dict, str]:
+    """The recipe a default run trains `variant` with, and where it came from."""
+    from restuning.methods import METHODS
+    from trainers.options import model_recipes
+
+    given = args.full_learning_rate if variant.method == "full" else args.learning_rate
+    if given is not None:
+        return {"learning_rate": given}, "--full-learning-rate" if variant.method == "full" else "--learning-rate"
+    recipes = model_recipes(str(args.base))
+    keys = [variant.label] + ([variant.method] if not variant.options else []) + ["default"]
+    for key in keys:
+        found = recipes.get(key)
+        if isinstance(found, dict) and isinstance(found.get("learning_rate"), (int, float)):
+            recipe = {"learning_rate": float(found["learning_rate"])}
+            if has_blocks(variant) and isinstance(found.get("blocks"), list) and key != "default":
+                recipe["blocks"] = tuple(found["blocks"])
+            return recipe, f"model recipe {key!r}"
+    return {"learning_rate": METHODS[variant.method].recipe["learning_rate"]}, f"registry recipe for {variant.method}"
+
+
+def sweep_cells(variants: list[Variant], quick: bool = False) -> list[Cell]:
+    """Every variant's grid, in the order they should be trained when time is short: first every
+    variant's middle learning rate at the paper's blocks; then its middle rate at every block and
+    the other rates at the paper's blocks; then the other rates at every block."""
+    cells = []
+    for variant in variants:
+        lrs = (QUICK_LRS if quick else SWEEP_LRS)["full" if variant.method == "full" else "tuner"]
+        middle = lrs[len(lrs) // 2]
+        blocks = list(SWEEP_BLOCKS.values()) if has_blocks(variant) else [None]
+        for b_i, b in enumerate(blocks):
+            for lr in lrs:
+                recipe = {"learning_rate": lr, **({"blocks": b} if b else {})}
+                priority = (lr != middle) + (b_i > 0)
+                cells.append(Cell(variant, recipe, "sweep", 0, priority))
+    # Within a priority, round-robin over the variants, so a cut leaves none without its cells.
+    # Within a variant's second tier: every block at the middle rate first, then the highest rate.
+    def within(c):
+        return (-len(c.recipe.get("blocks", ())), -c.recipe["learning_rate"])
+
+    rank, seen = {}, {}
+    for i in sorted(range(len(cells)), key=lambda i: within(cells[i])):
+        key = (cells[i].variant.label, cells[i].priority)
+        rank[i] = seen.get(key, 0)
+        seen[key] = rank[i] + 1
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].priority, rank[i], i))
+    return [cells[i] for i in order]
+
+
+def select(cells: list[dict]) -> dict | None:
+    """The best of one variant's scored cells by SELECTION_RULE. Each cell: concept_fidelity
+    (rate), prompt_fidelity, preservation, n. Returns the winner with `why` added."""
+    if not cells:
+        return None
+
+    def mean(c):
+        return (c["concept_fidelity"] + c["prompt_fidelity"] + c["preservation"]) / 3
+
+    ok = [c for c in cells if c["prompt_fidelity"] >= MIN_PROMPT_FIDELITY and c["preservation"] >= MIN_PRESERVATION]
+    if ok:
+        best = max(c["concept_fidelity"] for c in ok)
+        tied = [c for c in ok if best - c["concept_fidelity"] <= 1 / max(c["n"], 1) + 1e-12]
+        winner = max(tied, key=mean)
+        why = (f"highest concept fidelity meeting the floors ({len(ok)} of {len(cells)} cells did)"
+               + (f"; {len(tied)} within one sample, best mean" if len(tied) > 1 else ""))
+    else:
+        winner = max(cells, key=mean)
+        why = f"no cell met the floors; highest mean of the three ({len(cells)} cells)"
+    return {**winner, "why": why}
 
 
 def default_variants() -> list[Variant]:
@@ -74,14 +222,15 @@ def bypass_ablation() -> list[Variant]:
     return [Variant(label, "bypass", options) for _, label, options in BYPASS_ABLATION]
 
 
-def train(variant: Variant, args, work: Path, seed: int) -> dict:
-    """Run the trainer in a fresh process; return its cost figures and the run folder."""
-    from trainers.events import read_events
+def slug_for(cell: Cell) -> str:
+    slug = cell.variant.label.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "").replace("=", "-")
+    if cell.source == "sweep":
+        slug += f"_lr{cell.recipe['learning_rate']:g}" + ("_" + "-".join(cell.recipe["blocks"]) if cell.recipe.get("blocks") else "")
+    return f"{slug}_seed{cell.seed}"
 
-    slug = variant.label.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "").replace("=", "-")
-    run = work / f"{slug}_seed{seed}"
-    run.mkdir(parents=True, exist_ok=True)
-    config = {
+
+def trainer_config(cell: Cell, args, run: Path) -> dict:
+    return {
         "pretrained_model_name_or_path": str(args.base),
         "instance_data_dir": str(args.concept_dir),
         "instance_prompt": "a sks shape",
@@ -91,33 +240,154 @@ def train(variant: Variant, args, work: Path, seed: int) -> dict:
         "resolution": 64,
         "train_batch_size": args.batch_size,
         "max_train_steps": args.steps,
-        "learning_rate": args.full_learning_rate if variant.method == "full" else args.learning_rate,
+        "learning_rate": cell.recipe["learning_rate"],
         **({"snr_gamma": args.snr_gamma} if args.snr_gamma else {}),
+        **({"mixed_precision": args.mixed_precision} if args.mixed_precision != "no" else {}),
         "checkpointing_steps": args.steps + 1,  # no checkpoints: they would only cost time here
-        "seed": seed,
+        "seed": cell.seed,
         "output_dir": str(run),
-        "method": variant.method,
-        **variant.options,
+        "method": cell.variant.method,
+        **cell.variant.options,
+        **({"blocks": list(cell.recipe["blocks"])} if cell.recipe.get("blocks") else {}),
     }
+
+
+def resolve_device(args) -> str:
+    import torch
+
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        args.error("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
+    return args.device
+
+
+def child_env(args) -> dict:
+    """The environment of each trainer process: its share of the cores, threads that sleep
+    instead of spinning when they wait (several trainings share the machine), the device."""
+    env = dict(os.environ)
+    threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), GOMP_SPINCOUNT="0" if args.jobs > 1 else env.get("GOMP_SPINCOUNT", "300000"),
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if args.device == "cpu":
+        # accelerate picks CUDA whenever torch sees it: hide it, and say so to accelerate too.
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
+    return env
+
+
+def train(cell: Cell, args, work: Path, started_training: threading.Event | None = None) -> dict:
+    """Run the trainer in a fresh process; return its cost figures and the run folder.
+    `started_training` is set once the run is past its class images (which later runs reuse)."""
+    from trainers.events import read_events
+
+    run = work / slug_for(cell)
+    run.mkdir(parents=True, exist_ok=True)
+    config = trainer_config(cell, args, run)
     done = [e for e in read_events(run) if e.get("event") == "phase" and e.get("phase") == "done"]
     if args.resume and done and (run / "config.json").exists() and json.loads((run / "config.json").read_text()) == config:
         saved = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
-        return {**_figures(run, seed, read_events(run)), "wall_s": saved.get("wall_s"), "peak_rss_gib": saved.get("peak_rss_gib"),
+        if started_training is not None:
+            started_training.set()
+        return {**_figures(run, cell.seed, read_events(run)), "wall_s": saved.get("wall_s"), "peak_rss_gib": saved.get("peak_rss_gib"),
                 "resumed": True}
     (run / "config.json").write_text(json.dumps(config, indent=2))
+    (run / "events.jsonl").unlink(missing_ok=True)
     started = time.time()
-    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
     proc = subprocess.Popen([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")],
-                            cwd=ROOT, stdout=open(run / "log.txt", "w"), stderr=subprocess.STDOUT, env=env)
+                            cwd=ROOT, stdout=open(run / "log.txt", "w"), stderr=subprocess.STDOUT, env=child_env(args))
+    if started_training is not None:
+        def watch():
+            while proc.poll() is None and not started_training.is_set():
+                if any(e.get("phase") in ("training", "saving", "done", "failed") for e in read_events(run)):
+                    break
+                time.sleep(0.5)
+            started_training.set()
+        threading.Thread(target=watch, daemon=True).start()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if started_training is not None:
+        started_training.set()
     events = read_events(run)
     if proc.returncode != 0:
         tail = (run / "log.txt").read_text().splitlines()[-15:]
-        raise RuntimeError(f"{variant.label}: the trainer failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    result = {**_figures(run, seed, events), "wall_s": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+        raise RuntimeError(f"{cell.variant.label} ({cell.recipe_text}): the trainer failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    # ru_maxrss of one child (os.wait4), so parallel trainings do not add up.
+    result = {**_figures(run, cell.seed, events), "wall_s": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
     (run / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def estimate(cells: list[Cell], args, device: str) -> dict:
+    """Seconds the cells would take on `device` with args.jobs at once, by the COST model."""
+    cost = COST[device]
+    jobs = max(args.jobs, 1)
+    if device == "cuda":
+        slow = max(1.0, jobs / GPU_SHARE)
+    else:
+        slow = max(1.0, jobs * cost["cores_per_job"] / max(os.cpu_count() or 1, 1))
+    per = [cost["start"] + args.steps * cost["full_step" if c.variant.method == "full" else "step"] * slow for c in cells]
+    train_s = sum(per) / jobs + (max(per) if per else 0.0) * (1 - 1 / jobs)
+    solo = sum(1 for c in cells if c.variant.method in ("full", "lora"))
+    scale = args.seeds / 16
+    sample_s = 20 + scale * (cost["column"] * (len(cells) - solo + 1) + cost["solo_column"] * solo)
+    return {"per_cell_s": per, "train_s": train_s, "sample_s": sample_s, "total_s": train_s + sample_s}
+
+
+def fit_budget(cells: list[Cell], args, device: str) -> tuple[list[Cell], list[Cell]]:
+    """The cells that fit --budget-min (in priority order), and those left out."""
+    if not args.budget_min:
+        return cells, []
+    keep = list(cells)
+    while keep and estimate(keep, args, device)["total_s"] > args.budget_min * 60:
+        keep.pop()
+    return keep, cells[len(keep):]
+
+
+def run_cells(cells: list[Cell], args, device: str, deadline: float | None = None, tolerate_failures: bool = False) -> list[tuple[Cell, dict | None]]:
+    """Train the cells, args.jobs at a time. The first runs alone until its class images are made
+    (the others reuse them). A cell that could not finish before `deadline` by the measured pace
+    is not started; with tolerate_failures a failed cell is recorded, not raised."""
+    results: dict[int, dict | None] = {}
+    gate = threading.Event()
+    lock = threading.Lock()
+    walls: list[float] = []
+
+    def one(index: int):
+        try:
+            attempt(index)
+        finally:
+            if index == 0:
+                gate.set()
+
+    def attempt(index: int):
+        cell = cells[index]
+        if index > 0:
+            gate.wait()
+        with lock:
+            pace = statistics.median(walls) if walls else None
+        if deadline is not None and pace is not None and time.time() + pace > deadline:
+            print(f"  skipped {cell.variant.label} ({cell.recipe_text}): would end past the budget (pace {pace:.0f} s)", flush=True)
+            results[index] = {"skipped": "budget"}
+            return
+        print(f"{'reusing or ' if args.resume else ''}training {cell.variant.label} ({cell.recipe_text}), seed {cell.seed} ...", flush=True)
+        try:
+            r = train(cell, args, args.work, gate if index == 0 else None)
+        except RuntimeError as exc:
+            if not tolerate_failures:
+                raise
+            print(f"  failed: {exc}".splitlines()[0], flush=True)
+            results[index] = {"failed": str(exc)}
+            return
+        with lock:
+            if r.get("wall_s") and not r.get("resumed"):
+                walls.append(r["wall_s"])
+        results[index] = r
+
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        futures = [pool.submit(one, i) for i in range(len(cells))]
+        for f in futures:
+            f.result()
+    return [(cells[i], results.get(i)) for i in range(len(cells))]
 
 
 def _figures(run: Path, seed: int, events: list[dict]) -> dict:
@@ -154,15 +424,16 @@ def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
     return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
-def columns_for(trained: list[tuple[Variant, dict]]):
+def columns_for(trained: list[tuple[Cell, dict]]):
     from trainers.sampling import Column
 
     columns = [Column("SD (base)", caption=["base model", "no tuning"])]
-    for variant, r in trained:
+    for cell, r in trained:
+        variant = cell.variant
         art = r["artifacts"]
         run = Path(r["run"])
-        label = f"{variant.label} seed {r['seed']}"
-        caption = [variant.label, f"{(r['trainable_params'] or 0) / 1e6:.3f}M params"]
+        label = f"{variant.label} ({cell.recipe_text}) seed {r['seed']}"
+        caption = [variant.label, cell.recipe_text, f"{(r['trainable_params'] or 0) / 1e6:.3f}M params"]
         if "tuner" in art:
             columns.append(Column(label, tuner=run / art["tuner"], caption=caption))
         elif "unet" in art:
@@ -182,13 +453,16 @@ def evaluate(args, columns):
     from scripts.evaluator import Evaluator
     from trainers.sampling import Sampler, Settings
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(args.base), local_files_only=True, safety_checker=None).to(args.device)
+    pipe = StableDiffusionPipeline.from_pretrained(str(args.base), local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    # fp32 on either device, noise from CPU generators: the same samples up to float rounding;
+    # the evaluator scores on the CPU, deterministically.
+    pipe.to(getattr(args, "device_resolved", "cpu"))
     settings = json.loads((Path(args.base) / "demo_settings.json").read_text()) if (Path(args.base) / "demo_settings.json").exists() else {}
     steps = args.sample_steps or settings.get("num_inference_steps", 25)
     guidance = settings.get("guidance_scale", 3.5)
     evaluator = Evaluator.load(args.evaluator)
-    sampler = Sampler(pipe)
+    sampler = Sampler(pipe, rows_per_call=args.seeds)
     seeds = list(range(args.seeds))
 
     def rows_for(prompts):
@@ -199,8 +473,8 @@ def evaluate(args, columns):
     # for this form), which would blame the tuners for the base model's grammar.
     concept_prompts = [f"a {c} sks shape on a {b} background" for c, b in NEW_CONTEXTS]
     keep_prompts = [f"a {c} {s} on a {b} background" for c, s, b in PRESERVATION]
-    concept_grid = sampler.render(columns, rows_for(concept_prompts))
-    keep_grid = sampler.render(columns, rows_for(keep_prompts))
+    concept_grid = render_in_groups(sampler, columns, rows_for(concept_prompts))
+    keep_grid = render_in_groups(sampler, columns, rows_for(keep_prompts))
     concept_expected = [{"shape": args.concept, "colour": c, "background": b} for c, b in NEW_CONTEXTS for _ in seeds]
     keep_expected = [{"shape": s, "colour": c, "background": b} for c, s, b in PRESERVATION for _ in seeds]
     counts = []
@@ -211,6 +485,20 @@ def evaluate(args, columns):
                 "preservation_shape": kept["shape"], "preservation_colour": kept["colour"], "preservation_background": kept["background"]}
         counts.append({"n": got["n"], **{k: round(v * got["n"]) for k, v in hits.items()}})
     return counts, concept_grid, concept_prompts
+
+
+def render_in_groups(sampler, columns, rows, group: int | None = None):
+    """sampler.render over groups of columns, the grids joined side by side: the Sampler keeps at
+    most MAX_LOADED_TUNERS tuners attached, and a sweep has more columns than that."""
+    from trainers.sampling import MAX_LOADED_TUNERS
+
+    group = group or MAX_LOADED_TUNERS - 1
+    grid = [[] for _ in rows]
+    for start in range(0, len(columns), group):
+        part = sampler.render(columns[start:start + group], rows)
+        for r, images in enumerate(part):
+            grid[r].extend(images)
+    return grid
 
 
 def summarise(counts: list[dict]) -> dict:
@@ -239,11 +527,13 @@ def write(args, variants, trained, columns, counts, concept_grid, concept_prompt
     base = summarise([counts[0]])
     rows = [{"label": "SD (base)", "method": None, **base}]
     for variant in variants:
-        picks = [i for i, (v, _) in enumerate(trained) if v is variant]
+        picks = [i for i, (c, _) in enumerate(trained) if c.variant is variant]
         runs = [trained[i][1] for i in picks]
         stats = summarise([counts[i + 1] for i in picks])
         per_step = [r["sec_per_step"] for r in runs if r["sec_per_step"]]
+        cell = trained[picks[0]][0]
         rows.append({"label": variant.label, "method": variant.method, "options": variant.options, "runs": runs,
+                     "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in cell.recipe.items()}, "recipe_source": cell.source,
                      "trainable_params": runs[0]["trainable_params"], "sec_per_step": round(statistics.median(per_step), 3) if per_step else None,
                      "peak_rss_gib": max((r["peak_rss_gib"] for r in runs if r["peak_rss_gib"]), default=None), **stats})
     reference = next((r for r in rows if r["method"] == "adapter" and not r.get("options")), None)
@@ -253,20 +543,21 @@ def write(args, variants, trained, columns, counts, concept_grid, concept_prompt
             row["concept_vs_adapter"] = newcombe(c["k"], row["n"], ref["k"], reference["n"])
     report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds, "train_seeds": args.train_seeds,
               "learning_rate": args.learning_rate, "full_learning_rate": args.full_learning_rate, "snr_gamma": args.snr_gamma,
-              "batch_size": args.batch_size, "base": str(args.base), "elapsed_s": round(elapsed, 1), "rows": rows}
+              "batch_size": args.batch_size, "base": str(args.base), "device": args.device_resolved, "jobs": args.jobs,
+              "elapsed_s": round(elapsed, 1), "rows": rows}
     name = "quality_quick" if args.quick else "quality"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
     per_cell = rows[1]["n"] if len(rows) > 1 else base["n"]
     lines = [
-        f"Concept `{args.concept}` learned as `sks` in {args.steps} steps per method (lr {args.learning_rate:g}, full "
-        f"fine-tuning {args.full_learning_rate:g}; batch {args.batch_size} + {args.batch_size} prior images, min-SNR "
-        f"{args.snr_gamma:g}), {args.train_seeds} training seed(s) per method; {len(NEW_CONTEXTS)} new contexts x "
+        f"Concept `{args.concept}` learned as `sks` in {args.steps} steps per method (each with the recipe in its row, from "
+        f"the base model's recipes unless --learning-rate was given; batch {args.batch_size} + {args.batch_size} prior images, "
+        f"min-SNR {args.snr_gamma:g}), {args.train_seeds} training seed(s) per method; {len(NEW_CONTEXTS)} new contexts x "
         f"{args.seeds} sampling seeds = {per_cell} samples per cell ({base['n']} for the base). "
         f"Figures: rate [95% Wilson interval] (per training seed). Δ: concept fidelity minus Adapter's, "
         f"[95% Newcombe interval], * where it excludes 0. Run time {elapsed / 60:.0f} min.",
         "",
-        "| method | params | s/step | peak RSS (GiB) | concept fidelity | Δ vs Adapter | prompt fidelity | preservation |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | recipe | params | s/step | peak RSS (GiB) | concept fidelity | Δ vs Adapter | prompt fidelity | preservation |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         params = f"{row['trainable_params'] / 1e6:.3f}M" if row.get("trainable_params") else "-"
@@ -274,16 +565,113 @@ def write(args, variants, trained, columns, counts, concept_grid, concept_prompt
         if "concept_vs_adapter" in row:
             d, lo, hi = row["concept_vs_adapter"]
             delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + ("*" if lo > 0 or hi < 0 else "")
-        lines.append(f"| {row['label']} | {params} | {row.get('sec_per_step') or '-'} | {row.get('peak_rss_gib') or '-'} | "
+        recipe = f"{recipe_text(row['recipe'])} ({row['recipe_source']})" if row.get("recipe") else "-"
+        lines.append(f"| {row['label']} | {recipe} | {params} | {row.get('sec_per_step') or '-'} | {row.get('peak_rss_gib') or '-'} | "
                      f"{_cell(row['concept_fidelity'])} | {delta} | {row['prompt_fidelity']:.2f} | {row['preservation']:.2f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     # The grid: the first seed of every concept prompt, one column per method (its first training).
-    firsts = [0] + [1 + next(i for i, (v, _) in enumerate(trained) if v is variant) for variant in variants]
+    firsts = [0] + [1 + next(i for i, (c, _) in enumerate(trained) if c.variant is variant) for variant in variants]
     picks = [[concept_grid[p * args.seeds][i] for i in firsts] for p in range(len(concept_prompts))]
     grid = compose_grid(picks, [columns[i].caption or [columns[i].label] for i in firsts],
                         row_labels=[f"{c} sks shape on {b}" for c, b in NEW_CONTEXTS], scale=2)
     grid.save(out / f"{name}_grid.png")
     print("\n".join(lines))
+
+
+def write_sweep(args, results: list[tuple[Cell, dict | None]], dropped: list[Cell], counts: list[dict] | None, elapsed: float,
+                estimated: dict) -> dict:
+    """quality_sweep.{json,md}: every cell (trained, failed, skipped) and each variant's winner."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scored = iter(counts[1:] if counts else [])
+    base = summarise([counts[0]]) if counts else None
+    cells = []
+    for cell, r in results + [(c, {"skipped": "estimate over --budget-min"}) for c in dropped]:
+        row = {"label": cell.variant.label, "method": cell.variant.method, "options": cell.variant.options,
+               "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in cell.recipe.items()}, "recipe_text": cell.recipe_text,
+               "seed": cell.seed}
+        if r and "artifacts" in r:
+            row.update(run=r["run"], sec_per_step=r["sec_per_step"], wall_s=r["wall_s"], trainable_params=r["trainable_params"],
+                       final_loss=r["final_loss"])
+            if counts:
+                stats = summarise([next(scored)])
+                row.update(n=stats["n"], stats=stats, concept_fidelity=stats["concept_fidelity"]["rate"],
+                           prompt_fidelity=stats["prompt_fidelity"], preservation=stats["preservation"])
+        else:
+            row["status"] = (r or {}).get("failed") and "failed" or (r or {}).get("skipped", "not run")
+            if r and r.get("failed"):
+                row["error"] = r["failed"]
+        cells.append(row)
+    winners = {}
+    for label in dict.fromkeys(c["label"] for c in cells):
+        mine = [c for c in cells if c["label"] == label and "concept_fidelity" in c]
+        best = select(mine)
+        if best is not None:
+            winners[label] = {"method": best["method"], "options": best["options"], "recipe": best["recipe"], "recipe_text": best["recipe_text"],
+                              "concept_fidelity": best["concept_fidelity"], "prompt_fidelity": best["prompt_fidelity"],
+                              "preservation": best["preservation"], "n": best["n"], "why": best["why"], "cells": len(mine)}
+    report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds, "snr_gamma": args.snr_gamma,
+              "batch_size": args.batch_size, "base": str(args.base), "device": args.device_resolved, "jobs": args.jobs,
+              "budget_min": args.budget_min, "estimate_s": {k: round(v) for k, v in estimated.items() if k != "per_cell_s"},
+              "elapsed_s": round(elapsed, 1), "rule": SELECTION_RULE, "base_model": base, "cells": cells, "winners": winners}
+    name = "quality_sweep_quick" if args.quick else "quality_sweep"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    trained = sum(1 for c in cells if "run" in c)
+    lines = [
+        f"Recipe sweep: concept `{args.concept}` learned as `sks` in {args.steps} steps per cell (batch {args.batch_size} + "
+        f"{args.batch_size} prior images, min-SNR {args.snr_gamma:g}), one training seed per cell, {len(NEW_CONTEXTS)} new contexts x "
+        f"{args.seeds} sampling seeds; {trained} of {len(cells)} cells trained on {args.device_resolved} with {args.jobs} at once "
+        f"in {elapsed / 60:.1f} min (`python -m bench.quality --sweep`).",
+        "",
+        f"Winner per method ({SELECTION_RULE}; the floors are prompt fidelity and preservation, the base model scores "
+        + (f"{base['prompt_fidelity']:.2f} and {base['preservation']:.2f})." if base else "-)."),
+        "",
+        "| method | chosen recipe | concept fidelity | prompt fidelity | preservation | cells | why |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for label, w in winners.items():
+        lines.append(f"| {label} | {w['recipe_text']} | {w['concept_fidelity']:.2f} | {w['prompt_fidelity']:.2f} | {w['preservation']:.2f} | "
+                     f"{w['cells']} | {w['why']} |")
+    lines += ["", "Every cell (concept fidelity with its 95% Wilson interval; ✓ meets both floors; ★ chosen):", "",
+              "| method | recipe | concept fidelity | prompt fidelity | preservation | s/step | wall (s) | |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in cells:
+        if "concept_fidelity" in c:
+            lo, hi = c["stats"]["concept_fidelity"]["ci95"]
+            ok = c["prompt_fidelity"] >= MIN_PROMPT_FIDELITY and c["preservation"] >= MIN_PRESERVATION
+            star = winners.get(c["label"], {}).get("recipe") == c["recipe"]
+            lines.append(f"| {c['label']} | {c['recipe_text']} | {c['concept_fidelity']:.2f} [{lo:.2f}, {hi:.2f}] | {c['prompt_fidelity']:.2f} | "
+                         f"{c['preservation']:.2f} | {c['sec_per_step']} | {c['wall_s']} | {'✓' if ok else ''}{' ★' if star else ''} |")
+        else:
+            lines.append(f"| {c['label']} | {c['recipe_text']} | - | - | - | - | - | {c.get('status', 'not scored')} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    if counts:
+        print("\n".join(lines))
+    return report
+
+
+def recipe_key(label: str, winner: dict) -> str:
+    """Where a winner goes in a model's recipes: its method for a registry method at its defaults
+    (the trainer and the studio read those), its label for a layout (this bench reads those)."""
+    return winner["method"] if not winner.get("options") else label
+
+
+def write_recipes(base: Path, winners: dict, note: str) -> Path:
+    """Record the winners in `base`/demo_settings.json "recipes" (other keys kept)."""
+    from trainers.options import MODEL_SETTINGS
+
+    path = Path(base) / MODEL_SETTINGS
+    settings = json.loads(path.read_text()) if path.exists() else {}
+    recipes = settings.setdefault("recipes", {})
+    for label, w in winners.items():
+        recipe = {"learning_rate": w["recipe"]["learning_rate"]}
+        if w["recipe"].get("blocks"):
+            recipe["blocks"] = list(w["recipe"]["blocks"])
+        recipe["chosen_by"] = (f"{note}: concept {w['concept_fidelity']:.2f}, prompt {w['prompt_fidelity']:.2f}, "
+                               f"preservation {w['preservation']:.2f} ({w['why']})")
+        recipes[recipe_key(label, w)] = recipe
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+    return path
 
 
 def parse_args(argv=None):
@@ -297,9 +685,11 @@ def parse_args(argv=None):
     # for 600, Res-Tuning's reached 0.56. min-SNR weighting puts the loss on the noisy timesteps
     # where the shape is decided, as in the demo model's own training.
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--learning-rate", type=float, default=1e-2, help="for the tuners (the paper's vision tasks: 1e-3..5e-2)")
-    parser.add_argument("--full-learning-rate", type=float, default=1e-3,
-                        help="for full fine-tuning: at the tuners' 1e-2 a 4M-parameter model pretrained at 1e-3 is wrecked")
+    # Unset, each variant's recipe comes from the base model's recipes (1e-2 for tuners and 1e-3
+    # for full fine-tuning until a sweep records better ones: at 1e-2 a 4M-parameter model
+    # pretrained at 1e-3 is wrecked).
+    parser.add_argument("--learning-rate", type=float, default=None, help="one rate for every tuner (default: each one's recipe)")
+    parser.add_argument("--full-learning-rate", type=float, default=None, help="for full fine-tuning (default: its recipe)")
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting (0: off)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--class-images", type=int, default=32)
@@ -308,27 +698,30 @@ def parse_args(argv=None):
     parser.add_argument("--sample-steps", type=int, default=None)
     parser.add_argument("--scheduler", default="DPM++ 2M")
     parser.add_argument("--methods", help="comma-separated labels or method names (default: all but the extra layouts)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default) for training and sampling")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="reuse finished trainings in --work whose config is the same")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: exercises the path, claims nothing")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for training and sampling (auto: a GPU if torch sees one)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process with cores // jobs threads")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="the trainer's (sampling stays fp32)")
+    parser.add_argument("--sweep", action="store_true", help="per method, learning rate x blocks; writes quality_sweep.{json,md}")
+    parser.add_argument("--budget-min", type=float, default=None, help="sweep: leave out the cells that would not fit in this many minutes")
+    parser.add_argument("--write-recipes", action="store_true", help="sweep: record the winners in --base's demo_settings.json")
+    parser.add_argument("--recipes-from", type=Path, help="record the winners of a saved quality_sweep.json in --base; no training")
     args = parser.parse_args(argv)
     args.error = parser.error
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if args.quick:
         args.steps, args.seeds, args.sample_steps, args.class_images, args.batch_size, args.train_seeds = 2, 1, 2, 2, 1, 1
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.concept_dir = ROOT / "assets" / "concepts" / args.concept
     if not args.concept_dir.is_dir():
         parser.error(f"no example images for concept {args.concept!r} in {args.concept_dir}")
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def selected_variants(args) -> list[Variant]:
     variants = default_variants()
     if args.methods:
         wanted = {w.strip() for w in args.methods.split(",")}
@@ -336,16 +729,65 @@ def main(argv=None) -> None:
         variants = [v for v in every if v.label in wanted or (v.method in wanted and not v.options)]
         if not variants:
             args.error(f"--methods {args.methods!r} matches no variant; labels: {', '.join(v.label for v in every)}")
+    return variants
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.recipes_from:
+        report = json.loads(Path(args.recipes_from).read_text())
+        path = write_recipes(args.base, report["winners"], f"bench.quality --sweep ({Path(args.recipes_from).name})")
+        print(f"recorded {len(report['winners'])} recipe(s) in {path}")
+        return
+    variants = selected_variants(args)
+    args.device_resolved = resolve_device(args)
+    args.device = args.device_resolved
     started = time.time()
-    trained = []
-    for variant in variants:
-        for seed in range(args.train_seeds):
-            print(f"{'reusing or ' if args.resume else ''}training {variant.label}, seed {seed} ...", flush=True)
-            trained.append((variant, train(variant, args, args.work, seed)))
+    if args.sweep:
+        sweep(args, variants, started)
+        return
+    cells = [Cell(v, *recipe_for(v, args), seed=seed) for v in variants for seed in range(args.train_seeds)]
+    print(f"{len(cells)} trainings on {args.device}, {args.jobs} at once: about {_minutes(estimate(cells, args, args.device)['total_s'])} "
+          f"by the cost model", flush=True)
+    trained = run_cells(cells, args, args.device)
     columns = columns_for(trained)
     print(f"sampling {len(columns)} columns x {len(NEW_CONTEXTS) * args.seeds * 2} rows ...", flush=True)
     counts, concept_grid, concept_prompts = evaluate(args, columns)
     write(args, variants, trained, columns, counts, concept_grid, concept_prompts, time.time() - started)
+
+
+def sweep(args, variants: list[Variant], started: float) -> None:
+    cells = sweep_cells(variants, args.quick)
+    whole = estimate(cells, args, args.device)
+    keep, dropped = fit_budget(cells, args, args.device)
+    planned = estimate(keep, args, args.device)
+    print(f"sweep: {len(cells)} cells on {args.device}, {args.jobs} at once; estimate {_minutes(whole['total_s'])} "
+          f"(training {_minutes(whole['train_s'])}, sampling {_minutes(whole['sample_s'])})", flush=True)
+    if dropped:
+        print(f"--budget-min {args.budget_min:g}: {len(keep)} cells fit (estimate {_minutes(planned['total_s'])}); left out: "
+              + "; ".join(f"{c.variant.label} ({c.recipe_text})" for c in dropped), flush=True)
+    if not keep:
+        args.error(f"--budget-min {args.budget_min:g}: not even one cell fits (one takes about {_minutes(estimate(cells[:1], args, args.device)['total_s'])})")
+    # Stop starting cells when the measured pace says they would end past the budget, keeping
+    # the sampling's share of it.
+    deadline = started + args.budget_min * 60 - planned["sample_s"] if args.budget_min else None
+    results = run_cells(keep, args, args.device, deadline=deadline, tolerate_failures=True)
+    trained = [(c, r) for c, r in results if r and "artifacts" in r]
+    # What trained, written before sampling, so a run cut short still says it.
+    write_sweep(args, results, dropped, None, time.time() - started, whole)
+    if not trained:
+        raise SystemExit("sweep: no cell trained; see the logs under " + str(args.work))
+    columns = columns_for(trained)
+    print(f"sampling {len(columns)} columns x {len(NEW_CONTEXTS) * args.seeds * 2} rows ...", flush=True)
+    counts, _, _ = evaluate(args, columns)
+    report = write_sweep(args, results, dropped, counts, time.time() - started, whole)
+    if args.write_recipes:
+        path = write_recipes(args.base, report["winners"], f"bench.quality --sweep, {time.strftime('%Y-%m-%d')} on {args.device}")
+        print(f"recorded {len(report['winners'])} recipe(s) in {path}")
 
 
 if __name__ == "__main__":

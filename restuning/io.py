@@ -21,12 +21,23 @@ from . import arch
 from .core import DEFAULT_NAME, attached
 
 FORMAT = "restuning"
-# 2: the Bypass's second design (zero-conv output, Convpass, text tuners); other methods' files
-# are the same as in version 1.
+# 2: the Bypass's second design (zero-conv output, Convpass, text tuners) and Res-Prefix / Res-Prompt
+# at an adapter's pace (a gated Res-Prefix, Res-Prompt's W_o reading a scaled attention output);
+# the other methods' files are the same as in version 1.
 FORMAT_VERSION = 2
-# The oldest version each method's files can be read from; what changed is said in the refusal.
-OLDEST_READABLE = {"bypass": (2, "version 1 holds the first Bypass design (a gated output g ⊙ (x_L^b − x_L)), which learned nothing "
-                                 "and whose weights do not carry over; train the Bypass again")}
+_PACE = ("version 1 holds Res-Prefix / Res-Prompt tuners of the earlier form (no prefix gate, an unscaled prompt "
+         "output), whose weights would render differently now; train them again")
+
+
+def oldest_readable(method: str, config: dict) -> tuple[int, str]:
+    """The oldest format version a file of this method and config can be read from, and why."""
+    if method == "bypass":
+        return 2, ("version 1 holds the first Bypass design (a gated output g ⊙ (x_L^b − x_L)), which learned nothing "
+                   "and whose weights do not carry over; train the Bypass again")
+    tuners = config.get("tuners") if isinstance(config, dict) else None
+    if method == "res-tuning" and isinstance(tuners, dict) and {"prefix", "prompt"} & set(map(str, tuners.values())):
+        return 2, _PACE
+    return 1, ""
 
 
 class TunerFileError(ValueError):
@@ -84,15 +95,15 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         raise TunerFileError(f"{path.name}: format version {version} is newer than this restuning reads ({FORMAT_VERSION}); upgrade restuning")
     if version < 1:
         raise TunerFileError(f"{path.name}: unknown format version {version}")
-    oldest, why = OLDEST_READABLE.get(metadata.get("method", ""), (1, ""))
-    if version < oldest:
-        raise TunerFileError(f"{path.name}: a {metadata.get('method')} file of format version {version}, older than this restuning "
-                             f"reads ({oldest}): {why}")
     for key in ("config", "base_arch"):
         try:
             json.loads(metadata.get(key, ""))
         except json.JSONDecodeError:
             raise TunerFileError(f"{path.name}: the header's {key} is missing or not valid JSON") from None
+    oldest, why = oldest_readable(metadata.get("method", ""), json.loads(metadata["config"]))
+    if version < oldest:
+        raise TunerFileError(f"{path.name}: a {metadata.get('method')} file of format version {version}, older than this restuning "
+                             f"reads ({oldest}): {why}")
     return metadata
 
 

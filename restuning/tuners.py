@@ -3,23 +3,35 @@ a residual, so that x' = OP(x) + Res-Tuner(x) (Eq. 7).
 
 A Res-Tuner owns all its parameters and never touches the backbone's weights; that is what lets
 any tuner sit beside any OP (attention, feed-forward, whole block) and is the paper's point.
-Each one ends in a zero-initialised layer (W_up, V_pre, W_o), so attaching leaves the model's
-output unchanged bit for bit (a zero weight times anything finite is exactly zero), while that
-layer gets gradient at the first step and every other parameter from the second on.
+Each one ends in a zero-initialised layer (W_up, the prefix's gate g, W_o), so attaching leaves
+the model's output unchanged bit for bit (a zero weight times anything finite is exactly zero),
+while that layer gets gradient at the first step and every other parameter from the second on.
+
+The kinds learn at one pace (issue #12; scripts/probe_tuners.py on the demo model, lr 1e-2, 8
+steps, |R(x)|/|OP(x)| of the residual against its OP's output). Under Adam a zero-initialised
+layer's output grows with what it reads: an adapter's W_up reads `length` hidden units (0.41
+beside attn1, 0.33 beside ff). Res-Prefix with zero values was a near-constant bias: every value
+row got the same gradient, so its keys got ~1/100 of the values' gradient and never learned to
+select (0.15 after 12 steps). Res-Prompt's W_o reads PROMPT_WIDTH channels, 6.4x the adapter's
+`length`, and its residual outgrew the OP itself (2.0 beside ff, 2.7 beside attn1). Hence the
+fixed gains below: `length` on the prefix's gate, length/PROMPT_WIDTH on what W_o reads.
 
 With x̂ = LN(x) the parameter-free layer norm (mean 0, variance 1 per token, eps 1e-5), s = 1/sqrt(d)
 the logit scale of heads of width d, and Attn(Q, K, V) = softmax(s·Q Kᵀ) V per head:
 
 - `Adapter`   φ(x W_down + b_down) W_up + b_up, φ = GELU, bottleneck `length` (the branch of
               Eq. 6, here reading the OP's input x as Eq. 7 does); W_up, b_up start at zero.
-- `ResPrefix` Attn(x̂, K_pre, V_pre): the prefix half of Eq. 3 with `length` free keys and values
-              (L, C), split into `heads` heads of d = C/heads; V_pre starts at zero. The query is
-              x̂ itself, because a detached tuner may not borrow the OP's W_q.
-- `ResPrompt` Attn(x̂ W_q, P W_k, P W_v) W_o: the prompt half of Eq. 5, where K_pro = x_pro W_k and
+- `ResPrefix` (L·g) ⊙ Attn(x̂, K_pre, V_pre): the prefix half of Eq. 3 with `length` = L free keys
+              and values (L, C), split into `heads` heads of d = C/heads, both random at start,
+              and a per-channel gate g (C) that starts at zero (its gradient at the first step is
+              the attention output, so it is the output layer; keys and values learn from the
+              second step with gradients of one size). The query is x̂ itself, because a
+              detached tuner may not borrow the OP's W_q.
+- `ResPrompt` (L/64 · Attn(x̂ W_q, P W_k, P W_v)) W_o: the prompt half of Eq. 5, where K_pro = x_pro W_k and
               V_pro = x_pro W_v come from one set of `length` prompt tokens P (L, C) living in the
               input space. The detached tuner cannot use the OP's W_q, W_k, W_v, so it carries its
               own, into an inner width of PROMPT_WIDTH channels (`heads` heads; 4·64·C + L·C
-              parameters against Res-Prefix's 2·L·C), and W_o (zero at start) brings the result
+              parameters against Res-Prefix's 2·L·C + C), and W_o (zero at start) brings the result
               back to C channels. It is not a special case of Res-Prefix: its query is learned and
               its keys and values are tied through the shared tokens.
 
@@ -61,11 +73,13 @@ class ResPrefix(nn.Module):
         super().__init__()
         self.heads = _heads_for(dim, heads)
         self.key = nn.Parameter(torch.randn(length, dim))
-        self.value = nn.Parameter(torch.zeros(length, dim))
+        self.value = nn.Parameter(torch.randn(length, dim))
+        self.gate = nn.Parameter(torch.zeros(dim))
+        self.gain = float(length)
 
     def forward(self, x: Tensor) -> Tensor:
         x_hat = F.layer_norm(x, (x.shape[-1],))
-        return _attend(x_hat, self.key.to(x.dtype), self.value.to(x.dtype), self.heads)
+        return _attend(x_hat, self.key.to(x.dtype), self.value.to(x.dtype), self.heads) * (self.gain * self.gate).to(x.dtype)
 
 
 # Inner width of Res-Prompt's own attention: 8 heads of 8 channels at the default `heads`.
@@ -83,10 +97,11 @@ class ResPrompt(nn.Module):
         self.out = nn.Linear(PROMPT_WIDTH, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.gain = length / PROMPT_WIDTH
 
     def forward(self, x: Tensor) -> Tensor:
         x_hat = F.layer_norm(x, (x.shape[-1],))
-        return self.out(_attend(self.query(x_hat), self.key(self.tokens), self.value(self.tokens), self.heads))
+        return self.out(_attend(self.query(x_hat), self.key(self.tokens), self.value(self.tokens), self.heads) * self.gain)
 
 
 def _attend(q: Tensor, key: Tensor, value: Tensor, heads: int) -> Tensor:

@@ -56,3 +56,151 @@ def test_default_run_has_64_samples_per_cell_two_trainings_and_the_single_layout
     labels = [v.label for v in quality.default_variants()]
     for layout in ("attn1=adapter", "attn1=prefix", "ff=prompt"):
         assert f"Res-Tuning (Single: {layout})" in labels
+
+
+# -- recipes and the sweep (issue #15) ------------------------------------------------------------
+
+def _cell(concept, prompt, keep, n=64, lr=1e-2, label="Adapter"):
+    return {"label": label, "method": "adapter", "options": {}, "recipe": {"learning_rate": lr}, "recipe_text": f"lr {lr:g}",
+            "concept_fidelity": concept, "prompt_fidelity": prompt, "preservation": keep, "n": n}
+
+
+def test_selection_rule_weighs_concept_within_the_prompt_and_preservation_floors():
+    # The most concept fails a floor; of the two that pass, the higher concept wins.
+    cells = [_cell(0.80, 0.85, 0.95, lr=3e-2), _cell(0.40, 0.95, 0.90, lr=1e-2), _cell(0.30, 1.00, 1.00, lr=3e-3),
+             _cell(0.90, 1.00, 0.80, lr=1e-1)]
+    best = quality.select(cells)
+    assert best["recipe"]["learning_rate"] == 1e-2 and "2 of 4" in best["why"]
+    # Within one sample (1/64) of the best concept: the better mean of the three wins.
+    cells = [_cell(0.50, 0.92, 0.86, lr=3e-2), _cell(0.50 - 1 / 64, 1.00, 0.99, lr=1e-2), _cell(0.30, 1.0, 1.0, lr=3e-3)]
+    best = quality.select(cells)
+    assert best["recipe"]["learning_rate"] == 1e-2 and "within one sample" in best["why"]
+    # No cell meets the floors: the best mean, flagged.
+    cells = [_cell(0.9, 0.5, 0.5, lr=3e-2), _cell(0.2, 0.89, 0.84, lr=1e-2)]
+    best = quality.select(cells)
+    assert best["recipe"]["learning_rate"] == 1e-2 and best["why"].startswith("no cell met the floors")
+    assert quality.select([]) is None
+    assert "prompt fidelity >= 0.9" in quality.SELECTION_RULE and "preservation >= 0.85" in quality.SELECTION_RULE
+
+
+def test_the_sweep_grid_and_its_order_when_time_is_short():
+    variants = [v for v in quality.default_variants() if v.method in ("adapter", "full", "bypass")]
+    cells = quality.sweep_cells(variants)
+    adapter = [c for c in cells if c.variant.method == "adapter"]
+    assert {(c.recipe["learning_rate"], c.recipe["blocks"]) for c in adapter} == {
+        (lr, b) for lr in quality.SWEEP_LRS["tuner"] for b in quality.SWEEP_BLOCKS.values()}
+    assert {c.recipe["learning_rate"] for c in cells if c.variant.method == "full"} == set(quality.SWEEP_LRS["full"])
+    assert all("blocks" not in c.recipe for c in cells if c.variant.method in ("full", "bypass"))  # no blocks option
+    # Every variant's middle rate at the paper's blocks comes first.
+    assert [c.recipe["learning_rate"] for c in cells[:3]] == [1e-2, 1e-2, 1e-3]
+    assert all(c.recipe.get("blocks", ("mid", "up")) == ("mid", "up") for c in cells[:3])
+    args = quality.parse_args(["--sweep", "--jobs", "8", "--budget-min", "7"])
+    whole = quality.estimate(cells, args, "cuda")["total_s"]
+    keep, dropped = quality.fit_budget(cells, args, "cuda")
+    assert keep == cells[: len(keep)] and dropped == cells[len(keep):]
+    assert quality.estimate(keep, args, "cuda")["total_s"] <= 7 * 60 < whole or not dropped
+    # More jobs on a GPU: less wall time.
+    one = quality.estimate(cells, quality.parse_args(["--jobs", "1"]), "cuda")["total_s"]
+    assert quality.estimate(cells, args, "cuda")["total_s"] < one
+
+
+def test_child_processes_share_the_cores_and_cpu_runs_hide_the_gpu(monkeypatch):
+    monkeypatch.setattr(quality.os, "cpu_count", lambda: 16)
+    args = quality.parse_args(["--jobs", "8", "--device", "cpu"])
+    env = quality.child_env(args)
+    assert env["OMP_NUM_THREADS"] == "2" and env["GOMP_SPINCOUNT"] == "0"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["ACCELERATE_USE_CPU"] == "1"
+    env = quality.child_env(quality.parse_args(["--jobs", "1", "--device", "cuda"]))
+    assert env["OMP_NUM_THREADS"] == "16" and "ACCELERATE_USE_CPU" not in env
+
+
+def _model_copy(tmp_path):
+    """The demo model with its own demo_settings.json (the weights linked, never written)."""
+    real = quality.ROOT / "assets" / "demo-model"
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for item in real.iterdir():
+        if item.name == "demo_settings.json":
+            (copy / item.name).write_text(item.read_text())
+        else:
+            (copy / item.name).symlink_to(item)
+    return copy
+
+
+def test_recipes_are_written_to_the_model_and_read_by_the_bench_and_the_trainer(tmp_path):
+    from trainers import options
+
+    real = (quality.ROOT / "assets" / "demo-model" / "demo_settings.json").read_text()
+    model = _model_copy(tmp_path)
+    winners = {
+        "LoRA": {"method": "lora", "options": {}, "recipe": {"learning_rate": 0.03, "blocks": ["down", "mid", "up"]},
+                 "concept_fidelity": 0.4, "prompt_fidelity": 0.95, "preservation": 0.9, "why": "test"},
+        "Full fine-tuning": {"method": "full", "options": {}, "recipe": {"learning_rate": 3e-4},
+                             "concept_fidelity": 0.3, "prompt_fidelity": 0.95, "preservation": 0.9, "why": "test"},
+        "Res-Tuning (Single: ff=prompt)": {"method": "res-tuning", "options": {"tuners": {"ff": "prompt"}}, "recipe": {"learning_rate": 3e-3},
+                                           "concept_fidelity": 0.3, "prompt_fidelity": 0.95, "preservation": 0.9, "why": "test"},
+    }
+    sweep = tmp_path / "quality_sweep.json"
+    sweep.write_text(json.dumps({"winners": winners}))
+    quality.main(["--recipes-from", str(sweep), "--base", str(model)])
+    recipes = json.loads((model / "demo_settings.json").read_text())["recipes"]
+    assert recipes["lora"]["learning_rate"] == 0.03 and recipes["lora"]["blocks"] == ["down", "mid", "up"]
+    assert recipes["full"]["learning_rate"] == 3e-4 and recipes["default"] == {"learning_rate": 0.01}  # kept
+    assert "Res-Tuning (Single: ff=prompt)" in recipes and "res-tuning" not in recipes
+    # The bench's default run: each variant's own recipe, and where it came from.
+    args = quality.parse_args(["--base", str(model)])
+    by_label = {v.label: v for v in quality.default_variants()}
+    assert quality.recipe_for(by_label["LoRA"], args) == ({"learning_rate": 0.03, "blocks": ("down", "mid", "up")}, "model recipe 'lora'")
+    assert quality.recipe_for(by_label["Res-Tuning (Single: ff=prompt)"], args)[0] == {"learning_rate": 3e-3}
+    assert quality.recipe_for(by_label["Res-Tuning (Single: attn1=prefix)"], args) == ({"learning_rate": 0.01}, "model recipe 'default'")
+    assert quality.recipe_for(by_label["Full fine-tuning"], args)[0] == {"learning_rate": 3e-4}
+    given = quality.parse_args(["--base", str(model), "--learning-rate", "0.005"])
+    assert quality.recipe_for(by_label["LoRA"], given) == ({"learning_rate": 0.005}, "--learning-rate")
+    # The trainer (and so the studio) takes the method's recorded rate and blocks where none are given.
+    parsed = options.parse(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(quality.ROOT / "assets" / "concepts" / "star"),
+                            "--instance_prompt", "a sks shape", "--method", "lora"])
+    assert parsed.args.learning_rate == 0.03 and parsed.method_config.blocks == ("down", "mid", "up")
+    assert "blocks" in parsed.recipe
+    parsed = options.parse(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(quality.ROOT / "assets" / "concepts" / "star"),
+                            "--instance_prompt", "a sks shape", "--method", "lora", "--blocks", "up"])
+    assert parsed.method_config.blocks == ("up",)
+    assert (quality.ROOT / "assets" / "demo-model" / "demo_settings.json").read_text() == real
+
+
+@pytest.mark.slow
+def test_quick_sweep_in_parallel_on_the_cpu_scores_every_cell_and_records_the_winner(tmp_path):
+    real = (quality.ROOT / "assets" / "demo-model" / "demo_settings.json").read_text()
+    model = _model_copy(tmp_path)
+    out = tmp_path / "out"
+    quality.main(["--quick", "--sweep", "--jobs", "2", "--device", "cpu", "--methods", "prefix", "--base", str(model),
+                  "--write-recipes", "--work", str(tmp_path / "work"), "--out", str(out)])
+    report = json.loads((out / "quality_sweep_quick.json").read_text())
+    assert report["device"] == "cpu" and report["jobs"] == 2 and report["rule"] == quality.SELECTION_RULE
+    assert len(report["cells"]) == 4 and all(c["n"] == 4 for c in report["cells"])
+    assert {c["recipe_text"] for c in report["cells"]} == {"lr 0.003, blocks mid+up", "lr 0.03, blocks mid+up",
+                                                           "lr 0.003, blocks all", "lr 0.03, blocks all"}
+    winner = report["winners"]["Prefix"]
+    assert winner["recipe"] in [c["recipe"] for c in report["cells"]] and winner["why"]
+    recipes = json.loads((model / "demo_settings.json").read_text())["recipes"]
+    assert recipes["prefix"]["learning_rate"] == winner["recipe"]["learning_rate"]
+    assert recipes["prefix"]["blocks"] == winner["recipe"]["blocks"]
+    md = (out / "quality_sweep_quick.md").read_text()
+    assert "★" in md and "| Prefix | lr 0.03, blocks all |" in md
+    assert (quality.ROOT / "assets" / "demo-model" / "demo_settings.json").read_text() == real
+
+
+def test_a_sweeps_many_columns_render_in_groups_the_sampler_can_hold():
+    from trainers.sampling import MAX_LOADED_TUNERS
+
+    class FakeSampler:
+        widest = 0
+
+        def render(self, columns, rows):
+            self.widest = max(self.widest, len(columns))
+            return [[(c, r) for c in columns] for r in rows]
+
+    sampler = FakeSampler()
+    columns, rows = list(range(3 * MAX_LOADED_TUNERS + 2)), ["a", "b"]
+    grid = quality.render_in_groups(sampler, columns, rows)
+    assert grid == [[(c, r) for c in columns] for r in rows]
+    assert sampler.widest < MAX_LOADED_TUNERS

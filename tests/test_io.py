@@ -186,8 +186,9 @@ def test_a_fingerprint_missing_a_field_does_not_match(tiny_unet):
 
 
 def test_version_1_files_load_except_the_first_bypass_design(tmp_path, tiny_unet, unet_inputs):
-    """Format 2 changed only the Bypass: a version-1 Res-Tuning file still loads; a version-1
-    Bypass file is refused with the version named, and nothing is attached."""
+    """Format 2 changed the Bypass and Res-Prefix / Res-Prompt: a version-1 Res-Tuning file of
+    adapters still loads; a version-1 Bypass file, or one with a Res-Prefix, is refused with the
+    version named, and nothing is attached."""
     old = _rewrite(_saved(tmp_path, tiny_unet), tmp_path / "old.safetensors", format_version="1")
     fresh = build_unet("tiny")
     restuning.load(fresh, old)
@@ -198,4 +199,11 @@ def test_version_1_files_load_except_the_first_bypass_design(tmp_path, tiny_unet
     old_bypass = _rewrite(bypass, tmp_path / "old_bypass.safetensors", format_version="1")
     with pytest.raises(restuning.TunerFileError, match="bypass file of format version 1.*first Bypass design"):
         restuning.load(fresh, old_bypass)
+    assert restuning.attached(fresh) == {}
+    prefix_unet = build_unet("tiny")
+    restuning.attach(prefix_unet, restuning.ResTuningConfig(tuners={"attn1": "prefix"}))
+    old_prefix = _rewrite(restuning.save(prefix_unet, tmp_path / "prefix.safetensors"), tmp_path / "old_prefix.safetensors",
+                          format_version="1")
+    with pytest.raises(restuning.TunerFileError, match="res-tuning file of format version 1.*Res-Prefix"):
+        restuning.load(fresh, old_prefix)
     assert restuning.attached(fresh) == {}

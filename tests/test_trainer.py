@@ -551,11 +551,14 @@ def test_processes_that_accelerate_did_not_join_are_refused(tiny_model, instance
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["res-tuning", "bypass"])
-def test_instance_loss_falls_over_100_steps(method, tiny_model, instance_dir, tmp_path):
+# The Bypass at its default depth 2 corrects the input of the tiny U-Net's first up block, so its
+# correction passes two frozen random up blocks: measured over 100 steps, its loss falls 1.9% at
+# lr 1e-3 and 5.5% at 1e-2, the demo model's recipe for tuners (at depth 0: 40% at 1e-3).
+@pytest.mark.parametrize("method,lr", [("res-tuning", "1e-3"), ("bypass", "1e-2")])
+def test_instance_loss_falls_over_100_steps(method, lr, tiny_model, instance_dir, tmp_path):
     assert method in METHODS
     result = run_train(argv(tiny_model, instance_dir, tmp_path / "run", "--method", method, "--max_train_steps", 100,
-                            "--train_batch_size", 2, "--center_crop", "--checkpointing_steps", 1000))
+                            "--train_batch_size", 2, "--center_crop", "--checkpointing_steps", 1000, "--learning_rate", lr))
     losses = result.instance_losses
     windows = [sum(losses[i:i + 25]) / 25 for i in range(0, 100, 25)]
     # a trend over averaged windows (single steps are noisy: each draws its own t and noise)

@@ -43,13 +43,15 @@ def adapter_reference(t, x):
 
 
 def prefix_reference(t, x, heads):
-    return attention(layer_norm(x), t.key, t.value, heads)
+    length = t.key.shape[0]
+    return attention(layer_norm(x), t.key, t.value, heads) * (length * t.gate)
 
 
 def prompt_reference(t, x, heads):
     q = layer_norm(x) @ t.query.weight.T
     k, v = t.tokens @ t.key.weight.T, t.tokens @ t.value.weight.T
-    return attention(q, k, v, heads) @ t.out.weight.T + t.out.bias
+    length = t.tokens.shape[0]
+    return (attention(q, k, v, heads) * (length / PROMPT_WIDTH)) @ t.out.weight.T + t.out.bias
 
 
 def reference(t, x, heads=8):
@@ -113,7 +115,7 @@ def test_res_prompt_is_not_a_res_prefix_of_its_tokens():
     with torch.no_grad():
         q = layer_norm(x) @ t.query.weight.T
         keys = t.tokens @ t.key.weight.T
-        tied = attention(q, keys, keys, 8) @ t.out.weight.T + t.out.bias
+        tied = (attention(q, keys, keys, 8) * (5 / PROMPT_WIDTH)) @ t.out.weight.T + t.out.bias
         got = t(x)
     assert not torch.allclose(got, tied, atol=1e-3)
 
@@ -162,9 +164,45 @@ def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, kin
         (tiny_unet(*unet_inputs).sample - target).pow(2).mean().backward()
 
     step()
-    output_layer = {"adapter": ("up.weight",), "prefix": ("value",), "prompt": ("out.weight",)}[kind]
+    output_layer = {"adapter": ("up.weight",), "prefix": ("gate",), "prompt": ("out.weight",)}[kind]
     assert all(torch.count_nonzero(p.grad) > 0 for n, p in named if n.endswith(output_layer))
     opt.step()
     step()
     dead = [n for n, p in named if p.grad is None or torch.count_nonzero(p.grad) == 0]
     assert not dead, f"no gradient after one step: {dead[:5]}"
+
+
+def test_res_prefix_keys_learn_as_fast_as_its_values():
+    """Issue #12: with zero-initialised values every value row got the same gradient, so the keys
+    got ~1/100 of the values' (0.007 here) and the prefix stayed a near-constant bias. Random values
+    behind a zero gate: after one step the keys' gradient is of the values' size."""
+    torch.manual_seed(0)
+    t = ResPrefix(64, 10, heads=8)
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(4, 64, 64, generator=g) * 3 + 1.5, torch.randn(4, 64, 64, generator=g)
+    opt = torch.optim.AdamW(t.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        (t(x) - target).pow(2).mean().backward()
+        opt.step()
+    assert t.key.grad.norm() > 0.3 * t.value.grad.norm() > 0
+
+
+def test_every_kind_starts_at_the_same_pace_under_adam():
+    """Issue #12: Res-Prompt's W_o reads 64 channels where an adapter's W_up reads `length`, and its
+    residual outgrew its OP's output within 8 steps; L/64 on what W_o reads brings it to an adapter's
+    pace. Same input, target and optimiser, 8 steps: each kind's residual within 3x of an adapter's."""
+    sizes = {}
+    for kind in KINDS:
+        torch.manual_seed(0)
+        t = {"adapter": Adapter(320, 10), "prefix": ResPrefix(320, 10), "prompt": ResPrompt(320, 10)}[kind]
+        g = torch.Generator().manual_seed(1)
+        x, target = torch.randn(4, 64, 320, generator=g), torch.randn(4, 64, 320, generator=g)
+        opt = torch.optim.AdamW(t.parameters(), lr=1e-2)
+        for _ in range(8):
+            opt.zero_grad()
+            (t(x) - target).pow(2).mean().backward()
+            opt.step()
+        with torch.no_grad():
+            sizes[kind] = float(t(x).norm() / x.norm())
+    assert all(sizes["adapter"] / 3 < size < sizes["adapter"] * 3 for size in sizes.values()), sizes

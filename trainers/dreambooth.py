@@ -120,6 +120,13 @@ def check_inputs(args) -> tuple[list[Path], models.ModelSource, Path | None]:
     return instance_files, source, resume
 
 
+def _recipe_value(args, method_config, name: str) -> str:
+    value = getattr(args, name) if hasattr(args, name) else getattr(method_config, name, None)
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 # -- the pieces of the recipe ----------------------------------------------------------------------
 
 
@@ -435,7 +442,8 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         on_attached(pipe, handle)
     trainable = sum(p.numel() for p in params)
     if accelerator.is_main_process and options.recipe:
-        print("recipe: " + "; ".join(f"{k} {getattr(args, k):g} ({where})" for k, where in options.recipe.items()), flush=True)
+        print("recipe: " + "; ".join(f"{k} {_recipe_value(args, method_config, k)} ({where})" for k, where in options.recipe.items()),
+              flush=True)
     events.emit("info", method=method.name, method_config=method_config.to_dict(), trainable_params=trainable,
                 learning_rate=args.learning_rate, recipe=options.recipe,
                 **({"text_encoder_learning_rate": args.text_encoder_lr or args.learning_rate} if text_params else {}),

@@ -436,6 +436,26 @@ def fill_recipe(args: argparse.Namespace) -> dict:
 
 
 RECIPE_OPTIONS = ("learning_rate",)
+# Method options a model folder's recipe for that method may set (bench.quality --sweep records
+# the U-Net blocks that trained best): used where the user gives none and the method has the option.
+RECIPE_METHOD_OPTIONS = ("blocks",)
+
+
+def fill_method_recipe(args: argparse.Namespace) -> dict:
+    """Each of RECIPE_METHOD_OPTIONS the user left unset and the method has, from the model
+    folder's recipe for this method (never its "default": blocks mean different things per
+    method). Returns {option: where its value came from}."""
+    if args.method not in METHODS:
+        return {}
+    recipe = model_recipes(args.pretrained_model_name_or_path).get(args.method)
+    own = {f.name for f in dataclasses.fields(METHODS[args.method].config)}
+    filled = {}
+    for name in RECIPE_METHOD_OPTIONS:
+        value = recipe.get(name) if isinstance(recipe, dict) else None
+        if name in own and getattr(args, name, None) is None and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            setattr(args, name, ",".join(value))
+            filled[name] = f"{MODEL_SETTINGS} of the base model, for {args.method}"
+    return filled
 
 
 def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
@@ -443,6 +463,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         args.validation_prompt = [args.validation_prompt]
     if args.output_dir is None:
         args.output_dir = str(config_path.parent) if config_path else f"{args.method}-dreambooth-model"
+    method_recipe = fill_method_recipe(args)
     method_config = _method_config(args)
     for name, why in REFUSED.items():
         if _given(getattr(args, name, None)):
@@ -459,7 +480,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         args.validation_steps = args.validation_epochs * per_epoch
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
-    recipe = fill_recipe(args)
+    recipe = {**method_recipe, **fill_recipe(args)}
     if args.scale_lr and args.learning_rate is not None:
         factor = args.train_batch_size * args.gradient_accumulation_steps * _world_size()
         args.learning_rate *= factor

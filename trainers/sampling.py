@@ -88,8 +88,12 @@ class Settings:
 class Sampler:
     """Holds one base pipeline and the tuners loaded into its U-Net; renders grids."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, rows_per_call: int = 1):
         self.pipe = pipe
+        # A column of its own (LoRA, full fine-tuning) renders up to this many rows per pipeline
+        # call, each row with its own prompt and seeded generator (the same starting noise as a
+        # call of its own); 1 keeps one call per row.
+        self.rows_per_call = max(1, int(rows_per_call))
         self._names: OrderedDict[str, str] = OrderedDict()  # tuner file key -> attached name
         self._lock = threading.Lock()
 
@@ -144,9 +148,11 @@ class Sampler:
                 for i in solo:
                     self._set_scales(columns, names, active=[i])
                     with self._unet_of(columns[i]), restuning.route([names[i]]):
-                        for r, settings in enumerate(rows):
-                            grid[r][i] = self._call(settings, 1, tick(f"row {r + 1}: {columns[i].label}"))[0]
-                            done[0] += 1
+                        for chunk in self._chunks(rows):
+                            images = self._call_rows([rows[r] for r in chunk], tick(f"rows {chunk[0] + 1}-{chunk[-1] + 1}: {columns[i].label}"))
+                            for r, image in zip(chunk, images):
+                                grid[r][i] = image
+                            done[0] += len(chunk)
             except torch.OutOfMemoryError:
                 raise SamplingError(out_of_memory_message(self.pipe.device, len(routable))) from None
             finally:
@@ -161,6 +167,36 @@ class Sampler:
 
     def _unet_of(self, column: Column):
         return _SwapUnet(self.pipe, column.unet_dir)
+
+    def _chunks(self, rows: list[Settings]) -> list[list[int]]:
+        """Row indices grouped into pipeline calls: consecutive rows that differ only in prompt
+        and seed, at most rows_per_call of them."""
+        chunks: list[list[int]] = []
+        for r, settings in enumerate(rows):
+            shared = {k: v for k, v in settings.to_dict().items() if k not in ("prompt", "seed")}
+            if chunks and len(chunks[-1]) < self.rows_per_call and shared == {
+                    k: v for k, v in rows[chunks[-1][0]].to_dict().items() if k not in ("prompt", "seed")}:
+                chunks[-1].append(r)
+            else:
+                chunks.append([r])
+        return chunks
+
+    def _call_rows(self, rows: list[Settings], on_step) -> list[Image.Image]:
+        if len(rows) == 1:
+            return self._call(rows[0], 1, on_step)
+        first = rows[0]
+        self.pipe.scheduler = scheduler_from_name(first.scheduler, self.pipe.scheduler.config)
+        out = self.pipe(
+            prompt=[r.prompt for r in rows],
+            negative_prompt=[first.negative_prompt] * len(rows) if first.negative_prompt else None,
+            num_inference_steps=int(first.steps),
+            guidance_scale=float(first.guidance),
+            generator=[torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in rows],
+            height=first.height,
+            width=first.width,
+            callback_on_step_end=on_step,
+        )
+        return out.images
 
     def _call(self, settings: Settings, batch: int, on_step) -> list[Image.Image]:
         self.pipe.scheduler = scheduler_from_name(settings.scheduler, self.pipe.scheduler.config)

@@ -98,8 +98,8 @@ def _make(kind: str, channels: int, dim: int, heads: int) -> nn.Module:
 
 
 def _wake(module: nn.Module) -> None:
-    """Randomly initialise a tuner's zero-initialised output layer (PyTorch's default init for
-    layers; 1/sqrt(C) for Res-Prefix's values, the scale of its keys' softmax-weighted mean)."""
+    """Start each tuner's zero-initialised output layer live: PyTorch's default init for layers,
+    and Res-Prefix's gate at 1/gain, so that it passes its (random) values' mixture as it is."""
     for layer in module.modules():
         if isinstance(layer, (Convpass, Adapter)):
             layer.up.reset_parameters()
@@ -107,7 +107,7 @@ def _wake(module: nn.Module) -> None:
             layer.out.reset_parameters()
         elif isinstance(layer, ResPrefix):
             with torch.no_grad():
-                layer.value.normal_(0, 1 / math.sqrt(layer.value.shape[-1]))
+                layer.gate.fill_(1.0 / layer.gain)
 
 
 def apply_tuner(tuner: nn.Module, x: Tensor) -> Tensor:
