@@ -58,6 +58,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .options import DEMO_MODEL, OptionError
+
 GIB = 2**30
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SD1_CONFIGS = REPO_ROOT / "assets" / "sd-configs" / "sd-v1"
@@ -77,10 +79,11 @@ CLOSE = 0.85
 # Environment
 SHARE_ENV = "RESTUNING_RUN_MEMORY_SHARE"  # the most of the machine's memory one run may take (0..1)
 CHECK_ENV = "RESTUNING_MEMORY_CHECK"  # "off": no refusal (the estimate is still shown and logged)
+CUDA_CAP_ENV = "RESTUNING_CUDA_MEMORY_CAP"  # bytes of the card a studio run may allocate (set by trainers.jobs)
 DEFAULT_SHARE = 0.8
 
 
-class MemoryRefused(ValueError):
+class MemoryRefused(OptionError):
     """A run that cannot fit on this device; the message names the estimate, the room and the
     options to lower."""
 
@@ -288,7 +291,7 @@ def estimate(options, device: str = "cpu") -> Estimate | None:
 def estimate_config(config: dict, device: str = "cpu") -> Estimate | None:
     """The estimate from a run's config dict (config.json, the studio's form); None if the
     options do not parse (the form says why) or the model's configs cannot be read."""
-    from .options import OptionError, from_dict
+    from .options import from_dict
 
     values = {k: v for k, v in dict(config).items() if k not in ("instance_data_dir", "output_dir", "resume_from_checkpoint")}
     try:
@@ -466,6 +469,15 @@ def check_enabled() -> bool:
     return os.environ.get(CHECK_ENV, "on").strip().lower() not in ("off", "0", "no", "false")
 
 
+def run_device() -> str:
+    """The device this trainer process will train on, as accelerate will choose it."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def check(options, device: str, *, queued: bool = False) -> Verdict:
     """The trainer's check before it loads anything: MemoryRefused for a run that cannot fit
     (unless RESTUNING_MEMORY_CHECK=off), else the verdict (its message: a warning when close)."""
@@ -486,6 +498,21 @@ def run_cap(est: Estimate | None, limit: int) -> int:
     if est is None:
         return int(limit)
     return int(min(limit, max(est.total * 1.5, est.total + 2 * GIB)))
+
+
+def cap_cuda(device) -> int | None:
+    """In the trainer: hold this process to RESTUNING_CUDA_MEMORY_CAP bytes of its GPU
+    (torch.cuda.set_per_process_memory_fraction), so a run over its cap fails with CUDA's out of
+    memory, alone. An address-space limit cannot do it: the CUDA driver maps far more address
+    space than any memory it uses."""
+    value = os.environ.get(CUDA_CAP_ENV, "")
+    if not value.isdigit() or getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return None
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, int(value) / total), device)
+    return int(value)
 
 
 def line(verdict: Verdict) -> str:
