@@ -149,7 +149,7 @@ def test_the_estimate_line_follows_the_options(tmp_path):
 def test_a_run_over_its_cap_fails_saying_so_and_the_scheduler_goes_on(tmp_path, images):  # noqa: F811
     runner = make_runner(tmp_path / "runs", run_memory_cap=200 * 2**20)
     greedy = runner.submit({"max_train_steps": 200, "fake_touch_mb": 400, "fake_step_seconds": 0.05}, images)
-    modest = runner.submit({"max_train_steps": 3}, images)
+    modest = runner.submit({"max_train_steps": 3, "fake_touch_mb": 0}, images)  # a fake key: no estimate to compute
     info = wait_for(runner, greedy, {"failed", "done"})
     assert info.status == "failed"
     assert info.error.startswith("ran out of the memory allowed for a run: 0.2 GiB")
@@ -182,3 +182,12 @@ def test_a_gpu_run_gets_its_cap_on_the_card_through_the_environment(tmp_path, im
     env = next(e["env"] for e in runner.events(run_id) if e.get("env") is not None)
     assert int(env[memory.CUDA_CAP_ENV]) == int(80 * GIB * memory.memory_share())
     assert memory.cap_cuda("cpu") is None, "no cap where there is no GPU"
+
+
+def test_a_run_adopted_after_a_restart_is_still_held_to_its_cap(tmp_path, images):  # noqa: F811
+    first = make_runner(tmp_path / "runs", run_memory_cap=200 * 2**20)
+    greedy = first.submit({"max_train_steps": 200, "fake_touch_mb": 400, "fake_step_seconds": 0.05}, images)
+    first.tick()  # launched; then the studio "restarts": a new runner adopts the live run
+    assert (first.run_dir(greedy) / "process.json").exists()
+    info = wait_for(make_runner(tmp_path / "runs"), greedy, {"failed", "done"})
+    assert info.status == "failed" and info.error.startswith("ran out of the memory allowed for a run: 0.2 GiB")

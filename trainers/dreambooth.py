@@ -364,8 +364,6 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
             f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
             "without GPUs, set ACCELERATE_USE_CPU=1 (or choose the CPU in `accelerate config`)")
     events.enabled = accelerator.is_main_process
-    if verdict.estimate is not None:
-        events.emit("info", memory_estimate=verdict.estimate.total, memory_verdict=verdict.level, memory_message=verdict.message)
     memory.cap_cuda(accelerator.device)  # the studio's per-run cap on a GPU (RESTUNING_CUDA_MEMORY_CAP)
     if accelerator.is_main_process:
         for note in notes + opts.compat_notes(args):
@@ -437,7 +435,8 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
                 learning_rate=args.learning_rate, recipe=options.recipe,
                 total_params=sum(p.numel() for p in unet.parameters()), device=str(accelerator.device),
                 num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
-                attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling)
+                attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling,
+                memory_estimate=verdict.estimate.total if verdict.estimate else None, memory=verdict.message)
 
     # 4. prompts: the text encoder is frozen, so each prompt's embedding is computed once
     limit = args.tokenizer_max_length or pipe.tokenizer.model_max_length

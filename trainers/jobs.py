@@ -64,7 +64,8 @@ def default_memory_limit(per_device: int = 1) -> int:
 
 
 MEMORY_CAP_HINT = ("lower the batch size, the resolution or the validation images, or turn on gradient checkpointing "
-                   f"(the Train tab's memory estimate shows what fits; {memory.SHARE_ENV} sets the share of the machine a run may take)")
+                   f"(the Train tab's memory estimate shows what fits; {memory.SHARE_ENV} sets the share of the machine "
+                   "a run may take)")
 
 
 def memory_cap_message(cap: int) -> str:
@@ -629,8 +630,11 @@ class JobRunner:
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
             if self._alive(run_id, path):  # a run still exiting after its final phase holds its device too
-                device = _read_json(path / PROCESS_FILE).get("device", "")
+                record = _read_json(path / PROCESS_FILE)
+                device = record.get("device", "")
                 busy[device] = busy.get(device, 0) + 1
+                if run_id not in self._children:  # adopted after a restart of the studio: still held to its cap
+                    self._watch_memory(run_id, record)
         return busy
 
     def _launch(self, run_id: str, device: str) -> None:

@@ -53,12 +53,12 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .options import DEMO_MODEL, OptionError
+from .options import DEMO_MODEL, OptionError  # noqa: F401 - DEMO_MODEL for callers
 
 GIB = 2**30
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -295,7 +295,8 @@ def estimate_config(config: dict, device: str = "cpu") -> Estimate | None:
 
     values = {k: v for k, v in dict(config).items() if k not in ("instance_data_dir", "output_dir", "resume_from_checkpoint")}
     try:
-        options = from_dict({"instance_prompt": "x", **values, "instance_data_dir": "instance", "output_dir": str(REPO_ROOT)})
+        options = from_dict({"instance_prompt": "x", **values, "instance_data_dir": "instance",
+                             "output_dir": tempfile.gettempdir()})
     except (OptionError, ValueError, TypeError):
         return None
     return estimate(options, device)
@@ -317,7 +318,8 @@ def memory_share() -> float:
 def _cgroup_room() -> tuple[int | None, int | None]:
     """(limit, usage) of this process's cgroup (v2, else v1); None where there is none."""
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
             text = Path(limit_file).read_text().strip()
         except OSError:
@@ -434,9 +436,11 @@ def advice(est: Estimate, facts: ModelFacts, limit: int) -> str:
     if together != base:
         new = estimate_parts(facts, s["trainable"], s["kind"], **together)
         if new.total <= limit:
-            return f"lower all of batch size, resolution and validation images, and turn on the memory savers (about {new.gib():.1f} GiB)"
+            return ("lower all of batch size, resolution and validation images, and turn on the memory savers "
+                    f"(about {new.gib():.1f} GiB)")
     if s["kind"] != "beside":
-        return "use the Res-Tuning-Bypass method (no gradient through the backbone), a lower resolution, or a device with more memory"
+        return ("use the Res-Tuning-Bypass method (no gradient through the backbone), a lower resolution, "
+                "or a device with more memory")
     return "use a device with more memory"
 
 
@@ -451,7 +455,8 @@ def judge(est: Estimate | None, room: Room, facts: ModelFacts | None = None, *, 
     if queued or room.limit <= room.free:
         limit, allowed = room.limit, f"a run may use {room.limit / GIB:.1f} GiB ({room.where})"
     else:
-        limit, allowed = room.free, f"the {what} has {room.free / GIB:.1f} GiB free now (a run may use {room.limit / GIB:.1f} GiB: {room.where})"
+        limit = room.free
+        allowed = f"the {what} has {room.free / GIB:.1f} GiB free now (a run may use {room.limit / GIB:.1f} GiB: {room.where})"
     head = f"this run needs about {need / GIB:.1f} GiB ({est.summary()})"
     if need > limit:
         lower = advice(est, facts, limit) if facts is not None else "lower the batch size or the resolution"
@@ -552,7 +557,8 @@ def calibration_table() -> list[dict]:
             value = est.total - (est.parts["overhead"] if device == "cuda" else 0)
             case = row["case"] + (f" ({row['key']})" if row in data.get("variants", []) else "")
             rows.append({"source": name, "case": case, "device": device, "resolution": s["resolution"], "batch": s["batch"],
-                         "precision": precision, "estimate_gib": round(value / GIB, 2), "measured_gib": round(row["peak_bytes"] / GIB, 2)})
+                         "precision": precision, "estimate_gib": round(value / GIB, 2),
+                         "measured_gib": round(row["peak_bytes"] / GIB, 2)})
     return rows
 
 
@@ -560,8 +566,8 @@ def calibration_table() -> list[dict]:
 # validation at the end, peak RSS of the process (/usr/bin/time -v), this CPU, 2026-11-27.
 DEMO_RUNS = [
     ({"method": "res-tuning", "resolution": 64, "train_batch_size": 1, "num_validation_images": 2}, 0.475),
-    ({"method": "res-tuning", "resolution": 64, "train_batch_size": 4, "num_validation_images": 4, "with_prior_preservation": True,
-      "class_prompt": "a shape", "num_class_images": 8}, 0.519),
+    ({"method": "res-tuning", "resolution": 64, "train_batch_size": 4, "num_validation_images": 4,
+      "with_prior_preservation": True, "class_prompt": "a shape", "num_class_images": 8}, 0.519),
     ({"method": "full", "resolution": 64, "train_batch_size": 4, "num_validation_images": 2}, 0.540),
     ({"method": "lora", "resolution": 256, "train_batch_size": 16, "num_validation_images": 4}, 1.877),
 ]
@@ -571,9 +577,9 @@ def demo_rows() -> list[dict]:
     rows = []
     for config, measured in DEMO_RUNS:
         est = estimate_config({**config, "instance_prompt": "a sks shape", "validation_prompt": ["a sks shape"]}, "cpu")
-        rows.append({"source": "demo model CLI run", "case": config["method"], "device": "cpu", "resolution": config["resolution"],
-                     "batch": config["train_batch_size"], "precision": "fp32", "estimate_gib": round(est.gib(), 2),
-                     "measured_gib": measured, "settings": config})
+        rows.append({"source": "demo model CLI run", "case": config["method"], "device": "cpu",
+                     "resolution": config["resolution"], "batch": config["train_batch_size"], "precision": "fp32",
+                     "estimate_gib": round(est.gib(), 2), "measured_gib": measured, "settings": config})
     return rows
 
 
