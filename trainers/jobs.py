@@ -707,9 +707,10 @@ class JobRunner:
             return
         path = self.runs_dir / run_id
         self._signal(record, signal.SIGKILL)
-        if last_phase(read_events(path)) not in FINAL_PHASES:
-            EventLog(path).phase("failed", error=f"{memory_cap_message(cap)} (its processes held {used / 2**30:.1f} GiB)",
-                                 hint=MEMORY_CAP_HINT)
+        if last_phase(read_events(path)) in FINAL_PHASES:
+            return  # said already (a process dying slowly is seen over its cap more than once)
+        EventLog(path).phase("failed", error=f"{memory_cap_message(cap)} (its processes held {used / 2**30:.1f} GiB)",
+                             hint=MEMORY_CAP_HINT)
         with open(path / LOG_FILE, "ab") as log:
             log.write(f"studio: stopped: {memory_cap_message(cap)}; its processes held {used / 2**30:.1f} GiB\n".encode())
 
