@@ -160,3 +160,19 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     page.get_by_role("tab", name="Train").click()
     page.click("#live-cancel")
     page.wait_for_selector("#live-progress [data-status=cancelled]", timeout=120_000)
+
+
+def test_the_memory_estimate_beside_train_follows_the_options(page):
+    """Issue 13, item 4: the estimate line is there as the page opens and changes with the batch
+    size and the resolution, without a model being loaded."""
+    page.wait_for_selector("#memory-estimate")
+    wait_text(page, "#memory-estimate", "Memory estimate")
+    first = page.inner_text("#memory-estimate")
+    assert "GiB" in first and "a run may use" in first
+    page.click("#advanced .label-wrap")
+    fill(page, "train_batch_size", 16)
+    fill(page, "resolution", 256)
+    page.wait_for_function("(before) => document.querySelector('#memory-estimate').innerText !== before", arg=first,
+                           timeout=30_000)
+    gib = [float(re.search(r"([\d.]+) GiB", text).group(1)) for text in (first, page.inner_text("#memory-estimate"))]
+    assert gib[1] > gib[0]
