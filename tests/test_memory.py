@@ -191,3 +191,23 @@ def test_a_run_adopted_after_a_restart_is_still_held_to_its_cap(tmp_path, images
     assert (first.run_dir(greedy) / "process.json").exists()
     info = wait_for(make_runner(tmp_path / "runs"), greedy, {"failed", "done"})
     assert info.status == "failed" and info.error.startswith("ran out of the memory allowed for a run: 0.2 GiB")
+
+
+def test_the_trainers_check_warns_when_close_refuses_when_over_and_can_be_turned_off(monkeypatch, tmp_path):
+    from trainers.options import from_dict
+
+    options = from_dict({"instance_prompt": "a sks shape", "instance_data_dir": CONCEPT, "output_dir": str(tmp_path),
+                         "resolution": 64})
+    need = memory.estimate(options, "cpu").total
+
+    def room(limit):
+        monkeypatch.setattr(memory, "device_room", lambda device, share=None: memory.Room("cpu", limit, 64 * GIB, 64 * GIB, "r"))
+
+    room(int(need / 0.9))
+    verdict = memory.check(options, "cpu")
+    assert verdict.level == "close" and "it may run out of memory" in verdict.message
+    room(int(need * 0.9))
+    with pytest.raises(memory.MemoryRefused, match=f"{memory.CHECK_ENV}=off skips it"):
+        memory.check(options, "cpu")
+    monkeypatch.setenv(memory.CHECK_ENV, "off")
+    assert memory.check(options, "cpu").level == "too-big", "told, not refused"

@@ -346,7 +346,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     instance_files, source, resume = check_inputs(args)
     device = memory.run_device()
     verdict = memory.check(options, device)  # MemoryRefused (an OptionError) before anything is loaded
-    if verdict.level == "close" and _is_main_process():
+    if verdict.level in ("close", "too-big") and _is_main_process():  # too-big: only with the check off
         print(f"warning: {verdict.message}", flush=True)
 
     log_with, notes = trackers(args.report_to)
