@@ -22,11 +22,14 @@ device, no weights read; the method's trainable count from attaching it to that 
                  latent pixels = (resolution / VAE scale)^2, and arch the U-Net's activation size per
                  latent pixel relative to SD v1.5 (channels x layers per level / 4^level, attention
                  levels x3: 1.0 for SD v1.5, 0.040 for the bundled demo model)
-    sampling   = validation images: the U-Net at batch 2 x images (guidance) under no_grad,
-                 k_infer x units, and the VAE decoding them: 0.1 + 0.97 GiB x images x (res/512)^2
-                 x (VAE top channels / 128), halved in half precision; grads are freed by then
-    overhead   = the process: Python, torch, diffusers, transformers, accelerate (0.5 GiB on CPU);
-                 on CUDA the context and the caching allocator's slack (1.0 GiB of the card)
+    sampling   = validation images (or, with prior preservation, a batch of class images if larger):
+                 the U-Net at batch 2 x images (guidance) under no_grad, k_infer x units, and the VAE
+                 decoding them all at once: 0.1 + 0.97 GiB x images x (res/512)^2 x (VAE top
+                 channels / 128), halved in half precision (assumed); grads are freed by then
+    overhead   = the trainer process: Python, torch, diffusers, transformers, accelerate (0.5 GiB
+                 on CPU); on CUDA the context and the caching allocator's slack (1.0 GiB of the
+                 card, assumed, not measured). `accelerate launch` itself holds about 0.2 GiB more
+                 (measured on the demo model); each run's cap has headroom for it
     peak       = overhead + weights + optimizer + max(grads + activations, sampling)
 
 Calibration, SD v1.5 U-Net, GiB per 1024 latent pixels x sample (k):
@@ -43,10 +46,14 @@ RSS of one training step of the U-Net alone, in a fresh process); the CUDA colum
 bench/results/gpu_check_h200.json (torch.cuda.max_memory_allocated, 512 px, batch 8, fp16); the
 0.25 for gradient checkpointing to that file's full fine-tuning variant (0.16 measured, 0.25 kept
 to stay on the safe side); the VAE decode to SD v1.5's VAE decoding 1 and 2 latents at 256 and
-512 px on this CPU (+0.37, +0.96, +1.95 GiB); the overhead and the arch scale to the demo model's
-own CLI runs. bf16 on a CPU takes half the fp32 figure, fp32 on CUDA twice the half one
-(not measured). tests/test_memory.py holds the table of estimate against measurement and the
-tolerance (20%; the estimate leans high); `python -m trainers.memory` prints it.
+512 px on this CPU (+0.37, +0.96, +1.95 GiB); the overhead to the demo model's own CLI runs. The
+arch scale is computed from the config, not fitted: the demo model's runs check it (LoRA at 256 px,
+batch 16, where its activations dominate: 1.03x). bf16 on a CPU takes half the fp32 figure, fp32
+on CUDA twice the half one (not measured). tests/test_memory.py holds every row of the table of
+estimate against measurement within 0.90-1.20x (the estimate leans high); `python -m
+trainers.memory` prints it, `--write` into bench/results/memory_estimate.md. Not measured at
+all: full fine-tuning at 512 px on a CPU, SD 2.x models (a single-file 2.x checkpoint is
+estimated with SD 1.x's configs), several processes per run.
 """
 
 from __future__ import annotations
