@@ -128,7 +128,8 @@ def cap_check() -> dict:
                 time.sleep(0.5)
             record = json.loads((info.dir / "process.json").read_text())
             out[name] = {"status": info.status, "error": info.error[:300], "hint": info.hint[:400],
-                         "memory_cap": record.get("memory_cap"), "estimate": json.loads((info.dir / "job.json").read_text()).get("memory_estimate"),
+                         "memory_cap": record.get("memory_cap"),
+                         "estimate": json.loads((info.dir / "job.json").read_text()).get("memory_estimate"),
                          "log_tail": (info.dir / "train.log").read_text()[-1500:]}
             print(name, json.dumps({k: v for k, v in out[name].items() if k != "log_tail"}, indent=1), flush=True)
     return out
