@@ -170,10 +170,10 @@ def test_the_memory_estimate_beside_train_follows_the_options(page):
     first = page.inner_text("#memory-estimate")
     assert "GiB" in first and "a run may use" in first
     page.click("#advanced .label-wrap")
-    fill(page, "train_batch_size", 16)
     fill(page, "resolution", 256)
-    # generous: the runs the tests above left training share the cores with this page's handlers
-    page.wait_for_function("(before) => document.querySelector('#memory-estimate').innerText !== before", arg=first,
+    fill(page, "train_batch_size", 16)
+    # generous: the runs the tests above left training share the cores with this page's handlers;
+    # each change answers on its own, so wait for the figure itself to grow, not for any change
+    page.wait_for_function("(before) => { const m = document.querySelector('#memory-estimate').innerText.match(/([\\d.]+) GiB/);"
+                           " return !!m && parseFloat(m[1]) > before; }", arg=float(re.search(r"([\d.]+) GiB", first).group(1)),
                            timeout=120_000)
-    gib = [float(re.search(r"([\d.]+) GiB", text).group(1)) for text in (first, page.inner_text("#memory-estimate"))]
-    assert gib[1] > gib[0]
