@@ -3,8 +3,9 @@
 SIGTERM checkpoints, writes `cancelled` and exits. Extra config keys steer it in tests:
 fake_step_seconds (pace), fake_crash_at (step at which it dies without a word), fake_save_seconds
 (time the checkpoint on SIGTERM takes), fake_report_env (environment variables it reports in its
-info event), fake_reserve_mb (address space it reserves at start, untouched), fake_fail_with (an
-error it reports as the real trainer does, then exits 1). Its info event carries its pid."""
+info event), fake_reserve_mb (address space it reserves at start, untouched), fake_touch_mb (memory it
+fills at start: resident, as a training step's tensors are), fake_fail_with (an error it reports as
+the real trainer does, then exits 1). Its info event carries its pid."""
 
 import argparse
 import json
@@ -52,6 +53,7 @@ def main():
              env={name: os.environ.get(name) for name in config.get("fake_report_env", [])})
     if config.get("fake_reserve_mb"):
         mmap.mmap(-1, int(config["fake_reserve_mb"]) * 2**20)
+    held = b"\x01" * (int(config.get("fake_touch_mb", 0)) * 2**20)  # noqa: F841 - resident until the end
     if config.get("fake_fail_with"):
         print(f"error: {config['fake_fail_with']}", file=sys.stderr, flush=True)
         log.phase("failed", error=config["fake_fail_with"], hint="fix the input and start again")

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import artifacts, data, models
+from . import artifacts, data, memory, models
 from . import options as opts
 from .events import EventLog
 from .images import ImageError, check_folder
@@ -356,6 +356,10 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     method = METHODS[method_config.method]
     output_dir = Path(args.output_dir)
     instance_files, source, resume = check_inputs(args)
+    device = memory.run_device()
+    verdict = memory.check(options, device)  # MemoryRefused (an OptionError) before anything is loaded
+    if verdict.level in ("close", "too-big") and _is_main_process():  # too-big: only with the check off
+        print(f"warning: {verdict.message}", flush=True)
 
     log_with, notes = trackers(args.report_to)
     try:
@@ -372,6 +376,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
             f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
             "without GPUs, set ACCELERATE_USE_CPU=1 (or choose the CPU in `accelerate config`)")
     events.enabled = accelerator.is_main_process
+    memory.cap_cuda(accelerator.device)  # the studio's per-run cap on a GPU (RESTUNING_CUDA_MEMORY_CAP)
     if accelerator.is_main_process:
         for note in notes + opts.compat_notes(args):
             print(note, flush=True)
@@ -449,7 +454,8 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
                 **({"text_encoder_learning_rate": args.text_encoder_lr or args.learning_rate} if text_params else {}),
                 total_params=sum(p.numel() for p in unet.parameters()), device=str(accelerator.device),
                 num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
-                attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling)
+                attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling,
+                memory_estimate=verdict.estimate.total if verdict.estimate else None, memory=verdict.message)
 
     # 4. prompts: each prompt's embedding is computed once while the text encoder is frozen, every
     # step when its LoRA trains
@@ -696,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         print("cancelled", file=sys.stderr)
         return 0
     except (opts.OptionError, ImageError, models.ModelError) as exc:
-        events.phase("failed", error=str(exc), hint="fix the input and start again")
+        hint = (f"lower what it names, or set {memory.CHECK_ENV}=off to start it anyway"
+                if isinstance(exc, memory.MemoryRefused) else "fix the input and start again")
+        events.phase("failed", error=str(exc), hint=hint)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - any failure must end as a `failed` event the studio can show

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import psutil
 
+from . import memory
 from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events, scan_events
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,14 +55,21 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 LOG_TAIL_LINES = 30
 
 
-MEMORY_SHARE = 0.8  # of the machine's memory, for all the CPU runs one device holds at once
-
-
 def default_memory_limit(per_device: int = 1) -> int:
-    """Bytes of address space one CPU run may take: its share of the machine's memory, so a run
-    asking for too much fails alone (with the trainer's out-of-memory message) instead of
-    driving the host, and the studio serving it, into swapless exhaustion."""
-    return int(psutil.virtual_memory().total * MEMORY_SHARE / max(1, per_device))
+    """Bytes of address space one CPU run may take: its share of the machine's memory
+    (RESTUNING_RUN_MEMORY_SHARE, default 0.8, of the machine or its container), so a run asking
+    for too much fails alone (with the trainer's out-of-memory message) instead of driving the
+    host, and the studio serving it, into swapless exhaustion."""
+    return int(memory.host_room().limit / max(1, per_device))
+
+
+MEMORY_CAP_HINT = ("lower the batch size, the resolution or the validation images, or turn on gradient checkpointing "
+                   f"(the Train tab's memory estimate shows what fits; {memory.SHARE_ENV} sets the share of the machine "
+                   "a run may take)")
+
+
+def memory_cap_message(cap: int) -> str:
+    return f"ran out of the memory allowed for a run: {cap / 2**30:.1f} GiB"
 
 
 class JobError(ValueError):
@@ -230,15 +238,25 @@ class JobRunner:
     def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
                  command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5,
                  max_active_per_owner: int | None = None, unguessable_ids: bool = False,
-                 memory_limit: int | None = -1):
-        """`memory_limit`: bytes of address space per CPU run (-1: default_memory_limit, None:
-        no cap). CUDA runs are not capped this way: the CUDA driver reserves address space far
-        beyond any memory it uses."""
+                 memory_limit: int | None = -1, memory_check: bool | None = None, run_memory_cap: int | None = None):
+        """Memory, three ways (trainers/memory.py):
+        - before a run is queued its peak is estimated and a run that cannot fit on the device is
+          refused (`memory_check`: default on unless RESTUNING_MEMORY_CHECK=off);
+        - each run gets a cap, its estimate with headroom and never more than its share of the
+          machine or card (RESTUNING_RUN_MEMORY_SHARE): on the CPU a watchdog on the resident
+          memory of its process group kills it when over, on a GPU the trainer holds itself to the
+          cap (torch.cuda.set_per_process_memory_fraction). `run_memory_cap`: one fixed cap in
+          bytes for every run instead;
+        - `memory_limit`: bytes of address space per CPU run, a backstop for what the watchdog
+          cannot see in time (-1: default_memory_limit, None: none). CUDA runs are not limited
+          this way: the CUDA driver reserves address space far beyond any memory it uses."""
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) if devices else detect_devices()
         self.per_device = max(1, int(per_device))
         self.memory_limit = default_memory_limit(self.per_device) if memory_limit == -1 else memory_limit
+        self.memory_check = memory.check_enabled() if memory_check is None else memory_check
+        self.run_memory_cap = run_memory_cap
         self.command = command
         self.poll_seconds = poll_seconds
         self.kill_after = kill_after
@@ -295,6 +313,7 @@ class JobRunner:
         """
         # checked and queued under one lock: parallel submissions of one visitor cannot all pass
         # the limit before any of them is counted
+        verdict = self.check_memory(config)  # before any folder exists: a refused run leaves nothing
         with self._lock:
             self.check_owner_limit(owner, batch)
             run_id, path = self.new_run_dir(label or str(config.get("method", "")))
@@ -306,7 +325,10 @@ class JobRunner:
                         raise JobError(f"unsafe image file name {name!r}")
                     shutil.copyfile(src, instance / name)
                 now = time.time()
-                _write_json(path / JOB_FILE, {"label": label, "group": group, "created": now, "queued_at": now, "owner": owner})
+                job = {"label": label, "group": group, "created": now, "queued_at": now, "owner": owner}
+                if verdict.estimate is not None:
+                    job["memory_estimate"] = verdict.estimate.total
+                _write_json(path / JOB_FILE, job)
                 self._write_config(path, dict(config))
                 EventLog(path).phase("queued")
             except BaseException:
@@ -337,6 +359,31 @@ class JobRunner:
             shutil.rmtree(path, ignore_errors=True)
             raise
         return run_id
+
+    def memory_room(self, device: str | None = None) -> memory.Room:
+        """What one run may use on `device` (the first of this runner's): its share of the card,
+        or of the machine divided among the runs a CPU holds at once."""
+        device = device or self.devices[0]
+        room = memory.device_room(device)
+        if not device.startswith("cuda") and self.per_device > 1:
+            room.limit //= self.per_device
+            room.where += f", shared by {self.per_device} runs at once"
+        return room
+
+    def memory_verdict(self, config: dict) -> memory.Verdict:
+        """The estimate of a run of `config` against what a run may use here (trainers.memory)."""
+        device = self.devices[0]
+        est = memory.estimate_config(config, device)
+        facts = memory.model_facts(str(config.get("pretrained_model_name_or_path") or memory.DEMO_MODEL)) if est else None
+        return memory.judge(est, self.memory_room(device), facts, queued=True)
+
+    def check_memory(self, config: dict) -> memory.Verdict:
+        """JobError for a run whose estimate does not fit what a run may use on this device
+        (unless the check is off); else the verdict, whose message warns when it is close."""
+        verdict = self.memory_verdict(config)
+        if verdict.level == "too-big" and self.memory_check:
+            raise JobError(f"not queued: {verdict.message}")
+        return verdict
 
     def _write_config(self, path: Path, config: dict) -> None:
         config["instance_data_dir"] = str(path / INSTANCE_DIR)
@@ -408,10 +455,13 @@ class JobRunner:
         if status == "failed":
             info.error = str(final.get("error") or "the training process stopped without reporting why")
             info.hint = str(final.get("hint") or "")
-            limit = _read_json(path / PROCESS_FILE).get("memory_limit")
-            if isinstance(limit, int) and MEMORY_WORDS.search(info.error + "\n" + "\n".join(log_tail(path, 5))):
-                info.hint = (f"each run on this machine may use at most {limit / 2**30:.1f} GB of memory; "
-                             + (info.hint or "lower the resolution, the batch size or the number of validation images"))
+            record = _read_json(path / PROCESS_FILE)
+            # on a GPU the trainer's own cap on the card; on the CPU the address-space limit (the
+            # watchdog's kill says its cap in the error already)
+            limit = record.get("memory_cap") if str(record.get("device", "")).startswith("cuda") else record.get("memory_limit")
+            if (isinstance(limit, int) and "allowed for a run" not in info.error
+                    and MEMORY_WORDS.search(info.error + "\n" + "\n".join(log_tail(path, 5)))):
+                info.hint = f"{memory_cap_message(limit)}; " + (info.hint or MEMORY_CAP_HINT)
         # the trainer's own error and hint say what went wrong; the log's last lines are shown when
         # nothing else does (a process that died without a word: the runner's event carries them)
         if status == "cancelled" or (status == "failed" and (final.get("phase") != "failed" or "log_tail" in final)):
@@ -546,6 +596,8 @@ class JobRunner:
             for run_id, child in list(self._children.items()):
                 record = _read_json(self.runs_dir / run_id / PROCESS_FILE)
                 ours = record.get("pid") == child.pid
+                if ours and child.poll() is None:
+                    self._watch_memory(run_id, record)
                 if child.poll() is not None and not (ours and _process_alive(record)):
                     del self._children[run_id]
                     if ours:
@@ -578,8 +630,11 @@ class JobRunner:
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
             if self._alive(run_id, path):  # a run still exiting after its final phase holds its device too
-                device = _read_json(path / PROCESS_FILE).get("device", "")
+                record = _read_json(path / PROCESS_FILE)
+                device = record.get("device", "")
                 busy[device] = busy.get(device, 0) + 1
+                if run_id not in self._children:  # adopted after a restart of the studio: still held to its cap
+                    self._watch_memory(run_id, record)
         return busy
 
     def _launch(self, run_id: str, device: str) -> None:
@@ -593,6 +648,9 @@ class JobRunner:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         if device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        cap = self._run_cap(path, device)
+        if device.startswith("cuda:") and cap:
+            env[memory.CUDA_CAP_ENV] = str(cap)  # the trainer holds itself to it on the card
         if device == "cpu":
             # OpenMP (libgomp) threads spin 300,000 rounds at every barrier by default; on cores the
             # trainer shares with the studio and a browser, a partner thread that lost its core makes
@@ -609,15 +667,52 @@ class JobRunner:
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self._children[run_id] = child
         limit = self._cap_memory(child.pid) if device == "cpu" else None
+        # the watchdog's cap on the resident memory of the run's processes: the run's own on the
+        # CPU, the machine's share for a GPU run's host side
+        rss_cap = cap if device == "cpu" else int(memory.host_room().limit / max(1, self.per_device))
         try:
             create_time = psutil.Process(child.pid).create_time()
         except psutil.Error:
             create_time = 0.0
         _write_json(path / PROCESS_FILE, {"pid": child.pid, "create_time": create_time, "device": device,
-                                          "started": time.time(), "command": cmd, "memory_limit": limit})
+                                          "started": time.time(), "command": cmd, "memory_limit": limit,
+                                          "memory_cap": cap, "rss_cap": rss_cap})
         job = _read_json(path / JOB_FILE)
         job["device"] = device
         _write_json(path / JOB_FILE, job)
+
+    def _run_cap(self, path: Path, device: str) -> int | None:
+        """A run's memory cap: its estimate (from job.json) with headroom, never more than its
+        share of the device (trainers.memory.run_cap); `run_memory_cap` when the runner has one."""
+        if self.run_memory_cap:
+            return int(self.run_memory_cap)
+        estimate = _read_json(path / JOB_FILE).get("memory_estimate")
+        limit = self.memory_room(device).limit
+        if isinstance(estimate, int) and not isinstance(estimate, bool) and estimate > 0:
+            return memory.run_cap(memory.Estimate(estimate, {}, device, {}), limit)
+        return limit
+
+    def _watch_memory(self, run_id: str, record: dict) -> None:
+        """Kill a run whose processes hold more resident memory than its cap, and say so: the
+        run fails alone, the machine keeps its memory, the studio and the other runs go on."""
+        cap = record.get("rss_cap")
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
+            return
+        try:
+            leader = psutil.Process(int(record["pid"]))
+            used = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
+        except (psutil.Error, KeyError, ValueError, TypeError):
+            return
+        if used <= cap:
+            return
+        path = self.runs_dir / run_id
+        self._signal(record, signal.SIGKILL)
+        if last_phase(read_events(path)) in FINAL_PHASES:
+            return  # said already (a process dying slowly is seen over its cap more than once)
+        EventLog(path).phase("failed", error=f"{memory_cap_message(cap)} (its processes held {used / 2**30:.1f} GiB)",
+                             hint=MEMORY_CAP_HINT)
+        with open(path / LOG_FILE, "ab") as log:
+            log.write(f"studio: stopped: {memory_cap_message(cap)}; its processes held {used / 2**30:.1f} GiB\n".encode())
 
     def _cap_memory(self, pid: int) -> int | None:
         """Set the run's address-space limit from outside (prlimit), not in a preexec_fn, which is

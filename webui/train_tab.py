@@ -14,6 +14,8 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from restuning.methods import METHODS
+from trainers import memory
+from trainers.options import OptionError
 from trainers.uploads import check_images, discard
 
 from . import forms, live, visitors
@@ -35,6 +37,46 @@ def _pick_run(runner, who=None) -> str | None:
         if active:
             return active[-1].id if status == "queued" else active[0].id
     return runs[0].id if runs else None
+
+
+# The options the memory estimate reads (trainers/memory.py): the line beside Train follows them.
+MEMORY_OPTIONS = ("resolution", "train_batch_size", "with_prior_preservation", "mixed_precision", "gradient_checkpointing",
+                  "use_8bit_adam", "num_validation_images", "validation_prompt", "sample_batch_size")
+
+
+def queue_runs(runner, configs: list[tuple[str, dict]], images, who, *, group: str = "") -> tuple[list[str], list[str]]:
+    """Queue one run per (label, config), all or none: each is checked for memory (a run that
+    cannot fit on this device is refused with what to lower) and the visitor's limit is checked
+    for all of them before any run folder exists. Returns (run ids, warnings for runs that are
+    close to what a run may use)."""
+    verdicts = [runner.check_memory(config) for _, config in configs]  # JobError: nothing queued
+    runner.check_owner_limit(who or "", len(configs))
+    ids = [runner.submit(config, images, label=label, group=group, owner=who or "") for label, config in configs]
+    warnings = [f"{label}: {v.message}" if len(configs) > 1 else v.message
+                for (label, _), v in zip(configs, verdicts) if v.level == "close"]
+    return ids, warnings
+
+
+def memory_line(runner, model: str, method: str, trainer_values: dict, method_values: dict) -> str:
+    """The Markdown line beside Train: the run's memory estimate against what a run may use here.
+    Cheap: the model's configs and the method's trainable count are cached (trainers.memory)."""
+    actions = forms.trainer_actions()
+    try:
+        config = {"method": method, "pretrained_model_name_or_path": model, "instance_prompt": "x"}
+        for name, value in trainer_values.items():
+            converted = forms.trainer_value(actions[name], value)
+            if converted is not None:
+                config[name] = converted
+        config.setdefault("validation_prompt", ["x"])
+        config.update({name: forms.method_value(method, name, value) for name, value in method_values.items()})
+        if config.get("mixed_precision") == "fp16" and runner.devices[0] == "cpu":
+            return "Memory estimate: fp16 does not run on the CPU"
+    except (OptionError, ValueError, TypeError):
+        return "Memory estimate: waiting for valid options"
+    verdict = runner.memory_verdict(config)
+    if verdict.estimate is None:
+        return "Memory estimate: not available (check the options, or the model's configs cannot be read offline)"
+    return memory.line(verdict)
 
 
 def _run_choices(runner, who=None) -> list[tuple[str, str]]:
@@ -91,7 +133,14 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
                 for name, action in actions.items():
                     if name not in forms.MAIN:
                         trainer_comps[name] = forms.component_for_action(action, preset_now.get(name))
-            train = gr.Button("Train", variant="primary", elem_id="train")
+            # the estimate for the form as it opens (the model's configs are read once, then cached)
+            first = forms.method_names()[0]
+            opening = memory_line(runner, base.source, first,
+                                  {k: trainer_comps[k].value for k in MEMORY_OPTIONS if k in trainer_comps},
+                                  {k: c.value for k, c in method_comps[first].items()})
+            with gr.Row(equal_height=True):
+                train = gr.Button("Train", variant="primary", elem_id="train", scale=1)
+                estimate = gr.Markdown(opening, elem_id="memory-estimate")
             with gr.Accordion("Train for comparison: the same images, prompts and settings under several methods",
                               open=False, elem_id="comparison"):
                 compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=forms.method_names()[:3],
@@ -155,9 +204,10 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             raise forms.OptionError("choose at least one method to compare")
         configs = [(m, _config(values, m)) for m in methods]  # every config checked before any run exists
         who = values[owner]
-        runner.check_owner_limit(who or "", len(configs))
         group = secrets.token_hex(3) if len(configs) > 1 else ""
-        ids = [runner.submit(config, checked, label=m, group=group, owner=who or "") for m, config in configs]
+        ids, warnings = queue_runs(runner, configs, checked, who, group=group)
+        for warning in warnings:
+            gr.Warning(warning, duration=None)
         where = runner.info(ids[0])
         gr.Info(f"{len(ids)} run(s) queued" + (f"; place {where.position} in the queue" if where.position else ""))
         return ids[0], gr.Dropdown(choices=_run_choices(runner, who), value=ids[0]), None
@@ -166,6 +216,18 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
                 concurrency_limit=1, concurrency_id="submit")
     compare.click(friendly(lambda v: submit(v, list(v[compare_methods]))), all_inputs, [watch, run_pick, shown],
                   concurrency_limit=1, concurrency_id="submit")
+
+    memory_inputs = {method, *(trainer_comps[k] for k in MEMORY_OPTIONS if k in trainer_comps),
+                     *(c for comps in method_comps.values() for c in comps.values())}
+
+    def estimate_line(values: dict) -> str:
+        name = values[method]
+        return memory_line(runner, base.source, name,
+                           {k: values[trainer_comps[k]] for k in MEMORY_OPTIONS if k in trainer_comps},
+                           {k: values[c] for k, c in method_comps[name].items()})
+
+    for comp in memory_inputs:
+        comp.change(estimate_line, memory_inputs, estimate, show_progress="hidden", queue=False, trigger_mode="always_last")
 
     live_outputs = [progress, loss, samples, log, cancel, resume, run_pick, shown]
 

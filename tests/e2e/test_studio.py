@@ -160,3 +160,20 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     page.get_by_role("tab", name="Train").click()
     page.click("#live-cancel")
     page.wait_for_selector("#live-progress [data-status=cancelled]", timeout=120_000)
+
+
+def test_the_memory_estimate_beside_train_follows_the_options(page):
+    """Issue 13, item 4: the estimate line is there as the page opens and changes with the batch
+    size and the resolution, without a model being loaded."""
+    page.wait_for_selector("#memory-estimate", timeout=120_000)
+    wait_text(page, "#memory-estimate", "Memory estimate", timeout=120_000)
+    first = page.inner_text("#memory-estimate")
+    assert "GiB" in first and "a run may use" in first
+    page.click("#advanced .label-wrap")
+    fill(page, "resolution", 256)
+    fill(page, "train_batch_size", 16)
+    # generous: the runs the tests above left training share the cores with this page's handlers;
+    # each change answers on its own, so wait for the figure itself to grow, not for any change
+    page.wait_for_function("(before) => { const m = document.querySelector('#memory-estimate').innerText.match(/([\\d.]+) GiB/);"
+                           " return !!m && parseFloat(m[1]) > before; }", arg=float(re.search(r"([\d.]+) GiB", first).group(1)),
+                           timeout=120_000)

@@ -75,6 +75,6 @@ def test_a_run_over_its_memory_cap_fails_alone_saying_so(tmp_path, images):
     greedy = runner.submit({"max_train_steps": 2, "fake_reserve_mb": 4096}, images)
     modest = runner.submit({"max_train_steps": 2}, images)
     info = ended(runner, greedy)
-    assert info.status == "failed" and "at most 1.0 GB of memory" in info.hint
+    assert info.status == "failed" and "ran out of the memory allowed for a run: 1.0 GiB" in info.hint
     assert wait_for(runner, modest, {"failed", "done"}).status == "done"
     assert 0 < default_memory_limit() < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
