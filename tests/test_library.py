@@ -72,9 +72,12 @@ def test_changing_the_processor_is_refused_while_bound_tuners_live_in_it(tiny_un
         "xformers_off": lambda: tiny_unet.set_use_memory_efficient_attention_xformers(False),
         "fuse_qkv": lambda: tiny_unet.fuse_qkv_projections(),
     }
-    with pytest.raises(restuning.AttachError, match="'p'.*detach"):
+    before = dict(tiny_unet.attn_processors)
+    with pytest.raises(restuning.AttachError, match="'p'.*[Dd]etach"):
         calls[change]()
     assert torch.equal(run(tiny_unet, unet_inputs), tuned)
+    # refused before any attention changed, not part of the way through
+    assert all(tiny_unet.attn_processors[k] is v for k, v in before.items())
     restuning.detach(tiny_unet)
     tiny_unet.set_attn_processor(AttnProcessor2_0())  # allowed again once the tuners are gone
 

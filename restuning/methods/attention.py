@@ -130,3 +130,35 @@ def install_processor(attn, processor: nn.Module, handle: Attached) -> None:
             type(attn).set_processor(attn, holder.previous)
 
     handle.undo.append(undo)
+
+
+# The U-Net-wide ways to change processors. diffusers applies each attention by attention, so the
+# per-attention refusal above would fire only when it reaches the first tuned attention, with the
+# ones before it already changed.
+_UNET_WIDE = ("set_attn_processor", "set_default_attn_processor", "set_use_memory_efficient_attention_xformers",
+              "enable_xformers_memory_efficient_attention", "fuse_qkv_projections")
+
+
+def guard_unet(unet: nn.Module) -> None:
+    """Make the U-Net's processor-wide changes refuse up front, before touching any attention,
+    while bound tuners live in its processors; with none they pass through unchanged."""
+    if "_restuning_processor_guard" in unet.__dict__:
+        return
+    unet.__dict__["_restuning_processor_guard"] = True
+    for name in _UNET_WIDE:
+        original = getattr(unet, name, None)
+        if original is not None:
+            unet.__dict__[name] = _refusing(unet, original)
+
+
+def _refusing(unet: nn.Module, original):
+    def guarded(*args, **kwargs):
+        names = sorted({n for m in unet.modules() if isinstance(getattr(m, "processor", None), BoundTuners) for n in m.processor.tuners})
+        if names:
+            raise AttachError(
+                f"bound tuner(s) {', '.join(map(repr, names))} live in the U-Net's attention processors; "
+                f"{original.__name__} would remove them. Detach them first (restuning.detach), or set the processor before attaching."
+            )
+        return original(*args, **kwargs)
+
+    return guarded

@@ -5,12 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from ...core import Attached, op_module, transformer_blocks
-from ..attention import install_processor
+from ..attention import guard_unet, install_processor
 from .layer import PrefixAttnProcessor
 
 
 def attach(unet: nn.Module, config, name: str) -> Attached:
     handle = Attached(name=name, config=config)
+    guard_unet(unet)
     device = next(unet.parameters()).device
     for path, block in transformer_blocks(unet, config.blocks):
         for op_name in config.ops:
