@@ -33,3 +33,13 @@ BYPASS_ABLATION = [
     ("bypass-depth1", "Bypass +1+2+3 at depth 1", {"depth": 1}),
     ("bypass-depth1-lr3e-2", "Bypass +1+2+3 at depth 1 lr 3e-2", {"depth": 1, "learning_rate": 0.03}),
 ]
+
+
+def bypass_config_options(options: dict) -> dict:
+    """The BypassConfig fields among an ablation entry's options (the rest are trainer options)."""
+    import dataclasses
+
+    from restuning.methods.bypass import BypassConfig
+
+    fields = {f.name for f in dataclasses.fields(BypassConfig)}
+    return {k: v for k, v in options.items() if k in fields}

@@ -17,7 +17,6 @@ PyTorch but no diffusers, install the wheels of `make gpu-check-wheels` first.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from bench import BYPASS_ABLATION, BYPASS_DEFAULT, write_results
+from bench import BYPASS_ABLATION, BYPASS_DEFAULT, bypass_config_options, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # The issue's targets for the default design.
@@ -39,10 +38,7 @@ def designs() -> list[tuple[str, str, dict]]:
 
 def cost_cases() -> list[str]:
     """Designs whose cost differs: those that change only a trainer option cost what their base does."""
-    from restuning.methods.bypass import BypassConfig
-
-    fields = {f.name for f in dataclasses.fields(BypassConfig)}
-    return ["inference", "lora", *(case for case, _, options in designs() if set(options) <= fields)]
+    return ["inference", "lora", *(case for case, _, options in designs() if bypass_config_options(options) == options)]
 
 
 def run_all(args) -> tuple[list[Path], list[Path]]:
@@ -108,16 +104,16 @@ def join(quality_files: list[Path], cost_files: list[Path]) -> dict:
             return table[case][key] / table[ref][key]
         return None
 
-    from restuning.methods.bypass import BypassConfig
+    def config_key(options):
+        return json.dumps(bypass_config_options(options), sort_keys=True)
 
-    fields = {f.name for f in dataclasses.fields(BypassConfig)}
     same_config = {}
     for case, _, options in designs():
-        same_config.setdefault(json.dumps({k: v for k, v in options.items() if k in fields}, sort_keys=True), case)
+        same_config.setdefault(config_key(options), case)
     out = []
     for case, label, options in designs():
         q = quality.get(label)
-        costed = same_config[json.dumps({k: v for k, v in options.items() if k in fields}, sort_keys=True)]
+        costed = same_config[config_key(options)]
         sd15 = next((c["rows"][costed] for c in costs.values() if costed in c["rows"]), None)
         out.append({
             "case": case, "label": label, "options": options,

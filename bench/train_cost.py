@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import BYPASS_ABLATION, write_results
+from bench import BYPASS_ABLATION, bypass_config_options, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -92,8 +92,6 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     """One case. The last three are bench.gpu_check's variants: activation recomputation,
     bitsandbytes' 8-bit AdamW ("adamw8bit"), and xformers attention (set before the method is
     attached, as the trainer does, so prefix/prompt processors stay in place)."""
-    import dataclasses
-
     import torch
     import torch.nn.functional as F
     from diffusers.training_utils import cast_training_params
@@ -112,9 +110,7 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
     if case in ABLATION:
-        config = METHODS["bypass"].config
-        fields = {f.name for f in dataclasses.fields(config)}
-        restuning.attach(unet, config(**{k: v for k, v in ABLATION[case][1].items() if k in fields}))
+        restuning.attach(unet, METHODS["bypass"].config(**bypass_config_options(ABLATION[case][1])))
     elif case != INFERENCE:
         restuning.attach(unet, METHODS[case].config())
     if gradient_checkpointing:

@@ -95,12 +95,13 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         raise TunerFileError(f"{path.name}: format version {version} is newer than this restuning reads ({FORMAT_VERSION}); upgrade restuning")
     if version < 1:
         raise TunerFileError(f"{path.name}: unknown format version {version}")
+    parsed = {}
     for key in ("config", "base_arch"):
         try:
-            json.loads(metadata.get(key, ""))
+            parsed[key] = json.loads(metadata.get(key, ""))
         except json.JSONDecodeError:
             raise TunerFileError(f"{path.name}: the header's {key} is missing or not valid JSON") from None
-    oldest, why = oldest_readable(metadata.get("method", ""), json.loads(metadata["config"]))
+    oldest, why = oldest_readable(metadata.get("method", ""), parsed["config"])
     if version < oldest:
         raise TunerFileError(f"{path.name}: a {metadata.get('method')} file of format version {version}, older than this restuning "
                              f"reads ({oldest}): {why}")

@@ -337,17 +337,23 @@ def test_save_then_load_on_a_fresh_unet_reproduces_outputs_exactly(tmp_path, une
     assert torch.equal(run(fresh, unet_inputs), base)
 
 
+def _each_alone(unet, inputs, names):
+    """The output with only bypass n switched on, for each n in `names` and for None (the base)."""
+    alone = {}
+    for only in (*names, None):
+        for other in names:
+            restuning.set_scale(unet, 1.0 if other == only else 0.0, name=other)
+        alone[only] = run(unet, inputs)
+    restuning.set_scale(unet, 1.0)
+    return alone
+
+
 @pytest.fixture
 def two_bypasses(tiny_unet, unet_inputs):
     """Bypasses "a" and "b" with distinct weights, and each one's output alone (and the base's)."""
     _perturb(restuning.attach(tiny_unet, restuning.BypassConfig(dim=4), name="a"), seed=1)
     _perturb(restuning.attach(tiny_unet, restuning.BypassConfig(horizontal="prompt", dim=3), name="b"), seed=2)
-    alone = {}
-    for only in ("a", "b", None):
-        for other in ("a", "b"):
-            restuning.set_scale(tiny_unet, 1.0 if other == only else 0.0, name=other)
-        alone[only] = run(tiny_unet, unet_inputs)
-    restuning.set_scale(tiny_unet, 1.0)
+    alone = _each_alone(tiny_unet, unet_inputs, ("a", "b"))
     assert not torch.equal(alone["a"], alone["b"])
     return alone
 
@@ -380,12 +386,7 @@ def test_at_depth_1_the_last_up_block_runs_with_grad_and_its_weights_get_none(ti
 def test_fan_out_below_the_head_matches_separate_calls(tiny_unet, unet_inputs, depth):
     for name, seed in (("a", 1), ("b", 2)):
         _perturb(restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=depth), name=name), seed=seed)
-    alone = {}
-    for only in ("a", "b", None):
-        for other in ("a", "b"):
-            restuning.set_scale(tiny_unet, 1.0 if other == only else 0.0, name=other)
-        alone[only] = run(tiny_unet, unet_inputs)
-    restuning.set_scale(tiny_unet, 1.0)
+    alone = _each_alone(tiny_unet, unet_inputs, ("a", "b"))
     with torch.no_grad():
         outs = restuning.bypass_outputs(tiny_unet, ["a", None, "b"], *unet_inputs)
     for name, out in zip(["a", None, "b"], outs):
