@@ -94,8 +94,8 @@ def keep_tuners_out_of_state(unet: nn.Module) -> None:
 
     The tuners must be submodules of the U-Net so that `.to()` and `.parameters()` reach them, but
     then they would be written by `unet.save_pretrained` into what is meant to be the base model.
-    Their weights are saved by `restuning.save`. LoRA and full fine-tuning hold no modules of
-    their own here (peft's layers are diffusers' business), so they are not filtered.
+    Their weights are saved by `restuning.save`. LoRA's peft layers are kept out by its own
+    hooks (methods/lora/model.py); full fine-tuning's weights are the U-Net's own.
     """
     if _STATE_HOOKS in unet.__dict__:
         return

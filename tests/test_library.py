@@ -1,5 +1,5 @@
-"""A library that stays out of the way: the U-Net's own state stays the base model's, attaching
-does not freeze tuners attached earlier, processor changes cannot silently drop bound tuners,
+"""A library that stays out of the way: the U-Net's own state stays the base model's (LoRA's
+peft layers included), attaching does not freeze tuners attached earlier, processor changes cannot silently drop bound tuners,
 several bound tuners share an attention, and the package has no import cycle."""
 
 import ast
@@ -30,6 +30,7 @@ def _attach_one_of_each(unet):
     restuning.attach(unet, restuning.AdapterConfig(), name="adapter")
     restuning.attach(unet, restuning.PrefixConfig(ops=("attn1", "attn2")), name="prefix")
     restuning.attach(unet, restuning.PromptConfig(), name="prompt")
+    restuning.attach(unet, restuning.LoraConfig(blocks=("down", "mid", "up")), name="lora")
     for handle in restuning.attached(unet).values():
         _perturb(handle)
 
@@ -50,6 +51,23 @@ def test_unet_state_is_the_base_models_with_tuners_attached(tmp_path, tiny_unet,
     # A base checkpoint loads strictly into the tuned U-Net and leaves its tuners as they were.
     tiny_unet.load_state_dict(base_state, strict=True)
     assert torch.equal(run(tiny_unet, unet_inputs), tuned)
+
+
+def test_a_lora_attached_by_diffusers_keeps_its_keys_beside_ours(tiny_unet):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = set(tiny_unet.state_dict())
+    tiny_unet.add_adapter(PeftLoraConfig(r=2, target_modules=["to_q"]), adapter_name="theirs")
+    theirs = set(tiny_unet.state_dict())
+    ours = restuning.attach(tiny_unet, restuning.LoraConfig(), name="ours")
+    _perturb(ours)
+    assert set(tiny_unet.state_dict()) == theirs != base
+    assert get_peft_model_state_dict(tiny_unet, adapter_name="theirs")
+    assert ours.state_dict() and all(".lora_" in k for k in ours.state_dict())
+    restuning.detach(tiny_unet, "ours")
+    tiny_unet.delete_adapters("theirs")
+    assert set(tiny_unet.state_dict()) == base
 
 
 def test_attach_freezes_only_the_backbone(tiny_unet):

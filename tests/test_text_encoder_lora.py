@@ -62,8 +62,13 @@ def test_saved_files_render_as_the_sampler_renders_them(trained, tmp_path):
     ours = Sampler(pipe).render([Column("base"), Column("lora", tuner=out / "tuner.safetensors")], [SETTINGS])[0]
     base, tuned = (torch.tensor(list(im.getdata())) for im in ours)
     assert not torch.equal(base, tuned)
+    base_keys = {name: set(getattr(load_base(model), name).state_dict()) for name in ("unet", "text_encoder")}
+    assert any("lora" in n for n, _ in pipe.text_encoder.named_parameters())
+    for name, keys in base_keys.items():
+        assert set(getattr(pipe, name).state_dict()) == keys, f"{name}.state_dict() is the base model's with the LoRA attached"
     restuning.detach(pipe.unet)
     assert not any("lora" in n for n, _ in pipe.text_encoder.named_parameters()), "detach takes the text encoder's LoRA off too"
+    assert {name: set(getattr(pipe, name).state_dict()) for name in base_keys} == base_keys
 
     theirs = load_base(model)
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ...io import save
+from .model import lora_state
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -28,14 +29,12 @@ KOHYA_FILE = "lora_kohya.safetensors"
 def export(pipeline, handle, folder: Path) -> list[tuple[str, Path]]:
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
-
     folder = Path(folder)
     unet, text_encoder = pipeline.unet, handle.text_encoder
 
     def peft_state(model):
         return {k: v.detach().to("cpu", torch.float32).contiguous()
-                for k, v in get_peft_model_state_dict(model, adapter_name=handle.name).items()}
+                for k, v in lora_state(model, handle.name).items()}
 
     unet_state = peft_state(unet)
     text_state = peft_state(text_encoder) if text_encoder is not None else {}

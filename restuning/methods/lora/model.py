@@ -6,7 +6,17 @@ as diffusers' train_dreambooth_lora.py does.
 One handle covers both models: its state dict holds the U-Net's peft keys as they are and the text
 encoder's under `text_encoder.` (no U-Net layer path starts with that), so a tuner file, a
 checkpoint and `set_scale` treat the pair as one tuner.
+
+peft wraps each target layer (`to_q` becomes `to_q.base_layer` beside `to_q.lora_A.<name>`), so
+`unet.save_pretrained` would write a checkpoint whose base weights diffusers does not find: it
+loads it with those layers randomly initialised and a warning. `keep_lora_out_of_state` keeps the
+U-Net's (and text encoder's) own state the base model's while this library's LoRAs are attached,
+as for every other method; their weights go through the handle (`restuning.save` / `load`).
+peft's own get/set_peft_model_state_dict read the adapters from `model.state_dict()`, so this
+module calls them inside `peft_view`; called directly on this library's LoRAs they see none.
 """
+
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -41,10 +51,7 @@ class LoraAttached(Attached):
         return (p for model, _ in self._models() for n, p in model.named_parameters() if f".{self.name}." in n and "lora_" in n)
 
     def state_dict(self):
-        from peft.utils import get_peft_model_state_dict
-
-        return {prefix + k: v for model, prefix in self._models()
-                for k, v in get_peft_model_state_dict(model, adapter_name=self.name).items()}
+        return {prefix + k: v for model, prefix in self._models() for k, v in lora_state(model, self.name).items()}
 
     def load_state_dict(self, state):
         from peft.utils import set_peft_model_state_dict
@@ -57,11 +64,10 @@ class LoraAttached(Attached):
         for key, tensor in state.items():
             if tensor.shape != expected[key].shape:
                 raise ValueError(f"LoRA weight {key} has shape {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}")
-        unet_state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
-        set_peft_model_state_dict(self.unet, unet_state, adapter_name=self.name)
-        if self.text_encoder is not None:
-            text_state = {k[len(TEXT_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX)}
-            set_peft_model_state_dict(self.text_encoder, text_state, adapter_name=self.name)
+        for model, prefix in self._models():
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX) == bool(prefix)}
+            with peft_view(model):
+                set_peft_model_state_dict(model, part, adapter_name=self.name)
 
     def set_scale(self, scale):
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -94,6 +100,85 @@ def _activate_all(model: nn.Module, exclude: str | None = None, owner: nn.Module
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_adapter([n for n in active if n in module.lora_A])
+
+
+def lora_state(model: nn.Module, name: str) -> dict:
+    """peft's state dict of the LoRA `name` in `model` (adapter names taken out of the keys)."""
+    from peft.utils import get_peft_model_state_dict
+
+    with peft_view(model):
+        return get_peft_model_state_dict(model, adapter_name=name)
+
+
+_STATE_HOOKS = "_restuning_lora_state_hooks"
+_PEFT_VIEW = "_restuning_peft_view"
+
+
+@contextmanager
+def peft_view(model: nn.Module):
+    """peft saves and loads adapters through `model.state_dict()` (it maps checkpoint keys to the
+    model's from it): within this block the state shows this library's LoRAs as peft names them."""
+    model.__dict__[_PEFT_VIEW] = model.__dict__.get(_PEFT_VIEW, 0) + 1
+    try:
+        yield
+    finally:
+        model.__dict__[_PEFT_VIEW] -= 1
+
+
+def keep_lora_out_of_state(model: nn.Module, owner: nn.Module) -> None:
+    """While LoRAs attached by this library live in `model` (the U-Net `owner`, or its text
+    encoder), `model.state_dict()` is the base model's: their lora_A/lora_B weights are left out
+    and a wrapped layer's `base_layer.` keys take the layer's own names again. A base checkpoint
+    loads into `model` strictly, into the wrapped layers' base weights. Layers that also carry
+    LoRAs attached by other means (diffusers' `add_adapter`) are left as peft names them; a layer
+    left without any adapter (peft keeps its wrapper after `detach`) has its base names back.
+    """
+    if _STATE_HOOKS in model.__dict__:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def wrapped(prefix: str):
+        ours = {n for n, a in attached(owner).items() if isinstance(a, LoraAttached)}
+        for path, m in model.named_modules():
+            if isinstance(m, BaseTunerLayer) and hasattr(m, "lora_A"):
+                adapters = set(m.lora_A)
+                # A layer left without adapters (peft keeps the wrapper) is the base layer again.
+                if adapters <= ours or adapters & ours:
+                    yield f"{prefix}{path}.", adapters & ours, adapters <= ours
+
+    def lora_key(rest: str, mine: set) -> bool:
+        part, _, tail = rest.partition(".")
+        return part.startswith("lora_") and tail.partition(".")[0] in mine
+
+    def hide(module, state, prefix, local_metadata):
+        if model.__dict__.get(_PEFT_VIEW):
+            return
+        for path, mine, only_ours in wrapped(prefix):
+            for key in [k for k in state if k.startswith(path)]:
+                rest = key[len(path):]
+                if lora_key(rest, mine):
+                    del state[key]
+                elif only_ours and rest.startswith("base_layer."):
+                    state[path + rest.removeprefix("base_layer.")] = state.pop(key)
+
+    def unhide(module, state, prefix, local_metadata, strict, missing, unexpected, errors):
+        if model.__dict__.get(_PEFT_VIEW):
+            return
+        for path, _, only_ours in wrapped(prefix):
+            if only_ours:
+                for key in [k for k in state if k.startswith(path) and not k[len(path):].startswith(("base_layer.", "lora_"))]:
+                    state[path + "base_layer." + key[len(path):]] = state.pop(key)
+
+    def allow_missing(module, incompatible):
+        if model.__dict__.get(_PEFT_VIEW):
+            return
+        paths = list(wrapped(""))
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not any(k.startswith(p) and lora_key(k[len(p):], mine) for p, mine, _ in paths)]
+
+    model.__dict__[_STATE_HOOKS] = (model.register_state_dict_post_hook(hide),
+                                    model.register_load_state_dict_pre_hook(unhide),
+                                    model.register_load_state_dict_post_hook(allow_missing))
 
 
 def target_layers(model: nn.Module, wanted: tuple[str, ...], prefixes: tuple[str, ...] = ("",), *,
@@ -136,6 +221,8 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
             raise
     attached(unet)[name] = handle  # so that _activate_all sees it; attach() stores it again
     _activate_all(unet)
+    keep_lora_out_of_state(unet, unet)
     if text_targets:
         _activate_all(text_encoder, owner=unet)
+        keep_lora_out_of_state(text_encoder, unet)
     return handle
