@@ -61,6 +61,26 @@ def test_batched_grid_equals_each_tuner_alone(tmp_path):
         assert np.abs(base - tuned).max() > 2, "a tuner must change the picture, or the test proves nothing"
 
 
+def test_a_lora_of_an_earlier_grid_stays_out_of_the_next(tmp_path):
+    """The Sampler keeps tuners loaded between grids; a LoRA applies to every sample whatever the
+    routing, so one left switched on would render the next grid's columns (bench.quality's sweep
+    found it: three cells after a wrecking LoRA's grid scored the LoRA's figures)."""
+    pipe = tiny_pipeline()
+    lora = _tuner(tmp_path, pipe, restuning.LoraConfig(), "lora", 4)
+    adapter = _tuner(tmp_path, pipe, restuning.AdapterConfig(), "adapter", 5)
+    row = [Settings("a photo of sks dog", seed=0, steps=3, guidance=3.0, scheduler="DDIM", height=32, width=32)]
+    sampler = Sampler(pipe)
+    first = sampler.render([Column("base"), Column("lora", tuner=lora)], row)[0]
+    assert np.abs(np.asarray(first[0], dtype=np.int16) - np.asarray(first[1], dtype=np.int16)).max() > 2
+    again = sampler.render([Column("base"), Column("adapter", tuner=adapter)], row)[0]
+    assert np.array_equal(np.asarray(again[0]), np.asarray(first[0]))
+    assert len(restuning.attached(pipe.unet)) == 2, "the LoRA stays loaded for a later grid"
+    for name in list(restuning.attached(pipe.unet)):
+        restuning.set_scale(pipe.unet, 0.0, name=name)
+    pipe.scheduler = __import__("trainers.sampling", fromlist=["x"]).scheduler_from_name("DDIM", pipe.scheduler.config)
+    assert np.abs(np.asarray(again[1], dtype=np.int16) - _alone(pipe, adapter, row[0])).max() <= 2
+
+
 def test_grid_and_png_metadata_round_trip(tmp_path):
     from PIL import Image
 

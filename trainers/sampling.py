@@ -120,6 +120,11 @@ class Sampler:
         """Images as rows x columns; each row is one Settings (a prompt and seed), each column a tuner."""
         with self._lock:
             names = [self._attach(c.tuner) if c.tuner is not None else None for c in columns]
+            # Tuners of earlier grids stay loaded (a cache), at the scale they rendered with.
+            # Routing leaves the routable ones out of this grid, but a LoRA acts on every sample:
+            # switch off each one this grid does not show.
+            for name in set(self._names.values()) - set(names):
+                restuning.set_scale(self.pipe.unet, 0.0, name=name)
             table = restuning.attached(self.pipe.unet)
             routable = [i for i, (c, n) in enumerate(zip(columns, names)) if c.unet_dir is None and (n is None or table[n].routable)]
             solo = [i for i in range(len(columns)) if i not in routable]
