@@ -74,9 +74,10 @@ class Variant:
     label: str
     method: str
     options: dict = field(default_factory=dict)
+    recipe_of: str | None = None  # trains with this method's recipe when it has none of its own
 
 
-# The sweep's grid. Tuners: around the 1e-2 the demo model's recipe found; full fine-tuning: around
+# The sweep's grid. Tuners: around the 1e-2 of the first hand-set recipe; full fine-tuning: around
 # 1e-3 (the model was pretrained at 1e-3). Blocks: the paper's (mid + up) and every block.
 SWEEP_LRS = {"tuner": (3e-3, 1e-2, 3e-2), "full": (3e-4, 1e-3, 3e-3)}
 SWEEP_BLOCKS = {"mid+up": ("mid", "up"), "all": ("down", "mid", "up")}
@@ -86,15 +87,16 @@ SELECTION_RULE = (f"highest concept fidelity among the cells with prompt fidelit
                   f">= {MIN_PRESERVATION}, ties (within one sample) by the mean of the three; if no cell meets both floors, "
                   f"the highest mean of the three")
 
-# Cost model for --budget-min, in seconds. CPU: the default run's figures on these 2-core machines
-# (bench/results/quality_partial.md: 0.14-0.34 s/step for one training alone). GPU: the trainer on
+# Cost model for --budget-min, in seconds. CPU: the sweep of 2026-11-28 on these 2-core machines,
+# two 1-thread trainings side by side: median 0.125 s/step (full fine-tuning 0.14), 85 s per
+# 600-step cell with its start (bench/results/quality_sweep.json). GPU: the trainer on
 # an H200 at 0.037 s/step, batch 4 + 4 (bench/results/train_e2e_cuda.md); the demo model is too
 # small to fill the GPU, so GPU_SHARE trainings at once are assumed to run at full speed each and
 # more slow down in proportion. Per training start (process, model load, cached class images) and
 # per sampled column (128 rows of 25 steps) as measured or guessed; printed, then checked against
 # the measured pace while running.
 COST = {
-    "cpu": {"step": 0.25, "full_step": 0.35, "start": 25.0, "column": 40.0, "solo_column": 60.0, "cores_per_job": 2},
+    "cpu": {"step": 0.125, "full_step": 0.15, "start": 10.0, "column": 40.0, "solo_column": 60.0, "cores_per_job": 1},
     "cuda": {"step": 0.037, "full_step": 0.045, "start": 15.0, "column": 1.5, "solo_column": 4.0, "cores_per_job": 2},
 }
 GPU_SHARE = 3
@@ -138,7 +140,8 @@ def recipe_for(variant: Variant, args) -> tuple[dict, str]:
     if given is not None:
         return {"learning_rate": given}, "--full-learning-rate" if variant.method == "full" else "--learning-rate"
     recipes = model_recipes(str(args.base))
-    keys = [variant.label] + ([variant.method] if not variant.options else []) + ["default"]
+    own = variant.method if not variant.options else variant.recipe_of
+    keys = [variant.label, *([own] if own else []), "default"]
     for key in keys:
         found = recipes.get(key)
         if isinstance(found, dict) and isinstance(found.get("learning_rate"), (int, float)):
@@ -212,7 +215,9 @@ def default_variants() -> list[Variant]:
 def extra_variants() -> list[Variant]:
     """Chosen by label with --methods; left out of the default run to keep it within 30 minutes."""
     return [Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}),
-            Variant("LoRA + text encoder", "lora", {"train_text_encoder": True}),
+            # the Adapter baseline's position (after the FFN), as a Res-Tuner beside it
+            Variant("Res-Tuning (Single: ff=adapter)", "res-tuning", {"tuners": {"ff": "adapter"}}),
+            Variant("LoRA + text encoder", "lora", {"train_text_encoder": True}, recipe_of="lora"),
             *bypass_ablation()]
 
 
@@ -224,8 +229,9 @@ def bypass_ablation() -> list[Variant]:
 
 def slug_for(cell: Cell) -> str:
     slug = cell.variant.label.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "").replace("=", "-")
-    if cell.source == "sweep":
-        slug += f"_lr{cell.recipe['learning_rate']:g}" + ("_" + "-".join(cell.recipe["blocks"]) if cell.recipe.get("blocks") else "")
+    # The recipe is in the name whatever chose it, so a default run with --resume in the sweep's
+    # --work reuses the winning cell (same trainer config) as its seed-0 training.
+    slug += f"_lr{cell.recipe['learning_rate']:g}" + ("_" + "-".join(cell.recipe["blocks"]) if cell.recipe.get("blocks") else "")
     return f"{slug}_seed{cell.seed}"
 
 

@@ -115,13 +115,16 @@ def test_child_processes_share_the_cores_and_cpu_runs_hide_the_gpu(monkeypatch):
 
 
 def _model_copy(tmp_path):
-    """The demo model with its own demo_settings.json (the weights linked, never written)."""
+    """The demo model with its own demo_settings.json, the recipes reset to the hand-set ones
+    (the weights linked, never written)."""
     real = quality.ROOT / "assets" / "demo-model"
     copy = tmp_path / "model"
     copy.mkdir()
     for item in real.iterdir():
         if item.name == "demo_settings.json":
-            (copy / item.name).write_text(item.read_text())
+            settings = json.loads(item.read_text())
+            settings["recipes"] = {"default": {"learning_rate": 0.01}, "full": {"learning_rate": 0.001}}
+            (copy / item.name).write_text(json.dumps(settings))
         else:
             (copy / item.name).symlink_to(item)
     return copy
@@ -154,6 +157,9 @@ def test_recipes_are_written_to_the_model_and_read_by_the_bench_and_the_trainer(
     assert quality.recipe_for(by_label["Res-Tuning (Single: ff=prompt)"], args)[0] == {"learning_rate": 3e-3}
     assert quality.recipe_for(by_label["Res-Tuning (Single: attn1=prefix)"], args) == ({"learning_rate": 0.01}, "model recipe 'default'")
     assert quality.recipe_for(by_label["Full fine-tuning"], args)[0] == {"learning_rate": 3e-4}
+    # LoRA with the text encoder trains with LoRA's recipe unless it has one of its own.
+    with_text = next(v for v in quality.extra_variants() if v.label == "LoRA + text encoder")
+    assert quality.recipe_for(with_text, args) == ({"learning_rate": 0.03, "blocks": ("down", "mid", "up")}, "model recipe 'lora'")
     given = quality.parse_args(["--base", str(model), "--learning-rate", "0.005"])
     assert quality.recipe_for(by_label["LoRA"], given) == ({"learning_rate": 0.005}, "--learning-rate")
     # The trainer (and so the studio) takes the method's recorded rate and blocks where none are given.

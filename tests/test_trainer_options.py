@@ -40,9 +40,12 @@ def test_method_options_parse_into_the_method_config():
     assert not hasattr(o.args, "dim")
     lora = options.parse(BASE + ["--method", "lora", "--rank", "8"]).method_config
     assert (lora.rank, lora.alpha) == (8, 4)
-    # every method parses with its defaults
+    # every method parses with its defaults, the U-Net blocks of the model's recipe where it has them
+    recipes = options.model_recipes(options.build_parser().get_default("pretrained_model_name_or_path"))
     for name, method in METHODS.items():
-        assert options.parse(BASE + ["--method", name]).method_config == method.config()
+        blocks = recipes.get(name, {}).get("blocks")
+        expected = dataclasses.replace(method.config(), blocks=tuple(blocks)) if blocks else method.config()
+        assert options.parse(BASE + ["--method", name]).method_config == expected
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -102,7 +102,7 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             if examples:
                 with gr.Row(elem_id="examples"):
                     gr.HTML("Or try an example: a shape the demo model has never seen"
-                            + (" (with the tuners' recipe for it: 600 steps, lr 1e-2, batch 4; full fine-tuning wants lr 1e-3)"
+                            + (" (with the demo model's recipe: 600 steps, batch 4, min-SNR 5, and each method's learning rate and blocks as its sweep chose them)"
                                if base.is_demo else ""), elem_id="examples-label")
                     example_buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                                        for name, paths in examples.items()}
