@@ -145,14 +145,17 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     assert (config["instance_prompt"], config["class_prompt"], config["with_prior_preservation"]) == ("a sks shape", "a shape", True)
     assert (config["snr_gamma"], config["train_batch_size"]) == (5.0, 4) and "learning_rate" not in config
     # The trainer fills each method's learning rate from the demo model's recipes.
-    from trainers.options import from_dict
+    from trainers.options import from_dict, model_recipes
 
+    recipes = model_recipes(config["pretrained_model_name_or_path"])
     for p in new:
         c = json.loads((p / "config.json").read_text())
-        assert from_dict({**c, "instance_data_dir": "instance", "output_dir": "run"}).args.learning_rate == 0.01
+        parsed = from_dict({**c, "instance_data_dir": "instance", "output_dir": "run"})
+        assert parsed.args.learning_rate == recipes[c["method"]]["learning_rate"]
+        assert parsed.recipe["learning_rate"] == f"demo_settings.json of the base model, for {c['method']}"
     full = from_dict({"method": "full", "pretrained_model_name_or_path": config["pretrained_model_name_or_path"],
                       "instance_prompt": "a sks shape", "instance_data_dir": "instance", "output_dir": "run"})
-    assert (full.args.learning_rate, full.recipe["learning_rate"]) == (0.001, "demo_settings.json of the base model, for full")
+    assert (full.args.learning_rate, full.recipe["learning_rate"]) == (recipes["full"]["learning_rate"], "demo_settings.json of the base model, for full")
     assert sorted(f.read_bytes() for f in (new[0] / "instance").iterdir()) == sorted(f.read_bytes() for f in STARS)
     page.get_by_role("tab", name="Runs / tuners").click()
     wait_text(page, "#runs-table", "queued, place 1 in the queue")
