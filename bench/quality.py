@@ -215,8 +215,8 @@ def default_variants() -> list[Variant]:
 def extra_variants() -> list[Variant]:
     """Chosen by label with --methods; left out of the default run to keep it within 30 minutes."""
     return [Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}),
-            # the Adapter baseline's position (after the FFN), as a Res-Tuner beside it
-            Variant("Res-Tuning (Single: ff=adapter)", "res-tuning", {"tuners": {"ff": "adapter"}}),
+            # one adapter Res-Tuner at each position: beside ff is the Adapter baseline's
+            *(Variant(f"Res-Tuning (Single: {op}=adapter)", "res-tuning", {"tuners": {op: "adapter"}}) for op in ("ff", "attn2", "block")),
             Variant("LoRA + text encoder", "lora", {"train_text_encoder": True}, recipe_of="lora"),
             *bypass_ablation()]
 
