@@ -48,6 +48,8 @@ MUTATIONS = [
              "tests/test_tuner_math.py"),
     Mutation("res-prefix-no-gain", "restuning/tuners.py", "* (self.gain * self.gate)", "* self.gate", "tests/test_tuner_math.py"),
     Mutation("res-prompt-no-gain", "restuning/tuners.py", "self.heads) * self.gain)", "self.heads))", "tests/test_tuner_math.py"),
+    Mutation("res-prompt-default-init", "restuning/tuners.py", "nn.init.normal_(self.query.weight, std=dim ** -0.5)",
+             "pass", "tests/test_tuner_math.py"),
     Mutation("res-prefix-zero-values", "restuning/tuners.py", "self.value = nn.Parameter(torch.randn(length, dim))",
              "self.value = nn.Parameter(torch.zeros(length, dim))", "tests/test_tuner_math.py"),
     Mutation("res-prefix-one-head", "restuning/tuners.py", "self.heads = _heads_for(dim, heads)", "self.heads = 1",

@@ -120,6 +120,30 @@ def test_res_prompt_is_not_a_res_prefix_of_its_tokens():
     assert not torch.allclose(got, tied, atol=1e-3)
 
 
+
+def _attention_entropy(q, k, heads):
+    """Mean entropy of each head's attention rows, as a fraction of the uniform rows' log L."""
+    d = q.shape[-1] // heads
+    q = q.reshape(*q.shape[:-1], heads, d).transpose(-2, -3)
+    k = k.reshape(-1, heads, d).transpose(0, 1)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return float(-(p * p.log()).sum(-1).mean() / math.log(k.shape[-2]))
+
+
+@pytest.mark.parametrize("channels", [64, 320])
+def test_res_prompt_attention_selects_from_the_start(channels):
+    """Issue #12: with nn.Linear's default init, Res-Prompt's attention was near-uniform at attach
+    (entropy 0.98 of the maximum), so its output was about the same for every token and it first
+    learnt one shift for all prompts (Single ff=prompt: concept 0.06, preservation falling). Its
+    query and key projections start where Res-Prefix's free keys do: logits of std about 1."""
+    torch.manual_seed(0)
+    x_hat = layer_norm(_tokens(channels))
+    prompt, prefix = ResPrompt(channels, 10), ResPrefix(channels, 10)
+    with torch.no_grad():
+        prompt_entropy = _attention_entropy(x_hat @ prompt.query.weight.T, prompt.tokens @ prompt.key.weight.T, prompt.heads)
+        prefix_entropy = _attention_entropy(x_hat, prefix.key, prefix.heads)
+    assert prompt_entropy < 0.92 and abs(prompt_entropy - prefix_entropy) < 0.06, (prompt_entropy, prefix_entropy)
+
 # -- the hook: x' = OP(x) + s·Res-Tuner(x), with x the OP's input (Eq. 7) ---------------------------
 
 
