@@ -3,6 +3,8 @@ Fig. 7 comparison, reproducible on a CPU, with the sample sizes to rank methods.
 
     python -m bench.quality                 # default run (about 30 min on 2 cores)
     python -m bench.quality --quick         # the whole path in a minute; no quality claims
+    python -m bench.quality --variant 'attn1 mid={"method": "res-tuning", "tuners": {"attn1": "adapter"}, "blocks": ["mid"]}'
+                                            # any method and trainer options as a variant of its own
 
 For each variant (every registry method at its defaults, plus Res-Tuning's Single layouts), the
 trainer learns one held-out shape ("sks", default star) from the example images with prior
@@ -36,10 +38,12 @@ and scored like the default run. Each variant's best cell is chosen by SELECTION
 
 Writes quality_sweep.{json,md} (every cell and the winners); `--write-recipes` records the winners
 in the base model folder's demo_settings.json, where the trainer (trainers.options.fill_recipe),
-the studio and this bench's default run read them. `--jobs N` trains N cells at once (separate
-processes, cores split between them); `--device` picks the CPU or a GPU for training and
-sampling; `--budget-min` leaves out the cells that would not fit (estimate printed first) and
-stops starting cells when the measured pace says they would not finish in time.
+the studio and this bench's default run read them. `--sweep-lrs` replaces the grid's rates (to
+extend it past an edge where a winner sat; with --resume the cells already trained are reused).
+`--jobs N` trains N cells at once (separate processes, cores split between them); `--device`
+picks the CPU or a GPU for training and sampling; `--budget-min` leaves out the cells that
+would not fit (estimate printed first) and stops starting cells when the measured pace says they
+would not finish in time.
 
     python -m bench.quality --sweep --jobs 2 --budget-min 240      # CPU: hours
     bench/gpu_quality.sh                                           # one GPU: ~7 min
@@ -152,13 +156,14 @@ def recipe_for(variant: Variant, args) -> tuple[dict, str]:
     return {"learning_rate": METHODS[variant.method].recipe["learning_rate"]}, f"registry recipe for {variant.method}"
 
 
-def sweep_cells(variants: list[Variant], quick: bool = False) -> list[Cell]:
-    """Every variant's grid, in the order they should be trained when time is short: first every
-    variant's middle learning rate at the paper's blocks; then its middle rate at every block and
-    the other rates at the paper's blocks; then the other rates at every block."""
+def sweep_cells(variants: list[Variant], quick: bool = False, rates: tuple[float, ...] | None = None) -> list[Cell]:
+    """Every variant's grid (learning rates `rates` where given, else SWEEP_LRS), in the order they
+    should be trained when time is short: first every variant's middle learning rate at the paper's
+    blocks; then its middle rate at every block and the other rates at the paper's blocks; then the
+    other rates at every block."""
     cells = []
     for variant in variants:
-        lrs = (QUICK_LRS if quick else SWEEP_LRS)["full" if variant.method == "full" else "tuner"]
+        lrs = rates or (QUICK_LRS if quick else SWEEP_LRS)["full" if variant.method == "full" else "tuner"]
         middle = lrs[len(lrs) // 2]
         blocks = list(SWEEP_BLOCKS.values()) if has_blocks(variant) else [None]
         for b_i, b in enumerate(blocks):
@@ -704,6 +709,9 @@ def parse_args(argv=None):
     parser.add_argument("--sample-steps", type=int, default=None)
     parser.add_argument("--scheduler", default="DPM++ 2M")
     parser.add_argument("--methods", help="comma-separated labels or method names (default: all but the extra layouts)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
+                        help='an extra variant, e.g. \'attn1 mid={"method": "res-tuning", "tuners": {"attn1": "adapter"}, '
+                             '"blocks": ["mid"]}\' (trainer options; repeatable; run beside --methods, alone without it)')
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="reuse finished trainings in --work whose config is the same")
@@ -712,6 +720,8 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process with cores // jobs threads")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="the trainer's (sampling stays fp32)")
     parser.add_argument("--sweep", action="store_true", help="per method, learning rate x blocks; writes quality_sweep.{json,md}")
+    parser.add_argument("--sweep-lrs", help="sweep: these learning rates (comma-separated) instead of the grid's, e.g. one "
+                        "step past the edge a winner sat at; with --resume the cells already trained are reused")
     parser.add_argument("--budget-min", type=float, default=None, help="sweep: leave out the cells that would not fit in this many minutes")
     parser.add_argument("--write-recipes", action="store_true", help="sweep: record the winners in --base's demo_settings.json")
     parser.add_argument("--recipes-from", type=Path, help="record the winners of a saved quality_sweep.json in --base; no training")
@@ -719,6 +729,14 @@ def parse_args(argv=None):
     args.error = parser.error
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    args.sweep_rates = None
+    if args.sweep_lrs:
+        try:
+            args.sweep_rates = tuple(sorted({float(r) for r in args.sweep_lrs.split(",") if r.strip()}))
+        except ValueError:
+            parser.error(f"--sweep-lrs {args.sweep_lrs!r}: give learning rates separated by commas, e.g. 0.001,0.003")
+        if not args.sweep_rates or min(args.sweep_rates) <= 0:
+            parser.error(f"--sweep-lrs {args.sweep_lrs!r}: give positive learning rates separated by commas")
     if args.quick:
         args.steps, args.seeds, args.sample_steps, args.class_images, args.batch_size, args.train_seeds = 2, 1, 2, 2, 1, 1
     args.concept_dir = ROOT / "assets" / "concepts" / args.concept
@@ -727,7 +745,27 @@ def parse_args(argv=None):
     return args
 
 
+def adhoc_variants(args) -> list[Variant]:
+    """The --variant LABEL=JSON variants (a trainer's method and options)."""
+    from restuning.methods import METHODS
+
+    out = []
+    for text in args.variant:
+        label, sep, spec = text.partition("=")
+        try:
+            options = json.loads(spec) if sep else None
+        except json.JSONDecodeError as e:
+            args.error(f"--variant {text!r}: the options are not JSON ({e})")
+        if not label.strip() or not isinstance(options, dict) or options.get("method") not in METHODS:
+            args.error(f"--variant {text!r}: give LABEL={{\"method\": one of {', '.join(METHODS)}, ...options}}")
+        out.append(Variant(label.strip(), options.pop("method"), options))
+    return out
+
+
 def selected_variants(args) -> list[Variant]:
+    adhoc = adhoc_variants(args)
+    if adhoc and not args.methods:
+        return adhoc
     variants = default_variants()
     if args.methods:
         wanted = {w.strip() for w in args.methods.split(",")}
@@ -735,7 +773,7 @@ def selected_variants(args) -> list[Variant]:
         variants = [v for v in every if v.label in wanted or (v.method in wanted and not v.options)]
         if not variants:
             args.error(f"--methods {args.methods!r} matches no variant; labels: {', '.join(v.label for v in every)}")
-    return variants
+    return variants + adhoc
 
 
 def _minutes(seconds: float) -> str:
@@ -767,7 +805,7 @@ def main(argv=None) -> None:
 
 
 def sweep(args, variants: list[Variant], started: float) -> None:
-    cells = sweep_cells(variants, args.quick)
+    cells = sweep_cells(variants, args.quick, args.sweep_rates)
     whole = estimate(cells, args, args.device)
     keep, dropped = fit_budget(cells, args, args.device)
     planned = estimate(keep, args, args.device)

@@ -58,6 +58,24 @@ def test_default_run_has_64_samples_per_cell_two_trainings_and_the_single_layout
         assert f"Res-Tuning (Single: {layout})" in labels
 
 
+
+def test_an_adhoc_variant_trains_with_its_own_options_and_bad_ones_are_refused(capsys):
+    spec = 'attn1 mid={"method": "res-tuning", "tuners": {"attn1": "adapter"}, "blocks": ["mid"], "dim": 40}'
+    args = quality.parse_args(["--variant", spec])
+    (variant,) = quality.selected_variants(args)
+    assert (variant.label, variant.method) == ("attn1 mid", "res-tuning")
+    assert variant.options == {"tuners": {"attn1": "adapter"}, "blocks": ["mid"], "dim": 40}
+    recipe, _ = quality.recipe_for(variant, args)
+    cell = quality.Cell(variant, recipe, "test")
+    config = quality.trainer_config(cell, args, quality.ROOT / "runs" / "unused")
+    assert config["blocks"] == ["mid"] and config["dim"] == 40 and config["tuners"] == {"attn1": "adapter"}
+    beside = quality.selected_variants(quality.parse_args(["--variant", spec, "--methods", "adapter"]))
+    assert [v.label for v in beside] == ["Adapter", "attn1 mid"]
+    for bad in ('x={"method": "nope"}', "x=not json", '={"method": "adapter"}', "no-equals-sign"):
+        with pytest.raises(SystemExit):
+            quality.selected_variants(quality.parse_args(["--variant", bad]))
+        assert "--variant" in capsys.readouterr().err
+
 # -- recipes and the sweep (issue #15) ------------------------------------------------------------
 
 def _cell(concept, prompt, keep, n=64, lr=1e-2, label="Adapter"):
@@ -103,6 +121,20 @@ def test_the_sweep_grid_and_its_order_when_time_is_short():
     one = quality.estimate(cells, quality.parse_args(["--jobs", "1"]), "cuda")["total_s"]
     assert quality.estimate(cells, args, "cuda")["total_s"] < one
 
+
+
+def test_the_sweep_takes_other_rates_when_asked_and_refuses_bad_ones(capsys):
+    args = quality.parse_args(["--sweep", "--sweep-lrs", "0.01,0.001,0.003"])
+    assert args.sweep_rates == (0.001, 0.003, 0.01)
+    (variant,) = [v for v in quality.default_variants() if v.method == "adapter"]
+    cells = quality.sweep_cells([variant], rates=args.sweep_rates)
+    assert {(c.recipe["learning_rate"], c.recipe["blocks"]) for c in cells} == {
+        (lr, b) for lr in (0.001, 0.003, 0.01) for b in quality.SWEEP_BLOCKS.values()}
+    assert cells[0].recipe == {"learning_rate": 0.003, "blocks": ("mid", "up")}  # the middle rate first
+    for bad in ("fast", "0.01,-1", ","):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--sweep", "--sweep-lrs", bad])
+        assert "--sweep-lrs" in capsys.readouterr().err
 
 def test_child_processes_share_the_cores_and_cpu_runs_hide_the_gpu(monkeypatch):
     monkeypatch.setattr(quality.os, "cpu_count", lambda: 16)
