@@ -751,9 +751,10 @@ def adhoc_variants(args) -> list[Variant]:
 
     out = []
     for text in args.variant:
-        label, sep, spec = text.partition("=")
+        # Split at "={", not the first "=": labels such as "Single: attn1=adapter" hold one.
+        label, sep, spec = text.partition("={")
         try:
-            options = json.loads(spec) if sep else None
+            options = json.loads("{" + spec) if sep else None
         except json.JSONDecodeError as e:
             args.error(f"--variant {text!r}: the options are not JSON ({e})")
         if not label.strip() or not isinstance(options, dict) or options.get("method") not in METHODS:

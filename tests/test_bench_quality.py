@@ -71,6 +71,8 @@ def test_an_adhoc_variant_trains_with_its_own_options_and_bad_ones_are_refused(c
     assert config["blocks"] == ["mid"] and config["dim"] == 40 and config["tuners"] == {"attn1": "adapter"}
     beside = quality.selected_variants(quality.parse_args(["--variant", spec, "--methods", "adapter"]))
     assert [v.label for v in beside] == ["Adapter", "attn1 mid"]
+    (named,) = quality.selected_variants(quality.parse_args(["--variant", 'Single: attn1=adapter, d40={"method": "res-tuning", "dim": 40}']))
+    assert (named.label, named.options) == ("Single: attn1=adapter, d40", {"dim": 40})
     for bad in ('x={"method": "nope"}', "x=not json", '={"method": "adapter"}', "no-equals-sign"):
         with pytest.raises(SystemExit):
             quality.selected_variants(quality.parse_args(["--variant", bad]))
