@@ -54,8 +54,14 @@ def test_default_run_has_64_samples_per_cell_two_trainings_and_the_single_layout
     args = quality.parse_args([])
     assert len(quality.NEW_CONTEXTS) * args.seeds >= 64 and args.train_seeds == 2
     labels = [v.label for v in quality.default_variants()]
-    for layout in ("attn1=adapter", "attn1=prefix", "ff=prompt"):
+    for layout in ("attn1=adapter of length 80", "attn1=prefix", "ff=prompt"):
         assert f"Res-Tuning (Single: {layout})" in labels
+    (wide,) = [v for v in quality.default_variants() if v.label == "Res-Tuning (Single: attn1=adapter of length 80)"]
+    assert wide.options == {"tuners": {"attn1": "adapter"}, "dim": 80}
+    # --methods is comma-separated, so no label may hold a comma
+    assert not [v.label for v in quality.default_variants() + quality.extra_variants() if "," in v.label]
+    # the paper's length 10 stays one --methods away
+    assert "Res-Tuning (Single: attn1=adapter)" in [v.label for v in quality.extra_variants()]
 
 
 
