@@ -26,7 +26,8 @@ the logit scale of heads of width d, and Attn(Q, K, V) = softmax(s·Q Kᵀ) V pe
               and a per-channel gate g (C) that starts at zero (its gradient at the first step is
               the attention output, so it is the output layer; keys and values learn from the
               second step with gradients of one size). The query is x̂ itself, because a
-              detached tuner may not borrow the OP's W_q.
+              detached tuner may not borrow the OP's W_q; a learned query projection of its
+              own was tried and learned no more beside attn1 (README, quality section).
 - `ResPrompt` (L/64 · Attn(x̂ W_q, P W_k, P W_v)) W_o: the prompt half of Eq. 5, where K_pro = x_pro W_k and
               V_pro = x_pro W_v come from one set of `length` prompt tokens P (L, C) living in the
               input space. The detached tuner cannot use the OP's W_q, W_k, W_v, so it carries its
