@@ -210,7 +210,8 @@ def select(cells: list[dict]) -> dict | None:
 # The Single layouts of the default run: (OP, kind, length where not the paper's 10). Beside attn1
 # an adapter reads features that have hardly seen the prompt and at length 10 learns the concept
 # at a third of ff's pace; at length 80 it meets the 600 steps (bench/results/quality_sweep_attn1_length*).
-SINGLE_LAYOUTS = (("attn1", "adapter", 80), ("attn1", "prefix", None), ("ff", "prompt", None))
+# Res-Prefix there too: 0.47 at length 80, 0.12 at 10 (bench/results/quality_sweep_attn1_prefix_out*).
+SINGLE_LAYOUTS = (("attn1", "adapter", 80), ("attn1", "prefix", 80), ("ff", "prompt", None))
 
 
 def default_variants() -> list[Variant]:
@@ -229,6 +230,7 @@ def extra_variants() -> list[Variant]:
     return [Variant("Res-Tuning (Tri)", "res-tuning", {"tuners": {"attn1": "adapter", "ff": "adapter", "block": "adapter"}}),
             # one adapter Res-Tuner at each position: beside ff is the Adapter baseline's
             *(Variant(f"Res-Tuning (Single: {op}=adapter)", "res-tuning", {"tuners": {op: "adapter"}}) for op in ("attn1", "ff", "attn2", "block")),
+            Variant("Res-Tuning (Single: attn1=prefix)", "res-tuning", {"tuners": {"attn1": "prefix"}}),
             Variant("LoRA + text encoder", "lora", {"train_text_encoder": True}, recipe_of="lora"),
             *bypass_ablation()]
 

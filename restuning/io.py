@@ -22,20 +22,28 @@ from .core import DEFAULT_NAME, attached
 
 FORMAT = "restuning"
 # 2: the Bypass's second design (zero-conv output, Convpass, text tuners) and Res-Prefix / Res-Prompt
-# at an adapter's pace (a gated Res-Prefix, Res-Prompt's W_o reading a scaled attention output);
-# the other methods' files are the same as in version 1.
-FORMAT_VERSION = 2
+# at an adapter's pace (a gated Res-Prefix, Res-Prompt's W_o reading a scaled attention output).
+# 3: Res-Prefix ends in a zero-initialised output projection W_o instead of the per-channel gate.
+# The other methods' files are the same as in version 1.
+FORMAT_VERSION = 3
 _PACE = ("version 1 holds Res-Prefix / Res-Prompt tuners of the earlier form (no prefix gate, an unscaled prompt "
          "output), whose weights would render differently now; train them again")
+_PREFIX_OUT = ("versions 1 and 2 hold Res-Prefix tuners of an earlier form (a per-channel gate where it now has an "
+               "output projection W_o), whose weights do not carry over; train them again")
 
 
 def oldest_readable(method: str, config: dict) -> tuple[int, str]:
     """The oldest format version a file of this method and config can be read from, and why."""
+    if method == "bypass" and isinstance(config, dict) and "prefix" in {str(config.get("horizontal")), str(config.get("vertical"))}:
+        return 3, _PREFIX_OUT
     if method == "bypass":
         return 2, ("version 1 holds the first Bypass design (a gated output g ⊙ (x_L^b − x_L)), which learned nothing "
                    "and whose weights do not carry over; train the Bypass again")
     tuners = config.get("tuners") if isinstance(config, dict) else None
-    if method == "res-tuning" and isinstance(tuners, dict) and {"prefix", "prompt"} & set(map(str, tuners.values())):
+    kinds = set(map(str, tuners.values())) if method == "res-tuning" and isinstance(tuners, dict) else set()
+    if "prefix" in kinds:
+        return 3, _PREFIX_OUT
+    if "prompt" in kinds:
         return 2, _PACE
     return 1, ""
 

@@ -3,7 +3,7 @@ a residual, so that x' = OP(x) + Res-Tuner(x) (Eq. 7).
 
 A Res-Tuner owns all its parameters and never touches the backbone's weights; that is what lets
 any tuner sit beside any OP (attention, feed-forward, whole block) and is the paper's point.
-Each one ends in a zero-initialised layer (W_up, the prefix's gate g, W_o), so attaching leaves
+Each one ends in a zero-initialised layer (W_up, or an output projection W_o), so attaching leaves
 the model's output unchanged bit for bit (a zero weight times anything finite is exactly zero),
 while that layer gets gradient at the first step and every other parameter from the second on.
 
@@ -14,25 +14,32 @@ beside attn1, 0.33 beside ff). Res-Prefix with zero values was a near-constant b
 row got the same gradient, so its keys got ~1/100 of the values' gradient and never learned to
 select (0.15 after 12 steps). Res-Prompt's W_o reads PROMPT_WIDTH channels, 6.4x the adapter's
 `length`, and its residual outgrew the OP itself (2.0 beside ff, 2.7 beside attn1). Hence the
-fixed gains below: `length` on the prefix's gate, length/PROMPT_WIDTH on what W_o reads.
+fixed gains below, L / (the width W_o reads): length/C for Res-Prefix, length/PROMPT_WIDTH for
+Res-Prompt.
 
 With x̂ = LN(x) the parameter-free layer norm (mean 0, variance 1 per token, eps 1e-5), s = 1/sqrt(d)
 the logit scale of heads of width d, and Attn(Q, K, V) = softmax(s·Q Kᵀ) V per head:
 
 - `Adapter`   φ(x W_down + b_down) W_up + b_up, φ = GELU, bottleneck `length` (the branch of
               Eq. 6, here reading the OP's input x as Eq. 7 does); W_up, b_up start at zero.
-- `ResPrefix` (L·g) ⊙ Attn(x̂, K_pre, V_pre): the prefix half of Eq. 3 with `length` = L free keys
-              and values (L, C), split into `heads` heads of d = C/heads, both random at start,
-              and a per-channel gate g (C) that starts at zero (its gradient at the first step is
-              the attention output, so it is the output layer; keys and values learn from the
-              second step with gradients of one size). The query is x̂ itself, because a
-              detached tuner may not borrow the OP's W_q; a learned query projection of its
-              own was tried and learned no more beside attn1 (README, quality section).
+- `ResPrefix` (L/C · Attn(x̂, K_pre, V_pre)) W_o + b_o: the prefix half of Eq. 3 with `length` = L
+              free keys and values (L, C), split into `heads` heads of d = C/heads, both random
+              at start, and an output projection W_o (C, C) that starts at zero (its gradient at
+              the first step is the attention output; keys and values learn from the second step
+              with gradients of one size). The query is x̂ itself, because a detached tuner may
+              not borrow the OP's W_q; a learned query projection of its own was tried and
+              learned no more beside attn1 (README, quality section). W_o is Eq. 3's output
+              projection: it lets every head's values write to every channel, where a
+              per-channel gate g (the form before format 3: (L·g) ⊙ Attn) kept each head on its
+              own eighth of them; beside attn1 at length 80 the gate learned 0.19 of the concept
+              in bench.quality's 600 steps, W_o 0.47 (one training each). It costs C² parameters
+              per tuner (8.3M for attn1 on SD v1.5's mid and up blocks, against 0.16M gated); a
+              rank-L W_o (a random C->L mix, then zero L->C) was tried and learned 0.14.
 - `ResPrompt` (L/64 · Attn(x̂ W_q, P W_k, P W_v)) W_o: the prompt half of Eq. 5, where K_pro = x_pro W_k and
               V_pro = x_pro W_v come from one set of `length` prompt tokens P (L, C) living in the
               input space. The detached tuner cannot use the OP's W_q, W_k, W_v, so it carries its
               own, into an inner width of PROMPT_WIDTH channels (`heads` heads; 4·64·C + L·C
-              parameters against Res-Prefix's 2·L·C + C), and W_o (zero at start) brings the result
+              parameters against Res-Prefix's 2·L·C + C² + C), and W_o (zero at start) brings the result
               back to C channels. W_q and W_k start as N(0, 1/C), so the logits start with std 1,
               as Res-Prefix's do. It is not a special case of Res-Prefix: its query is learned and
               its keys and values are tied through the shared tokens.
@@ -80,12 +87,14 @@ class ResPrefix(nn.Module):
         self.heads = _heads_for(dim, heads)
         self.key = nn.Parameter(torch.randn(length, dim))
         self.value = nn.Parameter(torch.randn(length, dim))
-        self.gate = nn.Parameter(torch.zeros(dim))
-        self.gain = float(length)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.gain = length / dim
 
     def forward(self, x: Tensor) -> Tensor:
         x_hat = F.layer_norm(x, (x.shape[-1],))
-        return _attend(x_hat, self.key.to(x.dtype), self.value.to(x.dtype), self.heads) * (self.gain * self.gate).to(x.dtype)
+        return self.out(_attend(x_hat, self.key.to(x.dtype), self.value.to(x.dtype), self.heads) * self.gain)
 
 
 # Inner width of Res-Prompt's own attention: 8 heads of 8 channels at the default `heads`.

@@ -54,7 +54,7 @@ def test_default_run_has_64_samples_per_cell_two_trainings_and_the_single_layout
     args = quality.parse_args([])
     assert len(quality.NEW_CONTEXTS) * args.seeds >= 64 and args.train_seeds == 2
     labels = [v.label for v in quality.default_variants()]
-    for layout in ("attn1=adapter of length 80", "attn1=prefix", "ff=prompt"):
+    for layout in ("attn1=adapter of length 80", "attn1=prefix of length 80", "ff=prompt"):
         assert f"Res-Tuning (Single: {layout})" in labels
     (wide,) = [v for v in quality.default_variants() if v.label == "Res-Tuning (Single: attn1=adapter of length 80)"]
     assert wide.options == {"tuners": {"attn1": "adapter"}, "dim": 80}
@@ -195,7 +195,7 @@ def test_recipes_are_written_to_the_model_and_read_by_the_bench_and_the_trainer(
     by_label = {v.label: v for v in quality.default_variants()}
     assert quality.recipe_for(by_label["LoRA"], args) == ({"learning_rate": 0.03, "blocks": ("down", "mid", "up")}, "model recipe 'lora'")
     assert quality.recipe_for(by_label["Res-Tuning (Single: ff=prompt)"], args)[0] == {"learning_rate": 3e-3}
-    assert quality.recipe_for(by_label["Res-Tuning (Single: attn1=prefix)"], args) == ({"learning_rate": 0.01}, "model recipe 'default'")
+    assert quality.recipe_for(by_label["Res-Tuning (Single: attn1=prefix of length 80)"], args) == ({"learning_rate": 0.01}, "model recipe 'default'")
     assert quality.recipe_for(by_label["Full fine-tuning"], args)[0] == {"learning_rate": 3e-4}
     # LoRA with the text encoder trains with LoRA's recipe unless it has one of its own.
     with_text = next(v for v in quality.extra_variants() if v.label == "LoRA + text encoder")

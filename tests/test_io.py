@@ -51,7 +51,7 @@ def test_header_carries_config_version_and_architecture(tmp_path, tiny_unet):
     restuning.attach(tiny_unet, restuning.ResTuningConfig(dim=4))
     path = restuning.save(tiny_unet, tmp_path / "t.safetensors")
     header = restuning.read_header(path)
-    assert header["format"] == "restuning" and header["format_version"] == "2"
+    assert header["format"] == "restuning" and header["format_version"] == "3"
     assert json.loads(header["config"])["dim"] == 4
     assert json.loads(header["base_arch"])["block_out_channels"] == [32, 64]
     assert restuning.read_config(path) == restuning.ResTuningConfig(dim=4)
@@ -207,3 +207,21 @@ def test_version_1_files_load_except_the_first_bypass_design(tmp_path, tiny_unet
     with pytest.raises(restuning.TunerFileError, match="res-tuning file of format version 1.*Res-Prefix"):
         restuning.load(fresh, old_prefix)
     assert restuning.attached(fresh) == {}
+
+
+def test_version_2_res_prefix_files_are_refused_and_res_prompt_files_load(tmp_path, tiny_unet):
+    """Format 3 gave Res-Prefix an output projection where it had a per-channel gate: a version-2
+    file with a Res-Prefix is refused with the reason; one of Res-Prompts still loads."""
+    fresh = build_unet("tiny")
+    for kind, loads in (("prefix", False), ("prompt", True)):
+        unet = build_unet("tiny")
+        restuning.attach(unet, restuning.ResTuningConfig(tuners={"attn1": kind}))
+        old = _rewrite(restuning.save(unet, tmp_path / f"{kind}.safetensors"), tmp_path / f"old_{kind}.safetensors",
+                       format_version="2")
+        if loads:
+            restuning.load(fresh, old)
+            assert len(restuning.attached(fresh)) == 1
+        else:
+            with pytest.raises(restuning.TunerFileError, match="format version 2.*per-channel gate.*train them again"):
+                restuning.load(fresh, old)
+            assert restuning.attached(fresh) == {}

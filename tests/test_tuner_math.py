@@ -43,8 +43,8 @@ def adapter_reference(t, x):
 
 
 def prefix_reference(t, x, heads):
-    length = t.key.shape[0]
-    return attention(layer_norm(x), t.key, t.value, heads) * (length * t.gate)
+    length, channels = t.key.shape
+    return (attention(layer_norm(x), t.key, t.value, heads) * (length / channels)) @ t.out.weight.T + t.out.bias
 
 
 def prompt_reference(t, x, heads):
@@ -188,7 +188,7 @@ def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, kin
         (tiny_unet(*unet_inputs).sample - target).pow(2).mean().backward()
 
     step()
-    output_layer = {"adapter": ("up.weight",), "prefix": ("gate",), "prompt": ("out.weight",)}[kind]
+    output_layer = {"adapter": ("up.weight",), "prefix": ("out.weight",), "prompt": ("out.weight",)}[kind]
     assert all(torch.count_nonzero(p.grad) > 0 for n, p in named if n.endswith(output_layer))
     opt.step()
     step()
@@ -199,7 +199,7 @@ def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, kin
 def test_res_prefix_keys_learn_as_fast_as_its_values():
     """Issue #12: with zero-initialised values every value row got the same gradient, so the keys
     got ~1/100 of the values' (0.007 here) and the prefix stayed a near-constant bias. Random values
-    behind a zero gate: after one step the keys' gradient is of the values' size."""
+    behind a zero output projection: after one step the keys' gradient is of the values' size."""
     torch.manual_seed(0)
     t = ResPrefix(64, 10, heads=8)
     g = torch.Generator().manual_seed(1)

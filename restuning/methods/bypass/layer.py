@@ -99,7 +99,7 @@ def _make(kind: str, channels: int, dim: int, heads: int) -> nn.Module:
 
 def _wake(module: nn.Module) -> None:
     """Start each tuner's zero-initialised output layer live: PyTorch's default init for layers,
-    and Res-Prefix's gate at 1/gain, so that it passes its (random) values' mixture as it is."""
+    and Res-Prefix's W_o at I/gain, so that it passes its (random) values' mixture as it is."""
     for layer in module.modules():
         if isinstance(layer, (Convpass, Adapter)):
             layer.up.reset_parameters()
@@ -107,7 +107,8 @@ def _wake(module: nn.Module) -> None:
             layer.out.reset_parameters()
         elif isinstance(layer, ResPrefix):
             with torch.no_grad():
-                layer.gate.fill_(1.0 / layer.gain)
+                layer.out.weight.copy_(torch.eye(layer.out.in_features) / layer.gain)
+                layer.out.bias.zero_()
 
 
 def apply_tuner(tuner: nn.Module, x: Tensor) -> Tensor:
