@@ -12,7 +12,11 @@ def test_every_mutation_applies_to_exactly_one_place():
 
 
 @pytest.mark.slow
-def test_a_few_mutations_are_caught():
-    chosen = [m for m in mutate.MUTATIONS if m.name in ("res-attention-no-logit-scale", "hook-reads-op-output")]
-    assert len(chosen) == 2
-    assert mutate.run(chosen, tests=("tests/test_tuner_math.py",)) == []
+@pytest.mark.parametrize(("names", "tests"), [
+    (("res-attention-no-logit-scale", "hook-reads-op-output"), ("tests/test_tuner_math.py",)),
+    (("bypass-tap-outputs-attached", "bypass-vertical-reads-backbone"), ("tests/test_bypass.py",)),
+])
+def test_a_few_mutations_are_caught(names, tests):
+    chosen = [m for m in mutate.MUTATIONS if m.name in names]
+    assert len(chosen) == len(names)
+    assert mutate.run(chosen, tests=tests) == []
