@@ -81,12 +81,13 @@ class JobError(ValueError):
     """A request the runner refuses (unknown run, wrong state); the message is for the user."""
 
 
-def default_command(config_path: Path, config: dict, device: str) -> list[str]:
-    """`accelerate launch` with explicit settings, so no `accelerate config` file is needed."""
+def default_command(config_path: Path, config: dict, device: str, threads: int | None = None) -> list[str]:
+    """`accelerate launch` with explicit settings, so no `accelerate config` file is needed;
+    on the CPU with `threads` threads (default: every core of this machine)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--dynamo_backend", "no", "--mixed_precision", str(config.get("mixed_precision") or "no")]
     if device == "cpu":
-        cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
+        cmd += ["--cpu", "--num_cpu_threads_per_process", str(threads or os.cpu_count() or 1)]
     return cmd + ["-m", "trainers.dreambooth", "--config", str(config_path)]
 
 
