@@ -7,7 +7,7 @@ loopback addresses), and whether the tuners are the same.
 Both sides train the same configs (demo model, the star concept, 64 px, seed 0) through the same
 job runner (trainers.jobs) and the same `accelerate launch` command with `--threads` CPU threads
 per run, so the arithmetic is the same and so should be the weights: each method's saved files
-are compared byte for byte, and tensor by tensor. The wall time of each side runs from the first
+are compared byte for byte (tensor data; the header as JSON) and tensor by tensor. The wall time of each side runs from the first
 submission to the last run's end; the cluster's start-up is reported apart (a cluster is started
 once and serves many comparisons). Writes bench/results/cluster_compare.{json,md}.
 
@@ -71,12 +71,24 @@ def weights(folder: Path) -> dict[str, Path]:
             if e.get("event") == "artifact" and str(e.get("path", "")).endswith(".safetensors")}
 
 
+def split(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed) and its tensor data bytes."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
 def same(a: Path, b: Path) -> dict:
+    """Whether two safetensors files hold the same: header (as JSON: safetensors writes its
+    metadata map in each process's own hash order, so two processes' headers differ in order
+    alone), tensor bytes, and tensors; and whether the files are equal byte for byte."""
     from safetensors.torch import load_file
 
+    (ha, da), (hb, db) = split(a), split(b)
     ta, tb = load_file(str(a)), load_file(str(b))
     tensors = ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and ta[k].equal(tb[k]) for k in ta)
-    return {"bytes": a.read_bytes() == b.read_bytes(), "tensors": bool(tensors), "size": a.stat().st_size}
+    return {"header": ha == hb, "data_bytes": da == db, "tensors": bool(tensors), "file_bytes": a.read_bytes() == b.read_bytes(),
+            "size": a.stat().st_size}
 
 
 def main(argv=None) -> None:
@@ -121,24 +133,27 @@ def main(argv=None) -> None:
         "local_one_slot_s": round(local_wall, 1), "cluster_two_workers_s": round(cluster_wall, 1),
         "ratio_cluster_over_local": round(cluster_wall / local_wall, 3), "cluster_start_s": round(cluster_start, 1),
         "most_at_once": {"local": local_most, "cluster": cluster_most}, "files": files,
-        "identical": all(f["bytes"] and f["tensors"] for kinds in files.values() for f in kinds.values()),
+        "identical": all(f["header"] and f["data_bytes"] and f["tensors"] for kinds in files.values() for f in kinds.values()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_1m_before": round(load_before[0], 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)},
     }
     rows = ["| side | wall (s) | runs at once |", "|---|---|---|",
             f"| local runner, one slot | {report['local_one_slot_s']} | {local_most} |",
             f"| local Ray cluster, 2 workers | {report['cluster_two_workers_s']} | {cluster_most} |"]
-    same_rows = ["| method | file | bytes equal | tensors equal |", "|---|---|---|---|"]
+    same_rows = ["| method | file | header (JSON) equal | tensor bytes equal | tensors equal | whole file equal |",
+                 "|---|---|---|---|---|---|"]
     for method, kinds in files.items():
         for kind, f in kinds.items():
-            same_rows.append(f"| {method} | {kind} ({f['size']} B) | {f['bytes']} | {f['tensors']} |")
+            same_rows.append(f"| {method} | {kind} ({f['size']} B) | {f['header']} | {f['data_bytes']} | {f['tensors']} | {f['file_bytes']} |")
     text = "\n".join([
         "# Cluster comparison: `python -m bench.cluster_compare`", "",
         (f"{len(files)} methods ({args.methods}), {args.steps} steps each on the demo model, {args.threads} thread(s) per run, "
          f"on a {os.cpu_count()}-core machine (load average {report['machine']['load_avg_1m_before']} before, "
          f"{report['machine']['load_avg_1m_after']} after). Cluster start-up, not counted: {report['cluster_start_s']} s."), "",
         *rows, "", f"Cluster / local wall time: **{report['ratio_cluster_over_local']}**.", "",
-        "Saved weights, cluster run against local run of the same method and seed:", "", *same_rows, ""])
+        "Saved weights, cluster run against local run of the same method and seed (the header's metadata is "
+        "compared as JSON: safetensors writes it in each process's own hash order, so even two local runs' files "
+        "differ in that order alone):", "", *same_rows, ""])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cluster_compare.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "cluster_compare.md").write_text(text)
