@@ -72,16 +72,31 @@ def weights(folder: Path) -> dict[str, Path]:
 
 
 def split(path: Path) -> tuple[dict, bytes]:
-    """A safetensors file's header (parsed) and its tensor data bytes."""
+    """A safetensors file's header (parsed, canonical: see `canonical`) and its tensor data bytes."""
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + size]), raw[8 + size:]
+    return canonical(json.loads(raw[8:8 + size])), raw[8 + size:]
+
+
+def canonical(header: dict) -> dict:
+    """The header with what the writing process orders by its own hash seed put in one order:
+    safetensors writes the metadata map in hash order (a dict compares equal whatever the order),
+    and peft's LoraConfig serialises `target_modules`, a Python set, in the process's string-hash
+    order (diffusers' `lora_adapter_metadata`), so two local runs of one config differ there too."""
+    meta = dict(header.get("__metadata__") or {})
+    for key, value in meta.items():
+        try:
+            parsed = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(parsed, dict) and any(k.endswith("target_modules") for k in parsed):
+            meta[key] = {k: sorted(v) if k.endswith("target_modules") and isinstance(v, list) else v for k, v in parsed.items()}
+    return {**header, "__metadata__": meta}
 
 
 def same(a: Path, b: Path) -> dict:
-    """Whether two safetensors files hold the same: header (as JSON: safetensors writes its
-    metadata map in each process's own hash order, so two processes' headers differ in order
-    alone), tensor bytes, and tensors; and whether the files are equal byte for byte."""
+    """Whether two safetensors files hold the same: header (canonical), tensor bytes, tensors;
+    and whether the files are equal byte for byte (they are not, by `canonical`'s orders alone)."""
     from safetensors.torch import load_file
 
     (ha, da), (hb, db) = split(a), split(b)
@@ -151,9 +166,10 @@ def main(argv=None) -> None:
          f"on a {os.cpu_count()}-core machine (load average {report['machine']['load_avg_1m_before']} before, "
          f"{report['machine']['load_avg_1m_after']} after). Cluster start-up, not counted: {report['cluster_start_s']} s."), "",
         *rows, "", f"Cluster / local wall time: **{report['ratio_cluster_over_local']}**.", "",
-        "Saved weights, cluster run against local run of the same method and seed (the header's metadata is "
-        "compared as JSON: safetensors writes it in each process's own hash order, so even two local runs' files "
-        "differ in that order alone):", "", *same_rows, ""])
+        ("Saved weights, cluster run against local run of the same method and seed. The header is compared "
+         "as JSON with set-like fields sorted: safetensors writes its metadata map, and peft its LoRA "
+         "`target_modules` set, in each process's own hash order, so even two local runs' files differ "
+         "in those orders alone (bench/cluster_compare.py, `canonical`)."), "", *same_rows, ""])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cluster_compare.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "cluster_compare.md").write_text(text)

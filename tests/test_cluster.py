@@ -189,7 +189,7 @@ def test_the_cli_trains_a_comparison_on_the_cluster(tmp_path, cluster):
     out = subprocess.run([sys.executable, "-m", "trainers.runs", "compare", "--cluster", cluster.address,
                           "--runs-dir", str(runs), "--images", str(ROOT / "assets" / "concepts" / "star"),
                           "--config", str(tmp_path / "base.json"), "--methods", "res-tuning,lora"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     done = [line for line in out.stdout.splitlines() if line.endswith(": done")]
     assert len(done) == 2, out.stdout
@@ -215,6 +215,6 @@ def test_bench_quality_trains_its_cells_on_the_cluster_to_the_same_weights(tmp_p
         for kind, path in local["artifacts"].items():
             if path.endswith(".safetensors"):
                 ours, theirs = split(Path(local["run"]) / path), split(Path(remote["run"]) / path)
-                # the tensors' bytes, and the header as JSON (safetensors orders its metadata by
-                # each process's hash seed, so two local runs differ in that order alone)
+                # the tensors' bytes, and the header with what a process orders by its hash seed
+                # put in one order (bench.cluster_compare.canonical): two local runs differ there too
                 assert ours == theirs, f"{cell.variant.label}: {kind} differs"

@@ -34,12 +34,23 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 from . import memory
-from .jobs import CONFIG_FILE, LOG_FILE, REPO_ROOT, Launcher, _read_json, default_command, how_it_ended
+from .jobs import (
+    CONFIG_FILE,
+    LOG_FILE,
+    REPO_ROOT,
+    Launcher,
+    LocalLauncher,
+    _process_alive,
+    _read_json,
+    default_command,
+    how_it_ended,
+)
 
 # The studio's settings the trainer reads, passed to each job (a node's own environment is its
 # raylet's); nothing else of the studio's environment (tokens, paths of this machine) is sent
@@ -197,7 +208,10 @@ class RayLauncher(Launcher):
 
     def state(self, run_id: str, record: dict) -> str:
         job_id = record.get("ray_job")
-        return self._job(job_id)[0] if isinstance(job_id, str) and job_id else ENDED
+        if isinstance(job_id, str) and job_id:
+            return self._job(job_id)[0]
+        # a run started on the studio's machine before it was pointed at the cluster: still watched by its pid
+        return RUNNING if "pid" in record and _process_alive(record) else ENDED
 
     def next_device(self, held: list[dict]) -> str | None:
         waiting = sum(1 for record in held if self.state("", record) == WAITING)
@@ -270,6 +284,8 @@ class RayLauncher(Launcher):
         itself, so `force` asks the same)."""
         job_id = record.get("ray_job")
         if not isinstance(job_id, str):
+            if "pid" in record:  # a local run from before (see `state`)
+                LocalLauncher._signal(record, signal.SIGKILL if force else signal.SIGTERM)
             return
         try:
             self.client.stop_job(job_id)

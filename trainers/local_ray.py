@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage report sent anywhere
@@ -78,16 +79,15 @@ class LocalRayCluster:
 
     def _start(self, args: list[str], log_name: str) -> subprocess.Popen:
         path = Path(self.temp_dir) / log_name
-        log = open(path, "ab")
-        # a process group of its own: stopping or killing a node reaches every process it started
-        # that stays in its group (the raylet, the agents); Ray's workers end with their raylet
-        proc = subprocess.Popen([ray_cli(), "start", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        with open(path, "ab") as log:
+            # a process group of its own: stopping or killing a node reaches every process it
+            # started that stays in its group (the raylet, the agents); Ray's workers end with their raylet
+            proc = subprocess.Popen([ray_cli(), "start", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         self.logs[proc.pid] = path
         return proc
 
-    def start(self) -> LocalRayCluster:
+    def start(self) -> Self:
         # short: Ray's Unix socket paths live under it and must stay under 108 characters
         self.temp_dir = tempfile.mkdtemp(prefix="rt-ray-", dir="/tmp")
         self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -192,7 +192,7 @@ class LocalRayCluster:
                     continue
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def __enter__(self) -> LocalRayCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
