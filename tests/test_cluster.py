@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("ray")
 
 from tests.test_jobs import FAKE, wait_for, wait_step
-from trainers.cluster import RayLauncher
+from trainers.cluster import ClusterError, RayLauncher
 from trainers.events import read_events
 from trainers.jobs import PROCESS_FILE, JobError, JobRunner
 from trainers.local_ray import LocalRayCluster
@@ -173,6 +173,11 @@ def test_a_run_ray_cannot_place_in_time_waits_in_the_queue_again(tmp_path, image
         assert wait_for(runner, run_id, {"cancelled", "failed"}, timeout=60).status == "cancelled"
 
 
+def test_an_address_where_no_cluster_answers_is_refused_with_the_reason():
+    with pytest.raises(ClusterError, match="no Ray cluster answers at http://127.0.0.1:9"):  # app.py exits with it
+        RayLauncher("http://127.0.0.1:9")
+
+
 def test_a_run_no_node_can_take_is_refused_before_it_is_queued(tmp_path, images, cluster):
     launcher = RayLauncher(cluster.address, command=fake_command, cpus_per_run=4)
     runner = JobRunner(tmp_path / "runs", launcher=launcher)
@@ -205,7 +210,7 @@ def test_bench_quality_trains_its_cells_on_the_cluster_to_the_same_weights(tmp_p
 
     trained = {}
     for side, extra in (("local", []), ("cluster", ["--cluster", cluster.address, "--jobs", "2"])):
-        args = quality.parse_args(["--quick", "--methods", "res-tuning,lora", "--device", "cpu", "--threads", "1",
+        args = quality.parse_args(["--quick", "--methods", "res-tuning", "--device", "cpu", "--threads", "1",
                                    "--work", str(tmp_path / side), *extra])
         args.device = args.device_resolved = quality.resolve_device(args)
         cells = [quality.Cell(v, *quality.recipe_for(v, args), seed=0) for v in quality.selected_variants(args)]

@@ -29,3 +29,24 @@ def test_how_a_ray_job_ended_reads_as_the_runs_failure(tmp_path):
     assert RayLauncher._how(tmp_path, SimpleNamespace(status="FAILED", driver_exit_code=3, message="")) == "exit code 3"
     assert RayLauncher._how(tmp_path, SimpleNamespace(status="STOPPED", driver_exit_code=None, message="")) == "stopped on the cluster"
     assert "unknown to the cluster" in RayLauncher._how(tmp_path, None)
+
+
+def test_the_studio_takes_a_cluster_from_its_flag_or_ray_address(monkeypatch):
+    import app
+    from webui.space import detect
+
+    here = detect({}, device="cpu")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert app.parse_args([], env=here).cluster is None, "no cluster: runs train on this machine"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert app.parse_args([], env=here).cluster == "http://head:8265"
+    assert app.parse_args(["--cluster", "ray://other:10001"], env=here).cluster == "ray://other:10001"
+
+
+def test_a_clusters_preset_follows_its_nodes_not_this_machine():
+    import app
+
+    cpu = SimpleNamespace(devices=["cpu"], gpu_memory=None, describe=lambda: "the Ray cluster at x")
+    assert app.cluster_preset(cpu)[0] == "CPU demo"
+    assert app.cluster_preset(SimpleNamespace(**{**vars(cpu), "devices": ["cuda"]}))[0] == "8 GB GPU"
+    assert app.cluster_preset(SimpleNamespace(**{**vars(cpu), "devices": ["cuda"], "gpu_memory": 80 * 2**30}))[0] == "24 GB+ GPU"
