@@ -12,12 +12,13 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from trainers import artifacts
 from trainers.uploads import check_name, check_tuner_file, discard, lora_as_tuner_file
 
 from . import live, visitors
 from .errors import friendly
 
-DOWNLOADS = (("tuner", "tuner.safetensors"), ("model-card", "model card (README.md)"),
+DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tuner and samples (.zip)"),
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
 
 
@@ -49,6 +50,16 @@ def _details(info) -> str:
     return "\n".join(parts)
 
 
+def _downloads(info) -> dict:
+    """kind -> the file its download button hands out, under the name the user should keep
+    (trainers.artifacts.downloads); the files as they are if those cannot be made (a full disk)."""
+    found = live.artifacts(info)
+    try:
+        return artifacts.downloads(info.dir, found, info.method)
+    except OSError:
+        return found
+
+
 def view(runner, run_id, who, shared: bool):
     """What the tab shows: table rows, run ids, the selected run, the other widgets' values and
     visibility (its controls only for a visitor who controls it), and a signature of it all."""
@@ -57,7 +68,7 @@ def view(runner, run_id, who, shared: bool):
     run_id = run_id if run_id in ids else (ids[0] if ids else None)
     info = runner.info(run_id) if run_id else None
     mine = bool(info) and visitors.can_control(info, who)
-    files = live.artifacts(info) if info else {}
+    files = _downloads(info) if info else {}
     widgets = {"details": {"value": _details(info) if info else "No runs yet."},
                "samples": {"value": live.samples(info) if info else None},
                **{kind: {"value": str(files[kind]) if kind in files else None, "visible": kind in files}
