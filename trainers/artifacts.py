@@ -164,8 +164,8 @@ def _card_loading(output_dir: Path, written, method, source, base: str, base_not
         in_run = Path(path).relative_to(output_dir).as_posix()
         where = f"; {code_span(in_run)} in the run folder" if names[kind] != in_run else ""
         lines.append(f"- {code_span(names[kind])} ({kind}{where})")
-    lines += ["", "The code runs in the folder that holds the downloaded files. `import restuning` needs the "
-              "library: `pip install <the Res-Tuning Studio repository: a clone's folder or its git URL>`.", ""]
+    lines += ["", ("The code runs in the folder that holds the downloaded files. `import restuning` needs the "
+                   "library: `pip install <the Res-Tuning Studio repository: a clone's folder or its git URL>`."), ""]
     if base_note:
         lines += [base_note, ""]
     loader = "from_single_file" if source.kind == "single-file" else "from_pretrained"
