@@ -143,7 +143,13 @@ def method_value(method: str, name: str, value):
             raise OptionError(f"{name}: choose at least one")
         return list(value)
     if "int" in kind:
-        return int(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{name} must be a whole number, got {value!r}") from None
+        if not number.is_integer():
+            raise OptionError(f"{name} must be a whole number, got {value}")
+        return int(number)
     return value
 
 
