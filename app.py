@@ -1,12 +1,13 @@
 """Res-Tuning Studio: `python app.py` serves http://127.0.0.1:7860 on the bundled demo model.
 
     python app.py [--model HUB_ID|FOLDER|FILE.safetensors] [--runs-dir DIR] [--host H] [--port P]
-                  [--jobs-per-device N] [--shared | --no-shared] [--runs-per-visitor N]
+                  [--jobs-per-device N] [--shared | --no-shared] [--runs-per-visitor N] [--proxy-hops N]
 
 Defaults come from webui/space.py: on a local machine 127.0.0.1:7860 and ./runs, one user; on a
 Hugging Face Space (SPACE_ID set) 0.0.0.0 at $PORT (or 7860), runs on the persistent storage
 mount /data when one is attached, and many visitors, each seeing only their own runs.
-RESTUNING_RUNS_DIR / RESTUNING_HOST / RESTUNING_PORT override them. Only wiring lives here: the
+RESTUNING_RUNS_DIR / RESTUNING_HOST / RESTUNING_PORT override them; a shared studio's caps come
+from RESTUNING_* variables too (trainers/limits.py, docs/space.md). Only wiring lives here: the
 UI is webui/, the job runner trainers/jobs.py, training trainers/dreambooth.py.
 """
 
@@ -20,6 +21,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def parse_args(argv=None, env=None) -> argparse.Namespace:
+    from trainers import limits
+    from webui.files import PROXY_HOPS_ENV
     from webui.space import detect
 
     try:
@@ -37,10 +40,20 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     p.add_argument("--jobs-per-device", type=int, default=1, help="runs training at once on each device")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=here.shared,
                    help="many visitors: each sees and controls only their own runs (default: on when SPACE_ID is set)")
-    p.add_argument("--runs-per-visitor", type=int, default=2,
-                   help="with --shared: runs one visitor may have queued or running at once")
+    p.add_argument("--runs-per-visitor", type=int, default=None,
+                   help="with --shared: runs one visitor may have queued or running at once "
+                        "(env RESTUNING_RUNS_PER_VISITOR; default 2)")
+    p.add_argument("--proxy-hops", type=int, default=None,
+                   help="trusted proxies in front of the studio, whose X-Forwarded-For names a client for the upload "
+                        f"quota (env {PROXY_HOPS_ENV}; default 1 on a Space, else 0)")
     args = p.parse_args(argv)
     args.sample_device, args.where = here.device, here
+    try:
+        args.limits = limits.from_env(args.shared, runs_per_owner=args.runs_per_visitor if args.shared else None)
+        hops = os.environ.get(PROXY_HOPS_ENV, "").strip()
+        args.proxy_hops = args.proxy_hops if args.proxy_hops is not None else int(hops) if hops else int(bool(here.space_id))
+    except ValueError as exc:
+        sys.exit(f"app.py: {exc}")
     return args
 
 
@@ -57,8 +70,7 @@ def main(argv=None) -> None:
         sys.exit(f"app.py: {exc}")
     devices = detect_devices()
     preset, detected = detect_preset()
-    runner = JobRunner(args.runs_dir, devices=devices, per_device=args.jobs_per_device,
-                       max_active_per_owner=args.runs_per_visitor if args.shared else None,
+    runner = JobRunner(args.runs_dir, devices=devices, per_device=args.jobs_per_device, limits=args.limits,
                        unguessable_ids=args.shared).start()
     demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected,
                        shared=args.shared, sample_device=args.sample_device)
@@ -66,7 +78,7 @@ def main(argv=None) -> None:
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     if args.where.space_id and not args.where.persistent:
         print("Res-Tuning Studio: no persistent storage at /data: runs vanish when the Space restarts (docs/space.md)")
-    demo.launch(**webui.launch_options(runner, args.host, args.port, shared=args.shared))
+    demo.launch(**webui.launch_options(runner, args.host, args.port, shared=args.shared, proxy_hops=args.proxy_hops))
 
 
 if __name__ == "__main__":

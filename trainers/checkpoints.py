@@ -53,3 +53,63 @@ def problem(path: str | Path) -> str | None:
     except (SafetensorError, OSError, ValueError) as exc:
         return f"its {TUNER_STATE} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     return None
+
+
+def newest(output_dir: str | Path, note=print) -> Path | None:
+    """The newest checkpoint that looks whole (`problem`); each newer one that does not is named
+    through `note` (the trainer's log and events)."""
+    for path in found(output_dir):
+        why = problem(path)
+        if why is None:
+            return path
+        note(f"{path.name} cannot be resumed from: {why}; trying an older checkpoint")
+    return None
+
+
+def load(accelerator, first: Path, fallback_dir: str | Path | None, note=print) -> Path:
+    """Load accelerate's state from `first`, else (with `fallback_dir`: --resume_from_checkpoint
+    latest) from each older checkpoint of that run in turn, newest first; each that fails to
+    load is named through `note`. Returns the checkpoint loaded. When none loads, ValueError
+    names each with its reason: a checkpoint of other options (another method, other sizes)
+    fails on every one, a damaged one (an empty or truncated file) only on itself."""
+    candidates = [Path(first)]
+    if fallback_dir is not None:
+        candidates += [p for p in found(fallback_dir) if step_of(p) < step_of(first) and problem(p) is None]
+    failures = []
+    for path in candidates:
+        try:
+            accelerator.load_state(str(path))
+        except Exception as exc:  # noqa: BLE001 - any file may be damaged in any way: the next one is tried
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            failures.append(f"{path.name}: {type(exc).__name__}: {reason}")
+            note(f"{path.name} cannot be resumed from ({type(exc).__name__}: {reason})"
+                 + ("; trying an older checkpoint" if path != candidates[-1] else ""))
+            continue
+        return path
+    raise ValueError("; ".join(failures))
+
+
+# What the trainer writes under a temporary name before renaming it into place (checkpoints,
+# samples, tuner files, the model card, a full fine-tune's unet/, LoRA files).
+PARTIAL = (".checkpoint-*.tmp", "*.tmp", ".unet-*", ".lora-*")
+
+
+def remove_partial(output_dir: str | Path) -> list[str]:
+    """Delete what a write cut short (a full disk) left under a temporary name in the run folder,
+    its samples/ and checkpoints/; returns the names removed. Whole files are never touched."""
+    import shutil
+
+    removed = []
+    for folder in (Path(output_dir), Path(output_dir) / "samples", Path(output_dir) / CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        for pattern in PARTIAL:
+            for path in folder.glob(pattern):
+                if path.is_symlink():
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path.name)
+    return removed

@@ -436,6 +436,11 @@ def _check_output_dir(output_dir, need) -> None:
 RUN_MARKERS = (".restuning-run", "events.jsonl")
 
 
+def owns(folder: str | Path) -> bool:
+    """Whether `folder` is a run this trainer (or the studio) made: it holds one of RUN_MARKERS."""
+    return any((Path(folder) / marker).exists() for marker in RUN_MARKERS)
+
+
 def is_run_folder(folder: Path, allowed: set[str] = frozenset()) -> bool:
     """An empty folder (but for `allowed` names), or one this trainer (or the studio) made: safe
     to write a run into."""

@@ -17,6 +17,7 @@ import typing
 import gradio as gr
 
 from restuning.methods import METHODS
+from trainers.models import check_method_fits
 from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
 
 FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
@@ -155,7 +156,8 @@ def method_value(method: str, name: str, value):
 
 def build_config(method: str, trainer_values: dict, method_values: dict, *, model: str, device: str) -> dict:
     """The config.json of a run: trainer options + the method's own, checked by the trainer's
-    own `from_dict` (its errors name the option). Raises OptionError."""
+    own `from_dict` (its errors name the option) and against the base model as the trainer
+    checks it before loading (trainers.models.check_method_fits). Raises OptionError."""
     actions = trainer_actions()
     config = {"method": method, "pretrained_model_name_or_path": model}
     for name, value in trainer_values.items():
@@ -171,5 +173,6 @@ def build_config(method: str, trainer_values: dict, method_values: dict, *, mode
     if config.get("mixed_precision") == "fp16" and device == "cpu":
         raise OptionError("mixed_precision fp16 does not run on the CPU; choose 'no' (or bf16), or the CPU demo preset")
     # instance_data_dir is the run's own folder, filled in by the job runner; the check needs a value
-    from_dict({**config, "instance_data_dir": "instance", "output_dir": "run"})
+    options = from_dict({**config, "instance_data_dir": "instance", "output_dir": "run"})
+    check_method_fits(options.method_config, model)  # what the trainer's attach would refuse, refused now
     return config
