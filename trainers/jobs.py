@@ -195,6 +195,7 @@ def _slug(text: str) -> str:
 LAUNCHER_ERROR = re.compile(r"^subprocess\.CalledProcessError: ")
 MEMORY_WORDS = re.compile(r"MemoryError|can't allocate memory|Cannot allocate memory|out of memory", re.I)
 SIGNAL_DEATH = re.compile(r"died with <Signals\.(\w+): (\d+)>")
+DISK_WORDS = re.compile(r"No space left on device|Disk quota exceeded")
 
 
 def _log_lines(run_dir: Path) -> list[str]:
@@ -633,7 +634,7 @@ class JobRunner:
     def _explain_failure(self, info: RunInfo, final: dict) -> None:
         info.error = redact(str(final.get("error") or "the training process stopped without reporting why"), info.dir)
         info.hint = redact(str(final.get("hint") or ""), info.dir)
-        if not final.get("error") and _low_on_disk(self.runs_dir, self.limits.min_free_disk):
+        if not final.get("error") and _low_on_disk(self.runs_dir, 0):
             info.hint = f"{disk_full_message(self.runs_dir)}: it may have stopped for lack of space"
         record = _read_json(info.dir / PROCESS_FILE)
         # on a GPU the trainer's own cap on the card; on the CPU the address-space limit (the
@@ -996,6 +997,10 @@ class JobRunner:
                 EventLog(path).phase("cancelled", message=f"cancelled; the process ended ({how}) without reporting")
                 return
             tail = log_tail(path, 10)
+            if _low_on_disk(self.runs_dir, 0) or any(DISK_WORDS.search(line) for line in tail):
+                EventLog(path).phase("failed", error=f"the training process ended ({how}): {disk_full_message(self.runs_dir)}",
+                                     hint="free space (delete runs you no longer need), then resume it", log_tail=tail)
+                return
             EventLog(path).phase("failed", error=f"the training process ended ({how}) without finishing",
                                  hint="the last lines of train.log show why" if tail else "train.log is empty",
                                  log_tail=tail)

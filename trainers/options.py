@@ -386,11 +386,18 @@ def check(args: argparse.Namespace) -> None:
     _check_text(args, need)
 
 
-def _check_bounds(args: argparse.Namespace, need) -> None:
-    """Every number given within BOUNDS (tests/security/test_cli.py holds that every numeric
-    option of the parser has an entry): a value beyond what any run needs is refused here, not
-    found as a traceback or an exhausted machine later."""
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise OptionError(message)
+
+
+def _check_bounds(args: argparse.Namespace, need, names=None) -> None:
+    """Every number given (of `names`, default all) within BOUNDS (tests/security/test_cli.py
+    holds that every numeric option of the parser has an entry): a value beyond what any run
+    needs is refused here, not found as a traceback or an exhausted machine later."""
     for name, (low, high, low_ok) in BOUNDS.items():
+        if names is not None and name not in names:
+            continue
         value = getattr(args, name, None)
         if value is None or isinstance(value, bool):
             continue
@@ -591,6 +598,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise OptionError(f"--{name} must be a positive whole number, got {value}")
+    _check_bounds(args, _need, ("num_train_epochs", "validation_epochs"))  # before steps are derived from them
     per_epoch = steps_per_epoch(args) if args.num_train_epochs or args.validation_epochs else None
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * per_epoch if args.num_train_epochs else DEFAULT_STEPS

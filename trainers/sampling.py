@@ -15,7 +15,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -153,13 +153,12 @@ class Sampler:
         return name
 
     @contextmanager
-    def _pass(self, columns: list[Column], active):
-        """One pipeline pass's turn: the columns' tuners loaded (an earlier pass of another
-        render may have unloaded them), `active` ones at their scale, every other loaded tuner
-        at 0. Yields the attached names, column by column (None for the base)."""
-        with self.turns.turn():
+    def _pass(self, columns: list[Column], active, held: bool = False):
+        """One pipeline pass's turn (`held`: the caller holds it already): the columns' tuners
+        loaded (a pass of another render may have unloaded them), the `active` ones at their
+        scale, every other loaded tuner at 0. Yields the attached names by column (None: base)."""
+        with nullcontext() if held else self.turns.turn():
             names = [self._attach(c.tuner) if c.tuner is not None else None for c in columns]
-            active = set(active)
             shown = {names[i]: columns[i].scale for i in active if names[i] is not None}
             for name in set(self._names.values()):
                 restuning.set_scale(self.pipe.unet, shown.get(name, 0.0), name=name)
@@ -172,40 +171,47 @@ class Sampler:
     # -- rendering ----------------------------------------------------------------------------
 
     def render(self, columns: list[Column], rows: list[Settings], progress: Callable[[float, str], None] | None = None) -> list[list[Image.Image]]:
-        """Images as rows x columns; each row is one Settings (a prompt and seed), each column a tuner."""
-        with self.turns.turn():
-            names = [self._attach(c.tuner) if c.tuner is not None else None for c in columns]
-            table = restuning.attached(self.pipe.unet)
-            routable = [i for i, (c, n) in enumerate(zip(columns, names)) if c.unet_dir is None and (n is None or table[n].routable)]
-        solo = [i for i in range(len(columns)) if i not in routable]
-        passes = len(rows) * ((1 if routable else 0) + len(solo))
-        done = [0]
+        """Images as rows x columns; each row is one Settings (a prompt and seed), each column a
+        tuner. Its passes: one per row for all routable columns in one batch, then each column
+        of its own by chunks of rows (a full fine-tune's in one pass: its U-Net is read from
+        disk once per render). Each pass takes a turn; the first one plans the rest too."""
+        grid: list[list[Image.Image | None]] = [[None] * len(columns) for _ in rows]
+        done, routable = [0], []
 
         def tick(label):
             def on_step(pipe, step, timestep, kwargs):
                 if progress is not None:
-                    progress((done[0] + (step + 1) / pipe.num_timesteps) / max(passes, 1), label)
+                    progress((done[0] + (step + 1) / pipe.num_timesteps) / max(total, 1), label)
                 return kwargs
             return on_step
 
-        grid: list[list[Image.Image | None]] = [[None] * len(columns) for _ in rows]
+        def run(active, chunks, held=False):
+            with self._pass(columns, active, held) as names, self._unet_of(columns[active[0]]), \
+                    restuning.route([names[i] for i in active]):
+                for chunk in chunks:
+                    if active is routable:  # one row, every routable column in one batch
+                        images = self._call(rows[chunk[0]], len(active), tick(f"row {chunk[0] + 1}: {len(active)} columns in one batch"))
+                        for i, image in zip(active, images):
+                            grid[chunk[0]][i] = image
+                    else:
+                        images = self._call_rows([rows[r] for r in chunk], tick(f"rows {chunk[0] + 1}-{chunk[-1] + 1}: {columns[active[0]].label}"))
+                        for r, image in zip(chunk, images):
+                            grid[r][active[0]] = image
+                    done[0] += len(chunk)
+
         try:
-            for r, settings in enumerate(rows if routable else []):
-                with self._pass(columns, routable) as names, restuning.route([names[i] for i in routable]):
-                    images = self._call(settings, len(routable), tick(f"row {r + 1}: {len(routable)} columns in one batch"))
-                for i, image in zip(routable, images):
-                    grid[r][i] = image
-                done[0] += 1
-            for i in solo:
-                chunks = self._chunks(rows)
-                # a full fine-tune's U-Net is read from disk once per render: its rows share one turn
-                for group in ([chunks] if columns[i].unet_dir is not None else [[c] for c in chunks]):
-                    with self._pass(columns, [i]) as names, self._unet_of(columns[i]), restuning.route([names[i]]):
-                        for chunk in group:
-                            images = self._call_rows([rows[r] for r in chunk], tick(f"rows {chunk[0] + 1}-{chunk[-1] + 1}: {columns[i].label}"))
-                            for r, image in zip(chunk, images):
-                                grid[r][i] = image
-                            done[0] += len(chunk)
+            with self.turns.turn():
+                names = [self._attach(c.tuner) if c.tuner is not None else None for c in columns]
+                table = restuning.attached(self.pipe.unet)
+                routable += [i for i, (c, n) in enumerate(zip(columns, names)) if c.unet_dir is None and (n is None or table[n].routable)]
+                work = [(routable, [[r]]) for r in range(len(rows))] if routable else []
+                for i in (i for i in range(len(columns)) if i not in routable):
+                    chunks = self._chunks(rows)
+                    work += [([i], chunks)] if columns[i].unet_dir is not None else [([i], [c]) for c in chunks]
+                total = sum(len(c) for _, chunks in work for c in chunks)
+                run(*work[0], held=True)
+            for active, chunks in work[1:]:
+                run(active, chunks)
         except torch.OutOfMemoryError:
             raise SamplingError(out_of_memory_message(self.pipe.device, len(routable))) from None
         return grid
