@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
 import gradio as gr
@@ -23,7 +24,7 @@ from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_par
 FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
 
 # Filled by the studio itself (paths of the run folder, the base model, resuming), never by the form.
-STUDIO_SET = {"help", "config", "method", "pretrained_model_name_or_path", "instance_data_dir", "class_data_dir",
+STUDIO_SET = {"help", "config", "method", "pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "overwrite_output_dir",
               "output_dir", "resume_from_checkpoint"}
 # Shown in the main form rather than under "Advanced".
 MAIN = ("instance_prompt", "class_prompt", "with_prior_preservation", "max_train_steps", "learning_rate")
@@ -84,7 +85,9 @@ def component_for_action(action: argparse.Action, value=None):
     if action.type in (int, float) and default is None:  # optional: an empty box means "not given"
         return gr.Textbox(value="", label=label, info=info, placeholder=PLACEHOLDERS.get(action.dest, "not set"), elem_id=elem_id)
     if action.type in (int, float):
-        return gr.Number(value=default, label=label, info=info, precision=0 if action.type is int else None, elem_id=elem_id)
+        # no precision=0 for whole numbers: Gradio would round 2.5 to 2 before the trainer's
+        # conversion (trainer_value) could refuse it
+        return gr.Number(value=default, label=label, info=info, elem_id=elem_id)
     if action.nargs == "+":
         return gr.Textbox(value="\n".join(default or []), label=label, info=(info or "") + " (one per line)", lines=2, elem_id=elem_id)
     return gr.Textbox(value=default or "", label=label, info=info, elem_id=elem_id)
@@ -102,7 +105,9 @@ def trainer_value(action: argparse.Action, value):
         try:
             value = float(value)
         except ValueError:
-            raise OptionError(f"{action.dest} must be a number, got {value!r}") from None
+            raise OptionError(f"{action.dest} must be a number, got {value[:40]!r}") from None
+    if action.type in (int, float) and not math.isfinite(float(value)):
+        raise OptionError(f"{action.dest} must be a finite number, got {value}")
     if action.type is int:
         if float(value) != int(float(value)):
             raise OptionError(f"{action.dest} must be a whole number, got {value}")
@@ -130,7 +135,7 @@ def component_for_field(method: str, f: dataclasses.Field):
     if "bool" in kind:
         return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)
     if "int" in kind or "float" in kind:
-        return gr.Number(value=default, label=label, info=info, precision=0 if "int" in kind else None, elem_id=elem_id)
+        return gr.Number(value=default, label=label, info=info, elem_id=elem_id)  # method_value checks whole numbers
     return gr.Textbox(value=str(default), label=label, info=info, elem_id=elem_id)
 
 
@@ -148,7 +153,7 @@ def method_value(method: str, name: str, value):
             number = float(value)
         except (TypeError, ValueError):
             raise OptionError(f"{name} must be a whole number, got {value!r}") from None
-        if not number.is_integer():
+        if not (math.isfinite(number) and number.is_integer()):
             raise OptionError(f"{name} must be a whole number, got {value}")
         return int(number)
     return value
