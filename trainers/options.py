@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ UPPER = {"resolution": 2048, "train_batch_size": 64, "gradient_accumulation_step
 # keeps a pasted book out of config.json, the model card and every visitor's page.
 MAX_PROMPT_CHARS = 1000
 MAX_OPTION_CHARS = 1000  # other free text: a method's layer names, paths
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # in a prompt: anything but tab and newline
 STEPS = 1_000_000
 BOUNDS = {
     "num_class_images": (1, UPPER["num_class_images"], True), "sample_batch_size": (1, UPPER["sample_batch_size"], True),
@@ -358,7 +360,7 @@ def check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         need(value > 0, f"--{name} must be a positive whole number, got {value}")
         if name in UPPER:
-            need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {value:,}")
+            need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {_shown(value)}")
     need(args.lr_warmup_steps >= 0, f"--lr_warmup_steps cannot be negative, got {args.lr_warmup_steps}")
     need(64 <= args.resolution <= UPPER["resolution"] and args.resolution % 8 == 0,
          f"--resolution must be a multiple of 8 and at least 64, at most {UPPER['resolution']} (e.g. 512), got {args.resolution}")
@@ -386,6 +388,11 @@ def check(args: argparse.Namespace) -> None:
     _check_text(args, need)
 
 
+def _shown(value) -> str:
+    """A number for a message: 1e300 given as a whole number is not printed with 300 digits."""
+    return f"{value:,}" if abs(value) < 1e15 else f"{float(value):.3g}"
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise OptionError(message)
@@ -403,7 +410,7 @@ def _check_bounds(args: argparse.Namespace, need, names=None) -> None:
             continue
         ok = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high
         need(ok, f"--{name} must be {'from' if low_ok else 'above'} {low:,} {'to' if low_ok else 'and at most'} {high:,}, "
-                 f"got {value}")
+                 f"got {_shown(value)}")
 
 
 def _check_text(args: argparse.Namespace, need) -> None:
@@ -413,6 +420,7 @@ def _check_text(args: argparse.Namespace, need) -> None:
         need(text is None or len(text) <= MAX_PROMPT_CHARS,
              f"--{name} is {len(text or ''):,} characters long; at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
              "77 tokens, about 300 characters)")
+        need(text is None or not CONTROL.search(text), f"--{name} holds control characters (a NUL byte, ...); use plain text")
     for name in ("instance_data_dir", "class_data_dir", "output_dir", "logging_dir", "revision", "variant"):
         value = getattr(args, name, None)
         need(not isinstance(value, str) or (len(value) <= MAX_OPTION_CHARS and "\0" not in value),

@@ -12,7 +12,7 @@ import time
 
 import gradio as gr
 
-from trainers.options import MAX_PROMPT_CHARS
+from trainers.options import CONTROL, MAX_PROMPT_CHARS
 from trainers.sampling import SCHEDULERS, Settings, compose_grid, save_png
 
 from . import pipeline, visitors
@@ -51,6 +51,8 @@ def check_prompts(prompts: list[str]) -> None:
     if longest > MAX_PROMPT_CHARS:
         raise gr.Error(f"a prompt is {longest:,} characters long; at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
                        "77 tokens, about 300 characters)")
+    if any(CONTROL.search(p) for p in prompts):
+        raise gr.Error("a prompt holds control characters (a NUL byte, ...); use plain text")
 
 
 def plan_rows(prompt: str, more_prompts: str, negative: str, seeds: str, steps, guidance, scheduler,

@@ -37,11 +37,13 @@ from starlette.routing import compile_path
 
 FILE_ROUTES = {"/gradio_api/file={path_or_url:path}": "path_or_url", "/gradio_api/file/{path:path}": "path"}
 FRONTEND_ROUTES = {"/svelte/{path:path}", "/static/{path:path}", "/assets/{path:path}"}
-# Path routes the studio does not use: Gradio's reverse proxy to other apps, custom components'
-# templates, finished media streams.
+# Routes the studio does not use, refused: Gradio's reverse proxy to other apps, custom
+# components' templates, finished media streams (paths), its usage monitoring (the handlers' names
+# and request counts) and the reload stream of its development mode (an answer that never ends).
 REFUSED_ROUTES = {"/gradio_api/proxy={url_path:path}",
                   "/gradio_api/custom_component/{id}/{environment}/{type}/{file_name}",
-                  "/gradio_api/stream/{session_hash}/{run}/{component_id}/playlist-file"}
+                  "/gradio_api/stream/{session_hash}/{run}/{component_id}/playlist-file",
+                  "/monitoring", "/monitoring/summary", "/monitoring/{key}", "/gradio_api/dev/reload"}
 
 
 def app_routes(routes) -> list:

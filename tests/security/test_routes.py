@@ -15,10 +15,10 @@ from webui import files, visitors
 # test below: classify it (and, if it reads files by path, teach webui.files how to check it).
 NO_FILES = {
     "/openapi.json", "/login/", "/login", "/logout", "/", "/gradio_api/deep_link", "/config", "/config/",
-    "/favicon.ico", "/theme.css", "/robots.txt", "/pwa_icon/{size}", "/pwa_icon", "/manifest.json", "/monitoring",
-    "/monitoring/summary", "/monitoring/{key}", "/gradio_api/user/", "/gradio_api/user", "/gradio_api/login_check/",
+    "/favicon.ico", "/theme.css", "/robots.txt", "/pwa_icon/{size}", "/pwa_icon", "/manifest.json",
+    "/gradio_api/user/", "/gradio_api/user", "/gradio_api/login_check/",
     "/gradio_api/login_check", "/gradio_api/token/", "/gradio_api/token", "/gradio_api/app_id/", "/gradio_api/app_id",
-    "/gradio_api/dev/reload", "/gradio_api/runs/", "/gradio_api/runs", "/gradio_api/run-history/connect",
+    "/gradio_api/runs/", "/gradio_api/runs", "/gradio_api/run-history/connect",
     "/gradio_api/run-history/buckets", "/gradio_api/run-history/records",
     "/gradio_api/run-history/records/{endpoint}/{record_id}/assets/{asset_id}", "/gradio_api/info", "/gradio_api/info/",
     "/gradio_api/openapi.json", "/gradio_api/stream/{event_id}", "/gradio_api/stream/{event_id}/close",
@@ -101,7 +101,8 @@ def test_the_file_route_fetches_no_url_and_the_unused_path_routes_serve_nothing(
     url, _ = shared_studio
     for path in ("/gradio_api/file=http://127.0.0.1:1/x.png", "/gradio_api/file=https://example.com/a.png",
                  "/gradio_api/file=//example.com/a.png", "/gradio_api/proxy=http://127.0.0.1:1/x",
-                 "/gradio_api/custom_component/x/client/y/index.js", "/gradio_api/stream/a/b/0/playlist-file"):
+                 "/gradio_api/custom_component/x/client/y/index.js", "/gradio_api/stream/a/b/0/playlist-file",
+                 "/monitoring/summary", "/gradio_api/dev/reload"):
         assert raw_get(url, path)[0] == 403, path
     assert raw_get(url, "/")[0] == 200, "the page itself"
     assert raw_get(url, "/static/../../../etc/passwd")[0] in (403, 404)

@@ -202,6 +202,13 @@ def target_layers(model: nn.Module, wanted: tuple[str, ...], prefixes: tuple[str
             if n.startswith(prefixes) and _matches(n, wanted) and isinstance(m, (*kinds, BaseTunerLayer))]
 
 
+def _all_found(wanted: tuple[str, ...], found: list[str], where: str) -> None:
+    """Every name asked for matches a layer: one that matches none is a typo, not a choice."""
+    missing = [w for w in wanted if not any(_matches(f, (w,)) for f in found)]
+    if missing:
+        raise AttachError(f"no layers named {', '.join(missing)} found {where} (the other names match)")
+
+
 def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Module | None = None) -> Attached:
     from peft import LoraConfig as PeftLoraConfig
 
@@ -210,6 +217,7 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
     targets = target_layers(unet, wanted, prefixes, kinds=(nn.Linear,) if not config.targets else (nn.Linear, nn.Conv2d))
     if not targets:
         raise AttachError(f"no layers named {', '.join(wanted)} found in {', '.join(config.blocks)}")
+    _all_found(wanted, targets, f"in {', '.join(config.blocks)}")
     text_targets = []
     if config.text_encoder:
         if text_encoder is None:
@@ -218,6 +226,7 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
         text_targets = target_layers(text_encoder, split_names(config.text_encoder))
         if not text_targets:
             raise AttachError(f"no text-encoder layers named {config.text_encoder} found")
+        _all_found(split_names(config.text_encoder), text_targets, "in the text encoder")
 
     def peft_config(modules):
         return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=modules)
