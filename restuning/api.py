@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from . import arch
 from .core import DEFAULT_NAME, AttachError, Attached, attached, detach, keep_tuners_out_of_state
-from .io import TunerFileError, read_header
+from .io import TunerFileError, check_tensors, read_header
 from .methods import config_from_dict, method_for_config
 
 
@@ -85,6 +85,7 @@ def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bo
             raise TunerFileError(f"{path.name} was trained for another U-Net architecture: " + "; ".join(mismatch))
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
+    check_tensors(state, path.name)
     handle = attach(unet, config, name, replace=replace, text_encoder=text_encoder)
     device = next(unet.parameters()).device
     try:

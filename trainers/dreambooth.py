@@ -20,6 +20,7 @@ encoder is frozen, so the prompts' embeddings are computed once. Progress goes t
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -37,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import artifacts, data, memory, models
+from . import artifacts, checkpoints as saved, data, memory, models
 from . import options as opts
 from .events import EventLog
 from .images import ImageError, check_folder
@@ -82,13 +83,14 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def find_checkpoint(output_dir: Path, value: str | None) -> Path | None:
-    """The checkpoint to resume from: None to start fresh (also 'latest' with none saved yet)."""
+def find_checkpoint(output_dir: Path, value: str | None, note=print) -> Path | None:
+    """The checkpoint to resume from: None to start fresh (also 'latest' with none saved yet).
+    'latest' is the newest that looks whole; each newer damaged one is named through `note`
+    (trainers.checkpoints; loading falls back further if it fails)."""
     if not value:
         return None
     if value == "latest":
-        found = sorted(checkpoints(output_dir), key=_checkpoint_step)
-        return found[-1] if found else None
+        return saved.newest(output_dir, note)
     path = Path(value)
     if not (path.is_dir() and path.name.startswith("checkpoint-") and _checkpoint_step(path) >= 0):
         raise opts.OptionError(f"--resume_from_checkpoint {value}: not a checkpoint folder (checkpoint-<step>) or 'latest'")
@@ -107,11 +109,11 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for p in root.glob("checkpoint-*") if p.is_dir() and _checkpoint_step(p) >= 0] if root.is_dir() else []
 
 
-def check_inputs(args) -> tuple[list[Path], models.ModelSource, Path | None]:
+def check_inputs(args, note=print) -> tuple[list[Path], models.ModelSource, Path | None]:
     """Instance images, base model and checkpoint, checked: ImageError/ModelError/OptionError."""
     instance_files = [info.path for info in check_folder(args.instance_data_dir)]
     source = models.check_source(args.pretrained_model_name_or_path)
-    resume = find_checkpoint(Path(args.output_dir), args.resume_from_checkpoint)
+    resume = find_checkpoint(Path(args.output_dir), args.resume_from_checkpoint, note)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise opts.OptionError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
     if args.prior_generation_precision == "fp16" and not torch.cuda.is_available():
@@ -297,7 +299,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None,
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:  # a full disk: no half-written checkpoint is left to fill it further
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -407,7 +413,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
 
     args, method = options.args, METHODS[options.method_config.method]
     output_dir = Path(args.output_dir)
-    instance_files, source, resume = check_inputs(args)
+    instance_files, source, resume = check_inputs(args, lambda text: _note(events, text))
     verdict = check_memory(options)
     accelerator, log_with = set_up_accelerator(args, output_dir, events)
     base = load_base(args, source, accelerator, events, stop)
@@ -664,11 +670,12 @@ def start_progress(training: Training, resume: Path | None) -> Progress:
     args, events = training.args, training.events
     step = 0
     if resume is not None:
+        fallback = training.output_dir if args.resume_from_checkpoint == "latest" else None
         try:
-            training.accelerator.load_state(str(resume))
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise opts.OptionError(f"cannot resume from {resume}: it does not fit this run's method and options "
-                                   f"({str(exc).splitlines()[0]}); start a new run or use the options it was saved with") from None
+            resume = saved.load(training.accelerator, resume, fallback, lambda text: _note(events, text))
+        except ValueError as exc:
+            raise opts.OptionError(f"cannot resume: no checkpoint loads ({exc}); a checkpoint of other options (another "
+                                   "method or sizes) fails like this: start a new run, or use the options it was saved with") from None
         step = _checkpoint_step(resume)
         events.emit("info", resumed_from=str(resume), step=step)
     elif args.resume_from_checkpoint:
@@ -824,6 +831,12 @@ def save_and_export(training: Training, progress: Progress, options: opts.Option
     accelerator.end_training()
 
 
+def _note(events: EventLog, text: str) -> None:
+    """A line for the run's log (train.log) and its events (the studio's live view)."""
+    print(text, flush=True)
+    events.emit("info", message=text)
+
+
 def hint_for(exc: BaseException) -> str | None:
     text = str(exc).lower()
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text:
@@ -833,9 +846,9 @@ def hint_for(exc: BaseException) -> str | None:
     return None
 
 
-def _run_dir(argv: list[str] | None) -> Path | None:
-    """Where a run that failed before its options were understood should report: --output_dir,
-    else the --config file's output_dir or folder."""
+def _run_dir(argv: list[str] | None) -> tuple[Path | None, Path | None]:
+    """(where a run that failed before its options were understood should report: --output_dir,
+    else the --config file's output_dir or folder; the --config file)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     found = {}
     for i, token in enumerate(argv):
@@ -844,56 +857,115 @@ def _run_dir(argv: list[str] | None) -> Path | None:
                 found[name] = argv[i + 1]
             elif token.startswith(name + "="):
                 found[name] = token.split("=", 1)[1]
+    config = Path(found["--config"]) if found.get("--config", "").strip() else None
     if "--output_dir" in found:
-        return Path(found["--output_dir"])
-    if "--config" in found:
+        return (Path(found["--output_dir"]) if found["--output_dir"].strip() else None), config
+    if config is not None:
         try:
-            config = opts.read_config(Path(found["--config"]))
-            return Path(config["output_dir"]) if isinstance(config.get("output_dir"), str) else Path(found["--config"]).parent
+            values = opts.read_config(config)
+            out = values.get("output_dir")
+            return (Path(out) if isinstance(out, str) and out.strip() else config.parent), config
         except opts.OptionError:
-            return Path(found["--config"]).parent if Path(found["--config"]).parent.is_dir() else None
-    return None
+            return (config.parent if config.parent.is_dir() else None), config
+    return None, None
+
+
+DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "file write failed")
+
+
+def disk_full(exc: BaseException, output_dir: str | Path) -> bool:
+    """A write that failed for lack of space: an OSError saying so, or what torch.save and
+    safetensors raise instead (their own errors, naming it or not), with the disk now (nearly) full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(word in str(exc) for word in DISK_FULL_WORDS):
+        return True
+    try:
+        return isinstance(exc, (OSError, RuntimeError)) and shutil.disk_usage(output_dir).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _end(events: EventLog | None, phase: str, **fields) -> None:
+    """The run's final event; with a full disk it may not be written, and the studio then shows
+    the run as failed from its files alone (trainers.jobs)."""
+    if events is None:
+        return
+    try:
+        events.phase(phase, **fields)
+    except OSError as exc:
+        print(f"error: the run's final event ({phase}) could not be written: {exc.strerror or exc}", file=sys.stderr)
+
+
+def _refused(argv, exc: opts.OptionError, is_main: bool) -> int:
+    """Options refused before training: reported in the run folder's events only when that
+    folder is a run this trainer (or the studio) made; never into a folder of someone else's files."""
+    run_dir, config = _run_dir(argv)
+    allowed = {config.name} if config is not None and run_dir is not None and config.absolute().parent == run_dir.absolute() else set()
+    if run_dir is not None and is_main and (not run_dir.exists() or opts.is_run_folder(run_dir, allowed)):
+        try:  # a folder it creates, or one holding nothing but its --config file, is its own
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / opts.RUN_MARKERS[0]).touch()
+        except OSError:  # the folder is what is wrong (the message says so): nowhere to log it
+            pass
+    if run_dir is not None and is_main and opts.owns(run_dir):
+        _end(EventLog(run_dir), "failed", error=str(exc), hint="fix the option and start again")
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     is_main = _is_main_process()
-    events = None
+    events, output_dir = None, None
     try:
         try:
             options = opts.parse(argv)
+            if is_main:
+                opts.claim_output_dir(options.args)
         except opts.OptionError as exc:
-            run_dir = _run_dir(argv)
-            if run_dir is not None and is_main:
-                try:
-                    EventLog(run_dir).phase("failed", error=str(exc), hint="fix the option and start again")
-                except OSError:  # the folder is what is wrong (the message says so): nowhere to log it
-                    pass
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        events = EventLog(options.args.output_dir, enabled=is_main)
+            return _refused(argv, exc, is_main)
+        output_dir = Path(options.args.output_dir)
+        events = EventLog(output_dir, enabled=is_main)
         train(options, events, stop)
         return 0
     except Cancelled:
-        events.phase("cancelled", message="stopped on request; resume with --resume_from_checkpoint latest")
+        kept = saved.newest(output_dir, note=lambda _: None) if output_dir else None
+        _end(events, "cancelled", message=f"stopped on request; resume continues from {kept.name}" if kept else
+             "stopped on request before any checkpoint was saved: there is nothing to resume, start the run again")
         print("cancelled", file=sys.stderr)
         return 0
     except (opts.OptionError, ImageError, models.ModelError) as exc:
         hint = (f"lower what it names, or set {memory.CHECK_ENV}=off to start it anyway"
                 if isinstance(exc, memory.MemoryRefused) else "fix the input and start again")
-        events.phase("failed", error=str(exc), hint=hint)
+        _end(events, "failed", error=str(exc), hint=hint)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - any failure must end as a `failed` event the studio can show
+        if output_dir is not None and disk_full(exc, output_dir):
+            return _out_of_disk(exc, output_dir, events)
         hint = hint_for(exc)
         if hint is None:
             traceback.print_exc()
-        events.phase("failed", error=f"{type(exc).__name__}: {exc}", hint=hint or "see the log (train.log) for the traceback")
+        _end(events, "failed", error=f"{type(exc).__name__}: {exc}", hint=hint or "see the log (train.log) for the traceback")
         print(f"error: {exc}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
         return 1
     finally:
         stop.restore()
+
+
+def _out_of_disk(exc: BaseException, output_dir: Path, events: EventLog | None) -> int:
+    """The disk filled: what was being written is removed (nothing half-written stays), and the
+    run ends failed, saying so and what to do."""
+    removed = saved.remove_partial(output_dir)
+    kept = saved.newest(output_dir, note=lambda _: None)
+    error = "the disk is full: a file could not be written" + (f" ({len(removed)} half-written removed)" if removed else "")
+    hint = ("free space (delete runs or files you no longer need), then resume: it continues from " + kept.name
+            if kept else "free space (delete runs or files you no longer need), then start it again")
+    _end(events, "failed", error=error, hint=hint)
+    print(f"error: {error} ({type(exc).__name__}: {exc})\nhint: {hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

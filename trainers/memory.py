@@ -190,7 +190,10 @@ def _trainable(model: str, method: str, method_json: str) -> tuple[int, str] | N
         config = dataclasses.replace(config, text_encoder="")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(facts.unet_config)
-    handle = restuning.attach(unet, config)
+    try:
+        handle = restuning.attach(unet, config)
+    except (restuning.AttachError, ValueError, TypeError):
+        return None  # options that do not fit the model: no estimate (trainers.models.check_method_fits says why)
     trainable = sum(p.numel() for p in handle.parameters())
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     inside = [n for n in names if n.split(".", 1)[0] in dict(unet.named_children()) and not n.startswith("restuning")]
@@ -489,7 +492,12 @@ def run_device() -> str:
 
 def check(options, device: str, *, queued: bool = False) -> Verdict:
     """The trainer's check before it loads anything: MemoryRefused for a run that cannot fit
-    (unless RESTUNING_MEMORY_CHECK=off), else the verdict (its message: a warning when close)."""
+    (unless RESTUNING_MEMORY_CHECK=off), else the verdict (its message: a warning when close).
+    The method's options are checked against the model first (trainers.models.check_method_fits:
+    the form's check too): an OptionError names what does not fit."""
+    from .models import check_method_fits
+
+    check_method_fits(options.method_config, str(options.args.pretrained_model_name_or_path))
     est = estimate(options, device)
     facts = model_facts(str(options.args.pretrained_model_name_or_path))
     verdict = judge(est, device_room(device), facts, queued=queued)

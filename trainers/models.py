@@ -11,6 +11,7 @@ SDXL is refused with a message. Every error says what was tried and what is miss
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -146,3 +147,56 @@ def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, 
         }[source.kind]
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load the base model: tried {tried}; {reason}") from None
+
+
+def check_method_fits(method_config, model: str) -> None:
+    """OptionError when the method's options cannot be attached to this base model (a Bypass
+    deeper than the U-Net, LoRA layer names that match nothing): the check the trainer's attach
+    would make after loading, made on a weightless copy built from the model's configs, so the
+    form, the runner and the trainer refuse the same options before anything is queued or
+    loaded. Nothing is checked when the model's configs cannot be read offline (the trainer's
+    own attach still is)."""
+    problem = _attach_problem(str(model), method_config.to_json())
+    if problem:
+        raise _option_error(f"{method_config.method}: its options do not fit this base model: {problem}")
+
+
+def _option_error(message: str):
+    from .options import OptionError
+
+    return OptionError(message)
+
+
+@functools.lru_cache(maxsize=64)
+def _attach_problem(model: str, method_json: str) -> str | None:
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    import restuning
+    from restuning import AttachError, ConfigError
+
+    from .memory import config_folder
+
+    folder = config_folder(model)
+    if folder is None:
+        return None
+    config = restuning.config_from_dict(json.loads(method_json))
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8")))
+            text = _meta_text_encoder(folder) if getattr(config, "text_encoder", "") else None
+    except (OSError, ValueError, TypeError):
+        return None  # configs unreadable here: the trainer's own attach decides
+    try:
+        restuning.attach(unet, config, text_encoder=text)
+    except (AttachError, ConfigError, ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def _meta_text_encoder(folder: Path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))

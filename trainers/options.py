@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,29 @@ DEFAULT_STEPS = 400
 UPPER = {"resolution": 2048, "train_batch_size": 64, "gradient_accumulation_steps": 1024, "max_train_steps": 1_000_000,
          "num_validation_images": 16, "num_class_images": 10_000, "num_inference_steps": 1000, "validation_prompts": 16,
          "sample_batch_size": 64, "method_size": 4096}
+# Every number the parser takes, bounded: name -> (lowest, highest, whether the lowest is allowed).
+# A prompt is cut at the text encoder's 77 tokens (about 300 characters) anyway; the text bound
+# keeps a pasted book out of config.json, the model card and every visitor's page.
+MAX_PROMPT_CHARS = 1000
+MAX_OPTION_CHARS = 1000  # other free text: a method's layer names, paths
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # in a prompt: anything but tab and newline
+STEPS = 1_000_000
+BOUNDS = {
+    "num_class_images": (1, UPPER["num_class_images"], True), "sample_batch_size": (1, UPPER["sample_batch_size"], True),
+    "prior_loss_weight": (0, 1000, False), "seed": (0, 2**32 - 1, True), "resolution": (64, UPPER["resolution"], True),
+    "train_batch_size": (1, UPPER["train_batch_size"], True),
+    "gradient_accumulation_steps": (1, UPPER["gradient_accumulation_steps"], True),
+    "max_train_steps": (1, UPPER["max_train_steps"], True), "learning_rate": (0, 10, False),
+    "lr_warmup_steps": (0, STEPS, True), "adam_beta1": (0, 0.999999, True), "adam_beta2": (0, 0.999999, True),
+    "adam_weight_decay": (0, 10, True), "adam_epsilon": (0, 1, False), "max_grad_norm": (0, 1e6, False),
+    "snr_gamma": (0, 1000, False), "noise_offset": (0, 10, True),
+    "num_validation_images": (1, UPPER["num_validation_images"], True), "validation_steps": (1, STEPS, True),
+    "num_inference_steps": (1, UPPER["num_inference_steps"], True), "guidance_scale": (0, 100, True),
+    "checkpointing_steps": (1, STEPS, True), "checkpoints_total_limit": (1, 1000, True),
+    "num_train_epochs": (1, 100_000, True), "validation_epochs": (1, 100_000, True), "lr_num_cycles": (1, 1000, True),
+    "lr_power": (0, 100, False), "tokenizer_max_length": (1, 1024, True), "text_encoder_lr": (0, 10, False),
+    "dataloader_num_workers": (0, 1024, True), "local_rank": (-1, 1024, True),
+}
 
 
 class OptionError(ValueError):
@@ -74,7 +98,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     a("--sample_batch_size", type=int, default=4, help="images per pipeline call when generating class images")
     a("--prior_loss_weight", type=float, default=1.0, help="weight of the prior-preservation loss")
     a("--output_dir", help="the run folder: events.jsonl, samples/, checkpoints/, the weights and the model card "
-                           "(default: the --config file's folder, else '<method>-dreambooth-model')")
+                           "(default: the --config file's folder, else '<method>-dreambooth-model'); a folder this "
+                           "trainer creates, or one it made before (to resume); an existing folder of other files "
+                           "only with --overwrite_output_dir")
+    a("--overwrite_output_dir", action="store_true",
+      help="write into an existing --output_dir that this trainer did not make (files of the same names are replaced)")
     a("--seed", type=int, default=0, help="seed of data order, crops, noise and validation images")
     a("--resolution", type=int, default=512, help="training resolution in pixels (a multiple of 8)")
     a("--center_crop", action=argparse.BooleanOptionalAction, default=False, help="center-crop images (default: random crops)")
@@ -272,6 +300,9 @@ def parse_value(cls: type, name: str, value):
                 if not sep:
                     raise ValueError(f"expected KEY=VALUE pairs separated by commas (OP=kind pairs like "
                                          f"attn1=adapter,ff=adapter), got {pair.strip()!r}")
+                if key.strip() in out:
+                    raise ValueError(f"{key.strip()} is given twice ({key.strip()}={out[key.strip()]} and "
+                                     f"{key.strip()}={val.strip()}); one kind per OP")
                 out[key.strip()] = val.strip()
             return out
         if "tuple" in kind or "list" in kind:
@@ -308,6 +339,8 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
         value = getattr(config, f.name)
         if isinstance(value, int) and not isinstance(value, bool) and value > UPPER["method_size"]:
             raise OptionError(f"--{f.name} is at most {UPPER['method_size']}, got {value:,}")
+        if len(json.dumps(config.to_dict()[f.name])) > MAX_OPTION_CHARS:
+            raise OptionError(f"--{f.name} is longer than the {MAX_OPTION_CHARS} characters any layout needs")
     return config
 
 
@@ -327,7 +360,7 @@ def check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         need(value > 0, f"--{name} must be a positive whole number, got {value}")
         if name in UPPER:
-            need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {value:,}")
+            need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {_shown(value)}")
     need(args.lr_warmup_steps >= 0, f"--lr_warmup_steps cannot be negative, got {args.lr_warmup_steps}")
     need(64 <= args.resolution <= UPPER["resolution"] and args.resolution % 8 == 0,
          f"--resolution must be a multiple of 8 and at least 64, at most {UPPER['resolution']} (e.g. 512), got {args.resolution}")
@@ -351,16 +384,116 @@ def check(args: argparse.Namespace) -> None:
         need(bool(args.class_prompt and args.class_prompt.strip()), "--with_prior_preservation needs --class_prompt, e.g. 'a photo of dog'")
     if args.validation_prompt is not None:
         need(all(p.strip() for p in args.validation_prompt), "--validation_prompt cannot be empty")
+    _check_bounds(args, need)
+    _check_text(args, need)
+
+
+def _shown(value) -> str:
+    """A number for a message: 1e300 given as a whole number is not printed with 300 digits."""
+    return f"{value:,}" if abs(value) < 1e15 else f"{float(value):.3g}"
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise OptionError(message)
+
+
+def _check_bounds(args: argparse.Namespace, need, names=None) -> None:
+    """Every number given (of `names`, default all) within BOUNDS (tests/security/test_cli.py
+    holds that every numeric option of the parser has an entry): a value beyond what any run
+    needs is refused here, not found as a traceback or an exhausted machine later."""
+    for name, (low, high, low_ok) in BOUNDS.items():
+        if names is not None and name not in names:
+            continue
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        ok = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high
+        need(ok, f"--{name} must be {'from' if low_ok else 'above'} {low:,} {'to' if low_ok else 'and at most'} {high:,}, "
+                 f"got {_shown(value)}")
+
+
+def _check_text(args: argparse.Namespace, need) -> None:
+    prompts = [("instance_prompt", args.instance_prompt), ("class_prompt", args.class_prompt),
+               *(("validation_prompt", p) for p in args.validation_prompt or [])]
+    for name, text in prompts:
+        need(text is None or len(text) <= MAX_PROMPT_CHARS,
+             f"--{name} is {len(text or ''):,} characters long; at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
+             "77 tokens, about 300 characters)")
+        need(text is None or not CONTROL.search(text), f"--{name} holds control characters (a NUL byte, ...); use plain text")
+    for name in ("instance_data_dir", "class_data_dir", "output_dir", "logging_dir", "revision", "variant"):
+        value = getattr(args, name, None)
+        need(not isinstance(value, str) or (len(value) <= MAX_OPTION_CHARS and "\0" not in value),
+             f"--{name} is not a usable value (over {MAX_OPTION_CHARS} characters, or a NUL byte)")
+    if args.class_data_dir is not None:
+        folder = Path(args.class_data_dir)
+        need(bool(args.class_data_dir.strip()), "--class_data_dir is empty: give a folder, or leave it out")
+        need(not folder.exists() or folder.is_dir(), f"--class_data_dir {folder} is a file, not a folder")
+        nearest = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        need(nearest.is_dir(), f"--class_data_dir {folder}: {nearest} is not a folder")
 
 
 def _check_output_dir(output_dir, need) -> None:
-    """A folder this process can create or write into: found here, not as a traceback when the
-    trainer first writes its events there."""
+    """A usable --output_dir, found here, not as a traceback when the trainer first writes its
+    events there. Whether this trainer may write into it (a folder of someone else's files) and
+    whether it can be created at all is settled by `claim_output_dir` when it starts."""
+    need(isinstance(output_dir, str) and bool(output_dir.strip()),
+         "--output_dir is empty: give a folder for the run (an unset shell variable?); the current folder is never "
+         "used unless named")
     out = Path(output_dir)
     need(not out.exists() or out.is_dir(), f"--output_dir {out} is a file, not a folder")
-    nearest = next(p for p in (out, *out.parents) if p.exists())
-    need(nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK),
-         f"--output_dir {out}: {nearest} is not a folder this user can write into")
+    nearest = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    need(nearest.is_dir(), f"--output_dir {out}: {nearest} is not a folder")
+
+
+# What marks a folder as a run this trainer (or the studio's runner) made: the marker it writes
+# into a folder it creates, or, for runs made before there was one, their events file.
+RUN_MARKERS = (".restuning-run", "events.jsonl")
+
+
+def owns(folder: str | Path) -> bool:
+    """Whether `folder` is a run this trainer (or the studio) made: it holds one of RUN_MARKERS."""
+    return any((Path(folder) / marker).exists() for marker in RUN_MARKERS)
+
+
+def is_run_folder(folder: Path, allowed: set[str] = frozenset()) -> bool:
+    """An empty folder (but for `allowed` names), or one this trainer (or the studio) made: safe
+    to write a run into."""
+    try:
+        names = {p.name for p in Path(folder).iterdir()} - set(allowed)
+    except OSError:
+        return False
+    return not names or any(m in names for m in RUN_MARKERS)
+
+
+def claim_output_dir(args: argparse.Namespace) -> Path:
+    """Before the trainer writes anything: make sure --output_dir is a folder it may write into
+    (one it creates, one it made before, to resume, an empty one but for the --config file it
+    was given, or with --overwrite_output_dir any), create it and the class-image folder, and
+    mark the run folder as this trainer's. OptionError when it may not, or when the path cannot
+    be made a folder (/proc/x, a read-only mount, a file on the way): permission bits say
+    nothing for root, so creating is the check."""
+    out = Path(args.output_dir)
+    given = Path(args.config) if getattr(args, "config", None) else None
+    allowed = {given.name} if given is not None and given.absolute().parent == out.absolute() else set()
+    if out.is_dir() and not args.overwrite_output_dir and not is_run_folder(out, allowed):
+        found = sorted(p.name for p in out.iterdir() if p.name not in allowed)
+        raise OptionError(f"--output_dir {out} already holds files this trainer did not write (e.g. {found[0]}); "
+                          "choose a new folder, or pass --overwrite_output_dir to write into it anyway")
+    folders = [("output_dir", out)] + ([("class_data_dir", Path(args.class_data_dir))]
+                                       if args.class_data_dir and args.with_prior_preservation else [])
+    for name, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OptionError(f"--{name} {folder}: cannot be created ({exc.strerror or exc})") from None
+    marker = out / RUN_MARKERS[0]
+    if not marker.exists():
+        try:
+            marker.write_text("a run folder of trainers.dreambooth\n", encoding="utf-8")
+        except OSError as exc:
+            raise OptionError(f"--output_dir {out}: cannot be written ({exc.strerror or exc})") from None
+    return out
 
 
 def _namespace(parser: argparse.ArgumentParser, argv: list[str], config: dict | None) -> argparse.Namespace:
@@ -473,6 +606,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise OptionError(f"--{name} must be a positive whole number, got {value}")
+    _check_bounds(args, _need, ("num_train_epochs", "validation_epochs"))  # before steps are derived from them
     per_epoch = steps_per_epoch(args) if args.num_train_epochs or args.validation_epochs else None
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * per_epoch if args.num_train_epochs else DEFAULT_STEPS

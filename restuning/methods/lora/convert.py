@@ -56,10 +56,21 @@ def is_foreign_lora(path) -> bool:
 def read(path, unet, text_encoder=None) -> tuple[LoraConfig, dict]:
     """The LoraConfig and tuner state (restuning.load's form) of a diffusers or kohya LoRA file,
     checked against `unet` (and `text_encoder`, for a file that tunes it); TunerFileError says
-    what does not fit. Nothing is attached."""
+    what does not fit, for any content (a crafted header or odd tensors make diffusers' own
+    conversion fail in its own ways: those are TunerFileErrors too). Nothing is attached."""
+    path = Path(path)
+    try:
+        return _read(path, unet, text_encoder)
+    except TunerFileError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, RecursionError) as exc:
+        raise TunerFileError(f"{path.name}: not a LoRA file diffusers' loader can read "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
+
+
+def _read(path: Path, unet, text_encoder=None) -> tuple[LoraConfig, dict]:
     from diffusers import StableDiffusionPipeline
 
-    path = Path(path)
     keys, _ = _keys_and_header(path)
     kind = file_format(keys)
     for part, what in NOT_LORA_PARTS.items():

@@ -70,6 +70,9 @@ class LoraAttached(Attached):
                 set_peft_model_state_dict(model, part, adapter_name=self.name)
 
     def set_scale(self, scale):
+        """Strength `scale`; at 0 the LoRA leaves peft's active adapters altogether, so it is not
+        computed at all: peft would add 0 x its output, and 0 x NaN (a LoRA whose output overflows)
+        is NaN, which would turn every image of the call black."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         super().set_scale(scale)
@@ -77,6 +80,9 @@ class LoraAttached(Attached):
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer) and self.name in module.scaling:
                     module.set_scale(self.name, self.scale)
+        _activate_all(self.unet)
+        if self.text_encoder is not None:
+            _activate_all(self.text_encoder, owner=self.unet)
 
     def detach(self):
         self.unet.delete_adapters(self.name)
@@ -87,19 +93,24 @@ class LoraAttached(Attached):
 
 
 def _activate_all(model: nn.Module, exclude: str | None = None, owner: nn.Module | None = None) -> None:
-    """Keep every attached LoRA active at once; each one's strength is its scale.
+    """Keep every attached LoRA of nonzero strength active at once; each one's strength is its
+    scale, and one at 0 is inactive (LoraAttached.set_scale).
 
     peft activates only the newest adapter by default (and another one when an active adapter
     is deleted), which would silently switch off LoRAs attached earlier. `owner` is the U-Net
-    whose table lists the tuners, when `model` is a text encoder.
+    whose table lists the tuners, when `model` is a text encoder. peft's set_adapter also marks
+    the active adapters trainable: whether each weight trains is kept as it was.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     table = attached(owner if owner is not None else model)
-    active = [n for n, a in table.items() if isinstance(a, LoraAttached) and n != exclude]
+    active = [n for n, a in table.items() if isinstance(a, LoraAttached) and n != exclude and a.scale != 0]
+    trains = {p: p.requires_grad for p in model.parameters()}
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_adapter([n for n in active if n in module.lora_A])
+    for p, flag in trains.items():
+        p.requires_grad_(flag)
 
 
 def lora_state(model: nn.Module, name: str) -> dict:
@@ -191,6 +202,13 @@ def target_layers(model: nn.Module, wanted: tuple[str, ...], prefixes: tuple[str
             if n.startswith(prefixes) and _matches(n, wanted) and isinstance(m, (*kinds, BaseTunerLayer))]
 
 
+def _all_found(wanted: tuple[str, ...], found: list[str], where: str) -> None:
+    """Every name asked for matches a layer: one that matches none is a typo, not a choice."""
+    missing = [w for w in wanted if not any(_matches(f, (w,)) for f in found)]
+    if missing:
+        raise AttachError(f"no layers named {', '.join(missing)} found {where} (the other names match)")
+
+
 def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Module | None = None) -> Attached:
     from peft import LoraConfig as PeftLoraConfig
 
@@ -199,6 +217,7 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
     targets = target_layers(unet, wanted, prefixes, kinds=(nn.Linear,) if not config.targets else (nn.Linear, nn.Conv2d))
     if not targets:
         raise AttachError(f"no layers named {', '.join(wanted)} found in {', '.join(config.blocks)}")
+    _all_found(wanted, targets, f"in {', '.join(config.blocks)}")
     text_targets = []
     if config.text_encoder:
         if text_encoder is None:
@@ -207,6 +226,7 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
         text_targets = target_layers(text_encoder, split_names(config.text_encoder))
         if not text_targets:
             raise AttachError(f"no text-encoder layers named {config.text_encoder} found")
+        _all_found(split_names(config.text_encoder), text_targets, "in the text encoder")
 
     def peft_config(modules):
         return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=modules)
