@@ -146,7 +146,7 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
     from safetensors import safe_open
 
     from restuning import AttachError, ConfigError, TunerFileError, attach, read_config, read_header
-    from restuning.arch import FINGERPRINT_FIELDS, fingerprint_mismatch
+    from restuning.arch import FINGERPRINT_FIELDS, mismatch_message
 
     path = Path(path)
     label = _check_file(path, max_bytes)
@@ -161,9 +161,9 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
     missing = [f for f in FINGERPRINT_FIELDS if f not in arch] if isinstance(arch, dict) else list(FINGERPRINT_FIELDS)
     if missing:
         raise UploadError(f"{label}: the header's base_arch does not describe a U-Net (no {', '.join(missing)})")
-    mismatch = fingerprint_mismatch(arch, base_unet)
+    mismatch = mismatch_message(arch, base_unet)
     if mismatch:
-        raise UploadError(f"{label} was trained for another U-Net than this studio's base model: " + "; ".join(mismatch))
+        raise UploadError(f"{label}: {mismatch.replace('this base model', 'this studio’s base model')}")
     try:
         with torch.device("meta"):
             probe = UNet2DConditionModel.from_config(base_unet.config)
