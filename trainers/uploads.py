@@ -116,7 +116,8 @@ def _check_file(path: Path, max_bytes: int) -> str:
     return label
 
 
-def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, *, max_bytes: int = MAX_TUNER_BYTES) -> Path:
+def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, base_text_encoder_2=None, *,
+                       max_bytes: int = MAX_TUNER_BYTES) -> Path:
     """An uploaded LoRA file in diffusers' or kohya's format, converted to a restuning tuner file
     beside it (`<name>-restuning.safetensors`) after the same file checks as check_tuner_file and
     a check of every layer it changes against the base model (weightless models will do); any
@@ -129,18 +130,21 @@ def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, *,
     if not convert.is_foreign_lora(path):
         return path
     try:
-        return convert.write_tuner(path, path.with_name(f"{path.stem}-restuning.safetensors"), base_unet, base_text_encoder)
+        return convert.write_tuner(path, path.with_name(f"{path.stem}-restuning.safetensors"), base_unet, base_text_encoder,
+                                   base_text_encoder_2)
     except TunerFileError as exc:
         raise UploadError(str(exc).replace(str(path), label)) from None
 
 
-def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, max_bytes: int = MAX_TUNER_BYTES):
+def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, base_text_encoder_2=None,
+                     max_bytes: int = MAX_TUNER_BYTES):
     """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
     valid, whose architecture fingerprint matches `base_unet` (anything with a diffusers U-Net
     `.config`) and whose tensors are exactly the ones that config attaches, with their shapes: a
     header cannot announce a size its weights do not have (a copy of the U-Net on the meta device
     takes the tuner, so the check costs no memory; a copy of `base_text_encoder`, also weightless,
-    for a LoRA that tunes the text encoder too). Returns (method config, header metadata)."""
+    for a LoRA that tunes the text encoder too, and of SDXL's `base_text_encoder_2`). Returns
+    (method config, header metadata)."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors import safe_open
@@ -167,8 +171,9 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
     try:
         with torch.device("meta"):
             probe = UNet2DConditionModel.from_config(base_unet.config)
-            text_probe = copy.deepcopy(base_text_encoder) if base_text_encoder is not None else None
-            expected = {k: tuple(v.shape) for k, v in attach(probe, config, text_encoder=text_probe).state_dict().items()}
+            text_probes = {name: copy.deepcopy(model) if model is not None else None
+                           for name, model in (("text_encoder", base_text_encoder), ("text_encoder_2", base_text_encoder_2))}
+            expected = {k: tuple(v.shape) for k, v in attach(probe, config, **text_probes).state_dict().items()}
     except (ConfigError, ValueError, TypeError, AttachError) as exc:
         raise UploadError(f"{label}: its config cannot be attached to this base model: {exc}") from None
     with safe_open(str(path), framework="pt") as f:

@@ -150,12 +150,13 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
         if not path:
             raise gr.Error("choose a .safetensors tuner file first")
         label = check_name(name, "name") if name and name.strip() else ""
-        text_encoder = base.text_encoder_on_meta()
+        encoders = base.text_encoders_on_meta()
         # a diffusers or kohya LoRA file becomes a restuning tuner file first, so it is listed,
         # sampled in the Compare grid and downloaded like a LoRA trained here
-        tuner = lora_as_tuner_file(path, base.unet_on_meta(), text_encoder)
+        tuner = lora_as_tuner_file(path, base.unet_on_meta(), encoders["text_encoder"], encoders.get("text_encoder_2"))
         try:
-            config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=text_encoder)
+            config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=encoders["text_encoder"],
+                                              base_text_encoder_2=encoders.get("text_encoder_2"))
             run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
                                          label=label or "imported", owner=who or "")
         finally:

@@ -91,6 +91,7 @@ def _write_kohya(path: Path, unet, unet_state: dict, texts: dict, handle) -> Non
     save_file(kohya, str(path), metadata=info)
 
 
+_CONV = re.compile(r"^conv(?=\.|$)")
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)$")
 
 
@@ -107,7 +108,7 @@ def sgm_path(key: str, config) -> str:
         b, j = int(b), int(j)
         if part == "down_blocks":
             if kind == "downsamplers":
-                return f"input_blocks.{(b + 1) * per}.0.{rest.replace('conv.', 'op.', 1)}"
+                return f"input_blocks.{(b + 1) * per}.0.{_CONV.sub('op', rest)}"  # SGM's downsampler is a conv named op
             return f"input_blocks.{b * per + j + 1}.{0 if kind == 'resnets' else 1}.{rest}"
         if kind == "upsamplers":  # after the block's resnet and, where it has them, attention
             return f"output_blocks.{b * per + per - 1}.{2 if 'CrossAttn' in config['up_block_types'][b] else 1}.{rest}"
