@@ -37,8 +37,10 @@ def tiny_tokenizer(folder: Path):
 def _text_encoder(vocab: int, width: int, *, layers: int = 1, act: str = "quick_gelu", projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    # the tiny vocabulary's special tokens (tiny_tokenizer): the pooled embedding is read at the end-of-text token
     config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                            num_attention_heads=2, max_position_embeddings=16, hidden_act=act, projection_dim=width)
+                            num_attention_heads=2, max_position_embeddings=16, hidden_act=act, projection_dim=width,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 

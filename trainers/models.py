@@ -211,6 +211,25 @@ def _load_failure(source: ModelSource, exc: BaseException) -> str:
     return f"could not load the base model: tried {tried}; {reason}"
 
 
+def load_vae(name_or_path: str, dtype=None, revision: str | None = None):
+    """--pretrained_vae_model_name_or_path: an AutoencoderKL from a diffusers folder (its own, or a
+    pipeline's vae/) or a hub id, safetensors only; ModelError saying what was tried."""
+    from diffusers import AutoencoderKL
+
+    path = Path(str(name_or_path)).expanduser()
+    local = path.is_dir()
+    if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    kwargs = {"use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}
+    try:
+        if local:
+            return AutoencoderKL.from_pretrained(str(path), local_files_only=True, **kwargs)
+        return AutoencoderKL.from_pretrained(str(name_or_path), **kwargs, **({"revision": revision} if revision else {}))
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load the VAE {name_or_path} (--pretrained_vae_model_name_or_path): {reason}") from None
+
+
 def predicts_v(unet) -> bool:
     """Whether an SD 2.x U-Net predicts v: AUTOMATIC1111's test (modules/sd_models_config.py) on
     diffusers' U-Net. At t = 999 (ᾱ ≈ 0.005) on a latent of 0.5 everywhere, an epsilon model predicts
