@@ -243,3 +243,21 @@ def test_every_method_attaches_to_each_family(arch):
         handle = restuning.attach(unet, method.config(), name=name)
         assert sum(p.numel() for p in handle.parameters()) > 0, name
     assert set(FAMILIES) == {"sd1", "sd2", "sdxl"} and arch in ARCHS
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "bypass" else pytest.mark.slow)
+                                    for m in ("bypass", "res-tuning", "lora", "adapter", "prefix", "prompt", "full")])
+def test_a_training_step_of_the_full_size_sdxl_u_net_runs_shape_for_shape(method):
+    """The published SDXL U-Net (what bench.train_cost --arch sdxl times) with each method, forward
+    with its pooled text and size ids and backward, on the meta device: every shape, no memory."""
+    from restuning.methods import METHODS
+
+    unet = build_unet("sdxl", device="meta")
+    handle = restuning.attach(unet, METHODS[method].config())
+    with torch.device("meta"):
+        added = restuning.arch.added_cond_kwargs(unet.config, 1, size=256, device="meta")
+        out = unet(torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.randn(1, 77, 2048), added_cond_kwargs=added).sample
+        out.pow(2).mean().backward()
+    assert out.shape == (1, 4, 32, 32)
+    trained = [p for p in handle.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)

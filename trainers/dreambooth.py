@@ -4,7 +4,9 @@
         --method res-tuning --output_dir runs/dog
     accelerate launch -m trainers.dreambooth --config runs/dog/config.json      # what the studio runs
 
-The recipe is diffusers' train_dreambooth_lora.py, shortened. With x_0 = s·VAE(image),
+The recipe is diffusers' train_dreambooth_lora.py (train_dreambooth_lora_sdxl.py on SDXL), shortened.
+With x_0 = s·VAE(image), c the U-Net's conditioning (trainers/conditioning.py: the prompt's text
+embedding; on SDXL both encoders' and the pooled text and each image's size and crop ids),
 ε ~ N(0, I) (+ noise_offset·N(0, I) per channel), t ~ U{0, ..., T-1}:
 
     x_t    = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
@@ -14,7 +16,7 @@ The recipe is diffusers' train_dreambooth_lora.py, shortened. With x_0 = s·VAE(
 
 Only the method's parameters train: `restuning.attach` freezes the rest (the paper's Eq. 7
 Res-Tuners, Eq. 8 Bypass, or a baseline, whichever the registry entry attaches). The text
-encoder is frozen, so the prompts' embeddings are computed once. Progress goes to
+encoders are frozen (unless a LoRA tunes them), so the prompts' embeddings are computed once. Progress goes to
 `<run>/events.jsonl` (trainers/events.py); SIGTERM saves a checkpoint and ends as `cancelled`.
 """
 
@@ -496,8 +498,6 @@ def check_family_options(args, pipe) -> None:
             if getattr(args, name):
                 raise opts.OptionError(f"--{name} is refused on SDXL: both its text encoders read 77 tokens without a mask, "
                                        "as diffusers' SDXL pipeline encodes them")
-    elif getattr(args, "text_encoder_2", None):
-        raise opts.OptionError("--text_encoder_2 names layers of SDXL's second text encoder; this base model has one text encoder")
 
 
 def make_class_images(args, source: models.ModelSource, base: Base, accelerator, events: EventLog,

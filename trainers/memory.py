@@ -11,7 +11,7 @@ options, and what the device has for it: the check before a run is queued (studi
 The formula (bytes; every parameter count from the model folder's configs, built on the meta
 device, no weights read; the method's trainable count from attaching it to that meta U-Net):
 
-    weights    = frozen (U-Net + VAE + text encoder) x b_w + trainable x 4
+    weights    = frozen (U-Net + VAE + text encoders: SDXL's two) x b_w + trainable x 4
                  b_w = 2 under fp16/bf16 mixed precision (the pipeline is loaded in that dtype), else 4;
                  the method's trainable weights stay fp32; full fine-tuning under mixed precision also
                  holds autocast's half copy of the U-Net (+2 per parameter)
@@ -20,8 +20,9 @@ device, no weights read; the method's trainable count from attaching it to that 
     activations= k[device, precision][method] x units x (0.25 with gradient checkpointing)
                  units = batch x (2 with prior preservation) x latent pixels / 1024 x arch,
                  latent pixels = (resolution / VAE scale)^2, and arch the U-Net's activation size per
-                 latent pixel relative to SD v1.5 (channels x layers per level / 4^level, attention
-                 levels x3: 1.0 for SD v1.5, 0.040 for the bundled demo model)
+                 latent pixel relative to SD v1.5 (channels x layers per level / 4^level, a layer with
+                 attention counting 1 + 2 x its transformer depth: 1.0 for SD v1.5 and SD 2.x, 1.84
+                 for SDXL with its 2- and 10-deep stacks, 0.040 for the bundled demo model)
     sampling   = validation images (or, with prior preservation, a batch of class images if larger):
                  the U-Net at batch 2 x images (guidance) under no_grad, k_infer x units, and the VAE
                  decoding them all at once: 0.1 + 0.97 GiB x images x (res/512)^2 x (VAE top
@@ -41,7 +42,9 @@ Calibration, SD v1.5 U-Net, GiB per 1024 latent pixels x sample (k):
     full / anything in the encoder     0.55        0.20
     inference (validation samples)     0.05        0.025
 
-Every k is fitted to measured peaks; the arch scale is computed from the config, not fitted. bf16
+Every k is fitted to measured peaks of SD v1.5 (SD 2.x and SDXL bench results join the table when
+measured); the arch scale is computed from the config, not fitted. A single-file checkpoint is
+estimated from its family's bundled configs (trainers.models.CONFIGS). bf16
 on a CPU takes half the fp32 figure, fp32 on CUDA twice the half one. Where each constant comes
 from, what was measured and what was not: docs/benchmarks.md, "Memory estimate". The estimate
 against every measurement (`python -m trainers.memory`, `--write` into

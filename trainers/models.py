@@ -63,6 +63,7 @@ FAMILIES = {
 CONFIGS_ROOT = Path(__file__).resolve().parents[1] / "assets" / "sd-configs"
 CONFIGS = {"sd1": CONFIGS_ROOT / "sd-v1", "sd2": CONFIGS_ROOT / "sd-v2", "sdxl": CONFIGS_ROOT / "sd-xl"}
 SD1_CONFIG = CONFIGS["sd1"]
+SHORT = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 NOT_TEXT_TO_IMAGE = ("a pipeline of another kind: this trainer tunes the text-to-image pipelines of Stable Diffusion "
                      "1.x and 2.x (StableDiffusionPipeline) and XL (StableDiffusionXLPipeline)")
@@ -203,7 +204,8 @@ def _load_failure(source: ModelSource, exc: BaseException) -> str:
     tried = {
         "folder": f"loading the diffusers folder {source.location}",
         "single-file": f"converting the single-file checkpoint {source.location}, {FAMILIES.get(source.family, 'of unknown kind')} "
-                       f"(with the bundled configs in {CONFIGS.get(source.family, CONFIGS_ROOT).relative_to(CONFIGS_ROOT.parents[1])})",
+                       f"(with the bundled {SHORT.get(source.family, '')} configs in "
+                       f"{CONFIGS.get(source.family, CONFIGS_ROOT).relative_to(CONFIGS_ROOT.parents[1])})",
         "hub": f"the hub id {source.location} (from the local cache"
                + (" only: HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else " or the hub") + ")",
     }[source.kind]
