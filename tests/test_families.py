@@ -136,8 +136,8 @@ def test_a_folder_of_each_family_loads_as_its_pipeline(tmp_path, name):
     assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline")
     assert pipe.scheduler.config.prediction_type == ("v_prediction" if name == "sd2" else "epsilon")
     assert family(pipe.unet.config) == name
-    (folder / "text_encoder_2").rename(tmp_path / "elsewhere") if name == "sdxl" else None
     if name == "sdxl":
+        (folder / "text_encoder_2").rename(tmp_path / "elsewhere")
         with pytest.raises(models.ModelError, match="incomplete: missing text_encoder_2/"):
             models.check_source(folder)
 
@@ -261,3 +261,27 @@ def test_a_training_step_of_the_full_size_sdxl_u_net_runs_shape_for_shape(method
     assert out.shape == (1, 4, 32, 32)
     trained = [p for p in handle.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for p in trained)
+
+
+def test_the_studio_imports_an_sdxl_lora_against_both_encoders(sdxl_lora, tmp_path):
+    """The Runs tab's import on an SDXL base model: a kohya SDXL file becomes a tuner file, checked
+    on weightless copies of the U-Net and both text encoders; on an SD 2.x base it is refused."""
+    import shutil
+
+    from trainers.uploads import UploadError, check_tuner_file, lora_as_tuner_file
+    from webui.model import describe
+
+    written, _, config = sdxl_lora
+    for name in ("sdxl", "sd2"):
+        base = describe(str(build_tiny(tmp_path / name, name)))
+        encoders = base.text_encoders_on_meta()
+        upload = shutil.copy(written["lora-kohya"], tmp_path / f"their_lora_{name}.safetensors")
+        if name == "sd2":
+            with pytest.raises(UploadError, match="second text encoder"):
+                lora_as_tuner_file(upload, base.unet_on_meta(), encoders["text_encoder"], encoders.get("text_encoder_2"))
+            continue
+        assert set(encoders) == {"text_encoder", "text_encoder_2"}
+        converted = lora_as_tuner_file(upload, base.unet_on_meta(), encoders["text_encoder"], encoders["text_encoder_2"])
+        found, header = check_tuner_file(converted, base.unet_on_meta(), base_text_encoder=encoders["text_encoder"],
+                                         base_text_encoder_2=encoders["text_encoder_2"])
+        assert found == config and header["imported_from"] == "kohya"

@@ -205,8 +205,8 @@ def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embe
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = noise_scheduler.config.prediction_type
     target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-    added = {k: v.to(weight_dtype) for k, v in added.items()} if added else None
-    model_pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), added_cond_kwargs=added).sample
+    extra = {"added_cond_kwargs": {k: v.to(weight_dtype) for k, v in added.items()}} if added else {}
+    model_pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), **extra).sample
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
         from diffusers.training_utils import compute_snr
