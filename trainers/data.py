@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .images import ImageError, check_image, image_files, load_resized
+from .images import ImageError, check_image, image_files, load_resized, original_size
 
 CLASS_CACHE = "class-images"
 
@@ -101,6 +101,7 @@ class DreamBoothData:
         self.random_flip = random_flip
         self.seed = seed
         self._resized: dict[Path, torch.Tensor] = {}
+        self._sizes: dict[Path, tuple[int, int]] = {}
 
     def _pick(self, files: list[Path], stream: str, index: int) -> Path:
         # Every epoch sees each file once, in an order fixed by (seed, stream, epoch).
@@ -114,6 +115,18 @@ class DreamBoothData:
         if path not in self._resized:
             self._resized[path] = torch.from_numpy(np.array(load_resized(path, self.resolution))).permute(2, 0, 1).contiguous()
         return self._resized[path]
+
+    def original_size(self, path: Path) -> tuple[int, int]:
+        """(height, width) of the file's image as oriented, before resizing: SDXL's original_size."""
+        if path not in self._sizes:
+            self._sizes[path] = original_size(path)
+        return self._sizes[path]
+
+    def crop_top_left(self, view: "View") -> tuple[int, int]:
+        """(top, left) of the view's crop in the resized image as diffusers' SDXL script measures it:
+        it mirrors the image before cropping, so a mirrored view's crop sits at the other side."""
+        width = self._decoded(view.path).shape[2]
+        return view.top, (width - self.resolution - view.left) if view.flip else view.left
 
     def view(self, files: list[Path], stream: str, index: int) -> "View":
         rng = random.Random(f"{self.seed}/{stream}/crop/{index}")

@@ -4,7 +4,9 @@
         --method res-tuning --output_dir runs/dog
     accelerate launch -m trainers.dreambooth --config runs/dog/config.json      # what the studio runs
 
-The recipe is diffusers' train_dreambooth_lora.py, shortened. With x_0 = s·VAE(image),
+The recipe is diffusers' train_dreambooth_lora.py (train_dreambooth_lora_sdxl.py on SDXL), shortened.
+With x_0 = s·VAE(image), c the U-Net's conditioning (trainers/conditioning.py: the prompt's text
+embedding; on SDXL both encoders' and the pooled text and each image's size and crop ids),
 ε ~ N(0, I) (+ noise_offset·N(0, I) per channel), t ~ U{0, ..., T-1}:
 
     x_t    = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
@@ -14,12 +16,13 @@ The recipe is diffusers' train_dreambooth_lora.py, shortened. With x_0 = s·VAE(
 
 Only the method's parameters train: `restuning.attach` freezes the rest (the paper's Eq. 7
 Res-Tuners, Eq. 8 Bypass, or a baseline, whichever the registry entry attaches). The text
-encoder is frozen, so the prompts' embeddings are computed once. Progress goes to
+encoders are frozen (unless a LoRA tunes them), so the prompts' embeddings are computed once. Progress goes to
 `<run>/events.jsonl` (trainers/events.py); SIGTERM saves a checkpoint and ends as `cancelled`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -38,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import artifacts, checkpoints as saved, data, memory, models
+from . import artifacts, checkpoints as saved, conditioning, data, memory, models
 from . import options as opts
 from .events import EventLog
 from .images import ImageError, check_folder
@@ -174,18 +177,6 @@ def attention_summary(unet, chosen: str) -> str:
     return f"xformers ({own} of {len(names)} attention layers run the method's own processor on PyTorch SDPA)" if own else chosen
 
 
-def prompt_encoder(pipe, prompt: str, device, max_length: int | None = None, use_attention_mask: bool = False,
-                   text_encoder=None) -> Callable[[], torch.Tensor]:
-    """The prompt's embedding as a call: tokenised once, encoded by `text_encoder` (the pipeline's
-    unless given: a prepared one under accelerate) each time it is called."""
-    tokens = pipe.tokenizer(prompt, padding="max_length", max_length=max_length or pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    ids = tokens.input_ids.to(device)
-    mask = tokens.attention_mask.to(device) if use_attention_mask else None
-    encoder = text_encoder if text_encoder is not None else pipe.text_encoder
-    return lambda: encoder(ids, attention_mask=mask)[0]
-
-
 def trackers(wanted: str) -> tuple[list[str] | str | None, list[str]]:
     """accelerate's log_with for --report_to, and a note for each tracker whose package is missing."""
     import importlib.util
@@ -201,9 +192,10 @@ def trackers(wanted: str) -> tuple[list[str] | str | None, list[str]]:
 
 
 def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embeddings, num_instance: int, args,
-                   generator: torch.Generator, weight_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   generator: torch.Generator, weight_dtype, added: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(total loss, instance loss, prior loss or None) of one batch whose VAE posterior is given
-    (fresh or cached); every random draw comes from `generator`, the latent's first."""
+    (fresh or cached); every random draw comes from `generator`, the latent's first. `added`: an
+    SDXL U-Net's added_cond_kwargs (trainers.conditioning)."""
     with torch.no_grad():
         latents = (posterior.sample(generator=generator) * scaling_factor).float()
     device = latents.device
@@ -215,7 +207,8 @@ def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embe
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = noise_scheduler.config.prediction_type
     target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-    model_pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype)).sample
+    extra = {"added_cond_kwargs": {k: v.to(weight_dtype) for k, v in added.items()}} if added else {}
+    model_pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), **extra).sample
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
         from diffusers.training_utils import compute_snr
@@ -385,7 +378,7 @@ class Training:
     lr_scheduler: object
     dataset: data.DreamBoothData
     latent_cache: data.LatentCache | None
-    encoders: list[Callable[[], torch.Tensor]]  # the instance prompt's embedding, then the class prompt's
+    encoders: list[Callable[[], conditioning.Text]]  # the instance prompt's conditioning, then the class prompt's
     log_with: list[str] | str | None
 
 
@@ -417,6 +410,7 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     verdict = check_memory(options)
     accelerator, log_with = set_up_accelerator(args, output_dir, events)
     base = load_base(args, source, accelerator, events, stop)
+    source = dataclasses.replace(source, family=conditioning.family(base.pipe))  # a hub id's is known once loaded
     class_files = make_class_images(args, source, base, accelerator, events, stop) if args.with_prior_preservation else None
     tuning = attach_method(options, base.pipe, accelerator.is_main_process, on_attached)
     describe_run(options, method, base, tuning, accelerator, verdict, events)
@@ -481,19 +475,35 @@ def load_base(args, source: models.ModelSource, accelerator, events: EventLog, s
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     events.phase("loading", message=f"loading {source.location}")
-    pipe = models.load_pipeline(source, weight_dtype, revision=args.revision, variant=args.variant)
+    pipe = models.load_pipeline(source, weight_dtype, revision=args.revision, variant=args.variant,
+                                prediction_type=args.prediction_type)
     pipe.set_progress_bar_config(disable=True)
+    check_family_options(args, pipe)
+    if args.pretrained_vae_model_name_or_path:
+        pipe.vae = models.load_vae(args.pretrained_vae_model_name_or_path, weight_dtype, args.revision)
+    elif weight_dtype != torch.float32 and pipe.vae.config.get("force_upcast"):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says so); diffusers' SDXL script keeps it fp32
     pipe.to(accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise models.ModelError(f"the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
                                 "only epsilon and v_prediction models are supported")
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for encoder in conditioning.text_encoders(pipe).values():
+        encoder.requires_grad_(False)
     base = Base(pipe, noise_scheduler, weight_dtype, sampling_settings(args, source))
     if stop.agreed(accelerator):
         raise Cancelled
     return base
+
+
+def check_family_options(args, pipe) -> None:
+    """Options of SD 1.x/2.x training that SDXL's two encoders do not take: an OptionError naming them."""
+    if conditioning.is_xl(pipe):
+        for name in ("tokenizer_max_length", "text_encoder_use_attention_mask"):
+            if getattr(args, name):
+                raise opts.OptionError(f"--{name} is refused on SDXL: both its text encoders read 77 tokens without a mask, "
+                                       "as diffusers' SDXL pipeline encodes them")
 
 
 def make_class_images(args, source: models.ModelSource, base: Base, accelerator, events: EventLog,
@@ -526,26 +536,33 @@ def make_class_images(args, source: models.ModelSource, base: Base, accelerator,
 
 
 def attach_method(options: opts.Options, pipe, is_main: bool, on_attached=None) -> Tuning:
-    """The method from the registry, attached to the pipeline's U-Net (and text encoder for LoRA with
-    --train_text_encoder); `restuning.attach` freezes everything else. Attention is chosen first:
-    xformers set afterwards would replace the prefix and prompt methods' own processors."""
+    """The method from the registry, attached to the pipeline's U-Net (and text encoders for LoRA with
+    --train_text_encoder: both of SDXL's, as diffusers' SDXL script trains them); `restuning.attach`
+    freezes everything else. Attention is chosen first: xformers set afterwards would replace the
+    prefix and prompt methods' own processors."""
     from diffusers.training_utils import cast_training_params
 
     import restuning
 
-    args, unet, text_encoder = options.args, pipe.unet, pipe.text_encoder
+    args, unet, encoders = options.args, pipe.unet, conditioning.text_encoders(pipe)
+    config = options.method_config
+    if args.train_text_encoder and "text_encoder_2" in encoders and not getattr(config, "text_encoder_2", ""):
+        config = options.method_config = dataclasses.replace(config, text_encoder_2=config.text_encoder)
+    if getattr(config, "text_encoder_2", "") and "text_encoder_2" not in encoders:
+        raise opts.OptionError("--text_encoder_2 names layers of SDXL's second text encoder; this base model has one text encoder")
     attention = choose_attention(unet, args.enable_xformers_memory_efficient_attention)
-    handle = restuning.attach(unet, options.method_config, text_encoder=text_encoder)
-    text_params = {id(p) for p in text_encoder.parameters() if p.requires_grad}
+    handle = restuning.attach(unet, config, **encoders)
+    text_params = {id(p) for encoder in encoders.values() for p in encoder.parameters() if p.requires_grad}
     attention = attention_summary(unet, attention)
     if is_main:
         print(f"attention: {attention}", flush=True)
+    trained = [e for e in encoders.values() if any(p.requires_grad for p in e.parameters())]
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_params:
-            text_encoder.gradient_checkpointing_enable()
-    cast_training_params(unet, dtype=torch.float32)
-    cast_training_params(text_encoder, dtype=torch.float32)
+        for encoder in trained:
+            encoder.gradient_checkpointing_enable()
+    for model in (unet, *encoders.values()):
+        cast_training_params(model, dtype=torch.float32)
     params = [p for p in handle.parameters() if p.requires_grad]
     if on_attached is not None:
         on_attached(pipe, handle)
@@ -602,7 +619,9 @@ def make_optimizer(args, tuning: Tuning, device: torch.device, num_processes: in
     params, text_params = tuning.params, tuning.text_params
     groups = [{"params": [p for p in params if id(p) not in text_params]}]
     if text_params:
-        groups.append({"params": [p for p in params if id(p) in text_params], "lr": args.text_encoder_lr or args.learning_rate})
+        decay = args.adam_weight_decay if args.adam_weight_decay_text_encoder is None else args.adam_weight_decay_text_encoder
+        groups.append({"params": [p for p in params if id(p) in text_params], "lr": args.text_encoder_lr or args.learning_rate,
+                       "weight_decay": decay})
     optimizer = optimizer_class(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
     # The prepared scheduler steps once per process per optimiser step (diffusers does the same).
@@ -612,29 +631,19 @@ def make_optimizer(args, tuning: Tuning, device: torch.device, num_processes: in
     return optimizer, lr_scheduler
 
 
-def prompt_embeddings(args, pipe, prompts: list[str], device, text_encoder=None) -> list[Callable[[], torch.Tensor]]:
-    """Each prompt's embedding as a call: encoded every step by `text_encoder` when its LoRA trains,
-    else (text_encoder None: frozen) computed once here and handed out every step."""
-    text = {"max_length": args.tokenizer_max_length, "use_attention_mask": args.text_encoder_use_attention_mask}
-    encoders = [prompt_encoder(pipe, prompt, device, **text, text_encoder=text_encoder) for prompt in prompts]
-    if text_encoder is not None:
-        return encoders
-    with torch.no_grad():
-        frozen = [encode() for encode in encoders]
-    return [lambda e=e: e for e in frozen]
-
-
 def prepare_training(args, base: Base, tuning: Tuning, dataset, latent_cache, prompts: list[str], accelerator, log_with,
                      events: EventLog, output_dir: Path) -> Training:
     """The optimiser and schedule made, everything that trains passed through accelerator.prepare,
     the trackers started and the checkpoint hooks registered."""
     optimizer, lr_scheduler = make_optimizer(args, tuning, accelerator.device, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(base.pipe.unet, optimizer, lr_scheduler)
-    trained = [unet]
-    if tuning.text_params:
-        # prepared like the U-Net (gradients synchronised across processes); the pipeline keeps the plain one
-        trained.append(accelerator.prepare(base.pipe.text_encoder))
-    encoders = prompt_embeddings(args, base.pipe, prompts, accelerator.device, trained[-1] if tuning.text_params else None)
+    # the text encoders whose LoRA trains, prepared like the U-Net (gradients synchronised across
+    # processes); the pipeline keeps the plain ones
+    texts = {name: accelerator.prepare(model) for name, model in conditioning.text_encoders(base.pipe).items()
+             if any(id(p) in tuning.text_params for p in model.parameters())}
+    trained = [unet, *texts.values()]
+    encoders = conditioning.prompt_encoders(base.pipe, prompts, accelerator.device, max_length=args.tokenizer_max_length,
+                                            use_attention_mask=args.text_encoder_use_attention_mask, trained=texts or None)
     if log_with:
         accelerator.init_trackers("restuning-dreambooth", config={k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
@@ -732,15 +741,16 @@ def train_step(training: Training, step: int) -> torch.Tensor:
         batch = training.dataset.batch(((step * accum + micro) * world + rank) * bs, bs)
         pixels = batch["pixel_values"]
         if training.latent_cache is not None:
-            posterior = training.latent_cache.posterior(batch["views"], pixels, base.weight_dtype)
+            posterior = training.latent_cache.posterior(batch["views"], pixels, vae.dtype)
         else:
             with torch.no_grad():
-                posterior = vae.encode(pixels.to(accelerator.device, base.weight_dtype)).latent_dist
+                posterior = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist
         with accelerator.accumulate(*training.trained):
-            embeddings = torch.cat([encode().expand(bs, -1, -1) for encode in training.encoders])
+            embeddings, added = conditioning.unet_inputs(base.pipe, [encode() for encode in training.encoders], batch,
+                                                         training.dataset, accelerator.device)
             loss, instance_loss, _ = diffusion_loss(training.unet, posterior, vae.config.scaling_factor, base.noise_scheduler,
                                                     embeddings, batch["num_instance"], args,
-                                                    step_generator(args.seed, step, micro, rank), base.weight_dtype)
+                                                    step_generator(args.seed, step, micro, rank), base.weight_dtype, added)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(training.tuning.params, args.max_grad_norm)

@@ -149,6 +149,12 @@ def load_resized(source: str | os.PathLike | BinaryIO, resolution: int) -> Image
     return img.resize(size, Image.Resampling.LANCZOS)
 
 
+def original_size(source: str | os.PathLike | BinaryIO) -> tuple[int, int]:
+    """(height, width) of the image as oriented (EXIF), before any resizing."""
+    img, _ = _open(source)
+    return img.height, img.width
+
+
 def load_image(source: str | os.PathLike | BinaryIO, resolution: int, center_crop: bool = True, flip: bool = False,
                rng: random.Random | None = None) -> Image.Image:
     """A resolution x resolution RGB training image: the shorter side resized to `resolution`

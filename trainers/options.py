@@ -104,7 +104,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     a("--overwrite_output_dir", action="store_true",
       help="write into an existing --output_dir that this trainer did not make (files of the same names are replaced)")
     a("--seed", type=int, default=0, help="seed of data order, crops, noise and validation images")
-    a("--resolution", type=int, default=512, help="training resolution in pixels (a multiple of 8)")
+    a("--resolution", type=int,
+      help="training resolution in pixels, a multiple of 8 (default: the base model's own, its U-Net's sample size x the "
+           "VAE's factor: 512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL; 512 where its configs cannot be read offline)")
     a("--center_crop", action=argparse.BooleanOptionalAction, default=False, help="center-crop images (default: random crops)")
     a("--random_flip", action=argparse.BooleanOptionalAction, default=False, help="mirror images at random")
     a("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
@@ -159,12 +161,34 @@ IGNORED = {
     "set_grads_to_none": "always so",
     "skip_save_text_encoder": "the text encoder is never saved whole: a LoRA's text-encoder layers are part of its LoRA files",
     "validation_scheduler": "validation samples use the base model's own scheduler",
+    # train_dreambooth_lora_sdxl.py's
+    "output_kohya_format": "a LoRA run always writes kohya's format too (lora_kohya.safetensors; on SDXL with kohya's own "
+                           "SGM block names) beside diffusers' pytorch_lora_weights.safetensors",
+    "cache_dir": "models are read from the hub's own cache (HF_HOME / HF_HUB_CACHE); nothing else is downloaded",
 }
 # Options that would change what is trained in ways this trainer does not do: refused, with why.
 REFUSED = {
     "tokenizer_name": "the tokenizer is the base model's own; a different one would not match its text encoder",
     "validation_images": "it is for image-conditioned pipelines (image variation, super-resolution); this trainer is text-to-image",
     "class_labels_conditioning": "it is for U-Nets with class-label conditioning (DeepFloyd IF's upscaler); SD U-Nets have none",
+    # train_dreambooth_lora_sdxl.py's
+    "do_edm_style_training": "the EDM formulation (Karras et al.'s preconditioning and sigma sampling, Playground v2.5) is "
+                             "not implemented: the trainer follows the scheduler's DDPM epsilon or v objective",
+    "use_dora": "a restuning LoRA is a plain LoRA (peft's use_dora is not exposed); DoRA files are not imported either",
+    "dataset_name": "instance images come from --instance_data_dir; no dataset is downloaded",
+    "dataset_config_name": "instance images come from --instance_data_dir; no dataset is downloaded",
+    "image_column": "instance images come from --instance_data_dir; no dataset is downloaded",
+    "caption_column": "every instance image has the one --instance_prompt (no per-image captions)",
+    "prodigy_beta3": "only for --optimizer prodigy, which is refused",
+    "prodigy_decouple": "only for --optimizer prodigy, which is refused",
+    "prodigy_use_bias_correction": "only for --optimizer prodigy, which is refused",
+    "prodigy_safeguard_warmup": "only for --optimizer prodigy, which is refused",
+}
+# Options refused only at values other than the one the trainer has: (the value it has, why).
+REFUSED_VALUES = {
+    "optimizer": ("adamw", "Prodigy (prodigyopt) is not a dependency here; AdamW (or --use_8bit_adam) is used"),
+    "lora_dropout": (0.0, "a restuning LoRA has no dropout on its input (peft's lora_dropout 0)"),
+    "image_interpolation_mode": ("lanczos", "images are resized with Lanczos (PIL), diffusers' default"),
 }
 REPORT_TO = ("none", "tensorboard", "wandb", "comet_ml", "all")
 
@@ -201,6 +225,28 @@ def _compat(parser: argparse.ArgumentParser) -> None:
                        ("validation_scheduler", str), ("tokenizer_name", str), ("class_labels_conditioning", str)):
         a(f"--{name}", type=kind, help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
     a("--validation_images", nargs="+", help=f"refused: {REFUSED['validation_images']}")
+    _compat_sdxl(group)
+
+
+def _compat_sdxl(group) -> None:
+    """train_dreambooth_lora_sdxl.py's options beyond train_dreambooth_lora.py's (and --prediction_type,
+    train_text_to_image.py's), each acted on, accepted with a note (IGNORED) or refused by name."""
+    a = group.add_argument
+    a("--pretrained_vae_model_name_or_path",
+      help="a VAE to use instead of the base model's (a diffusers folder or a hub id of an AutoencoderKL, e.g. an SDXL "
+           "VAE that is stable in fp16); the base model's VAE otherwise, kept in fp32 where its config asks (SDXL's)")
+    a("--prediction_type", choices=("epsilon", "v_prediction"),
+      help="what the U-Net predicts, overriding the scheduler's config (an SD 2.x single file's is found from its weights)")
+    a("--adam_weight_decay_text_encoder", type=float, help="weight decay of the text encoders' LoRA (default: --adam_weight_decay)")
+    a("--repeats", type=int, default=1, help="how many times each instance image counts in an epoch (--num_train_epochs)")
+    a("--optimizer", type=str.lower, default=None, help=f"AdamW only: {REFUSED_VALUES['optimizer'][1]}")
+    a("--lora_dropout", type=float, help=f"0 only: {REFUSED_VALUES['lora_dropout'][1]}")
+    a("--image_interpolation_mode", type=str.lower, help=f"lanczos only: {REFUSED_VALUES['image_interpolation_mode'][1]}")
+    for name in ("output_kohya_format", "do_edm_style_training", "use_dora"):
+        a(f"--{name}", action="store_true", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
+    for name in ("cache_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "prodigy_beta3",
+                 "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
+        a(f"--{name}", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
 
 
 def compat_notes(args: argparse.Namespace) -> list[str]:
@@ -218,11 +264,11 @@ def _world_size() -> int:
 
 
 def steps_per_epoch(args: argparse.Namespace) -> int:
-    """diffusers' count: batches of the larger of the instance and class sets, per process, per optimiser step."""
+    """diffusers' count: batches of the larger of the instance (x --repeats) and class sets, per process, per optimiser step."""
     from .images import image_files
 
     folder = Path(args.instance_data_dir or "")
-    examples = len(image_files(folder)) if folder.is_dir() else 0
+    examples = (len(image_files(folder)) if folder.is_dir() else 0) * max(1, args.repeats)
     if args.with_prior_preservation:
         examples = max(examples, args.num_class_images)
     world = _world_size()
@@ -362,6 +408,9 @@ def check(args: argparse.Namespace) -> None:
         if name in UPPER:
             need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {_shown(value)}")
     need(args.lr_warmup_steps >= 0, f"--lr_warmup_steps cannot be negative, got {args.lr_warmup_steps}")
+    need(args.repeats >= 1, f"--repeats must be a positive whole number, got {args.repeats}")
+    need(args.adam_weight_decay_text_encoder is None or args.adam_weight_decay_text_encoder >= 0,
+         "--adam_weight_decay_text_encoder cannot be negative")
     need(64 <= args.resolution <= UPPER["resolution"] and args.resolution % 8 == 0,
          f"--resolution must be a multiple of 8 and at least 64, at most {UPPER['resolution']} (e.g. 512), got {args.resolution}")
     need(0 <= args.seed < 2**32, f"--seed must be a whole number from 0 to {2**32 - 1}, got {args.seed}")
@@ -568,6 +617,20 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     return filled
 
 
+def native_resolution(model: str) -> tuple[int, str]:
+    """(the base model's own resolution, where it came from): its U-Net's sample size x the VAE's
+    factor, from its configs (a folder's, a single file's bundled ones, the hub cache's); 512 without."""
+    from .memory import config_folder
+
+    folder = config_folder(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1), "the base model's own"
+    except (TypeError, OSError, ValueError, KeyError):
+        return 512, "512: the base model's configs cannot be read offline"
+
+
 RECIPE_OPTIONS = ("learning_rate",)
 # Method options a model folder's recipe for that method may set (bench.quality --sweep records
 # the U-Net blocks that trained best): used where the user gives none and the method has the option.
@@ -601,6 +664,10 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
     for name, why in REFUSED.items():
         if _given(getattr(args, name, None)):
             raise OptionError(f"--{name} is refused: {why}")
+    for name, (have, why) in REFUSED_VALUES.items():
+        value = getattr(args, name, None)
+        if value is not None and value != have:
+            raise OptionError(f"--{name} {value} is refused: {why}")
     method_config = _text_encoder(args, method_config)
     for name in ("num_train_epochs", "validation_epochs", "train_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
@@ -615,6 +682,8 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
     recipe = {**method_recipe, **fill_recipe(args)}
+    if args.resolution is None:
+        args.resolution, recipe["resolution"] = native_resolution(args.pretrained_model_name_or_path)
     if args.scale_lr and args.learning_rate is not None:
         factor = args.train_batch_size * args.gradient_accumulation_steps * _world_size()
         args.learning_rate *= factor

@@ -128,8 +128,8 @@ def _check_file(path: Path, max_bytes: int) -> str:
     return label
 
 
-def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, *, max_bytes: int = MAX_TUNER_BYTES,
-                       workdir: str | os.PathLike | None = None) -> Path:
+def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, base_text_encoder_2=None, *,
+                       max_bytes: int = MAX_TUNER_BYTES, workdir: str | os.PathLike | None = None) -> Path:
     """An uploaded LoRA file in diffusers' or kohya's format, converted to a restuning tuner file
     (`<name>-restuning.safetensors` in `workdir`, else beside it: an upload folder is shared by
     every visitor who sent the same bytes, so the studio passes a folder of its own) after the
@@ -145,24 +145,26 @@ def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, *,
         return path
     try:
         target = (Path(workdir) if workdir is not None else path.parent) / f"{path.stem}-restuning.safetensors"
-        return convert.write_tuner(path, target, base_unet, base_text_encoder)
+        return convert.write_tuner(path, target, base_unet, base_text_encoder, base_text_encoder_2)
     except TunerFileError as exc:
         raise UploadError(str(exc).replace(str(path), label)) from None
 
 
-def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, max_bytes: int = MAX_TUNER_BYTES):
+def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, base_text_encoder_2=None,
+                     max_bytes: int = MAX_TUNER_BYTES):
     """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
     valid, whose architecture fingerprint matches `base_unet` (anything with a diffusers U-Net
     `.config`) and whose tensors are exactly the ones that config attaches, with their shapes: a
     header cannot announce a size its weights do not have (a copy of the U-Net on the meta device
     takes the tuner, so the check costs no memory; a copy of `base_text_encoder`, also weightless,
-    for a LoRA that tunes the text encoder too). Returns (method config, header metadata)."""
+    for a LoRA that tunes the text encoder too, and of SDXL's `base_text_encoder_2`). Returns
+    (method config, header metadata)."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
     from restuning import AttachError, ConfigError, TunerFileError, attach, read_config, read_header
-    from restuning.arch import FINGERPRINT_FIELDS, fingerprint_mismatch
+    from restuning.arch import FINGERPRINT_FIELDS, mismatch_message
     from restuning.io import check_tensors
 
     path = Path(path)
@@ -178,14 +180,15 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
     missing = [f for f in FINGERPRINT_FIELDS if f not in arch] if isinstance(arch, dict) else list(FINGERPRINT_FIELDS)
     if missing:
         raise UploadError(f"{label}: the header's base_arch does not describe a U-Net (no {', '.join(missing)})")
-    mismatch = fingerprint_mismatch(arch, base_unet)
+    mismatch = mismatch_message(arch, base_unet)
     if mismatch:
-        raise UploadError(f"{label} was trained for another U-Net than this studio's base model: " + "; ".join(mismatch))
+        raise UploadError(f"{label}: {mismatch.replace('this base model', 'this studio’s base model')}")
     try:
         with torch.device("meta"):
             probe = UNet2DConditionModel.from_config(base_unet.config)
-            text_probe = copy.deepcopy(base_text_encoder) if base_text_encoder is not None else None
-            expected = {k: tuple(v.shape) for k, v in attach(probe, config, text_encoder=text_probe).state_dict().items()}
+            text_probes = {name: copy.deepcopy(model) if model is not None else None
+                           for name, model in (("text_encoder", base_text_encoder), ("text_encoder_2", base_text_encoder_2))}
+            expected = {k: tuple(v.shape) for k, v in attach(probe, config, **text_probes).state_dict().items()}
     except (ConfigError, ValueError, TypeError, AttachError) as exc:
         raise UploadError(f"{label}: its config cannot be attached to this base model: {exc}") from None
     with safe_open(str(path), framework="pt") as f:

@@ -38,7 +38,8 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
         remembered = gr.BrowserState(None, storage_key="restuning-visitor",
                                      secret=visitors.browser_state_key(runner.runs_dir) if shared else None)
         owner = gr.State("" if shared else None)
-        gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> a new concept from a few images; "
+        gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> "
+                f"(<span id='base-family'>{html.escape(base.family_label)}, {base.resolution} px</span>) a new concept from a few images; "
                 f"runs live in <code>{html.escape(str(runner.runs_dir))}</code> and keep going when this page closes.</p>")
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):

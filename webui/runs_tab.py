@@ -199,12 +199,14 @@ def _wire_controls(runner, ui: Tab, selected: gr.State, owner: gr.State, shown: 
 def checked_tuner(base, path, workdir):
     """(tuner file, method config, header) of an uploaded file; UploadError naming the file in
     .refused when it is refused for what it is (then no visitor can use those bytes)."""
-    text_encoder = base.text_encoder_on_meta()
+    encoders = base.text_encoders_on_meta()
     try:
         # a diffusers or kohya LoRA file becomes a restuning tuner file first, so it is listed,
         # sampled in the Compare grid and downloaded like a LoRA trained here
-        tuner = lora_as_tuner_file(path, base.unet_on_meta(), text_encoder, workdir=workdir)
-        config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=text_encoder)
+        tuner = lora_as_tuner_file(path, base.unet_on_meta(), encoders["text_encoder"], encoders.get("text_encoder_2"),
+                                   workdir=workdir)
+        config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=encoders["text_encoder"],
+                                          base_text_encoder_2=encoders.get("text_encoder_2"))
     except UploadError as exc:
         raise UploadError(str(exc), refused=[path]) from None
     return tuner, config, header

@@ -162,7 +162,7 @@ def _form(runner, base, preset: str, detected: str) -> Form:
                                 info=f"detected: {detected}", elem_id="preset")
         for name in ("max_train_steps", "learning_rate"):
             trainer[name] = forms.component_for_action(actions[name])
-    preset_now = preset_values(preset, base.resolution)
+    preset_now = preset_values(preset, base.resolution, base.family)
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         for name, action in actions.items():
             if name not in forms.MAIN:
@@ -276,7 +276,7 @@ def _wire_form(form: Form, base) -> None:
     groups = form.method_groups
     form.method.change(lambda m: [gr.HTML(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in groups],
                        form.method, [form.summary, *groups.values()], show_progress="hidden")
-    form.preset.change(lambda p: [preset_values(p, base.resolution)[k] for k in PRESET_KEYS], form.preset,
+    form.preset.change(lambda p: [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS], form.preset,
                        [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
 

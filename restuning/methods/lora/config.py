@@ -18,3 +18,5 @@ class LoraConfig(MethodConfig):
                               "empty: to_q,to_k,to_v,to_out.0")
     text_encoder: str = option("", "text-encoder layers that get LoRA too, comma-separated names or name endings "
                                    f"(--train_text_encoder sets {TEXT_ENCODER_ATTENTION}); empty: the text encoder is not tuned")
+    text_encoder_2: str = option("", "SDXL's second text encoder: its layers that get LoRA too, as --text_encoder names them "
+                                     "(--train_text_encoder sets both on SDXL); empty: it is not tuned")
