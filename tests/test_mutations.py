@@ -1,5 +1,5 @@
-"""scripts/mutate.py: its mutations still apply to the library, and a few of them, run here,
-are caught. `python -m scripts.mutate` runs them all against every library test file."""
+"""scripts/mutate.py: its mutations still apply to the code, and a few of each class, run here,
+are caught. `python -m scripts.mutate` runs them all, each against its class's test files."""
 
 import pytest
 
@@ -15,6 +15,9 @@ def test_every_mutation_applies_to_exactly_one_place():
 @pytest.mark.parametrize(("names", "tests"), [
     (("res-attention-no-logit-scale", "hook-reads-op-output"), ("tests/test_tuner_math.py",)),
     (("bypass-tap-outputs-attached", "bypass-vertical-reads-backbone"), ("tests/test_bypass.py",)),
+    (("strength-bound-scales-the-whole-attention", "strength-lora-text-encoder-unscaled"), ("tests/test_contracts.py",)),
+    (("io-newer-version-accepted", "io-res-tuning-keys-renamed"), ("tests/test_golden.py",)),
+    (("loss-min-snr-clamped-below",), (mutate.LOSS_CASE.format("epsilon min-SNR"),)),
 ])
 def test_a_few_mutations_are_caught(names, tests):
     chosen = [m for m in mutate.MUTATIONS if m.name in names]

@@ -225,3 +225,30 @@ def test_ignored_options_say_why():
     notes = options.compat_notes(o.args)
     assert len(notes) == 4 and notes[0].startswith("--push_to_hub is not used: nothing is uploaded")
     assert options.compat_notes(options.parse(BASE).args) == []
+
+
+def test_the_papers_recipe_is_one_option_and_options_given_win(tmp_path):
+    """--recipe paper: Table 11's batch 8, centre crop and flip, 1e-4 constant, 512 px and guidance
+    3.0 where the defaults are diffusers'; each option given, on the command line or in a config
+    file, keeps its value, a default value given explicitly included."""
+    default = options.parse(BASE)
+    assert (default.args.train_batch_size, default.args.center_crop, default.args.random_flip, default.args.guidance_scale) == (
+        1, False, False, None)
+    paper = options.parse(BASE + ["--recipe", "paper"])
+    values = {k: getattr(paper.args, k) for k in options.NAMED_RECIPES["paper"]}
+    assert values == {"train_batch_size": 8, "center_crop": True, "random_flip": True, "learning_rate": 1e-4,
+                      "lr_scheduler": "constant", "resolution": 512, "guidance_scale": 3.0}
+    assert {k: paper.recipe[k] for k in values} == dict.fromkeys(values, "--recipe paper")
+
+    given = options.parse(BASE + ["--recipe", "paper", "--train_batch_size", "1", "--no-random_flip", "--learning_rate", "3e-4"])
+    assert (given.args.train_batch_size, given.args.random_flip, given.args.learning_rate) == (1, False, 3e-4)
+    assert given.args.center_crop is True and given.args.guidance_scale == 3.0
+    assert "train_batch_size" not in given.recipe and "random_flip" not in given.recipe
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"instance_data_dir": "imgs", "instance_prompt": "a sks dog", "recipe": "paper", "resolution": 256}))
+    from_file = options.parse(["--config", str(config)])
+    assert (from_file.args.resolution, from_file.args.train_batch_size) == (256, 8)
+    assert options.from_dict({**from_file.to_dict()}).args.resolution == 256  # what the studio writes reads back the same
+    with pytest.raises(OptionError, match="invalid choice"):
+        options.parse(BASE + ["--recipe", "sdxl"])

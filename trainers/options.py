@@ -40,6 +40,15 @@ UPPER = {"resolution": 2048, "train_batch_size": 64, "gradient_accumulation_step
          "sample_batch_size": 64, "method_size": 4096}
 
 
+# Option values a user asks for by name (--recipe); options given too win. "paper": the paper's
+# generative setting (Table 11: batch 8, CenterCrop and RandomHorizontalFlip, AdamW at 1e-4 constant,
+# 512 px, guidance 3.0 when sampling), where the defaults are diffusers' DreamBooth ones.
+NAMED_RECIPES = {
+    "paper": {"train_batch_size": 8, "center_crop": True, "random_flip": True, "learning_rate": 1e-4, "lr_scheduler": "constant",
+              "resolution": 512, "guidance_scale": 3.0},
+}
+
+
 class OptionError(ValueError):
     """An option value that cannot work; the message names the option."""
 
@@ -62,6 +71,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--config", help="a JSON file of options (keys: the option names without dashes); flags given too override it")
     a("--method", default=DEFAULT_METHOD, help=f"how the U-Net is tuned: {', '.join(METHODS)}")
+    a("--recipe", choices=tuple(NAMED_RECIPES), help="a named set of options, for those not given: 'paper', the paper's Table 11 "
+      "(--train_batch_size 8 --center_crop --random_flip --learning_rate 1e-4 --lr_scheduler constant --resolution 512 "
+      "--guidance_scale 3.0)")
     a("--pretrained_model_name_or_path", default=str(DEMO_MODEL),
       help="base model: a hub id, a local diffusers folder, or a single-file .safetensors checkpoint (default: the bundled demo model)")
     a("--instance_data_dir", help="folder of instance images (PNG, JPEG or WebP)")
@@ -458,7 +470,17 @@ def fill_method_recipe(args: argparse.Namespace) -> dict:
     return filled
 
 
-def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
+def fill_named_recipe(args: argparse.Namespace, given: set[str]) -> dict:
+    """The --recipe's values for the options not in `given`. Returns {option: where its value came from}."""
+    if not args.recipe:
+        return {}
+    filled = {name: f"--recipe {args.recipe}" for name in NAMED_RECIPES[args.recipe] if name not in given}
+    for name in filled:
+        setattr(args, name, NAMED_RECIPES[args.recipe][name])
+    return filled
+
+
+def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str]) -> Options:
     if isinstance(args.validation_prompt, str):
         args.validation_prompt = [args.validation_prompt]
     if args.output_dir is None:
@@ -480,7 +502,8 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         args.validation_steps = args.validation_epochs * per_epoch
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
-    recipe = {**method_recipe, **fill_recipe(args)}
+    named = fill_named_recipe(args, given)
+    recipe = {**method_recipe, **named, **fill_recipe(args)}
     if args.scale_lr and args.learning_rate is not None:
         factor = args.train_batch_size * args.gradient_accumulation_steps * _world_size()
         args.learning_rate *= factor
@@ -522,12 +545,27 @@ def parse(argv: list[str] | None = None) -> Options:
     if first.config:
         config_path = Path(first.config)
         config = read_config(config_path)
-    return _finish(_namespace(parser, argv, config), config_path)
+    given = _named_on_command_line(parser, argv) | set(config or {})
+    return _finish(_namespace(parser, argv, config), config_path, given)
+
+
+def _named_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options the command line names (argparse gives the others their defaults, so a value
+    alone cannot tell a given --train_batch_size 1 from the default)."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        named, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in defaults:
+            action.default = default
+    return set(vars(named))
 
 
 def from_dict(values: dict) -> Options:
     """The same options and checks from a dict shaped like a config file."""
-    return _finish(_namespace(build_parser(), [], dict(values)), None)
+    return _finish(_namespace(build_parser(), [], dict(values)), None, set(values))
 
 
 def read_config(path: Path) -> dict:
