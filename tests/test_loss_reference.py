@@ -198,7 +198,7 @@ def reference_step(pipe, named, args, recorder, step, dtype):
             p.grad = None
     class_files = data.usable_images(Path(args.class_data_dir))[: args.num_class_images] if args.with_prior_preservation else None
     stream = data.DreamBoothData([i.path for i in check_folder(args.instance_data_dir)], class_files, args.resolution,
-                                 args.center_crop, args.random_flip, args.seed)
+                                 args.center_crop, args.random_flip, args.seed, args.image_interpolation_mode)
     texts = [embedding(pipe, PROMPT)] + ([embedding(pipe, CLASS_PROMPT)] if class_files else [])
     total, drawn, seen = 0.0, [], []
     for micro in range(accum):

@@ -129,6 +129,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 COMPAT_GROUP = "diffusers script options"
+# torchvision's InterpolationMode names, lower-case, as diffusers' train_dreambooth_lora.py offers them (trainers.images
+# resizes with PIL's filter of the same name, as torchvision does for PIL images; nearest_exact is PIL's nearest).
+INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # Options of diffusers' train_dreambooth.py / train_dreambooth_lora.py that this trainer accepts
 # so their command lines run, without acting on them; the reason is printed when one is given.
 IGNORED = {
@@ -170,7 +173,10 @@ def _compat(parser: argparse.ArgumentParser) -> None:
       help="trackers for the loss and learning rate, through accelerate (tensorboard writes to <output_dir>/<logging_dir>)")
     a("--logging_dir", default="logs", help="the trackers' folder inside the run folder")
     a("--allow_tf32", action="store_true", help="TF32 matrix products on Ampere or newer GPUs (faster, slightly less exact)")
-    a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum)")
+    a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum; at most "
+      "the text encoder's positions)")
+    a("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES,
+      help="how images are resized to --resolution (torchvision's modes, as diffusers' train_dreambooth_lora.py names them)")
     a("--text_encoder_use_attention_mask", action="store_true", help="pass the padding mask to the text encoder")
     a("--offset_noise", action="store_true", help="diffusers' switch for offset noise: --noise_offset 0.1 unless one is given")
     a("--train_text_encoder", action="store_true",
@@ -480,12 +486,21 @@ def fill_named_recipe(args: argparse.Namespace, given: set[str]) -> dict:
     return filled
 
 
+def lora_alpha_follows_rank(args: argparse.Namespace) -> dict:
+    """diffusers' train_dreambooth_lora.py sets LoRA's alpha to --rank: a LoRA given --rank and no
+    --alpha gets alpha = rank (LoraConfig's own default alpha is 4). Returns {option: why}."""
+    if args.method == "lora" and getattr(args, "rank", None) is not None and getattr(args, "alpha", None) is None:
+        args.alpha = args.rank
+        return {"alpha": "--rank, as diffusers' train_dreambooth_lora.py sets it"}
+    return {}
+
+
 def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str]) -> Options:
     if isinstance(args.validation_prompt, str):
         args.validation_prompt = [args.validation_prompt]
     if args.output_dir is None:
         args.output_dir = str(config_path.parent) if config_path else f"{args.method}-dreambooth-model"
-    method_recipe = fill_method_recipe(args)
+    method_recipe = {**fill_method_recipe(args), **lora_alpha_follows_rank(args)}
     method_config = _method_config(args)
     for name, why in REFUSED.items():
         if _given(getattr(args, name, None)):

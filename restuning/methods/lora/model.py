@@ -209,7 +209,8 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
             raise AttachError(f"no text-encoder layers named {config.text_encoder} found")
 
     def peft_config(modules):
-        return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=modules)
+        return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, init_lora_weights="gaussian",
+                              target_modules=modules)
 
     unet.add_adapter(peft_config(targets), adapter_name=name)
     handle = LoraAttached(unet, name, config, text_encoder if text_targets else None)
