@@ -31,6 +31,8 @@ LIBRARY_TESTS = ("tests/test_tuner_math.py", "tests/test_equivalence.py", "tests
                  "tests/test_golden.py")
 LOSS_TESTS = ("tests/test_loss_reference.py",)
 LORA_TESTS = ("tests/test_lora_import.py",)
+# One golden file's test, by the file's stem.
+GOLDEN_CASE = "tests/test_golden.py::test_a_golden_file_renders_as_the_library_that_wrote_it[{}]"
 # A test of tests/test_lora_import.py that loads a LoRA of the text encoder too, by its node id.
 LORA_TEXT_CASE = "tests/test_lora_import.py::test_a_lora_of_the_text_encoder_too_loads_and_renders_as_diffusers_loader_does[{}]"
 # One case of tests/test_loss_reference.py, by its node id.
@@ -100,28 +102,33 @@ MUTATIONS = [
              "tests/test_bypass.py"),
     # -- strength at the point where the correction enters (tests/test_contracts.py)
     Mutation("strength-bound-scales-the-whole-attention", "restuning/methods/attention.py", "out = base + strength * (out - base)",
-             "out = strength * out", "tests/test_contracts.py"),
+             "out = strength * out", "tests/test_contracts.py::test_bound_prefix_and_prompt_strength_is_their_unbound_form"),
     Mutation("strength-bound-squared", "restuning/methods/attention.py", "out = base + strength * (out - base)",
-             "out = base + strength * strength * (out - base)", "tests/test_contracts.py"),
+             "out = base + strength * strength * (out - base)",
+             "tests/test_contracts.py::test_bound_prefix_and_prompt_strength_is_their_unbound_form"),
     Mutation("strength-bound-adapter-ignored", "restuning/methods/adapter/model.py",
              "adapter(output.to(dtype)), handle.name, handle.scale)", "adapter(output.to(dtype)), handle.name, 1.0)",
-             "tests/test_contracts.py"),
+             "tests/test_contracts.py::test_bound_adapter_strength_is_its_parallel_form"),
     Mutation("strength-lora-squared", "restuning/methods/lora/model.py", "module.set_scale(self.name, self.scale)",
-             "module.set_scale(self.name, self.scale ** 2)", "tests/test_contracts.py"),
+             "module.set_scale(self.name, self.scale ** 2)",
+             "tests/test_contracts.py::test_lora_strength_scales_the_low_rank_update_of_each_layer"),
     Mutation("strength-lora-text-encoder-unscaled", "restuning/methods/lora/model.py", "for model, _ in self._models():",
-             "for model in [self.unet]:", "tests/test_contracts.py"),
+             "for model in [self.unet]:",
+             "tests/test_contracts.py::test_lora_strength_scales_the_low_rank_update_of_each_layer"),
     # -- tuner files: format versions, fingerprint, key names (tests/test_golden.py, tests/test_io.py)
     Mutation("io-newer-version-accepted", "restuning/io.py", "if version > FORMAT_VERSION:", "if version > FORMAT_VERSION + 1:",
-             "tests/test_golden.py"),
-    Mutation("io-fingerprint-without-text-width", "restuning/arch.py", '    "cross_attention_dim",\n', "", "tests/test_golden.py"),
+             "tests/test_golden.py::test_a_file_of_a_newer_format_version_is_refused_saying_to_upgrade"),
+    Mutation("io-fingerprint-without-text-width", "restuning/arch.py", '    "cross_attention_dim",\n', "",
+             "tests/test_golden.py::test_a_file_for_another_text_width_is_refused"),
     Mutation("io-fingerprint-missing-field-passes", "restuning/arch.py", "if field not in saved or saved[field] != current[field]",
-             "if field in saved and saved[field] != current[field]", "tests/test_golden.py"),
+             "if field in saved and saved[field] != current[field]",
+             "tests/test_golden.py::test_a_fingerprint_missing_any_field_is_refused"),
     Mutation("io-version-2-res-prefix-accepted", "restuning/io.py", 'if "prefix" in kinds:\n        return 3, _PREFIX_OUT',
              'if "prefix" in kinds:\n        return 2, _PREFIX_OUT', "tests/test_io.py"),
     Mutation("io-res-tuning-keys-renamed", "restuning/methods/res_tuning/model.py", 'handle.modules[f"{path}.{op_name}"] = tuner',
-             'handle.modules[f"{path}.{op_name}.tuner"] = tuner', "tests/test_golden.py"),
+             'handle.modules[f"{path}.{op_name}.tuner"] = tuner', GOLDEN_CASE.format("res-tuning-v1")),
     Mutation("io-lora-text-encoder-keys-renamed", "restuning/methods/lora/model.py", 'TEXT_ENCODER_PREFIX = "text_encoder."',
-             'TEXT_ENCODER_PREFIX = "text_encoder.lora."', "tests/test_golden.py"),
+             'TEXT_ENCODER_PREFIX = "text_encoder.lora."', GOLDEN_CASE.format("lora-text-encoder-v2")),
     # -- LoRA files from elsewhere (tests/test_lora_import.py)
     Mutation("lora-import-text-model-level-kept", "restuning/methods/lora/convert.py",
              'state = {k.removeprefix("text_model."): v for k, v in state.items()}', "pass", LORA_TEXT_CASE.format("kohya"),

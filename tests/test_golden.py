@@ -42,27 +42,6 @@ def test_every_method_has_golden_files_of_every_version_it_reads():
     assert any(case in golden.WITH_TEXT_ENCODER for case in golden.CASES)  # a tuner of the text encoder too
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_a_golden_file_renders_as_the_library_that_wrote_it(path):
-    case, version = path.stem.rsplit("-v", 1)
-    expected = load_file(path.with_name(f"{path.stem}.expected.safetensors"))
-    assert restuning.read_header(path)["format_version"] == version
-    unet = golden.golden_unet()
-    text_encoder = golden.golden_text_encoder() if case in golden.WITH_TEXT_ENCODER else None
-    close(golden.outputs(unet, text_encoder), expected["base"], "the base model (scripts/golden.py builds it)")
-    assert (expected["s1"] - expected["base"]).abs().max() > 0.01 * expected["base"].abs().max(), "the tuner changes nothing"
-
-    handle = restuning.load(unet, path, text_encoder=text_encoder)
-    stored = handle.config.to_dict()
-    assert {k: stored[k] for k in golden.CASES[case]} == golden.CASES[case]
-    close(golden.outputs(unet, text_encoder), expected["s1"], f"{path.name} at strength 1")
-    if "s05" in expected:
-        restuning.set_scale(unet, golden.STRENGTHS["s05"])
-        close(golden.outputs(unet, text_encoder), expected["s05"], f"{path.name} at strength 0.5")
-        restuning.detach(unet)
-        close(golden.outputs(unet, text_encoder), expected["base"], f"{path.name} detached")
-
-
 def _rewritten(path: Path, out: Path, **changes) -> Path:
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
@@ -104,3 +83,24 @@ def test_a_file_for_another_text_width_is_refused():
     with pytest.raises(restuning.TunerFileError, match="another U-Net architecture: cross_attention_dim: file has 12, model has 24"):
         restuning.load(other, _current())
     assert restuning.attached(other) == {}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_a_golden_file_renders_as_the_library_that_wrote_it(path):
+    case, version = path.stem.rsplit("-v", 1)
+    expected = load_file(path.with_name(f"{path.stem}.expected.safetensors"))
+    assert restuning.read_header(path)["format_version"] == version
+    unet = golden.golden_unet()
+    text_encoder = golden.golden_text_encoder() if case in golden.WITH_TEXT_ENCODER else None
+    close(golden.outputs(unet, text_encoder), expected["base"], "the base model (scripts/golden.py builds it)")
+    assert (expected["s1"] - expected["base"]).abs().max() > 0.01 * expected["base"].abs().max(), "the tuner changes nothing"
+
+    handle = restuning.load(unet, path, text_encoder=text_encoder)
+    stored = handle.config.to_dict()
+    assert {k: stored[k] for k in golden.CASES[case]} == golden.CASES[case]
+    close(golden.outputs(unet, text_encoder), expected["s1"], f"{path.name} at strength 1")
+    if "s05" in expected:
+        restuning.set_scale(unet, golden.STRENGTHS["s05"])
+        close(golden.outputs(unet, text_encoder), expected["s05"], f"{path.name} at strength 0.5")
+        restuning.detach(unet)
+        close(golden.outputs(unet, text_encoder), expected["base"], f"{path.name} detached")
