@@ -87,11 +87,11 @@ def ensure_class_images(pipe, folder: Path, prompt: str, count: int, resolution:
 class DreamBoothData:
     """Instance (and class) images, served by position in an endless, seeded, shuffled stream.
 
-    Each file is decoded and resized once (decoding and Lanczos resizing cost more than a small
+    Each file is decoded and resized once (decoding and resizing cost more than a small
     U-Net's step); a sample is then a crop and maybe a flip of that, named by its `View`."""
 
     def __init__(self, instance_files: list[Path], class_files: list[Path] | None, resolution: int,
-                 center_crop: bool, random_flip: bool, seed: int):
+                 center_crop: bool, random_flip: bool, seed: int, interpolation: str = "lanczos"):
         if not instance_files:
             raise ValueError("no instance images")
         self.instance_files = list(instance_files)
@@ -100,6 +100,7 @@ class DreamBoothData:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.interpolation = interpolation
         self._resized: dict[Path, torch.Tensor] = {}
         self._sizes: dict[Path, tuple[int, int]] = {}
 
@@ -113,7 +114,7 @@ class DreamBoothData:
     def _decoded(self, path: Path) -> torch.Tensor:
         """(3, H, W) uint8, the shorter side at the training resolution."""
         if path not in self._resized:
-            self._resized[path] = torch.from_numpy(np.array(load_resized(path, self.resolution))).permute(2, 0, 1).contiguous()
+            self._resized[path] = torch.from_numpy(np.array(load_resized(path, self.resolution, self.interpolation))).permute(2, 0, 1).contiguous()
         return self._resized[path]
 
     def original_size(self, path: Path) -> tuple[int, int]:

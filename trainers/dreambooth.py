@@ -89,14 +89,20 @@ def _is_main_process() -> bool:
 def find_checkpoint(output_dir: Path, value: str | None, note=print) -> Path | None:
     """The checkpoint to resume from: None to start fresh (also 'latest' with none saved yet).
     'latest' is the newest that looks whole; each newer damaged one is named through `note`
-    (trainers.checkpoints; loading falls back further if it fails)."""
+    (trainers.checkpoints; loading falls back further if it fails). A bare name
+    (checkpoint-<step>, diffusers' naming) is looked up in the run's checkpoints folder."""
     if not value:
         return None
+    found = sorted(checkpoints(output_dir), key=_checkpoint_step)
     if value == "latest":
         return saved.newest(output_dir, note)
     path = Path(value)
+    if not path.is_dir() and path.name == value:
+        path = Path(output_dir) / CHECKPOINTS / value
     if not (path.is_dir() and path.name.startswith("checkpoint-") and _checkpoint_step(path) >= 0):
-        raise opts.OptionError(f"--resume_from_checkpoint {value}: not a checkpoint folder (checkpoint-<step>) or 'latest'")
+        names = ", ".join(p.name for p in found) or "none yet"
+        raise opts.OptionError(f"--resume_from_checkpoint {value}: no such checkpoint; this run's are in "
+                               f"{Path(output_dir) / CHECKPOINTS} ({names}): give one of them, a checkpoint folder, or 'latest'")
     return path
 
 
@@ -117,13 +123,28 @@ def check_inputs(args, note=print) -> tuple[list[Path], models.ModelSource, Path
     instance_files = [info.path for info in check_folder(args.instance_data_dir)]
     source = models.check_source(args.pretrained_model_name_or_path)
     resume = find_checkpoint(Path(args.output_dir), args.resume_from_checkpoint, note)
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise opts.OptionError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    if mixed_precision(args) == "fp16" and memory.run_device() == "cpu":
+        given = "--mixed_precision fp16" if args.mixed_precision else "accelerate's mixed precision fp16 (accelerate launch / config)"
+        raise opts.OptionError(f"{given} needs a CUDA GPU; on a CPU use --mixed_precision bf16 or no")
     if args.prior_generation_precision == "fp16" and not torch.cuda.is_available():
         raise opts.OptionError("--prior_generation_precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
     if args.class_data_dir and not args.with_prior_preservation:
         raise opts.OptionError("--class_data_dir is only used with --with_prior_preservation")
     return instance_files, source, resume
+
+
+def mixed_precision(args) -> str:
+    """The precision accelerate will set up: --mixed_precision, else what `accelerate launch`
+    passes in its environment (its flag or `accelerate config`), else no."""
+    return (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+
+
+def check_text_length(args, text_encoder) -> None:
+    """--tokenizer_max_length fits the text encoder's position embeddings (OptionError if not)."""
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if args.tokenizer_max_length and positions and args.tokenizer_max_length > positions:
+        raise opts.OptionError(f"--tokenizer_max_length {args.tokenizer_max_length} is longer than the text encoder's {positions} "
+                               f"positions: give at most {positions}, or leave it out (the tokenizer's own length)")
 
 
 def _recipe_value(args, method_config, name: str) -> str:
@@ -488,6 +509,7 @@ def load_base(args, source: models.ModelSource, accelerator, events: EventLog, s
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise models.ModelError(f"the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
                                 "only epsilon and v_prediction models are supported")
+    check_text_length(args, pipe.text_encoder)
     pipe.vae.requires_grad_(False)
     for encoder in conditioning.text_encoders(pipe).values():
         encoder.requires_grad_(False)
@@ -595,7 +617,8 @@ def prepare_data(args, base: Base, instance_files: list[Path], class_files: list
     for prompt in filter(None, prompts):
         if len(tokenizer(prompt).input_ids) > limit:
             events.emit("info", message=f"the prompt {prompt!r} is longer than the text encoder's {limit} tokens; its end is cut")
-    dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
+    dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed,
+                                  args.image_interpolation_mode)
     latent_cache = data.LatentCache(base.pipe.vae) if args.cache_latents else None
     return dataset, latent_cache, prompts
 

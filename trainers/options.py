@@ -64,6 +64,15 @@ BOUNDS = {
 }
 
 
+# Option values a user asks for by name (--recipe); options given too win. "paper": the paper's
+# generative setting (Table 11: batch 8, CenterCrop and RandomHorizontalFlip, AdamW at 1e-4 constant,
+# 512 px, guidance 3.0 when sampling), where the defaults are diffusers' DreamBooth ones.
+NAMED_RECIPES = {
+    "paper": {"train_batch_size": 8, "center_crop": True, "random_flip": True, "learning_rate": 1e-4, "lr_scheduler": "constant",
+              "resolution": 512, "guidance_scale": 3.0},
+}
+
+
 class OptionError(ValueError):
     """An option value that cannot work; the message names the option."""
 
@@ -86,6 +95,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--config", help="a JSON file of options (keys: the option names without dashes); flags given too override it")
     a("--method", default=DEFAULT_METHOD, help=f"how the U-Net is tuned: {', '.join(METHODS)}")
+    a("--recipe", choices=tuple(NAMED_RECIPES), help="a named set of options, for those not given: 'paper', the paper's Table 11 "
+      "(--train_batch_size 8 --center_crop --random_flip --learning_rate 1e-4 --lr_scheduler constant --resolution 512 "
+      "--guidance_scale 3.0)")
     a("--pretrained_model_name_or_path", default=str(DEMO_MODEL),
       help="base model: a hub id, a local diffusers folder, or a single-file .safetensors checkpoint (default: the bundled demo model)")
     a("--instance_data_dir", help="folder of instance images (PNG, JPEG or WebP)")
@@ -147,6 +159,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 COMPAT_GROUP = "diffusers script options"
+# torchvision's InterpolationMode names, lower-case, as diffusers' train_dreambooth_lora.py offers them (trainers.images
+# resizes with PIL's filter of the same name, as torchvision does for PIL images; nearest_exact is PIL's nearest).
+INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # Options of diffusers' train_dreambooth.py / train_dreambooth_lora.py that this trainer accepts
 # so their command lines run, without acting on them; the reason is printed when one is given.
 IGNORED = {
@@ -210,7 +225,10 @@ def _compat(parser: argparse.ArgumentParser) -> None:
       help="trackers for the loss and learning rate, through accelerate (tensorboard writes to <output_dir>/<logging_dir>)")
     a("--logging_dir", default="logs", help="the trackers' folder inside the run folder")
     a("--allow_tf32", action="store_true", help="TF32 matrix products on Ampere or newer GPUs (faster, slightly less exact)")
-    a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum)")
+    a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum; at most "
+      "the text encoder's positions)")
+    a("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES,
+      help="how images are resized to --resolution (torchvision's modes, as diffusers' train_dreambooth_lora.py names them)")
     a("--text_encoder_use_attention_mask", action="store_true", help="pass the padding mask to the text encoder")
     a("--offset_noise", action="store_true", help="diffusers' switch for offset noise: --noise_offset 0.1 unless one is given")
     a("--train_text_encoder", action="store_true",
@@ -654,12 +672,31 @@ def fill_method_recipe(args: argparse.Namespace) -> dict:
     return filled
 
 
-def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
+def fill_named_recipe(args: argparse.Namespace, given: set[str]) -> dict:
+    """The --recipe's values for the options not in `given`. Returns {option: where its value came from}."""
+    if not args.recipe:
+        return {}
+    filled = {name: f"--recipe {args.recipe}" for name in NAMED_RECIPES[args.recipe] if name not in given}
+    for name in filled:
+        setattr(args, name, NAMED_RECIPES[args.recipe][name])
+    return filled
+
+
+def lora_alpha_follows_rank(args: argparse.Namespace) -> dict:
+    """diffusers' train_dreambooth_lora.py sets LoRA's alpha to --rank: a LoRA given --rank and no
+    --alpha gets alpha = rank (LoraConfig's own default alpha is 4). Returns {option: why}."""
+    if args.method == "lora" and getattr(args, "rank", None) is not None and getattr(args, "alpha", None) is None:
+        args.alpha = args.rank
+        return {"alpha": "--rank, as diffusers' train_dreambooth_lora.py sets it"}
+    return {}
+
+
+def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str]) -> Options:
     if isinstance(args.validation_prompt, str):
         args.validation_prompt = [args.validation_prompt]
     if args.output_dir is None:
         args.output_dir = str(config_path.parent) if config_path else f"{args.method}-dreambooth-model"
-    method_recipe = fill_method_recipe(args)
+    method_recipe = {**fill_method_recipe(args), **lora_alpha_follows_rank(args)}
     method_config = _method_config(args)
     for name, why in REFUSED.items():
         if _given(getattr(args, name, None)):
@@ -681,7 +718,8 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         args.validation_steps = args.validation_epochs * per_epoch
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
-    recipe = {**method_recipe, **fill_recipe(args)}
+    named = fill_named_recipe(args, given)
+    recipe = {**method_recipe, **named, **fill_recipe(args)}
     if args.resolution is None:
         args.resolution, recipe["resolution"] = native_resolution(args.pretrained_model_name_or_path)
     if args.scale_lr and args.learning_rate is not None:
@@ -725,12 +763,27 @@ def parse(argv: list[str] | None = None) -> Options:
     if first.config:
         config_path = Path(first.config)
         config = read_config(config_path)
-    return _finish(_namespace(parser, argv, config), config_path)
+    given = _named_on_command_line(parser, argv) | set(config or {})
+    return _finish(_namespace(parser, argv, config), config_path, given)
+
+
+def _named_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options the command line names (argparse gives the others their defaults, so a value
+    alone cannot tell a given --train_batch_size 1 from the default)."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        named, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in defaults:
+            action.default = default
+    return set(vars(named))
 
 
 def from_dict(values: dict) -> Options:
     """The same options and checks from a dict shaped like a config file."""
-    return _finish(_namespace(build_parser(), [], dict(values)), None)
+    return _finish(_namespace(build_parser(), [], dict(values)), None, set(values))
 
 
 def read_config(path: Path) -> dict:

@@ -40,11 +40,48 @@ def _keys_and_header(path: Path) -> tuple[list[str], dict[str, str]] | None:
 
 
 def file_format(keys: list[str]) -> str | None:
-    """'kohya', 'diffusers', or None for keys of neither layout."""
+    """'kohya', 'diffusers', 'mixed' (LoRA keys of both), or None for keys of neither layout."""
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
-    if keys and all(k.startswith(DIFFUSERS_PREFIXES) for k in keys) and any(p in k for k in keys for p in LORA_KEY_PARTS):
+    lora = any(p in k for k in keys for p in LORA_KEY_PARTS)
+    if keys and all(k.startswith(DIFFUSERS_PREFIXES) for k in keys) and lora:
         return "diffusers"
+    if keys and all(k.startswith(KOHYA_PREFIXES + DIFFUSERS_PREFIXES) for k in keys) and lora:
+        return "mixed"
+    return None
+
+
+# A diffusers-format key is peft's (lora_A / lora_B) or diffusers' older one (lora.down / lora.up,
+# lora_linear_layer); diffusers' loader tells them apart by one key and converts the whole part alike.
+PEFT_KEY_PARTS = (".lora_A.", ".lora_B.")
+
+
+def _layout(key: str) -> str | None:
+    if key.startswith(KOHYA_PREFIXES):
+        return "kohya"
+    if any(p in key for p in PEFT_KEY_PARTS):
+        return "peft"
+    return "diffusers' older" if any(p in key for p in LORA_KEY_PARTS) else None
+
+
+def mixed_layouts(keys: list[str]) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """Two (layout, example key) of different layouts where a file mixes them (kohya's beside
+    diffusers', or peft's beside diffusers' older within the U-Net's or the text encoder's keys);
+    None when it holds one. diffusers reads such a file by one key's layout and skips or misreads
+    the rest."""
+    parts: dict[tuple[str, str], str] = {}
+    for key in sorted(keys):
+        layout = _layout(key)
+        if layout is not None:
+            part = "unet" if key.startswith(("unet.", "lora_unet_")) else "text encoder"
+            parts.setdefault((part, layout), key)
+    found = {layout: key for (_, layout), key in parts.items()}
+    if "kohya" in found and len(found) > 1:
+        other = next(layout for layout in found if layout != "kohya")
+        return ("kohya", found["kohya"]), (other, found[other])
+    for part in ("unet", "text encoder"):
+        if (part, "peft") in parts and (part, "diffusers' older") in parts:
+            return ("peft", parts[(part, "peft")]), ("diffusers' older", parts[(part, "diffusers' older")])
     return None
 
 
@@ -79,6 +116,11 @@ def _read(path: Path, unet, text_encoder=None, text_encoder_2=None) -> tuple[Lor
     for part, what in NOT_LORA_PARTS.items():
         if any(part in k for k in keys):
             raise TunerFileError(f"{path.name}: a {what} file, not a LoRA; only LoRA files can be imported")
+    mixed = mixed_layouts(keys)
+    if mixed:
+        (a, key_a), (b, key_b) = mixed
+        raise TunerFileError(f"{path.name} mixes LoRA key layouts, {a} ({key_a}) and {b} ({key_b}): a LoRA file holds one; "
+                             "save it again in one layout with the tool that made it")
     xl = family(unet.config) == "sdxl"
     second = [k for k in keys if k.startswith(("lora_te2_", "text_encoder_2."))]
     if second and not xl:

@@ -256,7 +256,8 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
     texts = _text_targets(config, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
 
     def peft_config(modules):
-        return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=modules)
+        return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, init_lora_weights="gaussian",
+                              target_modules=modules)
 
     unet.add_adapter(peft_config(targets), adapter_name=name)
     done = []
