@@ -61,6 +61,7 @@ BOUNDS = {
     "num_train_epochs": (1, 100_000, True), "validation_epochs": (1, 100_000, True), "lr_num_cycles": (1, 1000, True),
     "lr_power": (0, 100, False), "tokenizer_max_length": (1, 1024, True), "text_encoder_lr": (0, 10, False),
     "dataloader_num_workers": (0, 1024, True), "local_rank": (-1, 1024, True),
+    "adam_weight_decay_text_encoder": (0, 10, True), "repeats": (1, 10_000, True),
 }
 
 
@@ -202,8 +203,6 @@ REFUSED = {
 # Options refused only at values other than the one the trainer has: (the value it has, why).
 REFUSED_VALUES = {
     "optimizer": ("adamw", "Prodigy (prodigyopt) is not a dependency here; AdamW (or --use_8bit_adam) is used"),
-    "lora_dropout": (0.0, "a restuning LoRA has no dropout on its input (peft's lora_dropout 0)"),
-    "image_interpolation_mode": ("lanczos", "images are resized with Lanczos (PIL), diffusers' default"),
 }
 REPORT_TO = ("none", "tensorboard", "wandb", "comet_ml", "all")
 
@@ -258,8 +257,6 @@ def _compat_sdxl(group) -> None:
     a("--adam_weight_decay_text_encoder", type=float, help="weight decay of the text encoders' LoRA (default: --adam_weight_decay)")
     a("--repeats", type=int, default=1, help="how many times each instance image counts in an epoch (--num_train_epochs)")
     a("--optimizer", type=str.lower, default=None, help=f"AdamW only: {REFUSED_VALUES['optimizer'][1]}")
-    a("--lora_dropout", type=float, help=f"0 only: {REFUSED_VALUES['lora_dropout'][1]}")
-    a("--image_interpolation_mode", type=str.lower, help=f"lanczos only: {REFUSED_VALUES['image_interpolation_mode'][1]}")
     for name in ("output_kohya_format", "do_edm_style_training", "use_dora"):
         a(f"--{name}", action="store_true", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
     for name in ("cache_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "prodigy_beta3",
