@@ -2,6 +2,7 @@
 the trainer would refuse them), the method order, the generated form, the live view's data."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -73,11 +74,14 @@ def test_the_ui_offers_every_trainer_option_and_every_method_field(tmp_path):
     runner = JobRunner(tmp_path / "runs", devices=["cpu"])
     demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test")
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
-    infos = " ".join(str(getattr(block, "info", "")) for block in demo.blocks.values())
-    missing = [name for name in forms.trainer_actions() if f"(--{name})" not in infos and name not in forms.MAIN]
-    assert not missing
-    for method in METHODS.values():
-        assert all(f"(--{f.name})" in infos for f in forms.dataclasses.fields(method.config))
+    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    shown = [f"opt-{name}" for name in forms.trainer_actions() if name not in ("instance_prompt", "class_prompt")]
+    shown += [f"opt-{m}-{f.name}" for m, method in METHODS.items() for f in forms.dataclasses.fields(method.config)]
+    assert not [i for i in shown if i not in by_id]
+    # each option says what it does in plain words: no flag names, formulas or internal sources
+    for elem_id in shown:
+        info = str(getattr(by_id[elem_id], "info", "") or "")
+        assert info and not re.search(r"\(--|--[a-z]|Eq\.|Δ|demo_settings|registry", info), (elem_id, info)
     assert not {"with_prior_preservation", "max_train_steps", "learning_rate"} & labels, "human labels"
     assert {"Prior preservation", "Training steps", "Learning rate"} <= labels
 
