@@ -21,7 +21,8 @@ CSS = """
 .rt-progress-text { margin-top: 4px; font-size: 0.9em; }
 .rt-banner { padding: 8px 12px; border-radius: 6px; background: var(--color-accent-soft); margin-bottom: 4px; }
 /* gallery captions wrap instead of being cut at one line */
-#live-samples .caption-label, #runs-samples .caption-label { white-space: normal; overflow: visible; text-overflow: clip; }
+#live-samples .caption-label, #runs-samples .caption-label { white-space: normal; overflow: visible; text-overflow: clip;
+  font-size: 0.75em; }
 @media (max-width: 768px) {
   /* a phone: the live view above the form, every tab's name in the bar, a table that scrolls sideways */
   #train-row { flex-direction: column; }
@@ -53,7 +54,8 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
                 "a run keeps going when this page closes.</p>")
         if shared:
             gr.HTML(shared_banner(runner.limits, persistent), elem_id="shared-banner")
-        with gr.Tabs():
+        # "wrap": on a phone the four tabs take two lines rather than hiding behind a "⋯" menu
+        with gr.Tabs(overflow_behavior="wrap"):
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected, owner)
             with gr.Tab("Runs / tuners", id="runs", elem_id="tab-runs") as runs:
