@@ -27,6 +27,7 @@ CSS = """
   /* a phone: the live view above the form, every tab's name in the bar, a table that scrolls sideways */
   #train-row { flex-direction: column; }
   #train-live { order: -1; }
+  #train-live, #train-form { width: 100% !important; min-width: 0 !important; max-width: 100%; }
   #runs-table table { min-width: 640px; }
 }
 """

@@ -204,12 +204,12 @@ def _concept_inputs(base):
     preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
     examples, buttons = example_concepts(), {}
     if examples:
+        gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
+                "a run first makes class images of ordinary shapes with the base model (its own progress bar), "
+                "then trains"
+                + (" with the demo model's recipe: 600 steps, batch 4, and each method's learning rate as measured "
+                   "on this model." if base.is_demo else "."), elem_id="examples-label")
         with gr.Row(elem_id="examples"):
-            gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
-                    "a run first makes class images of ordinary shapes with the base model (its own progress bar), "
-                    "then trains"
-                    + (" with the demo model's recipe: 600 steps, batch 4, and each method's learning rate as measured "
-                       "on this model" if base.is_demo else ""), elem_id="examples-label")
             buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                        for name, paths in examples.items()}
     return files, preview, examples, buttons
