@@ -138,7 +138,7 @@ def samples(info: RunInfo | None) -> list[tuple[str, str]]:
             for rel in e.get("paths", []):
                 path = _inside(info.dir, rel)
                 if path is not None:
-                    out.append((str(path), f"step {e.get('step')}: {e.get('prompt', '')}"))  # CSS wraps it
+                    out.append((str(path), f"step {e.get('step')}: {e.get('prompt', '')}"))
     return out[::-1]
 
 
