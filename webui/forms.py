@@ -155,11 +155,7 @@ def method_value(method: str, name: str, value):
     """Form value -> the JSON value the config file holds (the trainer parses the rest)."""
     kind = str(typing.get_type_hints(METHODS[method].config)[name])
     if "dict" in kind:
-        pairs = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
-        places = [str(p).split("=", 1)[0].strip() for p in pairs if str(p).strip()]
-        if len(places) != len(set(places)):
-            raise OptionError(f"{name}: one tuner per layer; two are chosen beside "
-                              f"{wording.PLACES.get(next(p for p in places if places.count(p) > 1), 'one layer')}")
+        pairs = value if isinstance(value, (list, tuple)) else [value or ""]  # the layout's choices, or its text
         return parse_value(METHODS[method].config, name, ",".join(str(p) for p in pairs))
     if "tuple" in kind or "list" in kind:
         if not value:
