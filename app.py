@@ -21,6 +21,10 @@ import os
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Compare and Generate sample in this process: the same OpenMP spin limit the trainer's processes
+# get (trainers.jobs.LocalLauncher), read by libgomp once, when torch first loads it, so before any
+# import below. On a busy CPU a 20-step render took 43-76 s with libgomp's default, 18-19 s with it.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def parse_args(argv=None, env=None) -> argparse.Namespace:
@@ -108,7 +112,8 @@ def main(argv=None) -> None:
     if launcher is not None:
         preset, detected = cluster_preset(launcher)
     demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected,
-                       shared=args.shared, sample_device=args.sample_device)
+                       shared=args.shared, sample_device=args.sample_device,
+                       persistent=args.where.persistent)
     print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, runs on {runner.launcher.describe()}; "
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     if args.where.space_id and not args.where.persistent:

@@ -2,6 +2,7 @@
 the trainer would refuse them), the method order, the generated form, the live view's data."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -73,11 +74,14 @@ def test_the_ui_offers_every_trainer_option_and_every_method_field(tmp_path):
     runner = JobRunner(tmp_path / "runs", devices=["cpu"])
     demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test")
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
-    infos = " ".join(str(getattr(block, "info", "")) for block in demo.blocks.values())
-    missing = [name for name in forms.trainer_actions() if f"(--{name})" not in infos and name not in forms.MAIN]
-    assert not missing
-    for method in METHODS.values():
-        assert all(f"(--{f.name})" in infos for f in forms.dataclasses.fields(method.config))
+    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    shown = [f"opt-{name}" for name in forms.trainer_actions() if name not in ("instance_prompt", "class_prompt")]
+    shown += [f"opt-{m}-{f.name}" for m, method in METHODS.items() for f in forms.dataclasses.fields(method.config)]
+    assert not [i for i in shown if i not in by_id]
+    # each option says what it does in plain words: no flag names, formulas or internal sources
+    for elem_id in shown:
+        info = str(getattr(by_id[elem_id], "info", "") or "")
+        assert info and not re.search(r"\(--|--[a-z]|Eq\.|Δ|demo_settings|registry", info), (elem_id, info)
     assert not {"with_prior_preservation", "max_train_steps", "learning_rate"} & labels, "human labels"
     assert {"Prior preservation", "Training steps", "Learning rate"} <= labels
 
@@ -172,3 +176,105 @@ def test_example_concepts_are_offered_and_served(tmp_path):
     assert all(4 <= len(files) <= 6 for files in examples.values())
     runner = JobRunner(tmp_path / "runs", devices=["cpu"])
     assert str(EXAMPLE_CONCEPTS) in webui.launch_options(runner, "127.0.0.1", 7860)["allowed_paths"]
+
+
+def _choices(method, f):
+    """Every value one of a method's options offers in the form (all of them where several may be ticked)."""
+    component = forms.component_for_field(method, f)
+    offered = [v for _, v in component.choices] if getattr(component, "choices", None) else []
+    if isinstance(component.value, list):  # ticked one at a time, and (but for the layout's pairs) all at once
+        return [[v] for v in offered] + ([] if getattr(component, "multiselect", False) else [offered])
+    if offered:
+        return offered
+    if isinstance(component.value, bool):
+        return [True, False]
+    return [component.value]
+
+
+def test_the_estimate_is_shown_for_every_method_and_option_the_form_accepts(tmp_path):
+    """Item 4 of issue 30: each method, each choice of each option, with and without prior
+    preservation; wherever the form would queue the run, the line beside Train gives a figure."""
+    from webui.train_tab import memory_line
+
+    runner = JobRunner(tmp_path / "runs", devices=["cpu"])
+    trainer = {k: v for k, v in TRAINER.items() if k != "instance_prompt"}
+    walked = 0
+    for method, entry in METHODS.items():
+        defaults = {f.name: forms.component_for_field(method, f).value for f in forms.dataclasses.fields(entry.config)}
+        sets = [dict(defaults)] + [{**defaults, f.name: v} for f in forms.dataclasses.fields(entry.config) for v in _choices(method, f)]
+        for values in sets:
+            for prior in (False, True):
+                options = {**trainer, "with_prior_preservation": prior, "class_prompt": ""}
+                try:
+                    forms.build_config(method, {**options, "class_prompt": "a shape" if prior else "", "instance_prompt": "a sks star"},
+                                       values, model="assets/demo-model", device="cpu")
+                except (OptionError, ValueError):
+                    continue
+                line = memory_line(runner, "assets/demo-model", method, options, values)
+                assert "GiB" in line, (method, values, prior, line)
+                walked += 1
+    assert walked > 60
+
+
+def test_a_bad_file_in_a_batch_is_refused_alone(tmp_path, monkeypatch):
+    from PIL import Image
+    from webui import train_tab
+
+    monkeypatch.setattr(train_tab.gr, "Warning", lambda *a, **k: None)
+    monkeypatch.setattr(train_tab, "get_upload_folder", lambda: str(tmp_path))
+    good = []
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 60, 0, 0)).save(tmp_path / f"ok{i}.png")
+        good.append(str(tmp_path / f"ok{i}.png"))
+    bad = tmp_path / "holiday.png"
+    bad.write_text("not an image")
+    kept, preview = train_tab.on_upload([good[0], str(bad), *good[1:]])
+    assert kept == good and [p for p in preview.value] and not bad.exists()
+    assert train_tab.on_upload([str(bad)])[0] is None
+
+
+def test_class_images_show_their_own_bar_and_eta_and_a_finished_run_its_duration(tmp_path):
+    info = _info(tmp_path, [("phase", {"phase": "loading"}),
+                            ("phase", {"phase": "class-images", "message": "100 class images"})])
+    info.status = "running"
+    for done in (10, 20):
+        info.events.append({"t": info.events[-1]["t"] + 5, "event": "phase", "phase": "class-images", "done": done, "total": 100})
+    shown = live.progress_html(info)
+    assert "making class images 20/100" in shown and "ETA 40s" in shown and "data-kind='class-images'" in shown
+    assert "class images: 20/100 made" in live.log_text(info) and "10/100" not in live.log_text(info)
+    info.events.append({"t": info.events[-1]["t"] + 95, "event": "phase", "phase": "done"})
+    info.status = "done"
+    shown = live.progress_html(info)
+    assert "done in 1m 45s" in shown and "Compare" in shown
+
+
+def test_the_loss_plot_draws_a_smoothed_line_over_the_steps(tmp_path):
+    info = _info(tmp_path, [("step", {"step": s, "total": 4, "loss": loss}) for s, loss in ((1, 1.0), (2, 0.0), (3, 1.0), (4, 0.0))])
+    frame = live.loss_plot_frame(info)
+    raw, smooth = frame[frame.series == "per step"], frame[frame.series == "smoothed"]
+    assert raw["loss"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert smooth["step"].tolist() == [1, 2, 3, 4] and 0.3 < smooth["loss"].iloc[-1] < 0.7
+
+
+def test_the_log_never_shows_the_launchers_command_line(tmp_path):
+    from trainers.jobs import log_tail
+
+    info = _info(tmp_path, [("phase", {"phase": "cancelled"})])
+    (info.dir / "train.log").write_text("$ /usr/bin/python -m accelerate.commands.launch /srv/runs/x/config.json\nstep 1\n")
+    assert log_tail(info.dir) == ["step 1"]
+
+
+def test_a_shared_studio_says_so_with_its_limits_and_ticks_no_more_than_a_visitor_may_queue(tmp_path):
+    import webui
+    from trainers.limits import SHARED
+    from webui.model import describe
+
+    runner = JobRunner(tmp_path / "runs", devices=["cpu"], limits=SHARED)
+    demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test", shared=True,
+                       persistent=False)
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    banner = by_id["shared-banner"].value
+    assert "shared" in banner and "2 runs queued or running" in banner and "temporary" in banner
+    assert len(by_id["compare-methods"].value) == SHARED.runs_per_owner
+    header = " ".join(str(getattr(b, "value", "")) for b in demo.blocks.values() if type(b).__name__ == "HTML")
+    assert str(runner.runs_dir) not in header and str(tmp_path) not in header

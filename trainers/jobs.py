@@ -254,6 +254,9 @@ def _summarise_tracebacks(text: list[str]) -> list[str]:
     return out
 
 
+LAUNCH_LINE = "$ "  # how a launcher writes the command it ran into train.log
+
+
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     """The log's last lines as a visitor may see them: without `accelerate launch`'s own
     traceback (when the trainer fails, the launcher re-raises its exit status as a
@@ -265,6 +268,8 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
             start = next((i for i in range(end, -1, -1) if text[i].startswith(TRACEBACK)), end)
             text = text[:start] + text[end + 1:]
             break
+    # the launcher's command line (the log's "$ ..." line) names this server's programs and paths
+    text = [line for line in text if not line.startswith(LAUNCH_LINE)]
     return [redact(line, run_dir) for line in _summarise_tracebacks(text)][-lines:]
 
 
@@ -474,7 +479,7 @@ class LocalLauncher(Launcher):
             # watching, as the default) and cut the contended case to 0.43 s/step.
             env.setdefault("GOMP_SPINCOUNT", "10000")
         with open(path / LOG_FILE, "ab") as log:
-            log.write(f"$ {' '.join(cmd)}\n".encode())
+            log.write(f"{LAUNCH_LINE}{' '.join(cmd)}\n".encode())
             log.flush()
             # a session of its own: closing the browser or stopping the app does not stop it, and
             # cancel can signal the whole group (accelerate launch and the trainer it starts)

@@ -296,23 +296,52 @@ def scheduler_from_name(name: str, config):
 # -- grids and PNG metadata ------------------------------------------------------------------------
 
 
+def _fit(draw, text: str, font, width: int) -> str:
+    """`text` cut to `width` pixels, with an ellipsis where it was cut."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(draw, text: str, font, width: int, most: int = 3) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken between words; at most `most` lines."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    return [_fit(draw, ln, font, width) for ln in lines[:most]]
+
+
 def compose_grid(images: list[list[Image.Image]], captions: list[list[str]], row_labels: list[str] | None = None, scale: int = 1) -> Image.Image:
-    """One picture: a caption block above each column, images upscaled by `scale` (nearest)."""
-    font = ImageFont.load_default()
-    cell_w = max(im.width for row in images for im in row) * scale
+    """One picture: a caption block above each column, images upscaled by `scale` (nearest).
+    Text is sized to the cells (about a fourteenth of a cell's width), so it stays legible at the
+    size the picture is shown; a caption line too long for its column ends in an ellipsis, a row
+    label wraps onto up to three lines in a margin sized to it."""
+    cell_w = max(max(im.width for row in images for im in row) * scale, 120)
     cell_h = max(im.height for row in images for im in row) * scale
-    cell_w = max(cell_w, 120)
-    line_h = 12
-    header = line_h * max(len(c) for c in captions) + 6
-    left = 0 if not row_labels else 8 + line_h * 0 + max(len(s) for s in row_labels) * 6
+    font = ImageFont.load_default(size=max(11, cell_w // 14))
+    line_h = int(font.size * 1.25)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    header = line_h * max(len(c) for c in captions) + line_h // 2
+    labels = [_wrap(measure, text, font, cell_w) for text in row_labels or []]
+    left = (max(measure.textlength(ln, font=font) for lines in labels for ln in lines) + font.size) if labels else 0
+    left = int(left)
     grid = Image.new("RGB", (left + cell_w * len(captions), header + cell_h * len(images)), "white")
     draw = ImageDraw.Draw(grid)
     for c, lines in enumerate(captions):
         for j, text in enumerate(lines):
-            draw.text((left + c * cell_w + 4, 3 + j * line_h), text[: cell_w // 6], fill="black", font=font)
+            draw.text((left + c * cell_w + 4, 3 + j * line_h), _fit(draw, text, font, cell_w - 8), fill="black", font=font)
     for r, row in enumerate(images):
-        if row_labels:
-            draw.text((4, header + r * cell_h + cell_h // 2 - 6), row_labels[r], fill="black", font=font)
+        for j, text in enumerate(labels[r] if labels else []):
+            top = header + r * cell_h + cell_h // 2 - len(labels[r]) * line_h // 2
+            draw.text((font.size // 2, top + j * line_h), text, fill="black", font=font)
         for c, image in enumerate(row):
             image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
             grid.paste(image, (left + c * cell_w + (cell_w - image.width) // 2, header + r * cell_h))

@@ -19,6 +19,17 @@ CSS = """
 .rt-progress { height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; }
 .rt-progress-bar { height: 100%; background: var(--color-accent); transition: width 0.5s; }
 .rt-progress-text { margin-top: 4px; font-size: 0.9em; }
+.rt-banner { padding: 8px 12px; border-radius: 6px; background: var(--color-accent-soft); margin-bottom: 4px; }
+/* gallery captions wrap instead of being cut at one line */
+#live-samples .caption-label, #runs-samples .caption-label { white-space: normal; overflow: visible; text-overflow: clip;
+  font-size: 0.75em; }
+@media (max-width: 768px) {
+  /* a phone: the live view above the form, every tab's name in the bar, a table that scrolls sideways */
+  #train-row { flex-direction: column; }
+  #train-live { order: -1; }
+  #train-live, #train-form { width: 100% !important; min-width: 0 !important; max-width: 100%; }
+  #runs-table table { min-width: 640px; }
+}
 """
 
 # Soft, in the system's fonts: its web fonts (~200 kB, three files) cost a page load ~0.1 s on 2 cores
@@ -26,8 +37,9 @@ THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_m
 
 
 def build(runner, base, *, device: str, preset: str, detected: str, shared: bool = False,
-          sample_device: str = "cpu") -> gr.Blocks:
-    """`shared`: many visitors (a Space), each sees only their own and published runs."""
+          sample_device: str = "cpu", persistent: bool = True) -> gr.Blocks:
+    """`shared`: many visitors (a Space), each sees only their own and published runs;
+    `persistent`: the runs folder outlives a restart."""
     studio = pipeline.StudioPipeline(base, sample_device)
     # uploads and cached copies older than a day go, checked hourly: a visitor who uploads and
     # leaves does not fill the disk (a copy handed out again is touched, so it stays)
@@ -40,8 +52,11 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
         owner = gr.State("" if shared else None)
         gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> "
                 f"(<span id='base-family'>{html.escape(base.family_label)}, {base.resolution} px</span>) a new concept from a few images; "
-                f"runs live in <code>{html.escape(str(runner.runs_dir))}</code> and keep going when this page closes.</p>")
-        with gr.Tabs():
+                "a run keeps going when this page closes.</p>")
+        if shared:
+            gr.HTML(shared_banner(runner.limits, persistent), elem_id="shared-banner")
+        # "wrap": on a phone the four tabs take two lines rather than hiding behind a "⋯" menu
+        with gr.Tabs(overflow_behavior="wrap"):
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected, owner)
             with gr.Tab("Runs / tuners", id="runs", elem_id="tab-runs") as runs:
@@ -58,6 +73,24 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
         else:
             demo.load(attach_live, owner, live_outputs, show_progress="hidden", queue=False)
     return demo
+
+
+def shared_banner(limits, persistent: bool) -> str:
+    """What a visitor of a shared studio needs to know before training: it is shared, what one
+    visitor may take (trainers.limits), and how long what they make is kept."""
+    caps = []
+    if limits.runs_per_owner:
+        caps.append(f"{limits.runs_per_owner} runs queued or running at once")
+    if limits.max_steps:
+        caps.append(f"{limits.max_steps:,} steps per run")
+    if limits.max_run_seconds:
+        caps.append(f"{limits.max_run_seconds / 60:.0f} minutes of training per run (then it pauses, resumable)")
+    if limits.disk_per_owner:
+        caps.append(f"{limits.disk_per_owner / 2**30:.0f} GB of runs and pictures")
+    storage = ("Runs are kept on this studio's storage until you delete them." if persistent else
+               "Storage is temporary: everything here is deleted when the studio restarts, so download what you want to keep.")
+    return (f"<div class='rt-banner'><b>This studio is shared.</b> Other visitors cannot see your runs unless you publish "
+            f"them. Each visitor may have {', '.join(caps) or 'what the server allows'}. {storage}</div>")
 
 
 def on_first_visit(tab: gr.Tab, owner: gr.State, build_content) -> None:

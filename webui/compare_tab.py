@@ -92,7 +92,7 @@ def render_grid(runner, base, studio, who, ids: list[str], base_too: bool, rows:
     images = sampler.render(columns, rows, progress=progress)
     seconds = time.perf_counter() - started
     one_prompt = len({r.prompt for r in rows}) == 1
-    row_labels = [f"seed {r.seed}" if one_prompt else f"{r.prompt[:18]} / {r.seed}" for r in rows]
+    row_labels = [f"seed {r.seed}" if one_prompt else f"{r.prompt} · seed {r.seed}" for r in rows]
     picture = compose_grid(images, [c.caption for c in columns], row_labels,
                            scale=max(1, 256 // max(images[0][0].width, 1)))
     settings = {"kind": "compare-grid", "rows": [r.to_dict() for r in rows],
@@ -107,24 +107,48 @@ def tuner_options(runner, who) -> list[tuple[str, str]]:
     return [pipeline.choice(r) for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
 
 
+def default_picks(runner, who) -> list[str]:
+    """What a first visit shows: the newest finished run and, when it was trained for comparison,
+    the rest of its group (as many as a grid takes)."""
+    finished = [r for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
+    if not finished:
+        return []
+    newest = max(finished, key=lambda r: r.created)
+    group = [r for r in finished if newest.group and r.group == newest.group] or [newest]
+    return [r.id for r in sorted(group, key=lambda r: r.created)][:MAX_TUNERS]
+
+
+def default_prompt(runner, picked: list[str], base) -> str:
+    """The prompt of the runs picked (what they learned), else the model's example."""
+    for run_id in picked:
+        prompt = runner.info(run_id).prompt
+        if prompt:
+            return prompt
+    return base.prompts[0]
+
+
 def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, who=None):
-    """The tab's content for visitor `who`; selecting the tab again refreshes the list of runs."""
+    """The tab's content for visitor `who`; selecting the tab again refreshes the list of runs.
+    It opens ready for one click: the last runs trained (a comparison group whole), their prompt
+    and two seeds."""
     d = studio.defaults()
+    picked = default_picks(runner, who)
     gr.Markdown("Pick finished runs of any method and compare them with the untuned base model on the same "
                 "prompt and seed. Every Res-Tuner, Bypass and bound tuner of a row renders in one batched call.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
                 picks = gr.CheckboxGroup(label=f"Runs to compare (up to {MAX_TUNERS})", choices=tuner_options(runner, who),
-                                         interactive=True, elem_id="compare-runs")
+                                         value=picked, interactive=True, elem_id="compare-runs")
             with gr.Row():
                 with_base = gr.Checkbox(value=True, label="Include the base model", interactive=True, elem_id="compare-base")
                 reload = gr.Button("Refresh the list", size="sm", elem_id="compare-refresh")
-            prompt = gr.Textbox(label="Prompt", placeholder=base.prompts[0], interactive=True, elem_id="compare-prompt")
+            prompt = gr.Textbox(label="Prompt", value=default_prompt(runner, picked, base), placeholder=base.prompts[0],
+                                interactive=True, elem_id="compare-prompt")
             more = gr.Textbox(label="More prompts, one per line (a row each)", lines=2, interactive=True, elem_id="compare-more")
             negative = gr.Textbox(label="Negative prompt", interactive=True, elem_id="compare-negative")
             with gr.Row():
-                seeds = gr.Textbox(label="Seeds (a row each: 0, 1, 2 or 0-3)", value="0", interactive=True,
+                seeds = gr.Textbox(label="Seeds (a row each: 0, 1, 2 or 0-3)", value="0, 1", interactive=True,
                                    elem_id="compare-seeds")
                 steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps", interactive=True,
                                   elem_id="compare-steps")
@@ -133,7 +157,8 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
                                      elem_id="compare-guidance")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", interactive=True,
                                         elem_id="compare-scheduler")
-            scales = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=False, label=f"scale {i + 1}",
+            scales = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=i < len(picked),
+                                label=f"strength of {picked[i]}" if i < len(picked) else f"strength {i + 1}",
                                 interactive=True, elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
             render = gr.Button("Render grid", variant="primary", elem_id="compare-render")
         with gr.Column(scale=3):
@@ -148,7 +173,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
 
     def label_scales(ids):
         ids = list(ids or [])[:MAX_TUNERS]
-        return [gr.Slider(visible=i < len(ids), label=f"scale of {ids[i]}" if i < len(ids) else f"scale {i + 1}")
+        return [gr.Slider(visible=i < len(ids), label=f"strength of {ids[i]}" if i < len(ids) else f"strength {i + 1}")
                 for i in range(MAX_TUNERS)]
 
     def do_render(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=gr.Progress()):

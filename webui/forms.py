@@ -17,9 +17,13 @@ import typing
 
 import gradio as gr
 
+from restuning.core import OPS
 from restuning.methods import METHODS
+from restuning.tuners import TUNER_KINDS
 from trainers.models import check_method_fits
 from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
+
+from . import wording
 
 FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
 
@@ -35,8 +39,8 @@ STUDIO_DEFAULTS = {"validation_steps": 50, "num_validation_images": 2, "checkpoi
 PLACEHOLDERS = {"learning_rate": "the method's own recipe (e.g. 1e-4; full fine-tuning 5e-6)"}
 
 
-# What a newcomer reads; the option's own name stays in the help text, for the command line and
-# users of diffusers' scripts. Names not listed read as their words.
+# What a newcomer reads; the option's own name is in docs/trainer.md, for the command line and users
+# of diffusers' scripts. Names not listed read as their words.
 LABELS = {
     "with_prior_preservation": "Prior preservation", "num_class_images": "Class images", "prior_loss_weight":
     "Prior loss weight", "train_batch_size": "Batch size", "gradient_accumulation_steps": "Gradient accumulation steps",
@@ -52,8 +56,9 @@ LABELS = {
 
 
 def label_and_info(name: str, help_text: str | None) -> tuple[str, str]:
+    """A trainer option's label and what it does for the run (webui.wording)."""
     label = LABELS.get(name) or name.replace("_", " ").capitalize()
-    return label, f"{help_text or ''} (--{name})".strip()
+    return label, wording.TRAINER.get(name) or help_text or ""
 
 
 def method_names() -> list[str]:
@@ -63,6 +68,10 @@ def method_names() -> list[str]:
 
 def method_choices() -> list[tuple[str, str]]:
     return [(METHODS[m].label, m) for m in method_names()]
+
+
+def method_summary(method: str) -> str:
+    return wording.SUMMARIES.get(method) or METHODS[method].summary
 
 
 def trainer_actions() -> dict[str, argparse.Action]:
@@ -124,14 +133,17 @@ def _default(f: dataclasses.Field):
 def component_for_field(method: str, f: dataclasses.Field):
     """A Gradio input for one field of a method's config dataclass."""
     kind = str(typing.get_type_hints(METHODS[method].config)[f.name])
-    (label, info), default, elem_id = label_and_info(f.name, f.metadata.get("help")), _default(f), f"opt-{method}-{f.name}"
+    (label, info), default, elem_id = wording.method_option(method, f.name), _default(f), f"opt-{method}-{f.name}"
     choices = f.metadata.get("choices")
     if "tuple" in kind or "list" in kind:
-        return gr.CheckboxGroup(choices=list(choices or default), value=list(default), label=label, info=info, elem_id=elem_id)
+        return gr.CheckboxGroup(choices=[(wording.choice_label(c), c) for c in choices or default], value=list(default),
+                                label=label, info=info, elem_id=elem_id)
     if choices:
-        return gr.Dropdown(choices=list(choices), value=default, label=label, info=info, elem_id=elem_id)
-    if "dict" in kind:  # the Res-Tuning layout, OP -> tuner kind
-        return gr.Textbox(value=",".join(f"{k}={v}" for k, v in default.items()), label=label, info=info, elem_id=elem_id)
+        return gr.Dropdown(choices=[(wording.choice_label(c), c) for c in choices], value=default, label=label, info=info,
+                           elem_id=elem_id)
+    if "dict" in kind:  # the Res-Tuning layout: one (place, kind) pair per choice
+        return gr.Dropdown(choices=wording.layout_choices(OPS, TUNER_KINDS), value=[f"{k}={v}" for k, v in default.items()],
+                           multiselect=True, label=label, info=info, elem_id=elem_id)
     if "bool" in kind:
         return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)
     if "int" in kind or "float" in kind:
@@ -143,7 +155,8 @@ def method_value(method: str, name: str, value):
     """Form value -> the JSON value the config file holds (the trainer parses the rest)."""
     kind = str(typing.get_type_hints(METHODS[method].config)[name])
     if "dict" in kind:
-        return parse_value(METHODS[method].config, name, str(value or ""))
+        pairs = value if isinstance(value, (list, tuple)) else [value or ""]  # the layout's choices, or its text
+        return parse_value(METHODS[method].config, name, ",".join(str(p) for p in pairs))
     if "tuple" in kind or "list" in kind:
         if not value:
             raise OptionError(f"{name}: choose at least one")

@@ -34,24 +34,61 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
+def class_images(info: RunInfo) -> tuple[int, int, float | None] | None:
+    """(made, total, seconds left) while the run makes its class images; None otherwise."""
+    if info.status != "running" or info.phase != "class-images":
+        return None
+    counted = [e for e in info.events if e.get("event") == "phase" and e.get("phase") == "class-images" and e.get("total")]
+    if not counted:
+        return None
+    first, last = counted[0], counted[-1]
+    made, total = int(last.get("done", 0)), int(last["total"])
+    rate = (made - int(first.get("done", 0))) / max(last["t"] - first["t"], 1e-6) if len(counted) > 1 else 0
+    return made, total, (total - made) / rate if rate > 0 else None
+
+
+def duration(info: RunInfo) -> float | None:
+    """Seconds from the run's (last) start to its end, class images included."""
+    starts = [e["t"] for e in info.events if e.get("event") == "phase" and e.get("phase") == "loading" and "t" in e]
+    ends = [e["t"] for e in info.events if e.get("event") == "phase" and e.get("phase") == "done" and "t" in e]
+    return ends[-1] - starts[-1] if starts and ends and ends[-1] >= starts[-1] else None
+
+
+NEXT_STEP = "Next: see it beside the base model in the Compare tab, or make pictures with it in Generate."
+
+
+def _bar(info: RunInfo, done: int, total: int, text: str, kind: str = "training") -> str:
+    fraction = min(1.0, done / total) if total else 0.0
+    return (f"<div class='rt-progress' data-status='{info.status}' data-kind='{kind}' data-step='{done}' data-total='{total}'>"
+            f"<div class='rt-progress-bar' style='width:{fraction * 100:.1f}%'></div></div>"
+            f"<div class='rt-progress-text'>{html.escape(text)}</div>")
+
+
 def progress_html(info: RunInfo | None) -> str:
-    """A progress bar with step/total, speed and ETA from the last step event."""
+    """A progress bar with step/total, speed and ETA from the last step event; while class images
+    are made, their own bar and ETA; once done, how long it took and what to do next."""
     if info is None:
-        return "<div class='rt-progress-text'>No run yet: upload images and press Train.</div>"
+        return "<div class='rt-progress-text'>No run yet: upload images (or try an example) and press Train.</div>"
+    making = class_images(info)
+    if making is not None:
+        made, total, left = making
+        return _bar(info, made, total, f"making class images {made}/{total}" + (f" · ETA {_duration(left)}" if left else "")
+                    + " · training starts after them", kind="class-images")
     step = last_step(info)
     total = (step or {}).get("total") or info.config.get("max_train_steps") or 0
     done = (step or {}).get("step", 0)
     if info.status == "done":
         done = total or done
-    fraction = min(1.0, done / total) if total else 0.0
     parts = [f"step {done}/{total}" if total else "step ?"]
     if step and info.status == "running":
         parts.append(f"{step.get('sec_per_step', 0):.2f} s/step")
         parts.append(f"ETA {_duration(step.get('eta_sec'))}")
     parts.append(status_line(info))
-    return (f"<div class='rt-progress' data-status='{info.status}' data-step='{done}' data-total='{total}'>"
-            f"<div class='rt-progress-bar' style='width:{fraction * 100:.1f}%'></div></div>"
-            f"<div class='rt-progress-text'>{html.escape(' · '.join(parts))}</div>")
+    if info.status == "done":
+        took = duration(info)
+        parts[-1] = f"done in {_duration(took)}" if took is not None else "done"
+        return _bar(info, done, total, " · ".join(parts)) + f"<div class='rt-progress-text' id='live-next'>{NEXT_STEP}</div>"
+    return _bar(info, done, total, " · ".join(parts))
 
 
 def status_line(info: RunInfo) -> str:
@@ -80,6 +117,17 @@ def loss_frame(info: RunInfo | None) -> pd.DataFrame:
         if e.get("event") == "step" and e.get("loss") is not None:
             by_step[int(e["step"])] = float(e["loss"])
     return pd.DataFrame({"step": list(by_step), "loss": list(by_step.values())})
+
+
+SMOOTHING = 0.9  # the exponential moving average's weight on the past: per-step diffusion loss is mostly noise
+
+
+def loss_plot_frame(info: RunInfo | None) -> pd.DataFrame:
+    """The loss plot's points: each step's loss ("per step") and its moving average ("smoothed"),
+    in long form so the plot draws one line per series."""
+    frame = loss_frame(info)
+    smoothed = frame["loss"].ewm(alpha=1 - SMOOTHING, adjust=True).mean() if not frame.empty else frame["loss"]
+    return pd.concat([frame.assign(series="per step"), frame.assign(loss=smoothed, series="smoothed")], ignore_index=True)
 
 
 def samples(info: RunInfo | None) -> list[tuple[str, str]]:
@@ -118,12 +166,29 @@ def log_text(info: RunInfo | None, lines: int = 20) -> str:
     """Phase messages and the process output's last lines."""
     if info is None:
         return ""
-    phases = [redact(f"[{e['phase']}] {e.get('message') or e.get('error') or ''}".rstrip()
-                     + (f"\n  hint: {e['hint']}" if e.get("hint") else ""), info.dir)
-              for e in info.events if e.get("event") == "phase"]
+    events = [e for e in info.events if e.get("event") == "phase"]
+    # a class-image count is news only until the next one
+    events = [e for i, e in enumerate(events) if not (_count(e) and i + 1 < len(events) and _count(events[i + 1]))]
+    phases = [redact(_phase_line(e), info.dir) for e in events]
     if info.status == "cancelled" and info.hint:
         phases.append(info.hint)
     return "\n".join(phases[-8:] + ["---"] + log_tail(info.dir, lines))
+
+
+PHASE_WORDS = {"loading": "loading the base model", "class-images": "class images", "training": "training",
+               "saving": "saving", "queued": "queued"}
+
+
+def _count(e: dict) -> bool:
+    return e.get("phase") == "class-images" and bool(e.get("total")) and not e.get("message")
+
+
+def _phase_line(e: dict) -> str:
+    """One phase event as the log shows it: 'class images: 12/100', not a bare '[class-images]'."""
+    words = PHASE_WORDS.get(e["phase"], e["phase"])
+    text = e.get("message") or e.get("error") or (f"{e.get('done', 0)}/{e['total']} made" if e.get("total") else "")
+    hint = f"\n  hint: {e['hint']}" if e.get("hint") else ""
+    return f"{words}: {text}{hint}" if text else f"{words}{hint}"
 
 
 def human_size(n: int | None) -> str:

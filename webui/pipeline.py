@@ -9,7 +9,9 @@ guards the one-time load, so two first clicks do not load the model twice.
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 from restuning.methods import METHODS
@@ -37,6 +39,12 @@ class StudioPipeline:
             if self._sampler is None:
                 from trainers.models import check_source, load_pipeline
 
+                if self.device == "cpu":
+                    import torch
+
+                    # torch counts the machine's cores, not the ones this process may run on (a
+                    # container's share): more threads than cores spin against each other
+                    torch.set_num_threads(cpu_threads())
                 pipe = load_pipeline(check_source(self.base.source), inference_dtype(self.device)).to(self.device)
                 pipe.set_progress_bar_config(disable=True)
                 self._sampler = Sampler(pipe)
@@ -58,6 +66,14 @@ class StudioPipeline:
             if isinstance(shipped.get(key), (int, float)):
                 out[ours] = shipped[key]
         return out
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on (its affinity), or OMP_NUM_THREADS where that is set."""
+    configured = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def weights(info: RunInfo) -> tuple[str, Path] | None:
@@ -86,10 +102,12 @@ def params_text(n) -> str:
 
 
 def caption(info: RunInfo) -> list[str]:
-    """method label, trainable parameters, run name: the caption of a grid column."""
+    """A grid column's caption: method, size, the run's name, its prompt and when it was trained;
+    two runs of one method differ in name, prompt or date."""
     method = METHODS.get(info.method)
+    when = time.strftime("trained %d %b %H:%M", time.localtime(info.created)) if info.created else ""
     return [method.label if method else (info.method or "tuner"), params_text(live.facts(info).get("trainable_params")),
-            info.label or info.id]
+            info.label or info.id, info.prompt or "", when]
 
 
 def column(info: RunInfo, scale: float = 1.0) -> Column:
@@ -102,7 +120,7 @@ def column(info: RunInfo, scale: float = 1.0) -> Column:
 
 
 def base_column(base) -> Column:
-    return Column("base", caption=["Base model", "0 trained params", Path(base.source).name or base.source])
+    return Column("base", caption=["Base model", "no tuner", Path(base.source).name or base.source])
 
 
 def choice(info: RunInfo) -> tuple[str, str]:

@@ -144,7 +144,8 @@ def _layout(table_rows, ids, run_id, now: dict) -> Tab:
         with gr.Column(scale=3):
             pick = gr.Dropdown(label="Run", choices=ids, value=run_id, interactive=True, elem_id="runs-pick")
             details = gr.HTML(elem_id="runs-details", **now["details"])
-            samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="runs-samples", **now["samples"])
+            samples = gr.Gallery(label="Samples", columns=4, height=200, interactive=False, elem_id="runs-samples",
+                                 **now["samples"])
         with gr.Column(scale=2):
             downloads = {kind: gr.DownloadButton(f"Download {label}", elem_id=f"download-{kind}", **now[kind])
                          for kind, label in DOWNLOADS}

@@ -45,8 +45,8 @@ def _pick_run(runner, who=None) -> str | None:
 
 
 # The options the memory estimate reads (trainers/memory.py): the line beside Train follows them.
-MEMORY_OPTIONS = ("resolution", "train_batch_size", "with_prior_preservation", "mixed_precision", "gradient_checkpointing",
-                  "use_8bit_adam", "num_validation_images", "validation_prompt", "sample_batch_size")
+MEMORY_OPTIONS = ("resolution", "train_batch_size", "with_prior_preservation", "class_prompt", "mixed_precision",
+                  "gradient_checkpointing", "use_8bit_adam", "num_validation_images", "validation_prompt", "sample_batch_size")
 
 
 def queue_runs(runner, configs: list[tuple[str, dict]], images, who, *, group: str = "") -> tuple[list[str], list[str]]:
@@ -73,6 +73,10 @@ def memory_line(runner, model: str, method: str, trainer_values: dict, method_va
             if converted is not None:
                 config[name] = converted
         config.setdefault("validation_prompt", ["x"])
+        if config.get("with_prior_preservation"):
+            # what the class prompt says does not change the memory a run needs; an empty one is
+            # refused when Train is pressed, with its own message
+            config.setdefault("class_prompt", "x")
         own = {name: forms.method_value(method, name, value) for name, value in method_values.items()}
         config.update(own)
         if config.get("mixed_precision") == "fp16" and runner.devices[0] == "cpu":
@@ -138,10 +142,12 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
     owner = owner if owner is not None else gr.State(None)
     watch = gr.State(None)
     shown = gr.State(None)  # what the live view shows, part by part, to skip unchanged updates
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=5):
+    # on a narrow screen the columns stack and CSS (webui.CSS) puts the live view first: a phone
+    # shows the run, not the top of a long form
+    with gr.Row(equal_height=False, elem_id="train-row"):
+        with gr.Column(scale=5, elem_id="train-form"):
             form = _form(runner, base, preset, detected)
-        with gr.Column(scale=4):
+        with gr.Column(scale=4, elem_id="train-live"):
             view = _live_view()
     _wire_form(form, base)
     _wire_submit(runner, base, device, form, owner, [watch, view.run_pick, shown])
@@ -176,11 +182,20 @@ def _form(runner, base, preset: str, detected: str) -> Form:
         estimate = gr.Markdown(opening, elem_id="memory-estimate")
     with gr.Accordion("Train for comparison: the same images, prompts and settings under several methods",
                       open=False, elem_id="comparison"):
-        compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=forms.method_names()[:3],
-                                           label="Methods", elem_id="compare-methods")
+        # never more ticked than a visitor may queue at once on a shared studio: one click works
+        ticked = forms.method_names()[:min(3, runner.limits.runs_per_owner or 3)]
+        compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=ticked, label="Methods",
+                                           info=_comparison_info(runner.limits), elem_id="compare-methods")
         compare = gr.Button("Train for comparison", elem_id="compare")
     return Form(files, preview, examples, example_buttons, trainer, method, summary, methods, method_groups, preset_radio,
                 train, estimate, compare_methods, compare)
+
+
+def _comparison_info(limits) -> str:
+    if limits.runs_per_owner is None:
+        return "each method trains in its own run, one after the other"
+    return (f"this studio is shared: at most {limits.runs_per_owner} runs of yours may be queued or running at once, "
+            "so tick at most that many")
 
 
 def _concept_inputs(base):
@@ -189,10 +204,12 @@ def _concept_inputs(base):
     preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
     examples, buttons = example_concepts(), {}
     if examples:
+        gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
+                "a run first makes class images of ordinary shapes with the base model (its own progress bar), "
+                "then trains"
+                + (" with the demo model's recipe: 600 steps, batch 4, and each method's learning rate as measured "
+                   "on this model." if base.is_demo else "."), elem_id="examples-label")
         with gr.Row(elem_id="examples"):
-            gr.HTML("Or try an example: a shape the demo model has never seen"
-                    + (" (with the demo model's recipe: 600 steps, batch 4, min-SNR 5, and each method's learning rate and blocks as its sweep chose them)"
-                       if base.is_demo else ""), elem_id="examples-label")
             buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                        for name, paths in examples.items()}
     return files, preview, examples, buttons
@@ -213,9 +230,9 @@ def _method_inputs():
     options: only the chosen method's is visible)."""
     names = forms.method_names()
     method = gr.Radio(choices=forms.method_choices(), value=names[0], label="Method", elem_id="method")
-    summary = gr.HTML(METHODS[names[0]].summary, elem_id="method-summary")
+    summary = gr.HTML(forms.method_summary(names[0]), elem_id="method-summary")
     comps, groups = {}, {}
-    with gr.Accordion("Method options: where the tuners go, their sizes", open=False, elem_id="method-options"):
+    with gr.Accordion("Method options: where the tuners go, their size", open=False, elem_id="method-options"):
         for name in names:
             with gr.Group(visible=name == names[0]) as group:
                 comps[name] = {f.name: forms.component_for_field(name, f) for f in forms.dataclasses.fields(METHODS[name].config)}
@@ -230,7 +247,8 @@ def _live_view() -> LiveView:
     progress = gr.HTML(live.progress_html(None), elem_id="live-progress")
     # shown once they have something to show: an empty plot or gallery tells the user
     # nothing and still costs every page load its code (the gallery ~0.1 s on 2 cores)
-    loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, visible=False, elem_id="live-loss")
+    loss = gr.LinePlot(x="step", y="loss", color="series", title="Training loss", height=220, visible=False,
+                       elem_id="live-loss")
     samples = gr.Gallery(label="Validation samples", columns=4, height=220, visible=False, elem_id="live-samples")
     with gr.Row():
         cancel = gr.Button("Cancel run", variant="stop", visible=False, elem_id="live-cancel")
@@ -243,8 +261,9 @@ def _live_view() -> LiveView:
 
 
 def on_upload(paths):
-    """Preview what passed; a refused batch is named file by file and cleared from the box, the
-    files refused for themselves deleted from the server, and nothing is previewed."""
+    """Preview what passed. A file refused for itself is named, taken out of the box and deleted
+    from the server, and the good ones stay; a batch refused as a whole (too many files) is
+    cleared, and nothing is previewed."""
     if not paths:
         return gr.skip(), gr.Gallery(value=None, visible=False)
     try:
@@ -253,7 +272,15 @@ def on_upload(paths):
         gr.Warning(as_html(str(exc)), duration=None)
         # only what is refused for itself: the same bytes uploaded by another visitor share its path
         discard(exc.refused, get_upload_folder())
-        return None, gr.Gallery(value=None, visible=False)
+        refused = {str(p) for p in exc.refused}
+        good = [p for p in paths if str(p) not in refused]
+        if not exc.refused or not good:
+            return None, gr.Gallery(value=None, visible=False)
+        try:
+            kept = [str(p) for p, _ in check_images(good)]
+        except UploadError:
+            return None, gr.Gallery(value=None, visible=False)
+        return kept, gr.Gallery(value=kept, visible=True)
 
 
 def _wire_form(form: Form, base) -> None:
@@ -274,7 +301,7 @@ def _wire_form(form: Form, base) -> None:
                          None, example_outputs, show_progress="hidden")
     form.files.clear(lambda: gr.Gallery(value=None, visible=False), None, form.preview)
     groups = form.method_groups
-    form.method.change(lambda m: [gr.HTML(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in groups],
+    form.method.change(lambda m: [gr.HTML(forms.method_summary(m))] + [gr.Group(visible=n == m) for n in groups],
                        form.method, [form.summary, *groups.values()], show_progress="hidden")
     form.preset.change(lambda p: [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS], form.preset,
                        [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
@@ -343,7 +370,7 @@ def live_update(runner, run_id, last, who=None) -> tuple:
                 "", gr.Button(visible=False), gr.Button(visible=False),
                 gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
     mine = visitors.can_control(info, who)
-    frame, images = live.loss_frame(info), live.samples(info)
+    frame, images = live.loss_plot_frame(info), live.samples(info)
     now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable), "events": len(info.events),
            "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
     before = last if isinstance(last, dict) else {}

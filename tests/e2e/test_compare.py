@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import DEMO_MODEL, free_port, serve
-from tests.e2e.test_studio import STARS, error_toast, fill, train_for_comparison, upload, wait_text
+from tests.e2e.test_studio import STARS, error_toast, fill, upload, wait_text
 from trainers.jobs import JOB_FILE, JobRunner
 from trainers.sampling import PNG_KEY, read_png_settings
 
@@ -63,8 +63,12 @@ def test_compare_two_runs_and_the_base_then_generate_with_a_tuner(page, studio, 
     _, runs = studio
     ids = copy_runs(trained, runs)
     page.get_by_role("tab", name="Compare").click()
+    # the tab opens with the newest run ticked; the columns follow the order of ticking
+    page.locator("#compare-runs input:checked").first.wait_for(timeout=30_000)
+    for box in page.locator("#compare-runs input:checked").all():
+        box.uncheck()
     for m in METHODS:
-        page.locator("#compare-runs label", has_text=f"star-{m}").click()
+        page.locator("#compare-runs label", has_text=f"star-{m}").locator("input").check()
     page.fill("#compare-prompt textarea", "a sks star")
     page.fill("#compare-seeds textarea, #compare-seeds input", "0, 1")
     set_slider(page, "compare-steps", 6)
@@ -137,9 +141,12 @@ def test_as_a_space_it_binds_all_interfaces_and_keeps_visitors_apart(browser, sp
         upload(alice, STARS[:3])
         alice.wait_for_selector("#concept-preview img", timeout=30_000)
         alice.fill("#instance-prompt textarea", "a sks star")
-        fill(alice, "max_train_steps", 5000)
-        train_for_comparison(alice)  # three methods: over the limit of 2 per visitor
-        assert "allows 2 per visitor" in error_toast(alice)
+        fill(alice, "max_train_steps", 3000)  # long enough to be running or queued below, within the shared cap
+        alice.click("#comparison .label-wrap")
+        assert alice.locator("#compare-methods input:checked").count() == 2, "no more ticked than a visitor may queue"
+        alice.locator("#compare-methods label", has_text="Adapter").locator("input").check()
+        alice.click("#compare")  # three methods: over the limit of 2 per visitor
+        assert "choose at most 2 methods" in error_toast(alice)
         alice.locator(".toast-close").first.click()
         alice.click("#train")
         alice.wait_for_selector("#live-progress [data-status=running], #live-progress [data-status=queued]", timeout=120_000)

@@ -70,7 +70,7 @@ def test_a_visitors_refused_batch_does_not_delete_anothers_upload(shared_studio,
     alice.predict([handle_file(good)], api_name="/on_upload")
     alices = stored(good.name)  # her upload (and the preview's copy)
     assert alices, "alice's upload is on the server"
-    refused, _ = bob.predict([handle_file(good), handle_file(bad)], api_name="/on_upload")
-    assert refused is None, "bob's batch is refused and cleared"
+    kept, _ = bob.predict([handle_file(good), handle_file(bad)], api_name="/on_upload")
+    assert kept is not None and len(kept) == 1, "bob's bad file is refused alone; his good one stays in the box"
     assert all(p.is_file() for p in alices), "alice's file, the same bytes as bob's, is still there"
     assert stored(bad.name) == [], "the file refused for what it is is deleted"
