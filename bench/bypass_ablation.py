@@ -36,9 +36,19 @@ def designs() -> list[tuple[str, str, dict]]:
     return [*BYPASS_ABLATION, BYPASS_DEFAULT]
 
 
+def cost_key(options: dict) -> str:
+    """What decides a design's cost: its BypassConfig fields and gradient checkpointing (the other
+    trainer options, a learning rate or a number of steps, cost what the same design costs)."""
+    return json.dumps({**bypass_config_options(options), "gradient_checkpointing": bool(options.get("gradient_checkpointing"))},
+                      sort_keys=True)
+
+
 def cost_cases() -> list[str]:
-    """Designs whose cost differs: those that change only a trainer option cost what their base does."""
-    return ["inference", "lora", *(case for case, _, options in designs() if bypass_config_options(options) == options)]
+    """One case per distinct cost: the first design with each cost key."""
+    first = {}
+    for case, _, options in designs():
+        first.setdefault(cost_key(options), case)
+    return ["inference", "lora", *first.values()]
 
 
 def run_all(args) -> tuple[list[Path], list[Path]]:
@@ -104,16 +114,13 @@ def join(quality_files: list[Path], cost_files: list[Path]) -> dict:
             return table[case][key] / table[ref][key]
         return None
 
-    def config_key(options):
-        return json.dumps(bypass_config_options(options), sort_keys=True)
-
     same_config = {}
     for case, _, options in designs():
-        same_config.setdefault(config_key(options), case)
+        same_config.setdefault(cost_key(options), case)
     out = []
     for case, label, options in designs():
         q = quality.get(label)
-        costed = same_config[config_key(options)]
+        costed = same_config[cost_key(options)]
         sd15 = next((c["rows"][costed] for c in costs.values() if costed in c["rows"]), None)
         out.append({
             "case": case, "label": label, "options": options,

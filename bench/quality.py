@@ -140,6 +140,8 @@ def recipe_for(variant: Variant, args) -> tuple[dict, str]:
     from restuning.methods import METHODS
     from trainers.options import model_recipes
 
+    if isinstance(variant.options.get("learning_rate"), (int, float)):
+        return {"learning_rate": float(variant.options["learning_rate"])}, "the variant's own"
     given = args.full_learning_rate if variant.method == "full" else args.learning_rate
     if given is not None:
         return {"learning_rate": given}, "--full-learning-rate" if variant.method == "full" else "--learning-rate"

@@ -113,7 +113,8 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
         restuning.attach(unet, METHODS["bypass"].config(**bypass_config_options(ABLATION[case][1])))
     elif case != INFERENCE:
         restuning.attach(unet, METHODS[case].config())
-    if gradient_checkpointing:
+    if gradient_checkpointing or (case in ABLATION and ABLATION[case][1].get("gradient_checkpointing")):
+        gradient_checkpointing = True
         unet.enable_gradient_checkpointing()
     trainable = restuning.trainable_parameters(unet)
     if dtype != torch.float32:

@@ -127,25 +127,39 @@ def config_folder(model: str) -> Path | None:
         return None
 
 
-def arch_scale(unet_config: dict) -> float:
-    """Activation size per latent pixel relative to SD v1.5: per level of the U-Net, its channels
-    x its layers (attention layers x3) / 4^level, down and up paths and the middle block."""
-    def size(cfg: dict) -> float:
-        channels = list(cfg.get("block_out_channels") or [320, 640, 1280, 1280])
-        layers = cfg.get("layers_per_block", 2)
-        layers = layers if isinstance(layers, int) else max(layers)
-        down = list(cfg.get("down_block_types") or [])
-        up = list(cfg.get("up_block_types") or [])[::-1]
-        total = 0.0
-        for i, c in enumerate(channels):
-            attn_down = 3 if i < len(down) and "Attn" in down[i] else 1
-            attn_up = 3 if i < len(up) and "Attn" in up[i] else 1
-            total += c * (layers * attn_down + (layers + 1) * attn_up) / 4**i
-        return total + channels[-1] * 4 / 4 ** (len(channels) - 1)
+def _level_sizes(cfg: dict) -> tuple[list[float], list[float], float]:
+    """Activation size per latent pixel of each level's down and up blocks (index 0: the full
+    latent resolution) and of the middle block: channels x layers (attention layers x3) / 4^level."""
+    channels = list(cfg.get("block_out_channels") or [320, 640, 1280, 1280])
+    layers = cfg.get("layers_per_block", 2)
+    layers = layers if isinstance(layers, int) else max(layers)
+    down_types = list(cfg.get("down_block_types") or [])
+    up_types = list(cfg.get("up_block_types") or [])[::-1]
+    down, up = [], []
+    for i, c in enumerate(channels):
+        attn_down = 3 if i < len(down_types) and "Attn" in down_types[i] else 1
+        attn_up = 3 if i < len(up_types) and "Attn" in up_types[i] else 1
+        down.append(c * layers * attn_down / 4**i)
+        up.append(c * (layers + 1) * attn_up / 4**i)
+    return down, up, channels[-1] * 4 / 4 ** (len(channels) - 1)
 
+
+def arch_scale(unet_config: dict) -> float:
+    """Activation size per latent pixel relative to SD v1.5: down and up paths and the middle block."""
     from restuning.arch import SD15_UNET_CONFIG
 
+    def size(cfg: dict) -> float:
+        down, up, mid = _level_sizes(cfg)
+        return sum(down) + sum(up) + mid
+
     return size(unet_config) / size(SD15_UNET_CONFIG)
+
+
+def rendered_share(unet_config: dict, depth: int) -> float:
+    """The share of the decoder's (middle and up blocks') activations that lies in its last
+    `depth` up blocks: what a Bypass injecting there keeps for the backward."""
+    _, up, mid = _level_sizes(unet_config)
+    return sum(up[:depth]) / (sum(up) + mid)
 
 
 def _read(folder: Path, part: str) -> dict:
@@ -178,10 +192,12 @@ def model_facts(model: str) -> ModelFacts | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _trainable(model: str, method: str, method_json: str) -> tuple[int, str] | None:
-    """(trainable parameters, activation kind) of a method on the model's U-Net, attached on the
-    meta device. The kind: 'beside' (nothing trains inside the backbone: no gradient through it),
-    'decoder' (only the middle and up blocks), 'whole' (anything earlier), 'lora' (peft)."""
+def _trainable(model: str, method: str, method_json: str) -> tuple[int, str, float] | None:
+    """(trainable parameters, activation kind, rendered share) of a method on the model's U-Net,
+    attached on the meta device. The kind: 'beside' (nothing trains inside the backbone: no
+    gradient through its weights), 'decoder' (only the middle and up blocks), 'whole' (anything
+    earlier), 'lora' (peft). The rendered share: for a Bypass injecting k up blocks before the
+    head, the share of the decoder's activations those frozen blocks keep for the backward."""
     facts = model_facts(model)
     if facts is None:
         return None
@@ -202,13 +218,14 @@ def _trainable(model: str, method: str, method_json: str) -> tuple[int, str] | N
     trainable = sum(p.numel() for p in handle.parameters())
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     inside = [n for n in names if n.split(".", 1)[0] in dict(unet.named_children()) and not n.startswith("restuning")]
+    rendered = rendered_share(facts.unet_config, getattr(config, "depth", 0)) if method == "bypass" else 0.0
     if not inside:
         kind = "beside"
     elif any(not n.startswith(("mid_block", "up_blocks", "conv_norm_out", "conv_out")) for n in inside):
         kind = "whole"
     else:
         kind = "lora" if method == "lora" else "decoder"
-    return trainable, kind
+    return trainable, kind, rendered
 
 
 # -- the estimate ---------------------------------------------------------------------------------
@@ -246,9 +263,10 @@ def _act_k(device: str, half: bool, kind: str) -> float:
 
 def estimate_parts(facts: ModelFacts, trainable: int, kind: str, *, device: str, resolution: int, batch: int,
                    prior: bool = False, precision: str = "no", checkpointing: bool = False, adam8: bool = False,
-                   validation_images: int = 0, class_batch: int = 0, unet_only: bool = False) -> Estimate:
+                   validation_images: int = 0, class_batch: int = 0, unet_only: bool = False, rendered: float = 0.0) -> Estimate:
     """The formula of the module's docstring. `unet_only`: the U-Net's training step alone (what
-    bench/train_cost measures), without the VAE, the text encoder and sampling."""
+    bench/train_cost measures), without the VAE, the text encoder and sampling. `rendered`: the
+    share of the decoder's activations a 'beside' method keeps (a Bypass at depth k > 0)."""
     half = precision in ("fp16", "bf16")
     b_w = 2 if half else 4
     full = kind == "whole" and trainable >= facts.unet_params
@@ -257,8 +275,11 @@ def estimate_parts(facts: ModelFacts, trainable: int, kind: str, *, device: str,
     grads = trainable * 4
     optimizer = trainable * (2 if adam8 else 8)
     latent = (resolution / facts.vae_scale) ** 2 / 1024 * facts.arch
-    activations = _act_k(device, half, kind) * batch * (2 if prior else 1) * latent
-    if checkpointing and kind != "beside":
+    k = _act_k(device, half, kind)
+    if kind == "beside" and rendered:
+        k += (_act_k(device, half, "decoder") - k) * rendered
+    activations = k * batch * (2 if prior else 1) * latent
+    if checkpointing and (kind != "beside" or rendered):
         activations *= CHECKPOINTING
     sampling = 0.0
     if not unet_only:
@@ -273,7 +294,7 @@ def estimate_parts(facts: ModelFacts, trainable: int, kind: str, *, device: str,
              "activations": activations, "sampling": sampling}
     host = total if device == "cpu" else HOST_OVERHEAD_CUDA + frozen * b_w
     settings = {"resolution": resolution, "batch": batch, "prior": prior, "precision": precision, "checkpointing": checkpointing,
-                "adam8": adam8, "validation_images": validation_images, "kind": kind, "trainable": trainable}
+                "adam8": adam8, "validation_images": validation_images, "kind": kind, "trainable": trainable, "rendered": rendered}
     return Estimate(int(total), {k: int(v) for k, v in parts.items()}, device, settings, int(host))
 
 
@@ -291,13 +312,13 @@ def estimate(options, device: str = "cpu") -> Estimate | None:
     found = _trainable(model, method_config.method, method_json) if facts is not None else None
     if found is None:
         return None
-    trainable, kind = found
+    trainable, kind, rendered = found
     validation = len(args.validation_prompt or []) and args.num_validation_images
     return estimate_parts(facts, trainable, kind, device=_device_kind(device), resolution=args.resolution,
                           batch=args.train_batch_size, prior=args.with_prior_preservation,
                           precision=args.mixed_precision or "no", checkpointing=args.gradient_checkpointing,
                           adam8=args.use_8bit_adam, validation_images=int(validation or 0),
-                          class_batch=args.sample_batch_size if args.with_prior_preservation else 0)
+                          class_batch=args.sample_batch_size if args.with_prior_preservation else 0, rendered=rendered)
 
 
 def estimate_config(config: dict, device: str = "cpu") -> Estimate | None:
@@ -420,7 +441,7 @@ def _changes(settings: dict, kind: str) -> list[tuple[str, str, dict]]:
     if settings["resolution"] > 256:
         half = max(64, settings["resolution"] // 2 // 8 * 8)
         out.append(("resolution", f"resolution {half} (--resolution {half})", {"resolution": half}))
-    if not settings["checkpointing"] and kind != "beside":
+    if not settings["checkpointing"] and (kind != "beside" or settings.get("rendered")):
         out.append(("gradient_checkpointing", "gradient checkpointing on (--gradient_checkpointing)", {"checkpointing": True}))
     if settings["prior"]:
         out.append(("with_prior_preservation", "prior preservation off", {"prior": False}))
@@ -436,7 +457,8 @@ def advice(est: Estimate, facts: ModelFacts, limit: int) -> str:
     them together."""
     s = est.settings
     base = dict(device=est.device, resolution=s["resolution"], batch=s["batch"], prior=s["prior"], precision=s["precision"],
-                checkpointing=s["checkpointing"], adam8=s["adam8"], validation_images=s["validation_images"])
+                checkpointing=s["checkpointing"], adam8=s["adam8"], validation_images=s["validation_images"],
+                rendered=s.get("rendered", 0.0))
     fits, together = [], dict(base)
     for _, text, change in _changes(s, s["kind"]):
         new = estimate_parts(facts, s["trainable"], s["kind"], **{**base, **change})
@@ -560,11 +582,11 @@ def calibration_table() -> list[dict]:
         for row in (data.get("rows") or data.get("table6") or []) + data.get("variants", []):
             if row["case"] == "inference" or not row.get("peak_bytes"):
                 continue
-            trainable, kind = _trainable(str(SD1_CONFIGS), row["case"], "{}")
+            trainable, kind, rendered = _trainable(str(SD1_CONFIGS), row["case"], "{}")
             precision = row.get("precision") or s["precision"]
             est = estimate_parts(sd, trainable, kind, device=device, resolution=s["resolution"], batch=s["batch"],
                                  precision=precision.replace("fp32", "no"), checkpointing=bool(row.get("gradient_checkpointing")),
-                                 adam8=row.get("optimizer") == "AdamW8bit", unet_only=True)
+                                 adam8=row.get("optimizer") == "AdamW8bit", unet_only=True, rendered=rendered)
             # the bench's CUDA figure is torch's allocated memory: no context, no allocator slack
             value = est.total - (est.parts["overhead"] if device == "cuda" else 0)
             case = row["case"] + (f" ({row['key']})" if row in data.get("variants", []) else "")
