@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-quick count gpu-check gpu-check-wheels
 
-$(STAMP): requirements.txt requirements-base.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-base.txt requirements-cluster.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: on a CPU machine 2.13.0 is the CPU wheel; a later unpinned

@@ -2,12 +2,15 @@
 
     python app.py [--model HUB_ID|FOLDER|FILE.safetensors] [--runs-dir DIR] [--host H] [--port P]
                   [--jobs-per-device N] [--shared | --no-shared] [--runs-per-visitor N]
+                  [--cluster http://HEAD:8265 | ray://HEAD:10001] [--cluster-cpus N] [--cluster-gpu-memory GIB]
 
 Defaults come from webui/space.py: on a local machine 127.0.0.1:7860 and ./runs, one user; on a
 Hugging Face Space (SPACE_ID set) 0.0.0.0 at $PORT (or 7860), runs on the persistent storage
 mount /data when one is attached, and many visitors, each seeing only their own runs.
 RESTUNING_RUNS_DIR / RESTUNING_HOST / RESTUNING_PORT override them. Only wiring lives here: the
-UI is webui/, the job runner trainers/jobs.py, training trainers/dreambooth.py.
+UI is webui/, the job runner trainers/jobs.py, training trainers/dreambooth.py. With --cluster
+(or RAY_ADDRESS) each run is a Ray job on that cluster instead of a process here
+(trainers/cluster.py, docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -39,9 +42,29 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
                    help="many visitors: each sees and controls only their own runs (default: on when SPACE_ID is set)")
     p.add_argument("--runs-per-visitor", type=int, default=2,
                    help="with --shared: runs one visitor may have queued or running at once")
+    p.add_argument("--cluster", default=os.environ.get("RAY_ADDRESS") or None,
+                   help="run each training as a Ray job on this cluster (its dashboard http://HEAD:8265, or "
+                        "ray://HEAD:10001; env RAY_ADDRESS); the runs folder must be at the same path on every node "
+                        "(docs/cluster.md). Default: runs train on this machine")
+    p.add_argument("--cluster-cpus", type=int, default=None,
+                   help="with --cluster: CPUs (threads) each run asks for (default: 1 beside a GPU, else a whole node's)")
+    p.add_argument("--cluster-gpu-memory", type=float, default=None,
+                   help="with --cluster: GiB of one of the cluster's GPUs, for the memory check before a run is queued")
     args = p.parse_args(argv)
     args.sample_device, args.where = here.device, here
     return args
+
+
+def cluster_preset(launcher) -> tuple[str, str]:
+    """The hardware preset for a cluster's runs: its nodes' device, not this machine's; a GPU of
+    unknown size gets the 8 GB preset, which fits every card."""
+    where = launcher.describe()
+    if launcher.devices[0] == "cpu":
+        return "CPU demo", f"{where}: CPU nodes"
+    gib = (launcher.gpu_memory or 0) / 2**30
+    if not gib:
+        return "8 GB GPU", f"{where}: GPUs of a size not given (--cluster-gpu-memory)"
+    return ("8 GB GPU" if gib < 12 else "16 GB GPU" if gib < 20 else "24 GB+ GPU"), f"{where}: {gib:.0f} GiB GPUs"
 
 
 def main(argv=None) -> None:
@@ -55,14 +78,25 @@ def main(argv=None) -> None:
         base = describe(args.model)
     except ValueError as exc:
         sys.exit(f"app.py: {exc}")
-    devices = detect_devices()
     preset, detected = detect_preset()
-    runner = JobRunner(args.runs_dir, devices=devices, per_device=args.jobs_per_device,
+    launcher = None
+    if args.cluster:
+        from trainers.cluster import ClusterError, RayLauncher
+
+        try:
+            launcher = RayLauncher(args.cluster, cpus_per_run=args.cluster_cpus,
+                                   gpu_memory=int(args.cluster_gpu_memory * 2**30) if args.cluster_gpu_memory else None)
+        except ClusterError as exc:
+            sys.exit(f"app.py: {exc}")
+    runner = JobRunner(args.runs_dir, devices=detect_devices(), per_device=args.jobs_per_device, launcher=launcher,
                        max_active_per_owner=args.runs_per_visitor if args.shared else None,
                        unguessable_ids=args.shared).start()
+    devices = runner.devices
+    if launcher is not None:
+        preset, detected = cluster_preset(launcher)
     demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected,
                        shared=args.shared, sample_device=args.sample_device)
-    print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, devices {', '.join(devices)}; "
+    print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, runs on {runner.launcher.describe()}; "
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     if args.where.space_id and not args.where.persistent:
         print("Res-Tuning Studio: no persistent storage at /data: runs vanish when the Space restarts (docs/space.md)")

@@ -47,6 +47,12 @@ would not finish in time.
 
     python -m bench.quality --sweep --jobs 2 --budget-min 240      # CPU: hours
     bench/gpu_quality.sh                                           # one GPU: ~7 min
+
+`--cluster ADDRESS` trains the cells as Ray jobs on that cluster instead (trainers.cluster;
+docs/cluster.md), `--jobs` of them handed over at once (Ray starts each where a node has room),
+each asking for `--threads` CPUs (default 1) and running that many threads, or one GPU with
+`--device cuda`. The same command, config and thread count as a local cell: the same weights.
+--work must be on a filesystem every node sees at the same path. Sampling and scoring stay here.
 """
 
 from __future__ import annotations
@@ -284,11 +290,18 @@ def resolve_device(args) -> str:
     return args.device
 
 
+def cell_threads(args) -> int:
+    """Threads of each training: --threads, else this machine's cores split between --jobs (1 on a cluster)."""
+    if args.threads:
+        return args.threads
+    return 1 if args.cluster else max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+
+
 def child_env(args) -> dict:
     """The environment of each trainer process: its share of the cores, threads that sleep
     instead of spinning when they wait (several trainings share the machine), the device."""
     env = dict(os.environ)
-    threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    threads = cell_threads(args)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), GOMP_SPINCOUNT="0" if args.jobs > 1 else env.get("GOMP_SPINCOUNT", "300000"),
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     if args.device == "cpu":
@@ -315,6 +328,8 @@ def train(cell: Cell, args, work: Path, started_training: threading.Event | None
     (run / "config.json").write_text(json.dumps(config, indent=2))
     (run / "events.jsonl").unlink(missing_ok=True)
     started = time.time()
+    if args.cluster:
+        return train_on_cluster(cell, args, run, config, started, started_training)
     proc = subprocess.Popen([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")],
                             cwd=ROOT, stdout=open(run / "log.txt", "w"), stderr=subprocess.STDOUT, env=child_env(args))
     if started_training is not None:
@@ -335,6 +350,32 @@ def train(cell: Cell, args, work: Path, started_training: threading.Event | None
         raise RuntimeError(f"{cell.variant.label} ({cell.recipe_text}): the trainer failed (exit {proc.returncode}):\n" + "\n".join(tail))
     # ru_maxrss of one child (os.wait4), so parallel trainings do not add up.
     result = {**_figures(run, cell.seed, events), "wall_s": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+    (run / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def train_on_cluster(cell: Cell, args, run: Path, config: dict, started: float, started_training) -> dict:
+    """`train` as a Ray job: the same command and environment, `cell_threads` CPUs (or one GPU)
+    asked of the cluster. Peak memory is not measured there (no wait4 across machines)."""
+    from trainers.cluster import entrypoint, submit, wait
+    from trainers.events import read_events
+
+    env = {k: v for k, v in child_env(args).items()
+           if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "TOKENIZERS_PARALLELISM", "PYTHONUNBUFFERED",
+                    "CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU", "HF_HUB_OFFLINE")}
+    env["PYTHONPATH"] = str(ROOT)
+    (run / "log.txt").write_text("")
+    job_id = f"bench-quality-{run.name[:60]}-{os.urandom(3).hex()}"
+    command = entrypoint([sys.executable, "-m", "trainers.dreambooth", "--config", str(run / "config.json")], run / "log.txt")
+    submit(args.ray, job_id, command, env, cpus=cell_threads(args), gpus=int(args.device == "cuda"))
+    info = wait(args.ray, job_id)
+    if started_training is not None:
+        started_training.set()
+    if info.driver_exit_code != 0:
+        tail = (run / "log.txt").read_text().splitlines()[-15:]
+        raise RuntimeError(f"{cell.variant.label} ({cell.recipe_text}): the trainer failed on the cluster "
+                           f"({info.status}: {(info.message or '').splitlines()[:1]}):\n" + "\n".join(tail))
+    result = {**_figures(run, cell.seed, read_events(run)), "wall_s": round(time.time() - started, 1), "peak_rss_gib": None}
     (run / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -565,7 +606,7 @@ def write(args, variants, trained, columns, counts, concept_grid, concept_prompt
             row["concept_vs_adapter"] = newcombe(c["k"], row["n"], ref["k"], reference["n"])
     report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds, "train_seeds": args.train_seeds,
               "learning_rate": args.learning_rate, "full_learning_rate": args.full_learning_rate, "snr_gamma": args.snr_gamma,
-              "batch_size": args.batch_size, "base": str(args.base), "device": args.device_resolved, "jobs": args.jobs,
+              "batch_size": args.batch_size, "base": str(args.base), "device": args.device_resolved, "jobs": args.jobs, "threads": cell_threads(args), "cluster": bool(args.cluster),
               "elapsed_s": round(elapsed, 1), "rows": rows}
     name = "quality_quick" if args.quick else "quality"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
@@ -633,7 +674,7 @@ def write_sweep(args, results: list[tuple[Cell, dict | None]], dropped: list[Cel
                               "concept_fidelity": best["concept_fidelity"], "prompt_fidelity": best["prompt_fidelity"],
                               "preservation": best["preservation"], "n": best["n"], "why": best["why"], "cells": len(mine)}
     report = {"quick": args.quick, "concept": args.concept, "steps": args.steps, "seeds": args.seeds, "snr_gamma": args.snr_gamma,
-              "batch_size": args.batch_size, "base": str(args.base), "device": args.device_resolved, "jobs": args.jobs,
+              "batch_size": args.batch_size, "base": str(args.base), "device": args.device_resolved, "jobs": args.jobs, "threads": cell_threads(args), "cluster": bool(args.cluster),
               "budget_min": args.budget_min, "estimate_s": {k: round(v) for k, v in estimated.items() if k != "per_cell_s"},
               "elapsed_s": round(elapsed, 1), "rule": SELECTION_RULE, "base_model": base, "cells": cells, "winners": winners}
     name = "quality_sweep_quick" if args.quick else "quality_sweep"
@@ -729,6 +770,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny budgets: exercises the path, claims nothing")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for training and sampling (auto: a GPU if torch sees one)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process with cores // jobs threads")
+    parser.add_argument("--threads", type=int, default=None, help="threads of each training (default: cores // jobs; 1 on a cluster)")
+    parser.add_argument("--cluster", default=None, help="train the cells as Ray jobs on this cluster (http://HEAD:8265 or "
+                        "ray://HEAD:10001); --work must be on a filesystem its nodes share")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="the trainer's (sampling stays fp32)")
     parser.add_argument("--sweep", action="store_true", help="per method, learning rate x blocks; writes quality_sweep.{json,md}")
     parser.add_argument("--sweep-lrs", help="sweep: these learning rates (comma-separated) instead of the grid's, e.g. one "
@@ -740,6 +784,14 @@ def parse_args(argv=None):
     args.error = parser.error
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    args.ray = None
+    if args.cluster:
+        from trainers.cluster import ClusterError, connect
+
+        try:
+            args.ray = connect(args.cluster)
+        except ClusterError as exc:
+            parser.error(f"--cluster: {exc}")
     args.sweep_rates = None
     if args.sweep_lrs:
         try:

@@ -117,6 +117,11 @@ def test_cancel_keeps_the_checkpoint_and_resume_continues_from_it(tmp_path, imag
     wait_step(runner, run_id, 3)
     runner.cancel(run_id)
     info = wait_for(runner, run_id, {"cancelled"})
+    deadline = time.monotonic() + 20
+    while info.alive and time.monotonic() < deadline:  # it said `cancelled` and is exiting: resumable once gone
+        time.sleep(0.05)
+        runner.tick()
+        info = runner.info(run_id)
     assert (info.dir / "cancelled").exists()
     assert info.resumable and info.checkpoint.startswith("checkpoints/checkpoint-")
     stopped_at = int(info.checkpoint.rsplit("-", 1)[1])

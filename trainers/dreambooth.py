@@ -20,6 +20,7 @@ encoder is frozen, so the prompts' embeddings are computed once. Progress goes t
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -73,7 +74,7 @@ class TrainResult:
     handle: object = None
 
 
-# -- input checks, all before anything heavy ---------------------------------------------------
+# -- input checks, all before anything heavy -------------------------------------------------------
 
 
 def _is_main_process() -> bool:
@@ -336,30 +337,109 @@ class StopFlag:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-# -- the run ---------------------------------------------------------------------------------------
+# -- the run: train() calls one stage after another; what they share is in the dataclasses below ---
+
+
+@dataclass
+class Base:
+    """The loaded base model: the pipeline (frozen weights in `weight_dtype`), the DDPM scheduler that
+    adds noise in training, and the sampling settings of validation and class images."""
+
+    pipe: object
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    sampling: dict
+
+
+@dataclass
+class Tuning:
+    """The attached method: its handle, the parameters that train, the ids of those among them that
+    sit in the text encoder (their own learning rate) and the attention processors in use."""
+
+    handle: object
+    params: list[torch.nn.Parameter]
+    text_params: set[int]
+    attention: str
+
+
+@dataclass
+class Training:
+    """What every optimiser step uses, as accelerate prepared it. Nothing here changes during the
+    loop except the models' and optimiser's own state."""
+
+    accelerator: object
+    args: object
+    events: EventLog
+    output_dir: Path
+    base: Base
+    tuning: Tuning
+    unet: torch.nn.Module  # prepared (wrapped under several processes); base.pipe.unet is the plain one
+    trained: list[torch.nn.Module]  # the prepared U-Net, and the text encoder when its LoRA trains
+    optimizer: object
+    lr_scheduler: object
+    dataset: data.DreamBoothData
+    latent_cache: data.LatentCache | None
+    encoders: list[Callable[[], torch.Tensor]]  # the instance prompt's embedding, then the class prompt's
+    log_with: list[str] | str | None
+
+
+@dataclass
+class Progress:
+    """The run's position, the only state the loop changes. The losses stay on the device (`pending`,
+    one (loss, instance loss) per step) and are read in one go when reported, checkpointed or
+    sampled: reading each step's loss (.item()) would make the CPU wait for the GPU every step."""
+
+    step: int
+    reporter: StepReporter
+    bar: object  # a tqdm bar at a terminal, else None
+    result: TrainResult
+    last_checkpoint: int = 0
+    last_sampled: int = -1
+    pending: list[torch.Tensor] = field(default_factory=list)
+    pending_seconds: list[float] = field(default_factory=list)
 
 
 def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=None) -> TrainResult:
     """One run. `on_attached(pipe, handle)`, if given, is called once the method is attached and
-    before training starts (tests use it to see the starting weights)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from safetensors.torch import load_file, save_file
-
-    import restuning
+    before training starts (tests use it to see the starting weights). Raises Cancelled when
+    `stop` is set (after a checkpoint, once training has started)."""
     from restuning.methods import METHODS
 
-    args, method_config = options.args, options.method_config
-    method = METHODS[method_config.method]
+    args, method = options.args, METHODS[options.method_config.method]
     output_dir = Path(args.output_dir)
     instance_files, source, resume = check_inputs(args)
-    device = memory.run_device()
-    verdict = memory.check(options, device)  # MemoryRefused (an OptionError) before anything is loaded
+    verdict = check_memory(options)
+    accelerator, log_with = set_up_accelerator(args, output_dir, events)
+    base = load_base(args, source, accelerator, events, stop)
+    class_files = make_class_images(args, source, base, accelerator, events, stop) if args.with_prior_preservation else None
+    tuning = attach_method(options, base.pipe, accelerator.is_main_process, on_attached)
+    describe_run(options, method, base, tuning, accelerator, verdict, events)
+    dataset, latent_cache, prompts = prepare_data(args, base, instance_files, class_files, events)
+    training = prepare_training(args, base, tuning, dataset, latent_cache, prompts, accelerator, log_with, events, output_dir)
+    progress = start_progress(training, resume)
+    run_loop(training, progress, stop)
+    progress.result.step = progress.step
+    progress.result.pipeline, progress.result.handle = base.pipe, tuning.handle
+    save_and_export(training, progress, options, method, source)
+    return progress.result
+
+
+# -- setting up: accelerate, the base model, class images ------------------------------------------
+
+
+def check_memory(options: opts.Options) -> memory.Verdict:
+    """memory.check's verdict; MemoryRefused (an OptionError) before anything is loaded."""
+    verdict = memory.check(options, memory.run_device())
     if verdict.level in ("close", "too-big") and _is_main_process():  # too-big: only with the check off
         print(f"warning: {verdict.message}", flush=True)
+    return verdict
+
+
+def set_up_accelerator(args, output_dir: Path, events: EventLog):
+    """The Accelerator (refused with an OptionError where it does not match how the run was
+    launched), the trackers it logs to, tf32 and the seed."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     log_with, notes = trackers(args.report_to)
     try:
@@ -384,13 +464,17 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
-    result = TrainResult()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator, log_with
 
-    # 1. the base model
+
+def load_base(args, source: models.ModelSource, accelerator, events: EventLog, stop: StopFlag) -> Base:
+    """The base pipeline on the run's device with the VAE and text encoder frozen. Frozen weights are
+    in the compute dtype from the start, class-image generation included; the method's trainable
+    weights go back to fp32 once attached (fp16 gradients cannot be unscaled)."""
+    from diffusers import DDPMScheduler
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     events.phase("loading", message=f"loading {source.location}")
-    # Frozen weights in the compute dtype from the start, class-image generation included; the
-    # method's trainable weights go back to fp32 once attached (fp16 gradients cannot be unscaled).
     pipe = models.load_pipeline(source, weight_dtype, revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
@@ -398,43 +482,57 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise models.ModelError(f"the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
                                 "only epsilon and v_prediction models are supported")
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    sampling = sampling_settings(args, source)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    base = Base(pipe, noise_scheduler, weight_dtype, sampling_settings(args, source))
     if stop.agreed(accelerator):
         raise Cancelled
+    return base
 
-    # 2. class images for prior preservation, generated by the untouched base model
-    class_files = None
-    if args.with_prior_preservation:
-        class_dir = Path(args.class_data_dir) if args.class_data_dir else data.class_cache_dir(
-            output_dir.resolve().parent, source.key(), args.class_prompt, args.resolution)
-        events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}")
-        prior_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            args.prior_generation_precision, weight_dtype)
-        pipe.to(dtype=prior_dtype)
-        # Every process makes its share (image i on process i mod N); the main one reports its own.
-        data.ensure_class_images(
-            pipe, class_dir, args.class_prompt, args.num_class_images, args.resolution, args.seed,
-            batch_size=args.sample_batch_size, shard=(accelerator.process_index, accelerator.num_processes),
-            progress=lambda done, total: events.phase("class-images", done=done, total=total), should_stop=stop.event.is_set,
-            **sampling)
-        pipe.to(dtype=weight_dtype)
-        accelerator.wait_for_everyone()
-        if stop.agreed(accelerator):
-            raise Cancelled
-        class_files = data.usable_images(class_dir)[: args.num_class_images]
-        if len(class_files) < args.num_class_images:
-            raise ImageError(f"only {len(class_files)} of {args.num_class_images} class images could be made in {class_dir}")
 
-    # 3. the method, from the registry: attention first (xformers would replace prefix/prompt processors)
+def make_class_images(args, source: models.ModelSource, base: Base, accelerator, events: EventLog,
+                      stop: StopFlag) -> list[Path]:
+    """Class images for prior preservation, made by the untouched base model (or found in their
+    cache, shared by runs of one model, prompt and resolution): ImageError if too few result."""
+    class_dir = Path(args.class_data_dir) if args.class_data_dir else data.class_cache_dir(
+        Path(args.output_dir).resolve().parent, source.key(), args.class_prompt, args.resolution)
+    events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}")
+    prior_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        args.prior_generation_precision, base.weight_dtype)
+    base.pipe.to(dtype=prior_dtype)
+    # Every process makes its share (image i on process i mod N); the main one reports its own.
+    data.ensure_class_images(
+        base.pipe, class_dir, args.class_prompt, args.num_class_images, args.resolution, args.seed,
+        batch_size=args.sample_batch_size, shard=(accelerator.process_index, accelerator.num_processes),
+        progress=lambda done, total: events.phase("class-images", done=done, total=total), should_stop=stop.event.is_set,
+        **base.sampling)
+    base.pipe.to(dtype=base.weight_dtype)
+    accelerator.wait_for_everyone()
+    if stop.agreed(accelerator):
+        raise Cancelled
+    class_files = data.usable_images(class_dir)[: args.num_class_images]
+    if len(class_files) < args.num_class_images:
+        raise ImageError(f"only {len(class_files)} of {args.num_class_images} class images could be made in {class_dir}")
+    return class_files
+
+
+# -- the method and the data -----------------------------------------------------------------------
+
+
+def attach_method(options: opts.Options, pipe, is_main: bool, on_attached=None) -> Tuning:
+    """The method from the registry, attached to the pipeline's U-Net (and text encoder for LoRA with
+    --train_text_encoder); `restuning.attach` freezes everything else. Attention is chosen first:
+    xformers set afterwards would replace the prefix and prompt methods' own processors."""
+    from diffusers.training_utils import cast_training_params
+
+    import restuning
+
+    args, unet, text_encoder = options.args, pipe.unet, pipe.text_encoder
     attention = choose_attention(unet, args.enable_xformers_memory_efficient_attention)
-    handle = restuning.attach(unet, method_config, text_encoder=text_encoder)
-    # LoRA with text-encoder layers (--train_text_encoder): they train beside the U-Net's
+    handle = restuning.attach(unet, options.method_config, text_encoder=text_encoder)
     text_params = {id(p) for p in text_encoder.parameters() if p.requires_grad}
     attention = attention_summary(unet, attention)
-    if accelerator.is_main_process:
+    if is_main:
         print(f"attention: {attention}", flush=True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -445,30 +543,48 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
     params = [p for p in handle.parameters() if p.requires_grad]
     if on_attached is not None:
         on_attached(pipe, handle)
-    trainable = sum(p.numel() for p in params)
+    return Tuning(handle, params, text_params, attention)
+
+
+def describe_run(options: opts.Options, method, base: Base, tuning: Tuning, accelerator, verdict: memory.Verdict,
+                 events: EventLog) -> None:
+    """The recipe line on stdout and the run's `info` event: method, sizes, device, precision."""
+    args, method_config = options.args, options.method_config
     if accelerator.is_main_process and options.recipe:
         print("recipe: " + "; ".join(f"{k} {_recipe_value(args, method_config, k)} ({where})" for k, where in options.recipe.items()),
               flush=True)
-    events.emit("info", method=method.name, method_config=method_config.to_dict(), trainable_params=trainable,
-                learning_rate=args.learning_rate, recipe=options.recipe,
-                **({"text_encoder_learning_rate": args.text_encoder_lr or args.learning_rate} if text_params else {}),
-                total_params=sum(p.numel() for p in unet.parameters()), device=str(accelerator.device),
-                num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
-                attention=attention, prediction_type=noise_scheduler.config.prediction_type, sampling=sampling,
+    text_lr = {"text_encoder_learning_rate": args.text_encoder_lr or args.learning_rate} if tuning.text_params else {}
+    events.emit("info", method=method.name, method_config=method_config.to_dict(),
+                trainable_params=sum(p.numel() for p in tuning.params), learning_rate=args.learning_rate,
+                recipe=options.recipe, **text_lr, total_params=sum(p.numel() for p in base.pipe.unet.parameters()),
+                device=str(accelerator.device), num_processes=accelerator.num_processes,
+                mixed_precision=accelerator.mixed_precision, attention=tuning.attention,
+                prediction_type=base.noise_scheduler.config.prediction_type, sampling=base.sampling,
                 memory_estimate=verdict.estimate.total if verdict.estimate else None, memory=verdict.message)
 
-    # 4. prompts: each prompt's embedding is computed once while the text encoder is frozen, every
-    # step when its LoRA trains
-    limit = args.tokenizer_max_length or pipe.tokenizer.model_max_length
-    for prompt in filter(None, [args.instance_prompt, args.class_prompt if class_files else None]):
-        if len(pipe.tokenizer(prompt).input_ids) > limit:
-            events.emit("info", message=f"the prompt {prompt!r} is longer than the text encoder's {limit} tokens; its end is cut")
-    text = {"max_length": args.tokenizer_max_length, "use_attention_mask": args.text_encoder_use_attention_mask}
-    prompts = [args.instance_prompt] + ([args.class_prompt] if class_files else [])
-    dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
-    latent_cache = data.LatentCache(vae) if args.cache_latents else None
 
-    # 5. optimiser and schedule
+def prepare_data(args, base: Base, instance_files: list[Path], class_files: list[Path] | None, events: EventLog):
+    """(dataset, latent cache or None, prompts: the instance prompt, then the class prompt with
+    prior preservation); a prompt longer than the text encoder takes is reported."""
+    tokenizer = base.pipe.tokenizer
+    limit = args.tokenizer_max_length or tokenizer.model_max_length
+    prompts = [args.instance_prompt] + ([args.class_prompt] if class_files else [])
+    for prompt in filter(None, prompts):
+        if len(tokenizer(prompt).input_ids) > limit:
+            events.emit("info", message=f"the prompt {prompt!r} is longer than the text encoder's {limit} tokens; its end is cut")
+    dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
+    latent_cache = data.LatentCache(base.pipe.vae) if args.cache_latents else None
+    return dataset, latent_cache, prompts
+
+
+# -- optimiser, schedule, accelerate's preparation and resume --------------------------------------
+
+
+def make_optimizer(args, tuning: Tuning, device: torch.device, num_processes: int):
+    """(optimiser, learning-rate schedule), unprepared: AdamW (bitsandbytes' 8-bit with
+    --use_8bit_adam), the text encoder's parameters in their own group with their own rate."""
+    from diffusers.optimization import get_scheduler
+
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -476,52 +592,80 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
             raise opts.OptionError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         optimizer_class, extra = bnb.optim.AdamW8bit, {}
     else:
-        optimizer_class, extra = torch.optim.AdamW, {"fused": accelerator.device.type in ("cpu", "cuda")}
+        optimizer_class, extra = torch.optim.AdamW, {"fused": device.type in ("cpu", "cuda")}
+    params, text_params = tuning.params, tuning.text_params
     groups = [{"params": [p for p in params if id(p) not in text_params]}]
     if text_params:
         groups.append({"params": [p for p in params if id(p) in text_params], "lr": args.text_encoder_lr or args.learning_rate})
     optimizer = optimizer_class(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
     # The prepared scheduler steps once per process per optimiser step (diffusers does the same).
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                                 num_training_steps=args.max_train_steps * num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    return optimizer, lr_scheduler
+
+
+def prompt_embeddings(args, pipe, prompts: list[str], device, text_encoder=None) -> list[Callable[[], torch.Tensor]]:
+    """Each prompt's embedding as a call: encoded every step by `text_encoder` when its LoRA trains,
+    else (text_encoder None: frozen) computed once here and handed out every step."""
+    text = {"max_length": args.tokenizer_max_length, "use_attention_mask": args.text_encoder_use_attention_mask}
+    encoders = [prompt_encoder(pipe, prompt, device, **text, text_encoder=text_encoder) for prompt in prompts]
+    if text_encoder is not None:
+        return encoders
+    with torch.no_grad():
+        frozen = [encode() for encode in encoders]
+    return [lambda e=e: e for e in frozen]
+
+
+def prepare_training(args, base: Base, tuning: Tuning, dataset, latent_cache, prompts: list[str], accelerator, log_with,
+                     events: EventLog, output_dir: Path) -> Training:
+    """The optimiser and schedule made, everything that trains passed through accelerator.prepare,
+    the trackers started and the checkpoint hooks registered."""
+    optimizer, lr_scheduler = make_optimizer(args, tuning, accelerator.device, accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(base.pipe.unet, optimizer, lr_scheduler)
     trained = [unet]
-    if text_params:
+    if tuning.text_params:
         # prepared like the U-Net (gradients synchronised across processes); the pipeline keeps the plain one
-        trained.append(accelerator.prepare(text_encoder))
-    encoders = [prompt_encoder(pipe, prompt, accelerator.device, **text, text_encoder=trained[-1] if text_params else None)
-                for prompt in prompts]
-    if not text_params:  # a frozen text encoder: each embedding computed once, handed out every step
-        with torch.no_grad():
-            frozen = [encode() for encode in encoders]
-        encoders = [lambda e=e: e for e in frozen]
+        trained.append(accelerator.prepare(base.pipe.text_encoder))
+    encoders = prompt_embeddings(args, base.pipe, prompts, accelerator.device, trained[-1] if tuning.text_params else None)
     if log_with:
         accelerator.init_trackers("restuning-dreambooth", config={k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
+    accelerator.register_save_state_pre_hook(functools.partial(save_tuner_state, tuning.handle, accelerator.is_main_process))
+    accelerator.register_load_state_pre_hook(functools.partial(load_tuner_state, tuning.handle))
+    return Training(accelerator, args, events, output_dir, base, tuning, unet, trained, optimizer, lr_scheduler, dataset,
+                    latent_cache, encoders, log_with)
 
-    # Checkpoints hold the method's weights only, not the frozen base again.
-    def save_hook(models_, weights, folder):
-        if accelerator.is_main_process:
-            state = {k: v.detach().to("cpu").contiguous() for k, v in handle.state_dict().items()}
-            save_file(state, os.path.join(folder, TUNER_STATE))
-        weights.clear()
 
-    def load_hook(models_, folder):
-        models_.clear()
-        state = load_file(os.path.join(folder, TUNER_STATE))
-        own = handle.state_dict()
-        handle.load_state_dict({k: v.to(own[k].device, own[k].dtype) if k in own else v for k, v in state.items()})
+def save_tuner_state(handle, is_main: bool, models_, weights, folder) -> None:
+    """accelerate's save-state hook: a checkpoint holds the method's weights only, not the frozen base again."""
+    from safetensors.torch import save_file
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    if is_main:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in handle.state_dict().items()}
+        save_file(state, os.path.join(folder, TUNER_STATE))
+    weights.clear()
 
+
+def load_tuner_state(handle, models_, folder) -> None:
+    """accelerate's load-state hook: the method's weights back, each in its parameter's device and dtype."""
+    from safetensors.torch import load_file
+
+    models_.clear()
+    state = load_file(os.path.join(folder, TUNER_STATE))
+    own = handle.state_dict()
+    handle.load_state_dict({k: v.to(own[k].device, own[k].dtype) if k in own else v for k, v in state.items()})
+
+
+def start_progress(training: Training, resume: Path | None) -> Progress:
+    """Step 0, or the checkpoint's step with its weights, optimiser, schedule and RNG states loaded;
+    a checkpoint of other options is refused with an OptionError."""
+    args, events = training.args, training.events
     step = 0
     if resume is not None:
         try:
-            accelerator.load_state(str(resume))
+            training.accelerator.load_state(str(resume))
         except (ValueError, KeyError, FileNotFoundError) as exc:
             raise opts.OptionError(f"cannot resume from {resume}: it does not fit this run's method and options "
                                    f"({str(exc).splitlines()[0]}); start a new run or use the options it was saved with") from None
@@ -529,121 +673,155 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
         events.emit("info", resumed_from=str(resume), step=step)
     elif args.resume_from_checkpoint:
         events.emit("info", message="no checkpoint to resume from yet; starting from step 0")
-    last_checkpoint = step
+    return Progress(step=step, reporter=StepReporter(events, args.max_train_steps), bar=None, result=TrainResult(),
+                    last_checkpoint=step)
 
-    # 6. the loop
-    events.phase("training", step=step, total=args.max_train_steps)
-    reporter = StepReporter(events, args.max_train_steps)
-    rank, world, accum, bs = accelerator.process_index, accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
-    last_sampled = -1
 
-    def validate(at: int) -> None:
-        nonlocal last_sampled
-        if accelerator.is_main_process and args.validation_prompt:
-            for item in sample_images(pipe, args.validation_prompt, args.num_validation_images, args.seed, sampling,
-                                      args.resolution, output_dir / SAMPLES, at, accelerator.autocast):
-                events.emit("sample", step=at, prompt=item["prompt"], paths=[str(p.relative_to(output_dir)) for p in item["paths"]])
-        last_sampled = at
+# -- the loop --------------------------------------------------------------------------------------
 
-    # The losses stay on the device and are read in one go when they are reported, checkpointed
-    # or sampled: reading each step's loss (.item()) would make the CPU wait for the GPU every step.
-    pending: list[torch.Tensor] = []  # per step: (loss, instance loss)
-    pending_seconds: list[float] = []
 
-    def read_losses() -> None:
-        if not pending:
-            return
-        values = torch.stack(pending).tolist()
-        first = step - len(values) + 1
-        for i, ((loss_value, instance_value), seconds) in enumerate(zip(values, pending_seconds)):
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"the loss became {loss_value} at step {first + i}")
-            result.losses.append(loss_value)
-            result.instance_losses.append(instance_value)
-            extra = {"instance_loss": instance_value} if class_files else {}
-            reporter.update(first + i, loss_value, lr_scheduler.get_last_lr()[0], seconds, hold=i < len(values) - 1, **extra)
-            if log_with:
-                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], **extra}, step=first + i)
-        if bar is not None:
-            bar.update(len(values))
-            bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        pending.clear()
-        pending_seconds.clear()
-
-    # A progress bar for a person at a terminal only: the studio's runs log to a file, where
-    # carriage-return redraws would be noise (events.jsonl carries their progress).
-    bar = None
-    if accelerator.is_main_process and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.max_train_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    for model in trained:
+def run_loop(training: Training, progress: Progress, stop: StopFlag) -> None:
+    """Optimiser steps up to --max_train_steps; between them, losses read when due, checkpoints and
+    validation samples. Stopping is agreed by all processes (a collective, so only every
+    STOP_CHECK_STEPS steps with several), saves a checkpoint and raises Cancelled."""
+    args, accelerator = training.args, training.accelerator
+    training.events.phase("training", step=progress.step, total=args.max_train_steps)
+    progress.bar = progress_bar(accelerator, args.max_train_steps, progress.step)
+    for model in training.trained:
         model.train()
-    while step < args.max_train_steps:
-        # With several processes, agreeing to stop is a collective: once every STOP_CHECK_STEPS steps.
-        if (world == 1 or step % STOP_CHECK_STEPS == 0) and stop.agreed(accelerator):
-            read_losses()
-            if step > last_checkpoint:
-                save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, events)
+    while progress.step < args.max_train_steps:
+        if (accelerator.num_processes == 1 or progress.step % STOP_CHECK_STEPS == 0) and stop.agreed(accelerator):
+            read_losses(training, progress)
+            if progress.step > progress.last_checkpoint:
+                save_checkpoint(accelerator, training.output_dir, progress.step, args.checkpoints_total_limit, training.events)
             raise Cancelled
         started = time.perf_counter()
-        step_loss = torch.zeros(2, device=accelerator.device)
-        for micro in range(accum):
-            batch = dataset.batch(((step * accum + micro) * world + rank) * bs, bs)
-            pixels = batch["pixel_values"]
-            if latent_cache is not None:
-                posterior = latent_cache.posterior(batch["views"], pixels, weight_dtype)
-            else:
-                with torch.no_grad():
-                    posterior = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist
-            with accelerator.accumulate(*trained):
-                embeddings = torch.cat([encode().expand(bs, -1, -1) for encode in encoders])
-                loss, instance_loss, _ = diffusion_loss(unet, posterior, vae.config.scaling_factor, noise_scheduler, embeddings,
-                                                        batch["num_instance"], args, step_generator(args.seed, step, micro, rank),
-                                                        weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += torch.stack([loss.detach(), instance_loss.detach()]).float() / accum
-        step += 1
-        pending.append(step_loss)
-        pending_seconds.append(time.perf_counter() - started)
-        due_checkpoint = step % args.checkpointing_steps == 0 and step < args.max_train_steps
-        due_sample = step % args.validation_steps == 0
-        if reporter.due() or due_checkpoint or due_sample or step >= args.max_train_steps or len(pending) >= MAX_PENDING_STEPS:
-            read_losses()
-        if due_checkpoint:
-            save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, events)
-            last_checkpoint = step
-        if due_sample:
-            validate(step)
-    result.step = step
-    result.pipeline, result.handle = pipe, handle
+        step_loss = train_step(training, progress.step)
+        progress.step += 1
+        progress.pending.append(step_loss)
+        progress.pending_seconds.append(time.perf_counter() - started)
+        after_step(training, progress)
 
-    # 7. artefacts, written once by the main process, all from the registry entry
+
+def progress_bar(accelerator, total: int, initial: int):
+    """A progress bar for a person at a terminal only: the studio's runs log to a file, where
+    carriage-return redraws would be noise (events.jsonl carries their progress)."""
+    if not (accelerator.is_main_process and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+def train_step(training: Training, step: int) -> torch.Tensor:
+    """One optimiser step over --gradient_accumulation_steps micro-batches; returns the mean
+    (loss, instance loss) over them, on the device. Batch positions and random draws depend on
+    (step, micro-batch, process) only, so a resumed run repeats an uninterrupted one."""
+    args, accelerator, base = training.args, training.accelerator, training.base
+    rank, world, accum, bs = accelerator.process_index, accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
+    vae = base.pipe.vae
+    step_loss = torch.zeros(2, device=accelerator.device)
+    for micro in range(accum):
+        batch = training.dataset.batch(((step * accum + micro) * world + rank) * bs, bs)
+        pixels = batch["pixel_values"]
+        if training.latent_cache is not None:
+            posterior = training.latent_cache.posterior(batch["views"], pixels, base.weight_dtype)
+        else:
+            with torch.no_grad():
+                posterior = vae.encode(pixels.to(accelerator.device, base.weight_dtype)).latent_dist
+        with accelerator.accumulate(*training.trained):
+            embeddings = torch.cat([encode().expand(bs, -1, -1) for encode in training.encoders])
+            loss, instance_loss, _ = diffusion_loss(training.unet, posterior, vae.config.scaling_factor, base.noise_scheduler,
+                                                    embeddings, batch["num_instance"], args,
+                                                    step_generator(args.seed, step, micro, rank), base.weight_dtype)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(training.tuning.params, args.max_grad_norm)
+            training.optimizer.step()
+            training.lr_scheduler.step()
+            training.optimizer.zero_grad(set_to_none=True)
+        step_loss += torch.stack([loss.detach(), instance_loss.detach()]).float() / accum
+    return step_loss
+
+
+def after_step(training: Training, progress: Progress) -> None:
+    """Losses read when a report, checkpoint or sample is due (or MAX_PENDING_STEPS wait, so a
+    diverged run stops soon), then the checkpoint and the validation samples."""
+    args, step = training.args, progress.step
+    due_checkpoint = step % args.checkpointing_steps == 0 and step < args.max_train_steps
+    due_sample = step % args.validation_steps == 0
+    if (progress.reporter.due() or due_checkpoint or due_sample or step >= args.max_train_steps
+            or len(progress.pending) >= MAX_PENDING_STEPS):
+        read_losses(training, progress)
+    if due_checkpoint:
+        save_checkpoint(training.accelerator, training.output_dir, step, args.checkpoints_total_limit, training.events)
+        progress.last_checkpoint = step
+    if due_sample:
+        validate(training, progress, step)
+
+
+def read_losses(training: Training, progress: Progress) -> None:
+    """The pending steps' losses off the device, into the result, the step events, the trackers and
+    the bar; FloatingPointError on the first loss that is not finite."""
+    if not progress.pending:
+        return
+    values = torch.stack(progress.pending).tolist()
+    lr = training.lr_scheduler.get_last_lr()[0]
+    first = progress.step - len(values) + 1
+    for i, ((loss_value, instance_value), seconds) in enumerate(zip(values, progress.pending_seconds)):
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss became {loss_value} at step {first + i}")
+        progress.result.losses.append(loss_value)
+        progress.result.instance_losses.append(instance_value)
+        extra = {"instance_loss": instance_value} if training.dataset.class_files else {}
+        progress.reporter.update(first + i, loss_value, lr, seconds, hold=i < len(values) - 1, **extra)
+        if training.log_with:
+            training.accelerator.log({"loss": loss_value, "lr": lr, **extra}, step=first + i)
+    if progress.bar is not None:
+        progress.bar.update(len(values))
+        progress.bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+    progress.pending.clear()
+    progress.pending_seconds.clear()
+
+
+def validate(training: Training, progress: Progress, at: int) -> None:
+    """Validation samples at step `at` (main process, with --validation_prompt), each a `sample` event."""
+    args, output_dir = training.args, training.output_dir
+    if training.accelerator.is_main_process and args.validation_prompt:
+        for item in sample_images(training.base.pipe, args.validation_prompt, args.num_validation_images, args.seed,
+                                  training.base.sampling, args.resolution, output_dir / SAMPLES, at, training.accelerator.autocast):
+            training.events.emit("sample", step=at, prompt=item["prompt"],
+                                 paths=[str(p.relative_to(output_dir)) for p in item["paths"]])
+    progress.last_sampled = at
+
+
+# -- the end: artefacts ----------------------------------------------------------------------------
+
+
+def save_and_export(training: Training, progress: Progress, options: opts.Options, method, source: models.ModelSource) -> None:
+    """The last samples, the method's artefacts (all from its registry entry) and the model card,
+    written once by the main process; every process then ends accelerate's run."""
+    accelerator, output_dir, events, step = training.accelerator, training.output_dir, training.events, progress.step
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.validation_prompt and last_sampled != step:
-            validate(step)
+        if training.args.validation_prompt and progress.last_sampled != step:
+            validate(training, progress, step)
         events.phase("saving")
-        pipe.unet = accelerator.unwrap_model(unet)
-        written = method.export(pipe, handle, output_dir)
-        samples = sorted((output_dir / SAMPLES).glob(f"step{step:06d}-*.png")) if args.validation_prompt else []
+        pipe = training.base.pipe
+        pipe.unet = accelerator.unwrap_model(training.unet)
+        written = method.export(pipe, training.tuning.handle, output_dir)
+        samples = sorted((output_dir / SAMPLES).glob(f"step{step:06d}-*.png")) if training.args.validation_prompt else []
         written.append(("model-card", artifacts.write_model_card(output_dir, options, method, source, step, samples, written)))
         for kind, path in written:
             events.emit("artifact", kind=kind, path=str(Path(path).relative_to(output_dir)))
-        if bar is not None:
-            bar.close()
+        if progress.bar is not None:
+            progress.bar.close()
         print(f"done: {step} steps; in {output_dir}: " + ", ".join(f"{Path(p).relative_to(output_dir)} ({kind})" for kind, p in written),
               flush=True)
-        result.artifacts = written
+        progress.result.artifacts = written
         events.phase("done", step=step, artifacts=[str(Path(p).relative_to(output_dir)) for _, p in written])
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return result
 
 
 def hint_for(exc: BaseException) -> str | None:

@@ -21,6 +21,11 @@ runs with the same status, and a training process keeps going while no browser (
 watching: it runs in its own session and process group. The queue is FIFO by queued time, one
 process per device at a time by default (`per_device`). No file is written outside the run's own
 folder, and run ids are checked before any path is built from them.
+
+Where the process runs is a launcher's business (`Launcher`): `LocalLauncher`, the default, runs it
+on this machine as above; `trainers.cluster.RayLauncher` submits it as a Ray job to a cluster that
+shares the runs folder (docs/cluster.md). The queue, the folders and everything derived from them
+are the same for both.
 """
 
 from __future__ import annotations
@@ -76,12 +81,13 @@ class JobError(ValueError):
     """A request the runner refuses (unknown run, wrong state); the message is for the user."""
 
 
-def default_command(config_path: Path, config: dict, device: str) -> list[str]:
-    """`accelerate launch` with explicit settings, so no `accelerate config` file is needed."""
+def default_command(config_path: Path, config: dict, device: str, threads: int | None = None) -> list[str]:
+    """`accelerate launch` with explicit settings, so no `accelerate config` file is needed;
+    on the CPU with `threads` threads (default: every core of this machine)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--dynamo_backend", "no", "--mixed_precision", str(config.get("mixed_precision") or "no")]
     if device == "cpu":
-        cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
+        cmd += ["--cpu", "--num_cpu_threads_per_process", str(threads or os.cpu_count() or 1)]
     return cmd + ["-m", "trainers.dreambooth", "--config", str(config_path)]
 
 
@@ -234,11 +240,214 @@ def _group_has_live_member(pgid: int) -> bool:
     return False
 
 
+class Launcher:
+    """Where a run's trainer process runs: the seam between JobRunner (the queue, the run folders
+    and every file in them) and what starts, watches and stops the process. A run's record (what
+    `launch` returns, kept in process.json) is all a launcher made anew needs to find the run
+    again after the studio restarts.
+
+    LocalLauncher: a process group on this machine (the default). trainers.cluster.RayLauncher:
+    a Ray job on a cluster whose nodes see the runs folder at the same path."""
+
+    devices: list[str]  # where runs go ("cpu", "cuda:0", ...); the first is what the form and the memory estimate assume
+
+    def describe(self) -> str:
+        """Where runs go, in a few words (the studio prints it)."""
+        raise NotImplementedError
+
+    def room(self, device: str) -> memory.Room | None:
+        """What one run may use on `device`; None when it cannot be known here."""
+        raise NotImplementedError
+
+    def refusal(self, config: dict) -> str | None:
+        """Why no place this launcher knows could ever run `config` (checked before it is queued)."""
+        return None
+
+    def next_device(self, held: list[dict]) -> str | None:
+        """Where the next queued run may start now, given the records of the runs holding a place."""
+        raise NotImplementedError
+
+    def launch(self, run_id: str, path: Path, device: str, cap: int | None) -> dict:
+        """Start the trainer on the run folder `path` (its config.json); `cap`: its memory cap in
+        bytes. Returns the run's record, with at least `device`."""
+        raise NotImplementedError
+
+    def state(self, run_id: str, record: dict) -> str:
+        """'waiting' (handed over, not started: it waits for room), 'running', or 'ended'."""
+        raise NotImplementedError
+
+    def reap(self) -> list[tuple[str, str | None]]:
+        """The runs it watches whose process ended since the last call, each with how it ended;
+        None for one that never started and goes back to the queue."""
+        raise NotImplementedError
+
+    def adopt(self, run_id: str, path: Path, record: dict) -> None:
+        """A run found alive when the studio started: watch it from now on."""
+
+    def how_it_ended(self, path: Path, record: dict) -> str:
+        """For a run found ended, without its final word, when the studio started."""
+        raise NotImplementedError
+
+    def stop(self, record: dict, force: bool = False) -> None:
+        """SIGTERM to the trainer (it saves a checkpoint and ends `cancelled`); force: SIGKILL."""
+        raise NotImplementedError
+
+    def watch(self, run_id: str, path: Path, record: dict) -> None:
+        """Called on every tick for each running run (the local memory watchdog)."""
+
+    def forget(self, run_id: str) -> None:
+        """The run is queued again (resume): its earlier process has ended and is not reported."""
+
+
+class LocalLauncher(Launcher):
+    """Each run a process group on this machine, `per_device` at a time on each device."""
+
+    def __init__(self, devices: list[str] | None = None, per_device: int = 1, command=default_command,
+                 niceness: int = 5, memory_limit: int | None = -1):
+        self.devices = list(devices) if devices else detect_devices()
+        self.per_device = max(1, int(per_device))
+        self.memory_limit = default_memory_limit(self.per_device) if memory_limit == -1 else memory_limit
+        self.command = command
+        self.niceness = niceness
+        self._children: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def describe(self) -> str:
+        return f"this machine ({', '.join(self.devices)})"
+
+    def room(self, device: str) -> memory.Room:
+        """Its share of the card, or of the machine divided among the runs a CPU holds at once."""
+        room = memory.device_room(device)
+        if not device.startswith("cuda") and self.per_device > 1:
+            room.limit //= self.per_device
+            room.where += f", shared by {self.per_device} runs at once"
+        return room
+
+    def next_device(self, held: list[dict]) -> str | None:
+        busy: dict[str, int] = {}
+        for record in held:
+            busy[record.get("device", "")] = busy.get(record.get("device", ""), 0) + 1
+        return next((d for d in self.devices if busy.get(d, 0) < self.per_device), None)
+
+    def state(self, run_id: str, record: dict) -> str:
+        child = self._children.get(run_id)
+        if child is not None and child[0].poll() is None:
+            return "running"
+        return "running" if record and _process_alive(record) else "ended"
+
+    def reap(self) -> list[tuple[str, str | None]]:
+        ended = []
+        for run_id, (child, path) in list(self._children.items()):
+            record = _read_json(path / PROCESS_FILE)
+            ours = record.get("pid") == child.pid
+            if child.poll() is not None and not (ours and _process_alive(record)):
+                del self._children[run_id]
+                if ours:
+                    ended.append((run_id, how_it_ended(path, child.returncode)))
+        return ended
+
+    def how_it_ended(self, path: Path, record: dict) -> str:
+        return how_it_ended(path, None)
+
+    def stop(self, record: dict, force: bool = False) -> None:
+        self._signal(record, signal.SIGKILL if force else signal.SIGTERM)
+
+    def watch(self, run_id: str, path: Path, record: dict) -> None:
+        self._watch_memory(path, record)
+
+    def forget(self, run_id: str) -> None:
+        old = self._children.pop(run_id, None)
+        if old is not None:
+            old[0].wait()
+
+    def launch(self, run_id: str, path: Path, device: str, cap: int | None) -> dict:
+        config_path = path / CONFIG_FILE
+        cmd = self.command(config_path, _read_json(config_path), device)
+        if self.niceness and shutil.which("nice"):
+            # training yields the CPU to the studio's web server, so pages stay responsive
+            cmd = [shutil.which("nice"), "-n", str(self.niceness), *cmd]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        if device.startswith("cuda:") and cap:
+            env[memory.CUDA_CAP_ENV] = str(cap)  # the trainer holds itself to it on the card
+        if device == "cpu":
+            # OpenMP (libgomp) threads spin 300,000 rounds at every barrier by default; on cores the
+            # trainer shares with the studio and a browser, a partner thread that lost its core makes
+            # that ruinous (demo model, 2 cores, one busy process beside it: 5.8 s/step instead of
+            # 0.03). 10,000 rounds kept the idle speed (0.034 s/step; 0.073 with a studio page
+            # watching, as the default) and cut the contended case to 0.43 s/step.
+            env.setdefault("GOMP_SPINCOUNT", "10000")
+        with open(path / LOG_FILE, "ab") as log:
+            log.write(f"$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            # a session of its own: closing the browser or stopping the app does not stop it, and
+            # cancel can signal the whole group (accelerate launch and the trainer it starts)
+            child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self._children[run_id] = (child, path)
+        limit = self._cap_memory(child.pid) if device == "cpu" else None
+        # the watchdog's cap on the resident memory of the run's processes: the run's own on the
+        # CPU, the machine's share for a GPU run's host side
+        rss_cap = cap if device == "cpu" else int(memory.host_room().limit / max(1, self.per_device))
+        try:
+            create_time = psutil.Process(child.pid).create_time()
+        except psutil.Error:
+            create_time = 0.0
+        return {"pid": child.pid, "create_time": create_time, "device": device, "started": time.time(),
+                "command": cmd, "memory_limit": limit, "memory_cap": cap, "rss_cap": rss_cap}
+
+    def _watch_memory(self, path: Path, record: dict) -> None:
+        """Kill a run whose processes hold more resident memory than its cap, and say so: the
+        run fails alone, the machine keeps its memory, the studio and the other runs go on."""
+        cap = record.get("rss_cap")
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
+            return
+        try:
+            leader = psutil.Process(int(record["pid"]))
+            used = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
+        except (psutil.Error, KeyError, ValueError, TypeError):
+            return
+        if used <= cap:
+            return
+        self._signal(record, signal.SIGKILL)
+        if last_phase(read_events(path)) in FINAL_PHASES:
+            return  # said already (a process dying slowly is seen over its cap more than once)
+        EventLog(path).phase("failed", error=f"{memory_cap_message(cap)} (its processes held {used / 2**30:.1f} GiB)",
+                             hint=MEMORY_CAP_HINT)
+        with open(path / LOG_FILE, "ab") as log:
+            log.write(f"studio: stopped: {memory_cap_message(cap)}; its processes held {used / 2**30:.1f} GiB\n".encode())
+
+    def _cap_memory(self, pid: int) -> int | None:
+        """Set the run's address-space limit from outside (prlimit), not in a preexec_fn, which is
+        unsafe in a threaded server; it is set while `nice` and the launcher are still starting,
+        and the trainer process they start inherits it."""
+        if not self.memory_limit:
+            return None
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = self.memory_limit if hard == resource.RLIM_INFINITY else min(self.memory_limit, hard)
+        try:
+            resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+        except (OSError, ValueError):
+            return None
+        return soft
+
+    @staticmethod
+    def _signal(record: dict, sig: int) -> None:
+        if not _process_alive(record):
+            return
+        try:
+            os.killpg(int(record["pid"]), sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 class JobRunner:
     def __init__(self, runs_dir: str | os.PathLike, *, devices: list[str] | None = None, per_device: int = 1,
                  command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5,
                  max_active_per_owner: int | None = None, unguessable_ids: bool = False,
-                 memory_limit: int | None = -1, memory_check: bool | None = None, run_memory_cap: int | None = None):
+                 memory_limit: int | None = -1, memory_check: bool | None = None, run_memory_cap: int | None = None,
+                 launcher: Launcher | None = None):
         """Memory, three ways (trainers/memory.py):
         - before a run is queued its peak is estimated and a run that cannot fit on the device is
           refused (`memory_check`: default on unless RESTUNING_MEMORY_CHECK=off);
@@ -249,29 +458,37 @@ class JobRunner:
           bytes for every run instead;
         - `memory_limit`: bytes of address space per CPU run, a backstop for what the watchdog
           cannot see in time (-1: default_memory_limit, None: none). CUDA runs are not limited
-          this way: the CUDA driver reserves address space far beyond any memory it uses."""
+          this way: the CUDA driver reserves address space far beyond any memory it uses.
+
+        `launcher`: where runs go (default: LocalLauncher on this machine, built from `devices`,
+        `per_device`, `command`, `niceness` and `memory_limit`, which only it uses)."""
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.devices = list(devices) if devices else detect_devices()
-        self.per_device = max(1, int(per_device))
-        self.memory_limit = default_memory_limit(self.per_device) if memory_limit == -1 else memory_limit
+        self.launcher = launcher or LocalLauncher(devices=devices, per_device=per_device, command=command,
+                                                  niceness=niceness, memory_limit=memory_limit)
         self.memory_check = memory.check_enabled() if memory_check is None else memory_check
         self.run_memory_cap = run_memory_cap
-        self.command = command
         self.poll_seconds = poll_seconds
         self.kill_after = kill_after
-        self.niceness = niceness
         # a fair queue on a shared server: one visitor's queued + running runs are capped
         self.max_active_per_owner = max_active_per_owner
         # on a shared server a run's files are served by URL: 64 random bits make its id a secret
         self.id_token_bytes = 8 if unguessable_ids else 2
         self._lock = threading.RLock()
-        self._children: dict[str, subprocess.Popen] = {}
         self._cancel_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._events_cache: dict[str, tuple[tuple[int, int], tuple[list, int]]] = {}
         self._recover()
+
+    @property
+    def devices(self) -> list[str]:
+        """Where runs go; the first is what the form and the memory estimate assume."""
+        return self.launcher.devices
+
+    @devices.setter
+    def devices(self, devices: list[str]) -> None:
+        self.launcher.devices = list(devices)
 
     # ---- paths -------------------------------------------------------------------------------
 
@@ -360,26 +577,28 @@ class JobRunner:
             raise
         return run_id
 
-    def memory_room(self, device: str | None = None) -> memory.Room:
+    def memory_room(self, device: str | None = None) -> memory.Room | None:
         """What one run may use on `device` (the first of this runner's): its share of the card,
         or of the machine divided among the runs a CPU holds at once."""
-        device = device or self.devices[0]
-        room = memory.device_room(device)
-        if not device.startswith("cuda") and self.per_device > 1:
-            room.limit //= self.per_device
-            room.where += f", shared by {self.per_device} runs at once"
-        return room
+        return self.launcher.room(device or self.devices[0])
 
     def memory_verdict(self, config: dict) -> memory.Verdict:
         """The estimate of a run of `config` against what a run may use here (trainers.memory)."""
         device = self.devices[0]
+        room = self.memory_room(device)
+        if room is None:
+            return memory.Verdict("unknown", f"memory: {self.launcher.describe()} does not report the memory of its "
+                                  "devices; the trainer checks the run where it starts")
         est = memory.estimate_config(config, device)
         facts = memory.model_facts(str(config.get("pretrained_model_name_or_path") or memory.DEMO_MODEL)) if est else None
-        return memory.judge(est, self.memory_room(device), facts, queued=True)
+        return memory.judge(est, room, facts, queued=True)
 
     def check_memory(self, config: dict) -> memory.Verdict:
         """JobError for a run whose estimate does not fit what a run may use on this device
         (unless the check is off); else the verdict, whose message warns when it is close."""
+        refusal = self.launcher.refusal(config)
+        if refusal:
+            raise JobError(f"not queued: {refusal}")
         verdict = self.memory_verdict(config)
         if verdict.level == "too-big" and self.memory_check:
             raise JobError(f"not queued: {verdict.message}")
@@ -412,12 +631,13 @@ class JobRunner:
         self._events_cache[run_id] = (key, scanned)
         return scanned
 
-    def _alive(self, run_id: str, path: Path) -> bool:
-        child = self._children.get(run_id)
-        if child is not None and child.poll() is None:
-            return True
+    def _state(self, run_id: str, path: Path) -> str:
+        """'waiting' (handed to the launcher, not started yet), 'running', or 'ended' (or never launched)."""
         record = _read_json(path / PROCESS_FILE)
-        return bool(record) and _process_alive(record)
+        return self.launcher.state(run_id, record) if record else "ended"
+
+    def _alive(self, run_id: str, path: Path) -> bool:
+        return self._state(run_id, path) != "ended"
 
     def queue(self) -> list[str]:
         """Waiting runs, first to start first."""
@@ -433,13 +653,14 @@ class JobRunner:
         job = _read_json(path / JOB_FILE)
         events, skipped = self.scanned_events(run_id)
         phase = last_phase(events)
-        alive = self._alive(run_id, path)
+        state = self._state(run_id, path)
+        alive = state != "ended"
         if phase in FINAL_PHASES:
             status = phase
-        elif alive:
+        elif state == "running":
             status = "running"
-        elif phase == "queued" and not (path / PROCESS_FILE).exists():
-            status = "queued"
+        elif state == "waiting" or (phase == "queued" and not (path / PROCESS_FILE).exists()):
+            status = "queued"  # waiting for a place: in this runner's queue, or handed over and not started
         else:
             # started, not alive, no final word: the process died while nobody watched
             status = "failed"
@@ -515,16 +736,16 @@ class JobRunner:
         checkpoint and reports `cancelled` (SIGKILL follows after `kill_after` seconds)."""
         with self._lock:
             info = self.info(run_id)
-            if info.status == "queued":
+            if info.status == "queued" and not info.alive:
                 EventLog(info.dir).phase("cancelled", message="removed from the queue before it started")
                 return "removed from the queue"
-            if info.status != "running":
+            if info.status not in ("queued", "running"):
                 raise JobError(f"run {run_id} is {info.status}; only queued or running runs can be cancelled")
             record = _read_json(info.dir / PROCESS_FILE)
             job = _read_json(info.dir / JOB_FILE)
             job["cancel_requested"] = time.time()
             _write_json(info.dir / JOB_FILE, job)
-            self._signal(record, signal.SIGTERM)
+            self.launcher.stop(record)
             self._cancel_at[run_id] = time.monotonic()
             return "stopping: the trainer saves a checkpoint, then ends"
 
@@ -549,9 +770,7 @@ class JobRunner:
             (info.dir / PROCESS_FILE).unlink(missing_ok=True)
             # the earlier process has ended (not alive): forget it, so its end is not reported again
             self._cancel_at.pop(run_id, None)
-            old = self._children.pop(run_id, None)
-            if old is not None:
-                old.wait()
+            self.launcher.forget(run_id)
             EventLog(info.dir).phase("queued", message=f"resuming from {info.checkpoint}")
         self.tick()
         return f"queued again; it resumes from {info.checkpoint}"
@@ -591,95 +810,64 @@ class JobRunner:
                 print(f"jobs: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def tick(self) -> None:
-        """Reap ended processes, escalate overdue cancels, start queued runs on free devices."""
+        """Reap ended processes, escalate overdue cancels, start queued runs where the launcher has room."""
         with self._lock:
-            for run_id, child in list(self._children.items()):
-                record = _read_json(self.runs_dir / run_id / PROCESS_FILE)
-                ours = record.get("pid") == child.pid
-                if ours and child.poll() is None:
-                    self._watch_memory(run_id, record)
-                if child.poll() is not None and not (ours and _process_alive(record)):
-                    del self._children[run_id]
-                    if ours:
-                        self._finish(run_id, how_it_ended(self.runs_dir / run_id, child.returncode))
+            for run_id, how in self.launcher.reap():
+                if how is None:
+                    self._requeue(run_id)
+                else:
+                    self._finish(run_id, how)
             for run_id, since in list(self._cancel_at.items()):
                 path = self.runs_dir / run_id
                 record = _read_json(path / PROCESS_FILE)
-                if not _process_alive(record):
+                if not record or self.launcher.state(run_id, record) == "ended":
                     self._cancel_at.pop(run_id)
-                    if record and run_id not in self._children:
-                        self._finish(run_id, "stopped")
+                    if record:
+                        self._finish(run_id, "stopped")  # a no-op once the process or the reaping said more
                 elif time.monotonic() - since > self.kill_after:
-                    self._signal(record, signal.SIGKILL)
-            busy = self._busy_devices()
+                    self.launcher.stop(record, force=True)
+            held = self._held()
             for run_id in self.queue():
-                device = next((d for d in self.devices if busy.get(d, 0) < self.per_device), None)
+                device = self.launcher.next_device(held)
                 if device is None:
                     break
                 try:
-                    self._launch(run_id, device)
+                    held.append(self._launch(run_id, device))
                 except (OSError, ValueError, TypeError) as exc:
                     # this run cannot start (its folder is damaged): it fails alone, the queue goes on
                     EventLog(self.runs_dir / run_id).phase("failed", error=f"the run could not start: {exc}",
                                                            hint="start a new run; this one's folder is damaged")
-                    continue
-                busy[device] = busy.get(device, 0) + 1
 
-    def _busy_devices(self) -> dict[str, int]:
-        busy: dict[str, int] = {}
+    def _held(self) -> list[dict]:
+        """The records of the runs that hold a place (a run still exiting after its final phase
+        holds its device too); each running one is shown to the launcher's watchdog."""
+        held = []
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
-            if self._alive(run_id, path):  # a run still exiting after its final phase holds its device too
-                record = _read_json(path / PROCESS_FILE)
-                device = record.get("device", "")
-                busy[device] = busy.get(device, 0) + 1
-                if run_id not in self._children:  # adopted after a restart of the studio: still held to its cap
-                    self._watch_memory(run_id, record)
-        return busy
+            record = _read_json(path / PROCESS_FILE)
+            state = self.launcher.state(run_id, record) if record else "ended"
+            if state != "ended":
+                held.append(record)
+            if state == "running":
+                self.launcher.watch(run_id, path, record)
+        return held
 
-    def _launch(self, run_id: str, device: str) -> None:
+    def _launch(self, run_id: str, device: str) -> dict:
         path = self.runs_dir / run_id
-        config_path = path / CONFIG_FILE
-        cmd = self.command(config_path, _read_json(config_path), device)
-        if self.niceness and shutil.which("nice"):
-            # training yields the CPU to the studio's web server, so pages stay responsive
-            cmd = [shutil.which("nice"), "-n", str(self.niceness), *cmd]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        if device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        cap = self._run_cap(path, device)
-        if device.startswith("cuda:") and cap:
-            env[memory.CUDA_CAP_ENV] = str(cap)  # the trainer holds itself to it on the card
-        if device == "cpu":
-            # OpenMP (libgomp) threads spin 300,000 rounds at every barrier by default; on cores the
-            # trainer shares with the studio and a browser, a partner thread that lost its core makes
-            # that ruinous (demo model, 2 cores, one busy process beside it: 5.8 s/step instead of
-            # 0.03). 10,000 rounds kept the idle speed (0.034 s/step; 0.073 with a studio page
-            # watching, as the default) and cut the contended case to 0.43 s/step.
-            env.setdefault("GOMP_SPINCOUNT", "10000")
-        with open(path / LOG_FILE, "ab") as log:
-            log.write(f"$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            # a session of its own: closing the browser or stopping the app does not stop it, and
-            # cancel can signal the whole group (accelerate launch and the trainer it starts)
-            child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        self._children[run_id] = child
-        limit = self._cap_memory(child.pid) if device == "cpu" else None
-        # the watchdog's cap on the resident memory of the run's processes: the run's own on the
-        # CPU, the machine's share for a GPU run's host side
-        rss_cap = cap if device == "cpu" else int(memory.host_room().limit / max(1, self.per_device))
-        try:
-            create_time = psutil.Process(child.pid).create_time()
-        except psutil.Error:
-            create_time = 0.0
-        _write_json(path / PROCESS_FILE, {"pid": child.pid, "create_time": create_time, "device": device,
-                                          "started": time.time(), "command": cmd, "memory_limit": limit,
-                                          "memory_cap": cap, "rss_cap": rss_cap})
+        record = self.launcher.launch(run_id, path, device, self._run_cap(path, device))
+        _write_json(path / PROCESS_FILE, record)
         job = _read_json(path / JOB_FILE)
-        job["device"] = device
+        job["device"] = str(record.get("device", device))
         _write_json(path / JOB_FILE, job)
+        return record
+
+    def _requeue(self, run_id: str) -> None:
+        """A run the launcher handed back without starting it (a cluster that found no room in
+        time): it waits again at its old place in the queue."""
+        path = self.runs_dir / run_id
+        (path / PROCESS_FILE).unlink(missing_ok=True)
+        with open(path / LOG_FILE, "ab") as log:
+            log.write(b"studio: the cluster had no room for this run in time; it waits in the queue again\n")
 
     def _run_cap(self, path: Path, device: str) -> int | None:
         """A run's memory cap: its estimate (from job.json) with headroom, never more than its
@@ -687,46 +875,13 @@ class JobRunner:
         if self.run_memory_cap:
             return int(self.run_memory_cap)
         estimate = _read_json(path / JOB_FILE).get("memory_estimate")
-        limit = self.memory_room(device).limit
+        room = self.memory_room(device)
+        if room is None:
+            return None
+        limit = room.limit
         if isinstance(estimate, int) and not isinstance(estimate, bool) and estimate > 0:
             return memory.run_cap(memory.Estimate(estimate, {}, device, {}), limit)
         return limit
-
-    def _watch_memory(self, run_id: str, record: dict) -> None:
-        """Kill a run whose processes hold more resident memory than its cap, and say so: the
-        run fails alone, the machine keeps its memory, the studio and the other runs go on."""
-        cap = record.get("rss_cap")
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-            return
-        try:
-            leader = psutil.Process(int(record["pid"]))
-            used = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
-        except (psutil.Error, KeyError, ValueError, TypeError):
-            return
-        if used <= cap:
-            return
-        path = self.runs_dir / run_id
-        self._signal(record, signal.SIGKILL)
-        if last_phase(read_events(path)) in FINAL_PHASES:
-            return  # said already (a process dying slowly is seen over its cap more than once)
-        EventLog(path).phase("failed", error=f"{memory_cap_message(cap)} (its processes held {used / 2**30:.1f} GiB)",
-                             hint=MEMORY_CAP_HINT)
-        with open(path / LOG_FILE, "ab") as log:
-            log.write(f"studio: stopped: {memory_cap_message(cap)}; its processes held {used / 2**30:.1f} GiB\n".encode())
-
-    def _cap_memory(self, pid: int) -> int | None:
-        """Set the run's address-space limit from outside (prlimit), not in a preexec_fn, which is
-        unsafe in a threaded server; it is set while `nice` and the launcher are still starting,
-        and the trainer process they start inherits it."""
-        if not self.memory_limit:
-            return None
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        soft = self.memory_limit if hard == resource.RLIM_INFINITY else min(self.memory_limit, hard)
-        try:
-            resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
-        except (OSError, ValueError):
-            return None
-        return soft
 
     def _finish(self, run_id: str, how: str) -> None:
         """A process ended: if the trainer did not write a final phase, write one for it."""
@@ -743,21 +898,17 @@ class JobRunner:
 
     def _recover(self) -> None:
         """At start-up: runs whose process died while the app was away are marked failed; live
-        ones are adopted (watched by pid), queued ones wait as before."""
+        ones are adopted (the launcher finds them by their record), queued ones wait as before."""
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
             record = _read_json(path / PROCESS_FILE)
+            if not record:
+                continue
             phase = last_phase(read_events(path))
-            if record and phase not in FINAL_PHASES and not _process_alive(record):
-                self._finish(run_id, how_it_ended(path, None))
-            elif record and _read_json(path / JOB_FILE).get("cancel_requested") and _process_alive(record):
-                self._cancel_at[run_id] = time.monotonic()
-
-    @staticmethod
-    def _signal(record: dict, sig: int) -> None:
-        if not _process_alive(record):
-            return
-        try:
-            os.killpg(int(record["pid"]), sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+            alive = self.launcher.state(run_id, record) != "ended"
+            if phase not in FINAL_PHASES and not alive:
+                self._finish(run_id, self.launcher.how_it_ended(path, record))
+            elif alive:
+                self.launcher.adopt(run_id, path, record)
+                if _read_json(path / JOB_FILE).get("cancel_requested"):
+                    self._cancel_at[run_id] = time.monotonic()

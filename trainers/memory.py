@@ -28,8 +28,8 @@ device, no weights read; the method's trainable count from attaching it to that 
                  channels / 128), halved in half precision (assumed); grads are freed by then
     overhead   = the trainer process: Python, torch, diffusers, transformers, accelerate (0.5 GiB
                  on CPU); on CUDA the context and the caching allocator's slack (1.0 GiB of the
-                 card, assumed, not measured). `accelerate launch` itself holds about 0.2 GiB more
-                 (measured on the demo model); each run's cap has headroom for it
+                 card, assumed). `accelerate launch` itself is not counted: each run's cap
+                 (run_cap: x1.5, at least +2 GiB) has headroom for it
     peak       = overhead + weights + optimizer + max(grads + activations, sampling)
 
 Calibration, SD v1.5 U-Net, GiB per 1024 latent pixels x sample (k):
@@ -41,19 +41,11 @@ Calibration, SD v1.5 U-Net, GiB per 1024 latent pixels x sample (k):
     full / anything in the encoder     0.55        0.20
     inference (validation samples)     0.05        0.025
 
-The CPU column is fitted to bench/results/train_cost_sd15_cpu_{256px_b1,512px_b2}_fp32.json (peak
-RSS of one training step of the U-Net alone, in a fresh process); the CUDA column to
-bench/results/gpu_check_h200.json (torch.cuda.max_memory_allocated, 512 px, batch 8, fp16); the
-0.25 for gradient checkpointing to that file's full fine-tuning variant (0.16 measured, 0.25 kept
-to stay on the safe side); the VAE decode to SD v1.5's VAE decoding 1 and 2 latents at 256 and
-512 px on this CPU (+0.37, +0.96, +1.95 GiB); the overhead to the demo model's own CLI runs. The
-arch scale is computed from the config, not fitted: the demo model's runs check it (LoRA at 256 px,
-batch 16, where its activations dominate: 1.03x). bf16 on a CPU takes half the fp32 figure, fp32
-on CUDA twice the half one (not measured). tests/test_memory.py holds every row of the table of
-estimate against measurement within 0.90-1.20x (the estimate leans high); `python -m
-trainers.memory` prints it, `--write` into bench/results/memory_estimate.md. Not measured at
-all: full fine-tuning at 512 px on a CPU, SD 2.x models (a single-file 2.x checkpoint is
-estimated with SD 1.x's configs), several processes per run.
+Every k is fitted to measured peaks; the arch scale is computed from the config, not fitted. bf16
+on a CPU takes half the fp32 figure, fp32 on CUDA twice the half one. Where each constant comes
+from, what was measured and what was not: docs/benchmarks.md, "Memory estimate". The estimate
+against every measurement (`python -m trainers.memory`, `--write` into
+bench/results/memory_estimate.md) stays within 0.90-1.20x (tests/test_memory.py holds it).
 """
 
 from __future__ import annotations

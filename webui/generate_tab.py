@@ -50,6 +50,29 @@ def generate(runner, base, studio, who, run_id: str | None, rows: list[Settings]
     return made
 
 
+def form_from_png(runner, d: dict, path, who) -> tuple:
+    """The form's values (tuner, prompt, negative, seed, images per click, steps, guidance,
+    scheduler, scale) from a PNG this tab saved; the base model where its tuner is not `who`'s."""
+    if not path:
+        return (gr.skip(),) * 9
+    try:
+        settings = read_png_settings(path)
+    except (OSError, ValueError, SyntaxError):
+        settings = None
+    if not isinstance(settings, dict) or "prompt" not in settings:
+        raise gr.Error("this PNG holds no studio settings (only pictures saved by this studio's Generate tab do)")
+    options = {v for _, v in tuner_choices(runner, who)}
+    wanted = settings.get("tuner") or BASE
+    if wanted not in options:
+        gr.Warning(f"the tuner {wanted} is not among your runs here; the base model is selected")
+        wanted = BASE
+    sch = settings.get("scheduler") if settings.get("scheduler") in SCHEDULERS else d["scheduler"]
+    return (gr.Dropdown(choices=tuner_choices(runner, who), value=wanted), str(settings.get("prompt", "")),
+            str(settings.get("negative_prompt") or ""), int(settings.get("seed", -1)), 1,
+            int(settings.get("steps", d["steps"])), float(settings.get("guidance", d["guidance"])), sch,
+            float(settings.get("scale") or 1.0))
+
+
 def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, who=None):
     """The tab's content for visitor `who`; selecting the tab again refreshes the list of tuners."""
     d = studio.defaults()
@@ -105,24 +128,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
         return json.dumps(read_png_settings(history[evt.index][0]) or {}, indent=2)
 
     def load_png(path, who):
-        if not path:
-            return (gr.skip(),) * 9
-        try:
-            settings = read_png_settings(path)
-        except (OSError, ValueError, SyntaxError):
-            settings = None
-        if not isinstance(settings, dict) or "prompt" not in settings:
-            raise gr.Error("this PNG holds no studio settings (only pictures saved by this studio's Generate tab do)")
-        options = {v for _, v in tuner_choices(runner, who)}
-        wanted = settings.get("tuner") or BASE
-        if wanted not in options:
-            gr.Warning(f"the tuner {wanted} is not among your runs here; the base model is selected")
-            wanted = BASE
-        sch = settings.get("scheduler") if settings.get("scheduler") in SCHEDULERS else d["scheduler"]
-        return (gr.Dropdown(choices=tuner_choices(runner, who), value=wanted), str(settings.get("prompt", "")),
-                str(settings.get("negative_prompt") or ""), int(settings.get("seed", -1)), 1,
-                int(settings.get("steps", d["steps"])), float(settings.get("guidance", d["guidance"])), sch,
-                float(settings.get("scale") or 1.0))
+        return form_from_png(runner, d, path, who)
 
     reload.click(friendly(refresh), [owner, tuner], tuner, show_progress="hidden", queue=False)
     go.click(friendly(do_generate), [owner, tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale, kept],

@@ -6,17 +6,19 @@ their own runs and the published ones, controls only their own, and publishes ex
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from trainers import artifacts
 from trainers.uploads import check_name, check_tuner_file, discard, lora_as_tuner_file
 
 from . import live, visitors
 from .errors import friendly
 
-DOWNLOADS = (("tuner", "tuner.safetensors"), ("model-card", "model card (README.md)"),
+DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tuner and samples (.zip)"),
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
 
 
@@ -48,40 +50,100 @@ def _details(info) -> str:
     return "\n".join(parts)
 
 
+def _downloads(info) -> dict:
+    """kind -> the file its download button hands out, under the name the user should keep
+    (trainers.artifacts.downloads); the files as they are if those cannot be made (a full disk)."""
+    found = live.artifacts(info)
+    try:
+        return artifacts.downloads(info.dir, found, info.method)
+    except OSError:
+        return found
+
+
+def view(runner, run_id, who, shared: bool):
+    """What the tab shows: table rows, run ids, the selected run, the other widgets' values and
+    visibility (its controls only for a visitor who controls it), and a signature of it all."""
+    runs = visitors.visible_runs(runner, who)
+    table_rows, ids = [live.run_row(r) for r in runs], [r.id for r in runs]
+    run_id = run_id if run_id in ids else (ids[0] if ids else None)
+    info = runner.info(run_id) if run_id else None
+    mine = bool(info) and visitors.can_control(info, who)
+    files = _downloads(info) if info else {}
+    widgets = {"details": {"value": _details(info) if info else "No runs yet."},
+               "samples": {"value": live.samples(info) if info else None},
+               **{kind: {"value": str(files[kind]) if kind in files else None, "visible": kind in files}
+                  for kind, _ in DOWNLOADS},
+               "cancel": {"visible": mine and info.status in ("queued", "running")},
+               "resume": {"visible": mine and info.resumable},
+               "delete": {"visible": mine and info.status not in ("queued", "running")},
+               "publish": {"value": bool(info) and info.published, "visible": shared and mine}}
+    signature = (tuple(map(tuple, table_rows)), run_id,
+                 (info.status, len(info.events), info.published, mine) if info else None)
+    return table_rows, ids, run_id, widgets, signature
+
+
+@dataclass
+class Tab:
+    """The tab's components."""
+
+    table: gr.Dataframe
+    pick: gr.Dropdown
+    details: gr.HTML
+    samples: gr.Gallery
+    downloads: dict  # artefact kind -> its download button
+    cancel: gr.Button
+    resume: gr.Button
+    delete: gr.Button
+    publish: gr.Checkbox
+    confirm_box: gr.Group
+    confirm_text: gr.Markdown
+    confirm: gr.Button
+    keep: gr.Button
+    upload: gr.File
+    import_name: gr.Textbox
+    import_button: gr.Button
+
+
 def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
     """The tab's content for visitor `who`, filled with the runs as they are now; selecting the
     tab again and a 2 s timer keep it current."""
-
-    def view(run_id, who):
-        """What the tab shows: table rows, run ids, the selected run, the other widgets' values
-        and visibility (its controls only for a visitor who controls it), and a signature of it all."""
-        runs = visitors.visible_runs(runner, who)
-        table_rows, ids = [live.run_row(r) for r in runs], [r.id for r in runs]
-        run_id = run_id if run_id in ids else (ids[0] if ids else None)
-        info = runner.info(run_id) if run_id else None
-        mine = bool(info) and visitors.can_control(info, who)
-        files = live.artifacts(info) if info else {}
-        widgets = {"details": {"value": _details(info) if info else "No runs yet."},
-                   "samples": {"value": live.samples(info) if info else None},
-                   **{kind: {"value": str(files[kind]) if kind in files else None, "visible": kind in files}
-                      for kind, _ in DOWNLOADS},
-                   "cancel": {"visible": mine and info.status in ("queued", "running")},
-                   "resume": {"visible": mine and info.resumable},
-                   "delete": {"visible": mine and info.status not in ("queued", "running")},
-                   "publish": {"value": bool(info) and info.published, "visible": shared and mine}}
-        signature = (tuple(map(tuple, table_rows)), run_id,
-                     (info.status, len(info.events), info.published, mine) if info else None)
-        return table_rows, ids, run_id, widgets, signature
-
-    table_rows, ids, run_id, now, signature = view(None, who)
+    table_rows, ids, run_id, now, signature = view(runner, None, who, shared)
     selected = gr.State(run_id)
     shown = gr.State(signature)
+    ui = _layout(table_rows, ids, run_id, now)
+    outputs = [ui.table, ui.pick, selected, ui.details, ui.samples, *ui.downloads.values(), ui.cancel, ui.resume, ui.delete,
+               ui.publish, shown]
+
+    def refresh(run_id, last, who=None):
+        table_rows, ids, run_id, now, signature = view(runner, run_id, who, shared)
+        if signature == last:
+            return (gr.skip(),) * (len(outputs))
+        return (table_rows, gr.Dropdown(choices=ids, value=run_id), run_id, now["details"]["value"],
+                now["samples"]["value"], *(gr.DownloadButton(**now[kind]) for kind, _ in DOWNLOADS),
+                gr.Button(**now["cancel"]), gr.Button(**now["resume"]), gr.Button(**now["delete"]),
+                gr.Checkbox(**now["publish"]), signature)
+
+    timer = gr.Timer(2.0)
+    timer.tick(friendly(refresh), [selected, shown, owner], outputs, show_progress="hidden", concurrency_limit=None, queue=False)
+    ui.pick.input(friendly(refresh), [ui.pick, gr.State(None), owner], outputs, show_progress="hidden")
+
+    def select_row(evt: gr.SelectData, data):
+        return data.iloc[evt.index[0], 0] if evt.index is not None else gr.skip()
+
+    ui.table.select(select_row, ui.table, ui.pick).then(friendly(refresh), [ui.pick, gr.State(None), owner], outputs,
+                                                        show_progress="hidden")
+    _wire_controls(runner, ui, selected, owner, shown)
+    _wire_import(runner, base, ui, selected, owner, shown)
+    tab.select(friendly(refresh), [selected, gr.State(None), owner], outputs, show_progress="hidden", queue=False)
+
+
+def _layout(table_rows, ids, run_id, now: dict) -> Tab:
     table = gr.Dataframe(headers=live.RUN_COLUMNS, value=table_rows, interactive=False, wrap=True, elem_id="runs-table")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             pick = gr.Dropdown(label="Run", choices=ids, value=run_id, interactive=True, elem_id="runs-pick")
             details = gr.HTML(elem_id="runs-details", **now["details"])
-            run_samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="runs-samples", **now["samples"])
+            samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="runs-samples", **now["samples"])
         with gr.Column(scale=2):
             downloads = {kind: gr.DownloadButton(f"Download {label}", elem_id=f"download-{kind}", **now[kind])
                          for kind, label in DOWNLOADS}
@@ -98,81 +160,71 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
                     keep = gr.Button("Keep it", elem_id="runs-delete-keep")
             with gr.Accordion("Import a tuner file", open=False):
                 upload = gr.File(label="tuner .safetensors for this base model: a restuning file, or a diffusers or kohya LoRA",
-                                 file_count="single",
-                                 interactive=True, elem_id="import-file")
+                                 file_count="single", interactive=True, elem_id="import-file")
                 import_name = gr.Textbox(label="Name", placeholder="my-star", interactive=True, elem_id="import-name")
                 import_button = gr.Button("Import", elem_id="import")
+    return Tab(table, pick, details, samples, downloads, cancel, resume, delete, publish, confirm_box, confirm_text, confirm,
+               keep, upload, import_name, import_button)
 
-    def refresh(run_id, last, who=None):
-        table_rows, ids, run_id, now, signature = view(run_id, who)
-        if signature == last:
-            return (gr.skip(),) * (len(outputs))
-        return (table_rows, gr.Dropdown(choices=ids, value=run_id), run_id, now["details"]["value"],
-                now["samples"]["value"], *(gr.DownloadButton(**now[kind]) for kind, _ in DOWNLOADS),
-                gr.Button(**now["cancel"]), gr.Button(**now["resume"]), gr.Button(**now["delete"]),
-                gr.Checkbox(**now["publish"]), signature)
 
-    outputs = [table, pick, selected, details, run_samples, *downloads.values(), cancel, resume, delete, publish, shown]
-    timer = gr.Timer(2.0)
-    timer.tick(friendly(refresh), [selected, shown, owner], outputs, show_progress="hidden", concurrency_limit=None, queue=False)
-    pick.input(friendly(refresh), [pick, gr.State(None), owner], outputs, show_progress="hidden")
-
-    def select_row(evt: gr.SelectData, data):
-        return data.iloc[evt.index[0], 0] if evt.index is not None else gr.skip()
-
-    table.select(select_row, table, pick).then(friendly(refresh), [pick, gr.State(None), owner], outputs, show_progress="hidden")
+def _wire_controls(runner, ui: Tab, selected: gr.State, owner: gr.State, shown: gr.State) -> None:
+    """Cancel, Resume, Publish and Delete (confirmed), each for a visitor who controls the run."""
 
     def act(action, run_id, who):
         gr.Info(action(visitors.controlled(runner, run_id, who).id) or "done")
         return None
 
-    cancel.click(friendly(lambda r, w: act(runner.cancel, r, w)), [selected, owner], shown)
-    resume.click(friendly(lambda r, w: act(runner.resume, r, w)), [selected, owner], shown)
+    ui.cancel.click(friendly(lambda r, w: act(runner.cancel, r, w)), [selected, owner], shown)
+    ui.resume.click(friendly(lambda r, w: act(runner.resume, r, w)), [selected, owner], shown)
 
     def do_publish(run_id, on, who):
         runner.publish(visitors.controlled(runner, run_id, who).id, on)
         gr.Info(f"{run_id} is {'published: every visitor can see it' if on else 'private again'}")
         return None
 
-    publish.input(friendly(do_publish), [selected, publish, owner], shown)
-    delete.click(lambda r: (gr.Group(visible=True), f"Delete **{r}**? Its tuner, samples and checkpoints go for good."),
-                 selected, [confirm_box, confirm_text])
-    keep.click(lambda: gr.Group(visible=False), None, confirm_box)
+    ui.publish.input(friendly(do_publish), [selected, ui.publish, owner], shown)
+    ui.delete.click(lambda r: (gr.Group(visible=True), f"Delete **{r}**? Its tuner, samples and checkpoints go for good."),
+                    selected, [ui.confirm_box, ui.confirm_text])
+    ui.keep.click(lambda: gr.Group(visible=False), None, ui.confirm_box)
 
     def do_delete(run_id, who):
         runner.delete(visitors.controlled(runner, run_id, who).id)
         gr.Info(f"deleted {run_id}")
         return gr.Group(visible=False), None, None
 
-    confirm.click(friendly(do_delete), [selected, owner], [confirm_box, selected, shown])
+    ui.confirm.click(friendly(do_delete), [selected, owner], [ui.confirm_box, selected, shown])
 
-    def do_import(path, name, who):
-        if not path:
-            raise gr.Error("choose a .safetensors tuner file first")
-        label = check_name(name, "name") if name and name.strip() else ""
-        text_encoder = base.text_encoder_on_meta()
-        # a diffusers or kohya LoRA file becomes a restuning tuner file first, so it is listed,
-        # sampled in the Compare grid and downloaded like a LoRA trained here
-        tuner = lora_as_tuner_file(path, base.unet_on_meta(), text_encoder)
-        try:
-            config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=text_encoder)
-            run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
-                                         label=label or "imported", owner=who or "")
-        finally:
-            if tuner != Path(path):
-                tuner.unlink(missing_ok=True)
-        gr.Info(f"imported as {run_id}" + (f" (a {header['imported_from']} LoRA file)" if header.get("imported_from") else ""))
-        return run_id, None, None
 
+def import_tuner(runner, base, path, name, who):
+    """A tuner file (or a diffusers or kohya LoRA) checked against the base model and imported as
+    a run of `who`; returns (run id, None, None) for (selected, shown, upload box)."""
+    if not path:
+        raise gr.Error("choose a .safetensors tuner file first")
+    label = check_name(name, "name") if name and name.strip() else ""
+    text_encoder = base.text_encoder_on_meta()
+    # a diffusers or kohya LoRA file becomes a restuning tuner file first, so it is listed,
+    # sampled in the Compare grid and downloaded like a LoRA trained here
+    tuner = lora_as_tuner_file(path, base.unet_on_meta(), text_encoder)
+    try:
+        config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=text_encoder)
+        run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
+                                     label=label or "imported", owner=who or "")
+    finally:
+        if tuner != Path(path):
+            tuner.unlink(missing_ok=True)
+    gr.Info(f"imported as {run_id}" + (f" (a {header['imported_from']} LoRA file)" if header.get("imported_from") else ""))
+    return run_id, None, None
+
+
+def _wire_import(runner, base, ui: Tab, selected: gr.State, owner: gr.State, shown: gr.State) -> None:
     def try_import(path, name, who):
         """A refused file is named in a warning, deleted and cleared from the box, ready for the next try."""
         try:
-            return friendly(do_import)(path, name, who)
+            return friendly(import_tuner)(runner, base, path, name, who)
         except gr.Error as exc:
             gr.Warning(exc.message)
             if path:
                 discard([path], get_upload_folder())
             return gr.skip(), gr.skip(), None
 
-    import_button.click(try_import, [upload, import_name, owner], [selected, shown, upload])
-    tab.select(friendly(refresh), [selected, gr.State(None), owner], outputs, show_progress="hidden", queue=False)
+    ui.import_button.click(try_import, [ui.upload, ui.import_name, owner], [selected, shown, ui.upload])

@@ -9,6 +9,7 @@ closing the browser stops nothing.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -84,125 +85,197 @@ def _run_choices(runner, who=None) -> list[tuple[str, str]]:
             for r in visitors.visible_runs(runner, who)]
 
 
+@dataclass
+class Form:
+    """The Train form's components: what the handlers read and update."""
+
+    files: gr.File
+    preview: gr.Gallery
+    examples: dict  # example name -> its image paths
+    example_buttons: dict  # example name -> its button
+    trainer: dict  # trainer option -> its component
+    method: gr.Radio
+    summary: gr.HTML
+    methods: dict  # method -> {config field -> its component}
+    method_groups: dict  # method -> the group of its options, shown while it is chosen
+    preset: gr.Radio
+    train: gr.Button
+    estimate: gr.Markdown
+    compare_methods: gr.CheckboxGroup
+    compare: gr.Button
+
+
+@dataclass
+class LiveView:
+    """The live view of the watched run, beside the form."""
+
+    run_pick: gr.Dropdown
+    progress: gr.HTML
+    loss: gr.LinePlot
+    samples: gr.Gallery
+    cancel: gr.Button
+    resume: gr.Button
+    log: gr.Textbox
+
+
 def build(runner, base, device: str, preset: str, detected: str, owner: gr.State | None = None):
-    """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio."""
+    """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio. Returns the
+    page-load handler and its outputs (the watched run and its live view)."""
     owner = owner if owner is not None else gr.State(None)
     watch = gr.State(None)
     shown = gr.State(None)  # what the live view shows, part by part, to skip unchanged updates
-    trainer_comps, method_comps, method_groups = {}, {}, {}
-    actions = forms.trainer_actions()
-    preset_now = preset_values(preset, base.resolution)
-
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
-            files = gr.File(label="Concept images (3-10 photos: PNG, JPEG or WebP)", file_count="multiple",
-                            elem_id="concept-files")
-            preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
-            examples = example_concepts()
-            if examples:
-                with gr.Row(elem_id="examples"):
-                    gr.HTML("Or try an example: a shape the demo model has never seen"
-                            + (" (with the demo model's recipe: 600 steps, batch 4, min-SNR 5, and each method's learning rate and blocks as its sweep chose them)"
-                               if base.is_demo else ""), elem_id="examples-label")
-                    example_buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
-                                       for name, paths in examples.items()}
-            with gr.Row():
-                trainer_comps["instance_prompt"] = gr.Textbox(
-                    label="Instance prompt", placeholder=base.prompts[0], elem_id="instance-prompt",
-                    info="names the concept with a rare token (sks) plus its class")
-                trainer_comps["class_prompt"] = gr.Textbox(label="Class prompt (optional)", placeholder=base.prompts[1],
-                                                           info=actions["class_prompt"].help)
-            trainer_comps["with_prior_preservation"] = forms.component_for_action(actions["with_prior_preservation"])
-            method = gr.Radio(choices=forms.method_choices(), value=forms.method_names()[0], label="Method",
-                              elem_id="method")
-            summary = gr.HTML(METHODS[forms.method_names()[0]].summary, elem_id="method-summary")
-            with gr.Accordion("Method options: where the tuners go, their sizes", open=False, elem_id="method-options"):
-                for name in forms.method_names():
-                    with gr.Group(visible=name == forms.method_names()[0]) as group:
-                        method_comps[name] = {f.name: forms.component_for_field(name, f)
-                                              for f in forms.dataclasses.fields(METHODS[name].config)}
-                        if not method_comps[name]:
-                            gr.HTML("No options: every U-Net weight trains.")
-                    method_groups[name] = group
-            with gr.Row():
-                preset_radio = gr.Radio(choices=list(PRESETS), value=preset, label="Hardware preset",
-                                        info=f"detected: {detected}", elem_id="preset")
-                trainer_comps["max_train_steps"] = forms.component_for_action(actions["max_train_steps"])
-                trainer_comps["learning_rate"] = forms.component_for_action(actions["learning_rate"])
-            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-                for name, action in actions.items():
-                    if name not in forms.MAIN:
-                        trainer_comps[name] = forms.component_for_action(action, preset_now.get(name))
-            # the estimate for the form as it opens (the model's configs are read once, then cached)
-            first = forms.method_names()[0]
-            opening = memory_line(runner, base.source, first,
-                                  {k: trainer_comps[k].value for k in MEMORY_OPTIONS if k in trainer_comps},
-                                  {k: c.value for k, c in method_comps[first].items()})
-            with gr.Row(equal_height=True):
-                train = gr.Button("Train", variant="primary", elem_id="train", scale=1)
-                estimate = gr.Markdown(opening, elem_id="memory-estimate")
-            with gr.Accordion("Train for comparison: the same images, prompts and settings under several methods",
-                              open=False, elem_id="comparison"):
-                compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=forms.method_names()[:3],
-                                                   label="Methods", elem_id="compare-methods")
-                compare = gr.Button("Train for comparison", elem_id="compare")
+            form = _form(runner, base, preset, detected)
         with gr.Column(scale=4):
-            run_pick = gr.Dropdown(label="Watching run", choices=[], elem_id="live-run", allow_custom_value=False)
-            progress = gr.HTML(live.progress_html(None), elem_id="live-progress")
-            # shown once they have something to show: an empty plot or gallery tells the user
-            # nothing and still costs every page load its code (the gallery ~0.1 s on 2 cores)
-            loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, visible=False, elem_id="live-loss")
-            samples = gr.Gallery(label="Validation samples", columns=4, height=220, visible=False, elem_id="live-samples")
-            with gr.Row():
-                cancel = gr.Button("Cancel run", variant="stop", visible=False, elem_id="live-cancel")
-                resume = gr.Button("Resume from checkpoint", visible=False, elem_id="live-resume")
-            log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="live-log")
+            view = _live_view()
+    _wire_form(form, base)
+    _wire_submit(runner, base, device, form, owner, [watch, view.run_pick, shown])
+    _wire_estimate(runner, base, form)
+    return _wire_live(runner, view, watch, shown, owner)
 
-    def on_upload(paths):
-        """Preview what passed; a refused batch is named file by file, deleted from the server and
-        cleared from the box, and nothing is previewed."""
-        if not paths:
-            return gr.skip(), gr.Gallery(value=None, visible=False)
-        try:
-            return gr.skip(), gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
-        except gr.Error as exc:
-            gr.Warning(exc.message, duration=None)
-            discard(paths, get_upload_folder())
-            return None, gr.Gallery(value=None, visible=False)
 
-    files.upload(on_upload, files, [files, preview], show_progress="hidden")
+# -- the form ------------------------------------------------------------------------------------
+
+
+def _form(runner, base, preset: str, detected: str) -> Form:
+    actions = forms.trainer_actions()
+    files, preview, examples, example_buttons = _concept_inputs(base)
+    trainer = _prompt_inputs(base, actions)
+    method, summary, methods, method_groups = _method_inputs()
+    with gr.Row():
+        preset_radio = gr.Radio(choices=list(PRESETS), value=preset, label="Hardware preset",
+                                info=f"detected: {detected}", elem_id="preset")
+        for name in ("max_train_steps", "learning_rate"):
+            trainer[name] = forms.component_for_action(actions[name])
+    preset_now = preset_values(preset, base.resolution)
+    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+        for name, action in actions.items():
+            if name not in forms.MAIN:
+                trainer[name] = forms.component_for_action(action, preset_now.get(name))
+    # the estimate for the form as it opens (the model's configs are read once, then cached)
+    first = forms.method_names()[0]
+    opening = memory_line(runner, base.source, first, {k: trainer[k].value for k in MEMORY_OPTIONS if k in trainer},
+                          {k: c.value for k, c in methods[first].items()})
+    with gr.Row(equal_height=True):
+        train = gr.Button("Train", variant="primary", elem_id="train", scale=1)
+        estimate = gr.Markdown(opening, elem_id="memory-estimate")
+    with gr.Accordion("Train for comparison: the same images, prompts and settings under several methods",
+                      open=False, elem_id="comparison"):
+        compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=forms.method_names()[:3],
+                                           label="Methods", elem_id="compare-methods")
+        compare = gr.Button("Train for comparison", elem_id="compare")
+    return Form(files, preview, examples, example_buttons, trainer, method, summary, methods, method_groups, preset_radio,
+                train, estimate, compare_methods, compare)
+
+
+def _concept_inputs(base):
+    """(files box, preview of the accepted images, example concepts, a button for each)."""
+    files = gr.File(label="Concept images (3-10 photos: PNG, JPEG or WebP)", file_count="multiple", elem_id="concept-files")
+    preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
+    examples, buttons = example_concepts(), {}
     if examples:
+        with gr.Row(elem_id="examples"):
+            gr.HTML("Or try an example: a shape the demo model has never seen"
+                    + (" (with the demo model's recipe: 600 steps, batch 4, min-SNR 5, and each method's learning rate and blocks as its sweep chose them)"
+                       if base.is_demo else ""), elem_id="examples-label")
+            buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
+                       for name, paths in examples.items()}
+    return files, preview, examples, buttons
+
+
+def _prompt_inputs(base, actions) -> dict:
+    """The instance and class prompts and the prior-preservation switch, by trainer option."""
+    with gr.Row():
+        instance = gr.Textbox(label="Instance prompt", placeholder=base.prompts[0], elem_id="instance-prompt",
+                              info="names the concept with a rare token (sks) plus its class")
+        class_prompt = gr.Textbox(label="Class prompt (optional)", placeholder=base.prompts[1], info=actions["class_prompt"].help)
+    return {"instance_prompt": instance, "class_prompt": class_prompt,
+            "with_prior_preservation": forms.component_for_action(actions["with_prior_preservation"])}
+
+
+def _method_inputs():
+    """(method radio, its summary, each method's option components, the group of each method's
+    options: only the chosen method's is visible)."""
+    names = forms.method_names()
+    method = gr.Radio(choices=forms.method_choices(), value=names[0], label="Method", elem_id="method")
+    summary = gr.HTML(METHODS[names[0]].summary, elem_id="method-summary")
+    comps, groups = {}, {}
+    with gr.Accordion("Method options: where the tuners go, their sizes", open=False, elem_id="method-options"):
+        for name in names:
+            with gr.Group(visible=name == names[0]) as group:
+                comps[name] = {f.name: forms.component_for_field(name, f) for f in forms.dataclasses.fields(METHODS[name].config)}
+                if not comps[name]:
+                    gr.HTML("No options: every U-Net weight trains.")
+            groups[name] = group
+    return method, summary, comps, groups
+
+
+def _live_view() -> LiveView:
+    run_pick = gr.Dropdown(label="Watching run", choices=[], elem_id="live-run", allow_custom_value=False)
+    progress = gr.HTML(live.progress_html(None), elem_id="live-progress")
+    # shown once they have something to show: an empty plot or gallery tells the user
+    # nothing and still costs every page load its code (the gallery ~0.1 s on 2 cores)
+    loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, visible=False, elem_id="live-loss")
+    samples = gr.Gallery(label="Validation samples", columns=4, height=220, visible=False, elem_id="live-samples")
+    with gr.Row():
+        cancel = gr.Button("Cancel run", variant="stop", visible=False, elem_id="live-cancel")
+        resume = gr.Button("Resume from checkpoint", visible=False, elem_id="live-resume")
+    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="live-log")
+    return LiveView(run_pick, progress, loss, samples, cancel, resume, log)
+
+
+# -- the form's handlers ---------------------------------------------------------------------------
+
+
+def on_upload(paths):
+    """Preview what passed; a refused batch is named file by file, deleted from the server and
+    cleared from the box, and nothing is previewed."""
+    if not paths:
+        return gr.skip(), gr.Gallery(value=None, visible=False)
+    try:
+        return gr.skip(), gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
+    except gr.Error as exc:
+        gr.Warning(exc.message, duration=None)
+        discard(paths, get_upload_folder())
+        return None, gr.Gallery(value=None, visible=False)
+
+
+def _wire_form(form: Form, base) -> None:
+    """Uploads, the example buttons, the method's options and the hardware preset."""
+    form.files.upload(on_upload, form.files, [form.files, form.preview], show_progress="hidden")
+    if form.examples:
         # "sks" is the rare token and "shape" the class the demo model knows; prior preservation
         # keeps "a shape" meaning the shapes it already draws. On the demo model the example also
         # brings the recipe bench/quality.py measured for the tuners there (README): at the
         # form's 1e-4 a tuner leaves the demo model's samples unchanged.
         recipe = EXAMPLE_RECIPE if base.is_demo else {}
-        example_outputs = [files, preview, trainer_comps["instance_prompt"], trainer_comps["class_prompt"],
-                           trainer_comps["with_prior_preservation"], *(trainer_comps[k] for k in recipe)]
-        for name, button in example_buttons.items():
-            button.click(lambda paths=examples[name]: (paths, gr.Gallery(value=paths, visible=True), "a sks shape",
-                                                       "a shape", True, *recipe.values()),
+        trainer = form.trainer
+        example_outputs = [form.files, form.preview, trainer["instance_prompt"], trainer["class_prompt"],
+                           trainer["with_prior_preservation"], *(trainer[k] for k in recipe)]
+        for name, button in form.example_buttons.items():
+            button.click(lambda paths=form.examples[name]: (paths, gr.Gallery(value=paths, visible=True), "a sks shape",
+                                                            "a shape", True, *recipe.values()),
                          None, example_outputs, show_progress="hidden")
-    files.clear(lambda: gr.Gallery(value=None, visible=False), None, preview)
-    method.change(lambda m: [gr.HTML(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in method_groups],
-                  method, [summary, *method_groups.values()], show_progress="hidden")
-    preset_comps = [trainer_comps[k] for k in PRESET_KEYS]
-    preset_radio.change(lambda p: [preset_values(p, base.resolution)[k] for k in PRESET_KEYS], preset_radio, preset_comps,
-                        show_progress="hidden")
+    form.files.clear(lambda: gr.Gallery(value=None, visible=False), None, form.preview)
+    groups = form.method_groups
+    form.method.change(lambda m: [gr.HTML(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in groups],
+                       form.method, [form.summary, *groups.values()], show_progress="hidden")
+    form.preset.change(lambda p: [preset_values(p, base.resolution)[k] for k in PRESET_KEYS], form.preset,
+                       [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
-    all_inputs = {files, method, compare_methods, owner, *trainer_comps.values(),
-                  *(c for comps in method_comps.values() for c in comps.values())}
 
-    def _config(values: dict, name: str) -> dict:
-        return forms.build_config(
-            name, {k: values[c] for k, c in trainer_comps.items()},
-            {k: values[c] for k, c in method_comps[name].items()}, model=base.source, device=device)
+def _wire_submit(runner, base, device: str, form: Form, owner: gr.State, outputs: list) -> None:
+    """Train and Train for comparison: every config checked, then queued all or none; `outputs`
+    (watched run, its dropdown, the live view's state) then follow the first run queued."""
+    all_inputs = {form.files, form.method, form.compare_methods, owner, *form.trainer.values(),
+                  *(c for comps in form.methods.values() for c in comps.values())}
 
     def submit(values: dict, methods: list[str]):
-        checked = check_images(values[files])
+        checked = check_images(values[form.files])
         if not methods:
             raise forms.OptionError("choose at least one method to compare")
-        configs = [(m, _config(values, m)) for m in methods]  # every config checked before any run exists
+        configs = [(m, form_config(form, values, m, base, device)) for m in methods]  # every config checked before any run exists
         who = values[owner]
         group = secrets.token_hex(3) if len(configs) > 1 else ""
         ids, warnings = queue_runs(runner, configs, checked, who, group=group)
@@ -212,76 +285,98 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
         gr.Info(f"{len(ids)} run(s) queued" + (f"; place {where.position} in the queue" if where.position else ""))
         return ids[0], gr.Dropdown(choices=_run_choices(runner, who), value=ids[0]), None
 
-    train.click(friendly(lambda v: submit(v, [v[method]])), all_inputs, [watch, run_pick, shown],
-                concurrency_limit=1, concurrency_id="submit")
-    compare.click(friendly(lambda v: submit(v, list(v[compare_methods]))), all_inputs, [watch, run_pick, shown],
-                  concurrency_limit=1, concurrency_id="submit")
+    form.train.click(friendly(lambda v: submit(v, [v[form.method]])), all_inputs, outputs,
+                     concurrency_limit=1, concurrency_id="submit")
+    form.compare.click(friendly(lambda v: submit(v, list(v[form.compare_methods]))), all_inputs, outputs,
+                       concurrency_limit=1, concurrency_id="submit")
 
-    memory_inputs = {method, *(trainer_comps[k] for k in MEMORY_OPTIONS if k in trainer_comps),
-                     *(c for comps in method_comps.values() for c in comps.values())}
+
+def form_config(form: Form, values: dict, method: str, base, device: str) -> dict:
+    """The run config of `method` from the form's values (OptionError for a bad value)."""
+    return forms.build_config(method, {k: values[c] for k, c in form.trainer.items()},
+                              {k: values[c] for k, c in form.methods[method].items()}, model=base.source, device=device)
+
+
+def _wire_estimate(runner, base, form: Form) -> None:
+    """The memory line beside Train follows every option it reads."""
+    trainer = {k: form.trainer[k] for k in MEMORY_OPTIONS if k in form.trainer}
+    memory_inputs = {form.method, *trainer.values(), *(c for comps in form.methods.values() for c in comps.values())}
 
     def estimate_line(values: dict) -> str:
-        name = values[method]
-        return memory_line(runner, base.source, name,
-                           {k: values[trainer_comps[k]] for k in MEMORY_OPTIONS if k in trainer_comps},
-                           {k: values[c] for k, c in method_comps[name].items()})
+        name = values[form.method]
+        return memory_line(runner, base.source, name, {k: values[c] for k, c in trainer.items()},
+                           {k: values[c] for k, c in form.methods[name].items()})
 
     for comp in memory_inputs:
-        comp.change(estimate_line, memory_inputs, estimate, show_progress="hidden", queue=False, trigger_mode="always_last")
+        comp.change(estimate_line, memory_inputs, form.estimate, show_progress="hidden", queue=False, trigger_mode="always_last")
 
-    live_outputs = [progress, loss, samples, log, cancel, resume, run_pick, shown]
+
+# -- the live view's handlers ------------------------------------------------------------------------------
+
+
+def live_update(runner, run_id, last, who=None) -> tuple:
+    """The live view's outputs for `run_id` (progress, loss, samples, log, cancel, resume, run
+    dropdown, the new `shown` state). Each part is sent only when what it shows changed: a tick
+    that only adds a loss point redraws the plot and the progress bar, not the gallery (an open
+    page that watches a run costs every other page load on the machine its redraws)."""
+    if not run_id:
+        return (gr.skip(),) * LIVE_OUTPUTS
+    try:
+        info = visitors.seen(runner, run_id, who)
+    except ValueError:
+        return (live.progress_html(None), gr.LinePlot(value=None, visible=False), gr.Gallery(value=None, visible=False),
+                "", gr.Button(visible=False), gr.Button(visible=False),
+                gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
+    mine = visitors.can_control(info, who)
+    frame, images = live.loss_frame(info), live.samples(info)
+    now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable), "events": len(info.events),
+           "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
+    before = last if isinstance(last, dict) else {}
+    if now == before:
+        return (gr.skip(),) * LIVE_OUTPUTS
+
+    def changed(*parts):
+        return any(now[p] != before.get(p) for p in parts)
+
+    return (live.progress_html(info) if changed("run", "events") else gr.skip(),
+            gr.LinePlot(value=frame, visible=not frame.empty) if changed("run", "loss") else gr.skip(),
+            gr.Gallery(value=images, visible=bool(images)) if changed("run", "samples") else gr.skip(),
+            live.log_text(info) if changed("run", "events", "log") else gr.skip(),
+            gr.Button(visible=mine and info.status in ("queued", "running")) if changed("run") else gr.skip(),
+            gr.Button(visible=mine and info.resumable) if changed("run") else gr.skip(),
+            gr.Dropdown(choices=_run_choices(runner, who), value=run_id) if changed("run") else gr.skip(),
+            now)
+
+
+LIVE_OUTPUTS = 8  # live_update's outputs
+
+
+def _wire_live(runner, view: LiveView, watch: gr.State, shown: gr.State, owner: gr.State):
+    """The poll of the watched run, its dropdown, Cancel and Resume; returns the page-load handler
+    (the run to show, and its live view at once rather than at the next tick) and its outputs."""
+    live_outputs = [view.progress, view.loss, view.samples, view.log, view.cancel, view.resume, view.run_pick, shown]
 
     def refresh(run_id, last, who=None):
-        if not run_id:
-            return (gr.skip(),) * len(live_outputs)
-        try:
-            info = visitors.seen(runner, run_id, who)
-        except ValueError:
-            return (live.progress_html(None), gr.LinePlot(value=None, visible=False), gr.Gallery(value=None, visible=False),
-                    "", gr.Button(visible=False), gr.Button(visible=False),
-                    gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
-        mine = visitors.can_control(info, who)
-        frame, images = live.loss_frame(info), live.samples(info)
-        # each part is sent only when what it shows changed: a tick that only adds a loss point
-        # redraws the plot and the progress bar, not the gallery (an open page that watches a
-        # run costs every other page load on the machine its redraws)
-        now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable), "events": len(info.events),
-               "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
-        before = last if isinstance(last, dict) else {}
-        if now == before:
-            return (gr.skip(),) * len(live_outputs)
-
-        def changed(*parts):
-            return any(now[p] != before.get(p) for p in parts)
-
-        return (live.progress_html(info) if changed("run", "events") else gr.skip(),
-                gr.LinePlot(value=frame, visible=not frame.empty) if changed("run", "loss") else gr.skip(),
-                gr.Gallery(value=images, visible=bool(images)) if changed("run", "samples") else gr.skip(),
-                live.log_text(info) if changed("run", "events", "log") else gr.skip(),
-                gr.Button(visible=mine and info.status in ("queued", "running")) if changed("run") else gr.skip(),
-                gr.Button(visible=mine and info.resumable) if changed("run") else gr.skip(),
-                gr.Dropdown(choices=_run_choices(runner, who), value=run_id) if changed("run") else gr.skip(),
-                now)
+        return live_update(runner, run_id, last, who)
 
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(refresh, [watch, shown, owner], live_outputs, show_progress="hidden", concurrency_limit=None, queue=False)
-    run_pick.input(lambda r: (r, None), run_pick, [watch, shown], show_progress="hidden")
+    view.run_pick.input(lambda r: (r, None), view.run_pick, [watch, shown], show_progress="hidden")
 
     def act(action, run_id, who):
         if run_id:
             gr.Info(action(visitors.controlled(runner, run_id, who).id))
         return None
 
-    cancel.click(friendly(lambda r, w: act(runner.cancel, r, w)), [watch, owner], shown)
-    resume.click(friendly(lambda r, w: act(runner.resume, r, w)), [watch, owner], shown)
+    view.cancel.click(friendly(lambda r, w: act(runner.cancel, r, w)), [watch, owner], shown)
+    view.resume.click(friendly(lambda r, w: act(runner.resume, r, w)), [watch, owner], shown)
 
     def attach(who=None):
-        """On page load: the run to show, and its live view at once rather than at the next tick."""
         run_id = _pick_run(runner, who)
         if run_id is None:
             return (None, *(gr.skip(),) * len(live_outputs))
         return (run_id, *refresh(run_id, None, who))
 
-    run_pick.focus(lambda r, w: gr.Dropdown(choices=_run_choices(runner, w), value=r), [run_pick, owner], run_pick,
-                   show_progress="hidden")
+    view.run_pick.focus(lambda r, w: gr.Dropdown(choices=_run_choices(runner, w), value=r), [view.run_pick, owner],
+                        view.run_pick, show_progress="hidden")
     return attach, [watch, *live_outputs]

@@ -41,8 +41,10 @@ def test_a_failed_run_shows_the_trainers_error_not_the_launchers_traceback(tmp_p
     runner = JobRunner(tmp_path / "runs", devices=["cpu"], command=launched, poll_seconds=0.05)
     run_id = runner.submit({"max_train_steps": 5, "fake_fail_with": "x.png: not an image"}, images)
     info = wait_for(runner, run_id, {"failed"})
-    time.sleep(0.5)  # the launcher writes its traceback as it exits
-    info = runner.info(run_id)
+    deadline = time.monotonic() + 20
+    while info.alive and time.monotonic() < deadline:  # the launcher writes its traceback as it exits
+        time.sleep(0.05)
+        info = runner.info(run_id)
     assert "CalledProcessError" in (info.dir / "train.log").read_text(), "the launcher did raise"
     assert info.error == "x.png: not an image" and info.hint == "fix the input and start again"
     assert "CalledProcessError" not in shown(info) and "Traceback" not in shown(info)
