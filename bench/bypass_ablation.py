@@ -199,8 +199,11 @@ def main(argv=None) -> dict:
     name = "bypass_ablation_quick" if args.quick else "bypass_ablation"
     write_results(args.out_dir, name, result, markdown(result))
     for path in args.cost:
-        (args.out_dir / path.name).write_text(path.read_text())
-        (args.out_dir / path.with_suffix(".md").name).write_text(path.with_suffix(".md").read_text())
+        # under a name of their own: bench.train_cost's files of the same setting hold every method
+        s = json.loads(path.read_text())["settings"]
+        stem = f"bypass_ablation_cost_{s['device']}_{s['resolution']}px_b{s['batch']}"
+        (args.out_dir / f"{stem}.json").write_text(path.read_text())
+        (args.out_dir / f"{stem}.md").write_text(path.with_suffix(".md").read_text())
     return result
 
 

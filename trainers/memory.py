@@ -17,7 +17,9 @@ device, no weights read; the method's trainable count from attaching it to that 
                  holds autocast's half copy of the U-Net (+2 per parameter)
     grads      = trainable x 4
     optimizer  = trainable x 8 (AdamW, two fp32 moments) or x 2 (8-bit AdamW)
-    activations= k[device, precision][method] x units x (0.25 with gradient checkpointing)
+    activations= k[device, precision][method] x units x (0.25 with gradient checkpointing);
+                 a Bypass injecting at depth k: k_bypass + (k_decoder − k_bypass) x the share of
+                 the decoder's activations in its last k up blocks (rendered_share)
                  units = batch x (2 with prior preservation) x latent pixels / 1024 x arch,
                  latent pixels = (resolution / VAE scale)^2, and arch the U-Net's activation size per
                  latent pixel relative to SD v1.5 (channels x layers per level / 4^level, attention
@@ -561,20 +563,52 @@ def line(verdict: Verdict) -> str:
     return text
 
 
+# The bench results the estimate is checked against: (file, device). The SD v1.5 U-Net's training
+# step alone (bench.train_cost and bench.gpu_check; the Bypass's designs from bench.bypass_ablation).
+CALIBRATION_FILES = (
+    ("train_cost_sd15_cpu_256px_b1_fp32.json", "cpu"), ("train_cost_sd15_cpu_512px_b2_fp32.json", "cpu"),
+    ("gpu_check_h200.json", "cuda"), ("train_cost_sd15_cuda_256px_b1_fp32.json", "cuda"),
+    ("train_cost_sd15_cuda_512px_b2_fp32.json", "cuda"),
+    ("bypass_ablation_cost_cpu_256px_b1.json", "cpu"), ("bypass_ablation_cost_cpu_512px_b2.json", "cpu"),
+)
+
+
+def _design(row: dict) -> tuple[str, str]:
+    """(method, config JSON) a bench row was measured with: its recorded config; else an ablation
+    case's; else, for a Bypass row written before configs were recorded, the design (default or
+    ablation) with its trainable count on SD v1.5; else the method's defaults."""
+    from bench import BYPASS_ABLATION, bypass_config_options  # the designs the bench results name
+
+    if isinstance(row.get("config"), dict):
+        config = dict(row["config"])
+        return config.pop("method"), json.dumps(config, sort_keys=True)
+    designs = {case: bypass_config_options(options) for case, _, options in BYPASS_ABLATION}
+    if row["case"] in designs:
+        return "bypass", json.dumps(designs[row["case"]], sort_keys=True)
+    if row["case"] == "bypass" and row.get("trainable"):
+        for options in [{}, *designs.values()]:
+            text = json.dumps(options, sort_keys=True)
+            if _trainable(str(SD1_CONFIGS), "bypass", text)[0] == row["trainable"]:
+                return "bypass", text
+    return row["case"], "{}"
+
+
+@functools.lru_cache(maxsize=64)
 def calibration_table() -> list[dict]:
     """Estimate against measurement for the settings of the bench results (U-Net training step
     alone) and of the demo model's CLI runs (whole process): what tests/test_memory.py checks."""
     rows = []
     root = REPO_ROOT / "bench" / "results"
     sd = model_facts(str(SD1_CONFIGS))
-    for name, device in (("train_cost_sd15_cpu_256px_b1_fp32.json", "cpu"), ("train_cost_sd15_cpu_512px_b2_fp32.json", "cpu"),
-                         ("gpu_check_h200.json", "cuda")):
+    for name, device in CALIBRATION_FILES:
+        if not (root / name).is_file():
+            continue
         data = json.loads((root / name).read_text())
         s = data["settings"]
         for row in (data.get("rows") or data.get("table6") or []) + data.get("variants", []):
             if row["case"] == "inference" or not row.get("peak_bytes"):
                 continue
-            trainable, kind, rendered = _trainable(str(SD1_CONFIGS), row["case"], "{}")
+            trainable, kind, rendered = _trainable(str(SD1_CONFIGS), *_design(row))
             precision = row.get("precision") or s["precision"]
             est = estimate_parts(sd, trainable, kind, device=device, resolution=s["resolution"], batch=s["batch"],
                                  precision=precision.replace("fp32", "no"), checkpointing=bool(row.get("gradient_checkpointing")),

@@ -99,12 +99,15 @@ def _make(kind: str, channels: int, dim: int, heads: int) -> nn.Module:
 
 def _wake(module: nn.Module) -> None:
     """Start each tuner's zero-initialised output layer live: PyTorch's default init for layers,
-    and Res-Prefix's W_o at I/gain, so that it passes its (random) values' mixture as it is."""
+    Res-Prefix's W_o at I/gain, so that it passes its (random) values' mixture as it is, and a
+    module's own `wake()` where it has one."""
     for layer in module.modules():
         if isinstance(layer, (Convpass, Adapter)):
             layer.up.reset_parameters()
         elif isinstance(layer, (ResPrompt, TextAttention)):
             layer.out.reset_parameters()
+        elif hasattr(layer, "wake"):
+            layer.wake()
         elif isinstance(layer, ResPrefix):
             with torch.no_grad():
                 layer.out.weight.copy_(torch.eye(layer.out.in_features) / layer.gain)
@@ -234,6 +237,8 @@ class BypassNetwork(nn.Module):
         self.arrange = variants.Rearrange(last, heads=heads) if output == "rearrange" else None
         _wake(self.stages)
         _wake(self.refine)
+        if self.out_film is not None and self.arrange is None:
+            self.out_film.wake()
 
     @property
     def uses_text(self) -> bool:

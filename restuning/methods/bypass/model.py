@@ -355,9 +355,22 @@ def skip_path(unet: nn.Module, first: int, h: Tensor, size) -> Tensor:
                 h = F.conv2d(h.to(weight.dtype), weight[:, : h.shape[1]])
             h = h / resnet.output_scale_factor
         for upsampler in block.upsamplers or []:
-            h = upsampler(h)
+            h = _linear_upsample(upsampler, h)
     if h.shape[-2:] != tuple(size):
         h = F.interpolate(h, size=tuple(size), mode="nearest")
+    return h
+
+
+def _linear_upsample(upsampler: nn.Module, h: Tensor) -> Tensor:
+    """diffusers' Upsample2D without its conv's bias (S is linear): nearest x2, then its conv."""
+    if getattr(upsampler, "norm", None) is not None:
+        raise AttachError("skip-path: an upsampler with a norm is not linear")
+    conv = getattr(upsampler, "conv", None)
+    if getattr(upsampler, "use_conv_transpose", False):
+        return F.conv_transpose2d(h.to(conv.weight.dtype), conv.weight, stride=conv.stride, padding=conv.padding)
+    h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+    if getattr(upsampler, "use_conv", False):
+        h = F.conv2d(h.to(conv.weight.dtype), conv.weight, padding=conv.padding)
     return h
 
 

@@ -2,7 +2,8 @@
 (bench.bypass_ablation): none is in the default design, each is one BypassConfig option away.
 
     Film       x·(1 + γ(e)) + β(e) per channel, [γ; β] = W_2 W_1 SiLU(e), e the U-Net's time
-               embedding (the one its resnets read); W_2 zero at start, so the identity
+               embedding (the one its resnets read); W_2 zero (the identity) where nothing
+               zero follows it, else live (Film.wake)
     Refine     r(s) = s + Convpass(FiLM(s)) + t(FiLM(s), c): a residual block at the output's
                resolution, after the chain (t: the text tuner, layer.TextAttention)
     Rearrange  Z(Attn(s W_q, s W_k, x_L) − x_L): the bypass state s places the backbone's own
@@ -32,6 +33,11 @@ class Film(nn.Module):
         self.up = nn.Linear(rank, 2 * channels)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+
+    def wake(self) -> None:
+        """Behind the network's zero-initialised Z the FiLM need not start as the identity: live
+        from the start, so that the first step that moves Z reaches W_1 too."""
+        self.up.reset_parameters()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         scale, shift = self.up(self.down(F.silu(temb))).to(x.dtype)[:, :, None, None].chunk(2, dim=1)
