@@ -41,6 +41,7 @@ class BypassConfig(MethodConfig):
     time: str = option("none", "FiLM of the U-Net's time embedding on the output ('out') or on every stage too ('all'); an ablation row",
                        choices=("none", "out", "all"))
     refine: int = option(0, "residual Convpass blocks (with text tuners) after the chain, at the output's resolution; an ablation row")
+    trigger: bool = option(False, "scale the correction by a gate on the prompt's most concept-like token (needs text)")
     readouts: bool = option(False, "every stage's state reaches Δ through its own zero-initialised read-out; an ablation row")
 
     def validate(self) -> None:

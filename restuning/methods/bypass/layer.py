@@ -204,7 +204,8 @@ class BypassNetwork(nn.Module):
 
     def __init__(self, channels: list[int], horizontal: str, vertical: str, dim: int, heads: int,
                  output: str = "zero-conv", text_channels: int | None = None, *, out_channels: int | None = None,
-                 time: str = "none", time_channels: int | None = None, refine: int = 0, readouts: bool = False):
+                 time: str = "none", time_channels: int | None = None, refine: int = 0, readouts: bool = False,
+                 trigger: bool = False):
         super().__init__()
         from . import variants
 
@@ -221,6 +222,7 @@ class BypassNetwork(nn.Module):
         last = channels[-1]
         self.refine = nn.ModuleList(variants.Refine(last, dim, heads, text_channels, time_channels if time != "none" else None)
                                     for _ in range(refine))
+        self.trigger = variants.TokenGate(text_channels) if trigger and text_channels else None
         self.readouts = nn.ModuleList(variants.readout(c, out_channels or last) for c in channels[1:-1]) if readouts else None
         if output == "gate":
             self.gate = nn.Parameter(torch.zeros(last))
@@ -280,4 +282,6 @@ class BypassNetwork(nn.Module):
             out = features[-1] * scale + shift
         for head, earlier in zip(self.readouts or [], states):
             out = out + F.interpolate(head(earlier), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        if self.trigger is not None:
+            out = out * self.trigger(text).to(out.dtype)
         return out

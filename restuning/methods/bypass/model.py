@@ -420,7 +420,7 @@ def attach(unet: nn.Module, config, name: str) -> Attached:
                             output=config.output, text_channels=text_channels(unet) if config.text else None,
                             out_channels=unet.config.out_channels if config.into == "noise" else None,
                             time=config.time, time_channels=time_channels(unet), refine=config.refine,
-                            readouts=config.readouts).to(device)
+                            readouts=config.readouts, trigger=config.trigger).to(device)
     if not hasattr(unet, _HOLDER):
         setattr(unet, _HOLDER, nn.ModuleDict())
     getattr(unet, _HOLDER)[name] = network

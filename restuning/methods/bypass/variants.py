@@ -11,6 +11,9 @@
     Readouts   Σ_l up(Z_l(SiLU(GN(x_l^b)))) over the stages before the last: every stage's
                state reaches the output directly (bilinear up to the output's size); Z_l zero
 
+    TokenGate  g(c) = σ(max_t (w·LN(c_t) + b)): the correction is scaled per sample by how much
+               the prompt's most concept-like token looks like the one it was trained on
+
 Every one of them is zero or the identity at attach, so the output stays the base model's.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -88,3 +92,15 @@ def readout(channels: int, out_channels: int) -> nn.Sequential:
     nn.init.zeros_(head[2].weight)
     nn.init.zeros_(head[2].bias)
     return head
+
+
+class TokenGate(nn.Module):
+    def __init__(self, text_channels: int):
+        super().__init__()
+        self.score = nn.Linear(text_channels, 1)
+        nn.init.normal_(self.score.weight, std=text_channels ** -0.5)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, text: Tensor) -> Tensor:
+        scores = self.score(F.layer_norm(text, text.shape[-1:])).squeeze(-1)
+        return torch.sigmoid(scores.amax(dim=1))[:, None, None, None]
