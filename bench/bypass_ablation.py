@@ -1,4 +1,4 @@
-"""Issue 11's ablation of Res-Tuning-Bypass: what each design step does to quality and cost.
+"""The ablation of Res-Tuning-Bypass designs: what each one does to quality and cost.
 
     python -m bench.bypass_ablation --run            # everything, on CUDA (about 6 min on one H200)
     python -m bench.bypass_ablation --run --quick    # the same path with tiny budgets, on any device
@@ -28,8 +28,9 @@ from pathlib import Path
 from bench import BYPASS_ABLATION, BYPASS_DEFAULT, bypass_config_options, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-# The issue's targets for the default design.
-TARGETS = {"concept": 0.5, "prompt": 0.9, "preservation": 0.9, "memory": 1.15, "time": 0.6}
+# What the default design should reach (docs/benchmarks.md says which it does and why not all):
+# the paper's memory and time for a bypass, and the quality a user sees.
+TARGETS = {"concept": 0.6, "prompt": 0.9, "preservation": 0.9, "memory": 1.10, "time": 0.6}
 
 
 def designs() -> list[tuple[str, str, dict]]:
@@ -165,7 +166,7 @@ def markdown(result: dict) -> str:
         c = r["concept_fidelity"]
         concept = f"{c['rate']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c else "-"
         params = f"{r['params_sd15'] / 1e6:.2f}M" if r["params_sd15"] else "-"
-        label = f"**{r['label']}** (the default: +1+2+3 at depth 2)" if r["case"] == BYPASS_DEFAULT[0] else r["label"]
+        label = f"**{r['label']}** (the default)" if r["case"] == BYPASS_DEFAULT[0] else r["label"]
         lines.append(f"| {label} | {params} | {concept} | {_f(r['prompt_fidelity'])} | {_f(r['preservation'])} | "
                      f"{_f(r['memory_vs_inference_256_b1'])} | {_f(r['memory_vs_inference_512_b2'])} | {_f(r['step_vs_lora_512_b2'])} |")
     return "\n".join(lines) + "\n"
