@@ -1,13 +1,14 @@
 """Res-Tuning Studio: `python app.py` serves http://127.0.0.1:7860 on the bundled demo model.
 
     python app.py [--model HUB_ID|FOLDER|FILE.safetensors] [--runs-dir DIR] [--host H] [--port P]
-                  [--jobs-per-device N] [--shared | --no-shared] [--runs-per-visitor N]
+                  [--jobs-per-device N] [--shared | --no-shared] [--runs-per-visitor N] [--proxy-hops N]
                   [--cluster http://HEAD:8265 | ray://HEAD:10001] [--cluster-cpus N] [--cluster-gpu-memory GIB]
 
 Defaults come from webui/space.py: on a local machine 127.0.0.1:7860 and ./runs, one user; on a
 Hugging Face Space (SPACE_ID set) 0.0.0.0 at $PORT (or 7860), runs on the persistent storage
 mount /data when one is attached, and many visitors, each seeing only their own runs.
-RESTUNING_RUNS_DIR / RESTUNING_HOST / RESTUNING_PORT override them. Only wiring lives here: the
+RESTUNING_RUNS_DIR / RESTUNING_HOST / RESTUNING_PORT override them; a shared studio's caps come
+from RESTUNING_* variables too (trainers/limits.py, docs/space.md). Only wiring lives here: the
 UI is webui/, the job runner trainers/jobs.py, training trainers/dreambooth.py. With --cluster
 (or RAY_ADDRESS) each run is a Ray job on that cluster instead of a process here
 (trainers/cluster.py, docs/cluster.md).
@@ -23,6 +24,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def parse_args(argv=None, env=None) -> argparse.Namespace:
+    from trainers import limits
+    from webui.files import PROXY_HOPS_ENV
     from webui.space import detect
 
     try:
@@ -40,8 +43,12 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     p.add_argument("--jobs-per-device", type=int, default=1, help="runs training at once on each device")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=here.shared,
                    help="many visitors: each sees and controls only their own runs (default: on when SPACE_ID is set)")
-    p.add_argument("--runs-per-visitor", type=int, default=2,
-                   help="with --shared: runs one visitor may have queued or running at once")
+    p.add_argument("--runs-per-visitor", type=int, default=None,
+                   help="with --shared: runs one visitor may have queued or running at once "
+                        "(env RESTUNING_RUNS_PER_VISITOR; default 2)")
+    p.add_argument("--proxy-hops", type=int, default=None,
+                   help="trusted proxies in front of the studio, whose X-Forwarded-For names a client for the upload "
+                        f"quota (env {PROXY_HOPS_ENV}; default 1 on a Space, else 0)")
     p.add_argument("--cluster", default=os.environ.get("RAY_ADDRESS") or None,
                    help="run each training as a Ray job on this cluster (its dashboard http://HEAD:8265, or "
                         "ray://HEAD:10001; env RAY_ADDRESS); the runs folder must be at the same path on every node "
@@ -52,6 +59,12 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
                    help="with --cluster: GiB of one of the cluster's GPUs, for the memory check before a run is queued")
     args = p.parse_args(argv)
     args.sample_device, args.where = here.device, here
+    try:
+        args.limits = limits.from_env(args.shared, runs_per_owner=args.runs_per_visitor if args.shared else None)
+        hops = os.environ.get(PROXY_HOPS_ENV, "").strip()
+        args.proxy_hops = args.proxy_hops if args.proxy_hops is not None else int(hops) if hops else int(bool(here.space_id))
+    except ValueError as exc:
+        sys.exit(f"app.py: {exc}")
     return args
 
 
@@ -89,7 +102,7 @@ def main(argv=None) -> None:
         except ClusterError as exc:
             sys.exit(f"app.py: {exc}")
     runner = JobRunner(args.runs_dir, devices=detect_devices(), per_device=args.jobs_per_device, launcher=launcher,
-                       max_active_per_owner=args.runs_per_visitor if args.shared else None,
+                       limits=args.limits,
                        unguessable_ids=args.shared).start()
     devices = runner.devices
     if launcher is not None:
@@ -100,7 +113,7 @@ def main(argv=None) -> None:
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     if args.where.space_id and not args.where.persistent:
         print("Res-Tuning Studio: no persistent storage at /data: runs vanish when the Space restarts (docs/space.md)")
-    demo.launch(**webui.launch_options(runner, args.host, args.port, shared=args.shared))
+    demo.launch(**webui.launch_options(runner, args.host, args.port, shared=args.shared, proxy_hops=args.proxy_hops))
 
 
 if __name__ == "__main__":

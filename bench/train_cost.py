@@ -1,10 +1,11 @@
-"""Training cost of every method on the Stable Diffusion v1.5 U-Net architecture: trainable
-parameters, peak memory and training-step time, beside the paper's Table 6.
+"""Training cost of every method on the Stable Diffusion v1.5 U-Net architecture (or SD 2.1's, or
+SDXL's: --arch): trainable parameters, peak memory and training-step time, beside the paper's Table 6.
 
     python -m bench.train_cost                     # 256 px, batch 1, fp32, 5 steps, every method
     python -m bench.train_cost --resolution 512 --batch-size 2 --methods inference,lora,bypass
     python -m bench.train_cost --paper-setting     # CUDA only: 512 px, batch 8, fp16 (Table 6)
-    python -m bench.train_cost --quick             # tiny U-Net, 2 steps: checks the path, no figures
+    python -m bench.train_cost --arch sdxl         # SDXL's U-Net (2.57B parameters: ~10 GB of fp32 weights)
+    python -m bench.train_cost --quick             # tiny U-Net (of --arch's family), 2 steps: checks the path, no figures
 
 Every method of the registry (restuning.methods.METHODS) at its default config, plus
 "inference" (a forward pass under no_grad: the floor any training method pays), each in a fresh
@@ -16,7 +17,8 @@ the default AdamW takes 5-20 s per step on a full U-Net, fused about 1 s). The t
 the median of steps 2..N; step 1 pays one-off allocations. Peak memory is the child process's
 peak resident set (getrusage) on CPU, torch.cuda.max_memory_allocated on CUDA; both include the
 weights. Under fp16/bf16 the frozen weights are cast to that dtype and the trainable ones kept
-in fp32 under autocast, as diffusers' training scripts do.
+in fp32 under autocast, as diffusers' training scripts do. An SDXL U-Net also gets its pooled text
+embedding and size/crop ids (restuning.arch.added_cond_kwargs), as its training step does.
 
 Writes bench/results/train_cost_<arch>_<device>_<res>px_b<batch>_<precision>.json and .md.
 """
@@ -62,6 +64,9 @@ TARGETS = [
 ]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+# --arch: the published U-Nets (restuning.arch), their own resolution, and their tiny counterparts (--quick)
+NATIVE = {"sd15": 512, "sd2": 768, "sdxl": 1024}
+TINY = {"sd15": "tiny", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
 
 
 # -- the child: one case, one process -----------------------------------------------------------
@@ -97,7 +102,7 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     from diffusers.training_utils import cast_training_params
 
     import restuning
-    from restuning.arch import build_unet
+    from restuning.arch import added_cond_kwargs, build_unet
     from restuning.methods import METHODS
 
     device = torch.device(device)
@@ -142,6 +147,8 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     target = torch.randn(sample.shape, generator=g).to(device)
     timesteps = torch.randint(0, 1000, (batch,), generator=g).to(device)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(device)
+    added = added_cond_kwargs(unet.config, batch, size=resolution, generator=g, device=device)
+    extra = {"added_cond_kwargs": added} if added else {}
     setup_peak = peak_memory(device)
 
     def sync():
@@ -155,9 +162,9 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if optimizer is None:
                 with torch.no_grad():
-                    unet(sample, timesteps, text)
+                    unet(sample, timesteps, text, **extra)
             else:
-                loss = F.mse_loss(unet(sample, timesteps, text).sample.float(), target)
+                loss = F.mse_loss(unet(sample, timesteps, text, **extra).sample.float(), target)
         if optimizer is not None:
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -296,8 +303,11 @@ def parse(argv=None):
                    help=f"comma-separated cases (default every method: {','.join([INFERENCE, *METHODS])}; also {','.join(ABLATION)})")
     p.add_argument("--reference", help="case the ratios are taken against (default: full if run, else lora)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
-    p.add_argument("--paper-setting", action="store_true", help="the paper's setting on CUDA: 512 px, batch 8, fp16")
-    p.add_argument("--quick", action="store_true", help="tiny U-Net, 64 px, 2 steps: exercises the path in seconds")
+    p.add_argument("--arch", choices=tuple(NATIVE), default="sd15",
+                   help="the U-Net: sd15 (default), sd2 (SD 2.1), sdxl (SDXL base 1.0), built from its config with random weights")
+    p.add_argument("--paper-setting", action="store_true",
+                   help="the paper's setting on CUDA: batch 8, fp16, at the U-Net's own resolution (512 px for sd15, 768 for sd2, 1024 for sdxl)")
+    p.add_argument("--quick", action="store_true", help="the tiny U-Net of --arch's family, 64 px, 2 steps: exercises the path in seconds")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go (default bench/results)")
     p.add_argument("--note", default="", help="free text recorded with the results (e.g. other load on the machine)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per case (default 1200)")
@@ -320,10 +330,9 @@ def parse(argv=None):
     if args.paper_setting:
         if args.device != "cuda":
             p.error("--paper-setting needs a CUDA GPU (512 px, batch 8, fp16 does not fit a 24 GiB CPU machine)")
-        args.resolution, args.batch_size, args.precision = 512, 8, "fp16"
-    args.arch = "sd15"
+        args.resolution, args.batch_size, args.precision = NATIVE[args.arch], 8, "fp16"
     if args.quick:
-        args.arch, args.resolution, args.steps = "tiny", 64, 2
+        args.arch, args.resolution, args.steps = TINY[args.arch], 64, 2
     if args.reference is None:
         args.reference = "full" if "full" in args.cases else "lora"
     if args.reference not in args.cases:

@@ -14,15 +14,16 @@ from safetensors import safe_open
 
 from . import arch
 from .core import DEFAULT_NAME, AttachError, Attached, attached, detach, keep_tuners_out_of_state
-from .io import TunerFileError, read_header
+from .io import TunerFileError, check_tensors, read_header
 from .methods import config_from_dict, method_for_config
 
 
-def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None) -> Attached:
+def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None, text_encoder_2=None) -> Attached:
     """Freeze the backbone and attach the method `config` describes; return its handle.
 
-    `text_encoder` is for a method that tunes the text encoder too (LoRA with `text_encoder`
-    layers); it is given to the method only then, so the other methods' attach stays (unet, config, name).
+    `text_encoder` (and SDXL's `text_encoder_2`) are for a method that tunes the text encoders too
+    (LoRA with `text_encoder` / `text_encoder_2` layers); they are given to the method only then, so
+    the other methods' attach stays (unet, config, name).
 
     Attaching under a name that is already taken is refused unless `replace=True`, which detaches
     the old one first: weights are never silently doubled. Tuners attached earlier under other
@@ -44,9 +45,9 @@ def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False, tex
     for p in unet.parameters():
         if id(p) not in earlier:
             p.requires_grad_(False)
-    takes_text_encoder = "text_encoder" in inspect.signature(method.attach).parameters
+    takes = inspect.signature(method.attach).parameters
     try:
-        extra = {"text_encoder": text_encoder} if takes_text_encoder else {}
+        extra = {k: v for k, v in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if k in takes}
         handle = method.attach(unet, config, name, **extra)
     finally:
         # peft marks only its own adapter trainable when it injects one, freezing everything else.
@@ -66,26 +67,29 @@ def read_config(path: str | os.PathLike):
         raise TunerFileError(f"{Path(path).name}: the stored config is not usable: {exc}") from None
 
 
-def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None) -> Attached:
+def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None,
+         text_encoder_2=None) -> Attached:
     """Attach the tuner stored in `path` to `unet` and load its weights, in one call.
 
     `path` is a restuning tuner file, or a LoRA file in diffusers' or kohya's format (converted by
-    restuning.methods.lora.convert). A LoRA that tunes the text encoder too needs `text_encoder`.
+    restuning.methods.lora.convert). A LoRA that tunes the text encoder too needs `text_encoder`
+    (and on SDXL `text_encoder_2`): pass the pipeline's, they are used only by such a LoRA.
     """
     from .methods.lora import convert
 
     path = Path(path)
     if convert.is_foreign_lora(path):
-        config, state = convert.read(path, unet, text_encoder)
+        config, state = convert.read(path, unet, text_encoder, text_encoder_2)
     else:
         metadata = read_header(path)
         config = read_config(path)
-        mismatch = arch.fingerprint_mismatch(json.loads(metadata["base_arch"]), unet)
+        mismatch = arch.mismatch_message(json.loads(metadata["base_arch"]), unet)
         if mismatch:
-            raise TunerFileError(f"{path.name} was trained for another U-Net architecture: " + "; ".join(mismatch))
+            raise TunerFileError(f"{path.name}: {mismatch}")
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
-    handle = attach(unet, config, name, replace=replace, text_encoder=text_encoder)
+    check_tensors(state, path.name)
+    handle = attach(unet, config, name, replace=replace, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     device = next(unet.parameters()).device
     try:
         handle.load_state_dict({k: v.to(device) for k, v in state.items()})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .arch import build_unet
+from .arch import ARCHS, build_unet
 from .api import attach
 from .core import attached, detach
 from .methods import METHODS
@@ -55,7 +55,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sd15", help="sd15 or tiny")
+    parser.add_argument("--arch", default="sd15", choices=tuple(ARCHS), help="the U-Net (restuning.arch)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     result = count(args.arch)

@@ -52,6 +52,24 @@ class TunerFileError(ValueError):
     """A tuner file that cannot be loaded; the message says why."""
 
 
+# What a tuner's weights may be stored as: the floating-point types training writes. An integer or
+# boolean tensor would be cast silently on load into weights nobody trained.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensors(state: dict[str, torch.Tensor], name: str) -> None:
+    """TunerFileError unless every tensor is of a WEIGHT_DTYPES type and finite: one NaN or inf
+    weight turns every image it touches black, and 0 x NaN is NaN, so a tuner at strength 0 too."""
+    for key, tensor in state.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise TunerFileError(f"{name}: {key} holds {str(tensor.dtype).removeprefix('torch.')} values; "
+                                 "a tuner's weights are floating-point numbers (float32, float16 or bfloat16)")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TunerFileError(f"{name}: {key} holds {bad} value(s) that are not finite (NaN or infinity); "
+                                 "such a tuner would turn every image black")
+
+
 def save(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, extra: dict[str, str] | None = None) -> Path:
     """Write the tuner attached as `name` to `path` (written to a temporary name, then renamed)."""
     table = attached(unet)
@@ -65,6 +83,7 @@ def write(path: str | os.PathLike, state: dict[str, torch.Tensor], config, unet,
     """Write `state` as a tuner file of `config` for `unet`'s architecture (save() for an attached
     tuner; a LoRA file from elsewhere converted to this format uses it directly)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    check_tensors(state, Path(path).name)  # a tuner that diverged is not written as if it had trained
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -75,8 +94,12 @@ def write(path: str | os.PathLike, state: dict[str, torch.Tensor], config, unet,
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written file is left beside the old one
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -107,7 +130,7 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
     for key in ("config", "base_arch"):
         try:
             parsed[key] = json.loads(metadata.get(key, ""))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise TunerFileError(f"{path.name}: the header's {key} is missing or not valid JSON") from None
     oldest, why = oldest_readable(metadata.get("method", ""), parsed["config"])
     if version < oldest:

@@ -1,13 +1,16 @@
-"""Mutation check of the library's math: apply one small wrong change at a time to a temporary copy
-of the library, run the library's tests on it, and report every change the tests let through.
+"""Mutation check of the library's math and the trainer's loss: apply one small wrong change at a
+time to a temporary copy of the project's code, run its tests on it, and report every change the
+tests let through.
 
     python -m scripts.mutate                     # every mutation; exit status 1 if any survives
-    python -m scripts.mutate --only NAME,NAME    # a subset (tests/test_mutations.py runs one)
+    python -m scripts.mutate --only NAME,NAME    # a subset (tests/test_mutations.py runs a few)
     python -m scripts.mutate --list
+    python -m scripts.mutate --write             # also bench/results/mutations.{json,md}, with the run's time and load
 
-Each mutation names the test file most likely to catch it; that file runs first and pytest stops
-at the first failure, so a caught mutation costs seconds. A survivor has passed all of LIBRARY_TESTS.
-The unmutated copy must pass the same tests first, or a "caught" would mean nothing.
+Each mutation names the test (a file, or one test's node id) most likely to catch it; that runs
+first, alone, and pytest stops at the first failure, so a caught mutation costs seconds. A survivor has
+passed all of its class's test files (`tests`: LIBRARY_TESTS for the library, LOSS_TESTS for the
+trainer's loss). The unmutated copy must pass the same tests first, or a "caught" would mean nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_TESTS = ("tests/test_tuner_math.py", "tests/test_equivalence.py", "tests/test_bypass.py",
-                 "tests/test_restuning.py", "tests/test_io.py", "tests/test_library.py")
+                 "tests/test_restuning.py", "tests/test_io.py", "tests/test_library.py", "tests/test_contracts.py",
+                 "tests/test_golden.py")
+LOSS_TESTS = ("tests/test_loss_reference.py",)
+LORA_TESTS = ("tests/test_lora_import.py",)
+# One golden file's test, by the file's stem.
+GOLDEN_CASE = "tests/test_golden.py::test_a_golden_file_renders_as_the_library_that_wrote_it[{}]"
+# A test of tests/test_lora_import.py that loads a LoRA of the text encoder too, by its node id.
+LORA_TEXT_CASE = "tests/test_lora_import.py::test_a_lora_of_the_text_encoder_too_loads_and_renders_as_diffusers_loader_does[{}]"
+# One case of tests/test_loss_reference.py, by its node id.
+LOSS_CASE = "tests/test_loss_reference.py::test_losses_and_gradients_equal_the_reference[{}]"
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,8 @@ class Mutation:
     path: str
     old: str
     new: str
-    first: str  # the test file run first
+    first: str  # the test file (or node id) run first
+    tests: tuple = LIBRARY_TESTS  # what a survivor has passed
 
 
 MUTATIONS = [
@@ -87,6 +100,72 @@ MUTATIONS = [
              "return self.out(features[-1])", "tests/test_bypass.py"),
     Mutation("bypass-gate-on-state", "restuning/methods/bypass/layer.py", "* (state - features[-1])", "* state",
              "tests/test_bypass.py"),
+    # -- strength at the point where the correction enters (tests/test_contracts.py)
+    Mutation("strength-bound-scales-the-whole-attention", "restuning/methods/attention.py", "out = base + strength * (out - base)",
+             "out = strength * out", "tests/test_contracts.py::test_bound_prefix_and_prompt_strength_is_their_unbound_form"),
+    Mutation("strength-bound-squared", "restuning/methods/attention.py", "out = base + strength * (out - base)",
+             "out = base + strength * strength * (out - base)",
+             "tests/test_contracts.py::test_bound_prefix_and_prompt_strength_is_their_unbound_form"),
+    Mutation("strength-bound-adapter-ignored", "restuning/methods/adapter/model.py",
+             "adapter(output.to(dtype)), handle.name, handle.scale)", "adapter(output.to(dtype)), handle.name, 1.0)",
+             "tests/test_contracts.py::test_bound_adapter_strength_is_its_parallel_form"),
+    Mutation("strength-lora-squared", "restuning/methods/lora/model.py", "module.set_scale(self.name, self.scale)",
+             "module.set_scale(self.name, self.scale ** 2)",
+             "tests/test_contracts.py::test_lora_strength_scales_the_low_rank_update_of_each_layer"),
+    Mutation("strength-lora-text-encoder-unscaled", "restuning/methods/lora/model.py", "for model, _ in self._models():",
+             "for model in [self.unet]:",
+             "tests/test_contracts.py::test_lora_strength_scales_the_low_rank_update_of_each_layer"),
+    # -- tuner files: format versions, fingerprint, key names (tests/test_golden.py, tests/test_io.py)
+    Mutation("io-newer-version-accepted", "restuning/io.py", "if version > FORMAT_VERSION:", "if version > FORMAT_VERSION + 1:",
+             "tests/test_golden.py::test_a_file_of_a_newer_format_version_is_refused_saying_to_upgrade"),
+    Mutation("io-fingerprint-without-text-width", "restuning/arch.py", '    "cross_attention_dim",\n', "",
+             "tests/test_golden.py::test_a_file_for_another_text_width_is_refused"),
+    Mutation("io-fingerprint-missing-field-passes", "restuning/arch.py", "if field not in saved or saved[field] != current[field]",
+             "if field in saved and saved[field] != current[field]",
+             "tests/test_golden.py::test_a_fingerprint_missing_any_field_is_refused"),
+    Mutation("io-version-2-res-prefix-accepted", "restuning/io.py", 'if "prefix" in kinds:\n        return 3, _PREFIX_OUT',
+             'if "prefix" in kinds:\n        return 2, _PREFIX_OUT', "tests/test_io.py"),
+    Mutation("io-res-tuning-keys-renamed", "restuning/methods/res_tuning/model.py", 'handle.modules[f"{path}.{op_name}"] = tuner',
+             'handle.modules[f"{path}.{op_name}.tuner"] = tuner', GOLDEN_CASE.format("res-tuning-v1")),
+    Mutation("io-lora-text-encoder-keys-renamed", "restuning/methods/lora/model.py", 'TEXT_ENCODER_PREFIX = "text_encoder."',
+             'TEXT_ENCODER_PREFIX = "text_encoder.lora."', GOLDEN_CASE.format("lora-text-encoder-v2")),
+    # -- LoRA files from elsewhere (tests/test_lora_import.py)
+    Mutation("lora-import-text-model-level-kept", "restuning/methods/lora/convert.py",
+             'state = {k.removeprefix("text_model."): v for k, v in state.items()}', "pass",
+             LORA_TEXT_CASE.format("diffusers text_model."),
+             LORA_TESTS),
+    Mutation("lora-import-alpha-is-rank", "restuning/methods/lora/convert.py", 'rank, alpha = kwargs["r"], kwargs["lora_alpha"]',
+             'rank, alpha = kwargs["r"], kwargs["r"]', LORA_TEXT_CASE.format("kohya"), LORA_TESTS),
+    Mutation("lora-import-text-encoder-alphas-dropped", "restuning/methods/lora/convert.py",
+             "return state, _peft_kwargs(state, alphas, metadata, is_unet=False)",
+             "return state, _peft_kwargs(state, None, metadata, is_unet=False)", LORA_TEXT_CASE.format("kohya"), LORA_TESTS),
+    Mutation("lora-import-old-diffusers-keys-unconverted", "restuning/methods/lora/convert.py", 'if "lora_A" not in next(iter(state)):',
+             "if False:", LORA_TEXT_CASE.format("diffusers"), LORA_TESTS),
+    # -- the trainer's loss (tests/test_loss_reference.py)
+    Mutation("loss-latents-unscaled", "trainers/dreambooth.py", "(posterior.sample(generator=generator) * scaling_factor).float()",
+             "posterior.sample(generator=generator).float()", LOSS_CASE.format("epsilon"), LOSS_TESTS),
+    Mutation("loss-latents-in-half-precision", "trainers/dreambooth.py", "(posterior.sample(generator=generator) * scaling_factor).float()",
+             "posterior.sample(generator=generator) * scaling_factor", LOSS_CASE.format("bf16 autocast"), LOSS_TESTS),
+    Mutation("loss-v-target-swapped", "trainers/dreambooth.py", "get_velocity(latents, noise, timesteps)",
+             "get_velocity(noise, latents, timesteps)", LOSS_CASE.format("v-prediction min-SNR"), LOSS_TESTS),
+    Mutation("loss-min-snr-v-weight-of-epsilon", "trainers/dreambooth.py", '/ (snr + 1 if prediction == "v_prediction" else snr)',
+             "/ snr", LOSS_CASE.format("v-prediction min-SNR"), LOSS_TESTS),
+    Mutation("loss-min-snr-clamped-below", "trainers/dreambooth.py", "torch.clamp(snr, max=args.snr_gamma)",
+             "torch.clamp(snr, min=args.snr_gamma)", LOSS_CASE.format("epsilon min-SNR"), LOSS_TESTS),
+    Mutation("loss-prior-weight-ignored", "trainers/dreambooth.py", "return instance + args.prior_loss_weight * prior,",
+             "return instance + prior,", LOSS_CASE.format("prior preservation"), LOSS_TESTS),
+    Mutation("loss-instance-mean-over-class-images", "trainers/dreambooth.py", "instance = per_sample[:num_instance].mean()",
+             "instance = per_sample.mean()", LOSS_CASE.format("prior preservation"), LOSS_TESTS),
+    Mutation("loss-noise-offset-per-pixel", "trainers/dreambooth.py", "torch.randn((b, c, 1, 1), generator=generator)",
+             "torch.randn(latents.shape, generator=generator)", LOSS_CASE.format("noise offset"), LOSS_TESTS),
+    Mutation("loss-micro-batches-same-images", "trainers/dreambooth.py", "dataset.batch(((step * accum + micro) * world + rank) * bs, bs)",
+             "dataset.batch((step * accum * world + rank) * bs, bs)", LOSS_CASE.format("gradient accumulation"), LOSS_TESTS),
+    Mutation("loss-micro-batches-same-draws", "trainers/dreambooth.py", "step_generator(args.seed, step, micro, rank)",
+             "step_generator(args.seed, step, 0, rank)", LOSS_CASE.format("gradient accumulation"), LOSS_TESTS),
+    Mutation("loss-generator-ignores-micro-batch", "trainers/dreambooth.py", "hash((seed, step, micro, process))",
+             "hash((seed, step, process))", LOSS_CASE.format("gradient accumulation"), LOSS_TESTS),
+    Mutation("loss-tuners-in-half-precision", "trainers/dreambooth.py", "cast_training_params(unet, dtype=torch.float32)",
+             "pass", LOSS_CASE.format("bf16 autocast"), LOSS_TESTS),
 ]
 
 
@@ -102,7 +181,7 @@ def check_targets(mutations=MUTATIONS, root: Path = ROOT) -> list[str]:
 
 def _copy(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for folder in ("restuning", "tests", "scripts"):
+    for folder in ("restuning", "trainers", "tests", "scripts"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
@@ -115,8 +194,10 @@ def _pytest(copy: Path, files: list[str]) -> tuple[bool, str]:
     return proc.returncode == 0, (lines[0] if lines else proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:])
 
 
-def run(mutations: list[Mutation], tests=LIBRARY_TESTS) -> list[str]:
-    """Apply each mutation alone to a fresh copy; return the names of those no test caught."""
+def run(mutations: list[Mutation], tests=None, record: list | None = None) -> list[str]:
+    """Apply each mutation alone to a fresh copy; return the names of those no test caught.
+    `tests`: the files every mutation runs against (default: each mutation's own class);
+    `record`: a list that gets {"name", "caught", "seconds", "detail"} per mutation, the baseline first."""
     problems = check_targets(mutations)
     if problems:
         raise SystemExit("\n".join(problems))
@@ -129,21 +210,31 @@ def run(mutations: list[Mutation], tests=LIBRARY_TESTS) -> list[str]:
         if not probe.stdout.strip().startswith(str(copy)):
             raise SystemExit(f"the copy's restuning is not the one imported: {probe.stdout or probe.stderr}")
         started = time.time()
-        ok, detail = _pytest(copy, list(tests))
+        every = list(dict.fromkeys(f for m in mutations for f in (tests or m.tests)))
+        ok, detail = _pytest(copy, every)
         if not ok:
-            raise SystemExit(f"the unmutated library fails its own tests: {detail}")
-        print(f"baseline: {len(tests)} test files pass ({time.time() - started:.0f}s)", flush=True)
+            raise SystemExit(f"the unmutated code fails its own tests: {detail}")
+        print(f"baseline: {len(every)} test files pass ({time.time() - started:.0f}s)", flush=True)
+        if record is not None:
+            record.append({"name": "baseline", "caught": None, "seconds": round(time.time() - started, 1), "detail": ", ".join(every)})
         for m in mutations:
             target = copy / m.path
             original = target.read_text()
             target.write_text(original.replace(m.old, m.new))
             started = time.time()
             try:
-                passed, detail = _pytest(copy, [m.first, *(t for t in tests if t != m.first)])
+                # alone first: pytest runs a file given beside one of its node ids in the file's order
+                passed, detail = _pytest(copy, [m.first])
+                rest = [t for t in (tests or m.tests) if t != m.first]
+                if passed and rest:
+                    passed, detail = _pytest(copy, rest)
             finally:
                 target.write_text(original)
             verdict = "SURVIVED" if passed else "caught"
             print(f"{verdict:8} {m.name:34} {time.time() - started:5.0f}s  {'' if passed else detail}", flush=True)
+            if record is not None:
+                record.append({"name": m.name, "caught": not passed, "seconds": round(time.time() - started, 1),
+                               "detail": "" if passed else detail})
             if passed:
                 survivors.append(m.name)
     return survivors
@@ -153,6 +244,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated mutation names")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--write", action="store_true", help=f"write the run to {RESULTS.relative_to(ROOT)}.{{json,md}}")
     args = parser.parse_args(argv)
     if args.list:
         for m in MUTATIONS:
@@ -165,9 +257,36 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown mutation(s) {unknown}; see --list")
         chosen = [m for m in MUTATIONS if m.name in names]
-    survivors = run(chosen)
+    record, load_before, started = [], os.getloadavg(), time.time()
+    survivors = run(chosen, record=record)
     print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutations caught; survivors: {', '.join(survivors) or 'none'}")
+    if args.write:
+        write_results(record, time.time() - started, load_before, os.getloadavg())
     return 1 if survivors else 0
+
+
+RESULTS = ROOT / "bench" / "results" / "mutations"
+
+
+def write_results(record: list[dict], seconds: float, load_before, load_after) -> None:
+    """The run as JSON and Markdown: each mutation's verdict and time, the whole run's time, and the
+    machine's load average (1, 5, 15 min) at its start and end: a time taken while others used the
+    machine says so."""
+    import json
+
+    result = {"date": time.strftime("%Y-%m-%d"), "seconds": round(seconds), "cpus": os.cpu_count(),
+              "load_average_start": [round(x, 1) for x in load_before], "load_average_end": [round(x, 1) for x in load_after],
+              "mutations": record}
+    RESULTS.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    rows = [r for r in record if r["name"] != "baseline"]
+    caught = sum(bool(r["caught"]) for r in rows)
+    lines = [(f"`python -m scripts.mutate --write`, {result['date']}: {caught} of {len(rows)} mutations caught, "
+              f"{seconds / 60:.1f} min on {result['cpus']} CPUs (load average {load_before[0]:.1f} at the start, "
+              f"{load_after[0]:.1f} at the end; above {result['cpus']} means other work shared the machine)."), "",
+             "| mutation | verdict | seconds | first failure |", "|---|---|---:|---|"]
+    lines += [f"| {r['name']} | {'-' if r['caught'] is None else 'caught' if r['caught'] else '**survived**'} | {r['seconds']:.0f} | "
+              f"{r['detail'].replace('|', '/')} |" for r in record]
+    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,21 +11,75 @@ warnings.filterwarnings("ignore", message=".*xFormers.*")
 
 
 @pytest.fixture
-def tiny_unet():
-    from restuning.arch import build_unet
-
-    return build_unet("tiny", seed=0).eval()
+def arch():
+    """The architecture `tiny_unet` and `unet_inputs` are built for: a test runs on every family
+    with @pytest.mark.parametrize("arch", restuning.arch.TINY_ARCHS)."""
+    return "tiny"
 
 
 @pytest.fixture
-def unet_inputs():
+def tiny_unet(arch):
+    from restuning.arch import build_unet
+
+    return build_unet(arch, seed=0).eval()
+
+
+class UNetInputs(tuple):
+    """(sample, timesteps, text) for `unet(*inputs)`, and in `.kwargs` what else the U-Net's
+    family needs (SDXL's added_cond_kwargs); call it with `forward(unet, inputs)`."""
+
+    kwargs: dict
+
+
+def make_inputs(arch: str, batch: int = 2, tokens: int = 7) -> UNetInputs:
+    from restuning.arch import ARCHS, added_cond_kwargs
+
     g = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
-    timesteps = torch.tensor([10, 700])
-    text = torch.randn(2, 7, 32, generator=g)
-    return sample, timesteps, text
+    sample = torch.randn(batch, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 700] * (batch // 2) + [10] * (batch % 2))
+    text = torch.randn(batch, tokens, ARCHS[arch]["cross_attention_dim"], generator=g)
+    kwargs = {}
+    if ARCHS[arch].get("addition_embed_type"):
+        kwargs = {"added_cond_kwargs": added_cond_kwargs(ARCHS[arch], batch, size=64, generator=g)}
+    return _rebuild((sample, timesteps, text), kwargs)
+
+
+@pytest.fixture
+def unet_inputs(arch):
+    return make_inputs(arch)
+
+
+def cast(inputs: UNetInputs, dtype) -> UNetInputs:
+    """The inputs with every floating-point tensor in `dtype`, the added conditioning too."""
+    def to(t):
+        return t.to(dtype) if t.is_floating_point() else t
+
+    return _rebuild((to(t) for t in inputs), {k: {n: to(t) for n, t in v.items()} for k, v in inputs.kwargs.items()})
+
+
+def _rebuild(parts, kwargs) -> UNetInputs:
+    out = UNetInputs(parts)
+    out.kwargs = kwargs
+    return out
+
+
+def with_text(inputs: UNetInputs, text) -> UNetInputs:
+    """The same call with other text embeddings."""
+    return _rebuild((inputs[0], inputs[1], text), inputs.kwargs)
+
+
+def repeat(inputs: UNetInputs, times: int) -> UNetInputs:
+    """The batch repeated `times` over (as classifier-free guidance doubles it), conditioning too."""
+    def rep(t):
+        return torch.cat([t] * times)
+
+    return _rebuild((rep(t) for t in inputs), {k: {n: rep(t) for n, t in v.items()} for k, v in inputs.kwargs.items()})
+
+
+def forward(unet, inputs):
+    return unet(*inputs, **getattr(inputs, "kwargs", {}))
 
 
 def run(unet, inputs):
     with torch.no_grad():
-        return unet(*inputs).sample
+        return forward(unet, inputs).sample

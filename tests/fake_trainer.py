@@ -5,7 +5,8 @@ fake_step_seconds (pace), fake_crash_at (step at which it dies without a word), 
 (time the checkpoint on SIGTERM takes), fake_report_env (environment variables it reports in its
 info event), fake_reserve_mb (address space it reserves at start, untouched), fake_touch_mb (memory it
 fills at start: resident, as a training step's tensors are), fake_fail_with (an error it reports as
-the real trainer does, then exits 1). Its info event carries its pid."""
+the real trainer does, then exits 1), fake_exit_when (a file: after its final phase it exits only
+once the file exists). Its info event carries its pid."""
 
 import argparse
 import json
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy  # noqa: E402
+
 from trainers.events import EventLog  # noqa: E402
 
 PNG = bytes.fromhex(
@@ -40,10 +43,19 @@ def main():
         step = int(done[-1].name.split("-")[1]) if done else 0
 
     def checkpoint():
+        from safetensors.numpy import save_file
+
         path = out / "checkpoints" / f"checkpoint-{step}"
         path.mkdir(parents=True, exist_ok=True)
         (path / "state.json").write_text(json.dumps({"step": step}))
+        save_file({"w": numpy.full((2,), float(step), dtype=numpy.float32)}, str(path / "tuner_state.safetensors"))
         log.emit("checkpoint", step=step, path=str(path.relative_to(out)))
+
+    def hold_exit():
+        # the test decides when this process exits after its final phase (a file it creates)
+        release = config.get("fake_exit_when")
+        while release and not Path(release).exists():
+            time.sleep(0.01)
 
     stop = []  # like the real trainer: the signal sets a flag, the loop stops between steps
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
@@ -66,6 +78,7 @@ def main():
             checkpoint()
             (out / "cancelled").write_text("")
             log.phase("cancelled", message=f"stopped at step {step}")
+            hold_exit()
             return
         step += 1
         print(f"fake trainer: step {step}/{total}", flush=True)
@@ -82,6 +95,7 @@ def main():
     (out / "tuner.safetensors").write_bytes(b"not really")
     log.emit("artifact", kind="tuner", path="tuner.safetensors")
     log.phase("done")
+    hold_exit()
 
 
 if __name__ == "__main__":

@@ -84,3 +84,26 @@ def test_bad_options_are_refused_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         train_cost.parse(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,tiny", [("sdxl", "tiny-sdxl"), ("sd2", "tiny-sd2")])
+def test_each_family_measures_its_own_u_net_with_its_conditioning(arch, tiny):
+    """--arch sdxl builds SDXL's U-Net (its tiny counterpart under --quick), whose step needs the
+    pooled text and size ids; the published sizes are what --paper-setting trains at."""
+    args = train_cost.parse(["--arch", arch, "--quick", "--methods", "bypass", "--reference", "bypass"])
+    assert (args.arch, args.resolution) == (tiny, 64)
+    row = train_cost.measure("bypass", tiny, 64, 1, "fp32", 2, "cpu")
+    assert row["unet_params"] == sum(p.numel() for p in build_unet(tiny, device="meta").parameters())
+    assert row["trainable"] > 0 and row["finite_loss"] and len(row["losses"]) == 2
+    assert train_cost.NATIVE[arch] == {"sdxl": 1024, "sd2": 768}[arch]
+
+
+@pytest.mark.slow
+def test_quick_sdxl_mode_writes_the_sdxl_table(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.train_cost", "--arch", "sdxl", "--quick", "--methods", "inference,lora,bypass",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "train_cost_tiny-sdxl_cpu_64px_b1_fp32.json").read_text())
+    assert [r["case"] for r in result["rows"]] == ["inference", "lora", "bypass"]
+    assert not [r for r in result["rows"] if "error" in r]
+    assert "`tiny-sdxl` U-Net" in (tmp_path / "train_cost_tiny-sdxl_cpu_64px_b1_fp32.md").read_text()

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import restuning
-from restuning.arch import build_unet
+from restuning.arch import TINY_ARCHS, build_unet
+
 from restuning.methods.bypass.layer import BypassNetwork
-from tests.conftest import run
+from tests.conftest import cast, forward, repeat, run, with_text
 
 KINDS = ("convpass", "adapter", "prefix", "prompt")
 
@@ -33,22 +34,26 @@ def _taps(unet, depth=0):
     return seen
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("horizontal,vertical", list(itertools.product(KINDS, KINDS)))
 def test_identity_at_attach_for_every_tuner_pair(tiny_unet, unet_inputs, horizontal, vertical):
     base = run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.BypassConfig(horizontal=horizontal, vertical=vertical, dim=6))
     assert torch.equal(run(tiny_unet, unet_inputs), base)
     with torch.enable_grad():
-        assert torch.equal(tiny_unet(*unet_inputs).sample.detach(), base)
+        assert torch.equal(forward(tiny_unet, unet_inputs).sample.detach(), base)
 
 
-@pytest.mark.parametrize("options", [{"output": "gate"}, {"text": False}, {"depth": 1}, {"depth": 2, "taps": ("mid",)}])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("options", [{"output": "gate"}, {"text": False}, {"depth": 1}, {"taps": ("mid",)}])
 def test_identity_at_attach_for_every_design(tiny_unet, unet_inputs, options):
+    if options.get("taps") == ("mid",):  # the correction enters the first up block, whose input the mid block makes
+        options = {**options, "depth": len(tiny_unet.up_blocks)}
     base = run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.BypassConfig(dim=6, **options))
     assert torch.equal(run(tiny_unet, unet_inputs), base)
     with torch.enable_grad():
-        assert torch.equal(tiny_unet(*unet_inputs).sample.detach(), base)
+        assert torch.equal(forward(tiny_unet, unet_inputs).sample.detach(), base)
 
 
 def test_taps_lambda_and_output_at_start(tiny_unet):
@@ -78,12 +83,13 @@ def _one_step_then_grads(unet, inputs, handle, seed=0):
     target = torch.randn_like(sample)
     for step in range(2):
         opt.zero_grad()
-        (unet(sample, t, text).sample - target).pow(2).mean().backward()
+        (unet(sample, t, text, **inputs.kwargs).sample - target).pow(2).mean().backward()
         if step == 0:
             opt.step()
     return {n: p.grad for n, p in handle.modules["bypass"].named_parameters()}
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("options", [{}, {"horizontal": "adapter", "vertical": "prefix"}, {"horizontal": "prompt"}, {"depth": 1}])
 def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, options):
     """Issue 11's test: lambda, the tuners, the text tuners, the resamplers and Z all receive a
@@ -103,6 +109,7 @@ def test_the_first_design_fails_the_gradient_test(tiny_unet, unet_inputs):
     assert any(n.endswith("horizontal.down.weight") for n in dead) and "gate" not in dead
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_the_prompt_reaches_the_correction_and_no_gradient_reaches_the_text(tiny_unet, unet_inputs):
     handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4))
     _perturb(handle)
@@ -110,17 +117,17 @@ def test_the_prompt_reaches_the_correction_and_no_gradient_reaches_the_text(tiny
     sample, t, text = unet_inputs
     seen = []
     tiny_unet.conv_norm_out.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    run(tiny_unet, (sample, t, text))
-    run(tiny_unet, (sample, t, text + 1.0))
+    run(tiny_unet, unet_inputs)
+    run(tiny_unet, with_text(unet_inputs, text + 1.0))
     restuning.set_scale(tiny_unet, 0.0)
-    run(tiny_unet, (sample, t, text))
-    run(tiny_unet, (sample, t, text + 1.0))
+    run(tiny_unet, unet_inputs)
+    run(tiny_unet, with_text(unet_inputs, text + 1.0))
     # the correction itself (not only the backbone's features) changes with the prompt
     assert not torch.allclose(seen[1] - seen[3], seen[0] - seen[2], atol=1e-4)
     restuning.set_scale(tiny_unet, 1.0)
     for stage in network.stages:
         stage.text.out.weight.grad = None
-    tiny_unet(sample, t, text).sample.pow(2).mean().backward()
+    tiny_unet(sample, t, text, **unet_inputs.kwargs).sample.pow(2).mean().backward()
     assert all(torch.count_nonzero(s.text.key.weight.grad) > 0 for s in network.stages)
 
 
@@ -136,12 +143,13 @@ def test_sd15_budget_is_near_the_papers_and_has_no_dense_3x3_at_the_backbones_wi
     assert [s.horizontal.down.in_channels for s in network.stages] == widths
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_backbone_runs_without_grad_and_only_the_bypass_trains(tiny_unet, unet_inputs, depth):
     handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=depth))
     _perturb(handle)
     seen = _taps(tiny_unet, depth)
-    loss = tiny_unet(*unet_inputs).sample.pow(2).mean()
+    loss = forward(tiny_unet, unet_inputs).sample.pow(2).mean()
     loss.backward()
     own = {id(p) for p in handle.parameters()}
     assert all(p.grad is None for p in tiny_unet.parameters() if id(p) not in own)
@@ -152,6 +160,7 @@ def test_backbone_runs_without_grad_and_only_the_bypass_trains(tiny_unet, unet_i
     assert torch.is_grad_enabled()  # the caller's grad mode is restored
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("depth", [0, 1])
 def test_gradients_equal_those_of_a_backbone_run_with_grad(tiny_unet, unet_inputs, depth):
     """The no-grad backbone is a saving, not an approximation: forcing autograd through the
@@ -160,13 +169,13 @@ def test_gradients_equal_those_of_a_backbone_run_with_grad(tiny_unet, unet_input
     handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=depth))
     _perturb(handle)
     sample, t, text = unet_inputs
-    tiny_unet(sample, t, text).sample.pow(2).mean().backward()
+    tiny_unet(sample, t, text, **unet_inputs.kwargs).sample.pow(2).mean().backward()
     fast = [p.grad.clone() for p in handle.parameters()]
     for p in handle.parameters():
         p.grad = None
     seen = _taps(tiny_unet)
     text = text.clone().requires_grad_(True)
-    tiny_unet(sample, t, text).sample.pow(2).mean().backward()
+    tiny_unet(sample, t, text, **unet_inputs.kwargs).sample.pow(2).mean().backward()
     assert seen["backbone_grad"] == [True] and text.grad is not None
     for a, p in zip(fast, handle.parameters()):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
@@ -180,6 +189,7 @@ def _head_input(unet, inputs):
     return seen[0]
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_taps_are_detached_so_no_bypass_gradient_reaches_the_backbone(tiny_unet, unet_inputs):
     """Beside a Res-Tuner the backbone runs with grad, so a tap left attached would send the
     bypass's gradient into the backbone and into that Res-Tuner. Reference: the same run with the
@@ -201,7 +211,7 @@ def test_taps_are_detached_so_no_bypass_gradient_reaches_the_backbone(tiny_unet,
         for p in restuners.parameters():
             p.grad = None
         needs = text.clone().requires_grad_(True)
-        tiny_unet(sample, t, needs).sample.pow(2).mean().backward()
+        tiny_unet(sample, t, needs, **unet_inputs.kwargs).sample.pow(2).mean().backward()
         if hook is not None:
             hook.remove()
         return [needs.grad, *(p.grad.clone() for p in restuners.parameters())]
@@ -284,13 +294,14 @@ def test_zero_conv_output_and_convpass_and_text_against_the_chain_written_out():
         torch.testing.assert_close(net(x0, [x1, x2], c), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_training_changes_the_output_not_the_backbone(tiny_unet, unet_inputs):
     base = run(tiny_unet, unet_inputs)
     backbone = {n: p.detach().clone() for n, p in tiny_unet.named_parameters()}
     handle = restuning.attach(tiny_unet, restuning.BypassConfig(dim=4))
     opt = torch.optim.AdamW(restuning.trainable_parameters(tiny_unet), lr=1e-2)
     for _ in range(3):
-        loss = tiny_unet(*unet_inputs).sample.pow(2).mean()
+        loss = forward(tiny_unet, unet_inputs).sample.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -301,6 +312,7 @@ def test_training_changes_the_output_not_the_backbone(tiny_unet, unet_inputs):
             assert torch.equal(p, backbone[n]), f"backbone weight {n} changed"
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_scale_zero_and_detach_give_exactly_the_base_model(tiny_unet, unet_inputs):
     base = run(tiny_unet, unet_inputs)
     n_params = len(list(tiny_unet.parameters()))
@@ -358,16 +370,17 @@ def two_bypasses(tiny_unet, unet_inputs):
     return alone
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_one_backbone_forward_feeds_several_bypasses(tiny_unet, unet_inputs, two_bypasses):
     calls = []
     tiny_unet.mid_block.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        outs = restuning.bypass_outputs(tiny_unet, ["a", "b", None, "a"], *unet_inputs)
+        outs = restuning.bypass_outputs(tiny_unet, ["a", "b", None, "a"], *unet_inputs, **unet_inputs.kwargs)
     assert len(calls) == 1 and len(outs) == 4
     for name, out in zip(["a", "b", None, "a"], outs):
         torch.testing.assert_close(out, two_bypasses[name], atol=1e-5, rtol=0)
     with pytest.raises(restuning.AttachError, match="not attached"):
-        restuning.bypass_outputs(tiny_unet, ["c"], *unet_inputs)
+        restuning.bypass_outputs(tiny_unet, ["c"], *unet_inputs, **unet_inputs.kwargs)
 
 
 def test_at_depth_1_the_last_up_block_runs_with_grad_and_its_weights_get_none(tiny_unet, unet_inputs):
@@ -376,24 +389,25 @@ def test_at_depth_1_the_last_up_block_runs_with_grad_and_its_weights_get_none(ti
     grad_modes = {}
     for path in ("mid_block", "up_blocks.0", "up_blocks.1"):
         tiny_unet.get_submodule(path).register_forward_pre_hook(lambda m, a, p=path: grad_modes.__setitem__(p, torch.is_grad_enabled()))
-    tiny_unet(*unet_inputs).sample.pow(2).mean().backward()
+    forward(tiny_unet, unet_inputs).sample.pow(2).mean().backward()
     assert grad_modes == {"mid_block": False, "up_blocks.0": False, "up_blocks.1": True}
     own = {id(p) for p in handle.parameters()}
     assert all(p.grad is None for p in tiny_unet.parameters() if id(p) not in own)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("depth", [1, 2])
 def test_fan_out_below_the_head_matches_separate_calls(tiny_unet, unet_inputs, depth):
     for name, seed in (("a", 1), ("b", 2)):
         _perturb(restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=depth), name=name), seed=seed)
     alone = _each_alone(tiny_unet, unet_inputs, ("a", "b"))
     with torch.no_grad():
-        outs = restuning.bypass_outputs(tiny_unet, ["a", None, "b"], *unet_inputs)
+        outs = restuning.bypass_outputs(tiny_unet, ["a", None, "b"], *unet_inputs, **unet_inputs.kwargs)
     for name, out in zip(["a", None, "b"], outs):
         torch.testing.assert_close(out, alone[name], atol=1e-5, rtol=0)
     restuning.attach(tiny_unet, restuning.BypassConfig(dim=4, depth=0), name="head")
     with pytest.raises(restuning.AttachError, match="one depth"):
-        restuning.bypass_outputs(tiny_unet, ["a", "head"], *unet_inputs)
+        restuning.bypass_outputs(tiny_unet, ["a", "head"], *unet_inputs, **unet_inputs.kwargs)
 
 
 def test_several_bypasses_train_from_one_backbone_forward(tiny_unet, unet_inputs, two_bypasses):
@@ -401,7 +415,7 @@ def test_several_bypasses_train_from_one_backbone_forward(tiny_unet, unet_inputs
     handles = restuning.attached(tiny_unet)
     assert all(p.requires_grad for h in handles.values() for p in h.parameters())  # attaching "b" left "a" trainable
     seen = _taps(tiny_unet)
-    outs = restuning.bypass_outputs(tiny_unet, ["a", "b"], *unet_inputs)
+    outs = restuning.bypass_outputs(tiny_unet, ["a", "b"], *unet_inputs, **unet_inputs.kwargs)
     sum(o.pow(2).mean() for o in outs).backward()
     assert seen["backbone_grad"] == [False]
     shared = {n: [p.grad.clone() for p in h.parameters()] for n, h in handles.items()}
@@ -411,7 +425,7 @@ def test_several_bypasses_train_from_one_backbone_forward(tiny_unet, unet_inputs
                 p.grad = None
         for other in handles:
             restuning.set_scale(tiny_unet, 1.0 if other == name else 0.0, name=other)
-        tiny_unet(*unet_inputs).sample.pow(2).mean().backward()
+        forward(tiny_unet, unet_inputs).sample.pow(2).mean().backward()
         assert any(torch.count_nonzero(g) > 0 for g in shared[name])
         for got, p in zip(shared[name], handles[name].parameters(), strict=True):
             torch.testing.assert_close(got, p.grad, atol=1e-7, rtol=1e-5)
@@ -425,9 +439,9 @@ def test_route_sends_each_sample_through_its_own_bypass(tiny_unet, unet_inputs, 
             torch.testing.assert_close(routed[i], two_bypasses[name][i], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_route_repeats_over_a_classifier_free_guidance_batch(tiny_unet, unet_inputs, two_bypasses):
-    sample, t, text = unet_inputs
-    doubled = (torch.cat([sample, sample]), torch.cat([t, t]), torch.cat([text, text]))
+    doubled = repeat(unet_inputs, 2)
     with restuning.route(["a", "b"]):
         routed = run(tiny_unet, doubled)
     for i, name in enumerate(["a", "b", "a", "b"]):
@@ -471,15 +485,16 @@ def test_inside_an_ordinary_pipeline_call():
     assert (image() == base).all()
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_bf16_unet_with_fp32_bypass(tiny_unet, unet_inputs):
     unet = tiny_unet.to(torch.bfloat16)
-    inputs = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in unet_inputs]
+    inputs = cast(unet_inputs, torch.bfloat16)
     base = run(unet, inputs)
     handle = restuning.attach(unet, restuning.BypassConfig(dim=4))
     assert all(p.dtype == torch.float32 for p in handle.parameters())
     out = run(unet, inputs)
     assert out.dtype == torch.bfloat16 and torch.equal(out, base)
-    unet(*inputs).sample.float().pow(2).mean().backward()
+    forward(unet, inputs).sample.float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in handle.parameters())
 
 
@@ -490,6 +505,8 @@ def test_bad_configs_are_refused_with_the_reason(tiny_unet):
         restuning.attach(tiny_unet, restuning.BypassConfig(depth=3))
     with pytest.raises(restuning.ConfigError, match="depth must be"):
         restuning.attach(tiny_unet, restuning.BypassConfig(depth=-1))
+    with pytest.raises(restuning.AttachError, match=r"enters up_blocks.1, whose input is the untapped output of up_blocks.0.*depth 2"):
+        restuning.attach(tiny_unet, restuning.BypassConfig(taps=("mid",), depth=1))
     with pytest.raises(restuning.ConfigError, match="horizontal"):
         restuning.attach(tiny_unet, restuning.BypassConfig(horizontal="lora"))
     with pytest.raises(restuning.ConfigError, match="positive"):

@@ -43,7 +43,7 @@ def test_each_file_is_decoded_once(tmp_path, monkeypatch):
     files = images(tmp_path, 2)
     calls = []
     real = data.load_resized
-    monkeypatch.setattr(data, "load_resized", lambda path, r: calls.append(path) or real(path, r))
+    monkeypatch.setattr(data, "load_resized", lambda path, r, *mode: calls.append(path) or real(path, r, *mode))
     dataset = data.DreamBoothData(files, files, 48, False, True, seed=0)
     for first in range(0, 40, 4):
         dataset.batch(first, 4)

@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import Attention
 
 import restuning
 from restuning import unbinding
+from restuning.arch import TINY_ARCHS
 from restuning.methods.attention import split_heads
 from restuning.methods.prefix.layer import PrefixAttnProcessor
 from restuning.methods.prompt.layer import PromptAttnProcessor
@@ -19,19 +20,28 @@ from restuning.core import Attached, transformer_blocks
 from restuning.tuners import Adapter
 
 TOL = 1e-5
-SD15_CHANNELS = (320, 640, 1280)
+# The attention shapes of each family's transformer blocks: (family, channels, heads, text width).
+# SD v1.5: 8 heads of channels/8, 768-d text. SD 2.x: heads of 64 channels (attention_head_dim
+# [5, 10, 20, 20]), 1024-d text, attention upcast to fp32. SDXL: heads of 64 channels at its two
+# attention levels, 2048-d text (its two encoders side by side).
+SHAPES = [("sd1", 320, 8, 768), ("sd1", 640, 8, 768), ("sd1", 1280, 8, 768),
+          ("sd2", 320, 5, 1024), ("sd2", 640, 10, 1024), ("sd2", 1280, 20, 1024),
+          ("sdxl", 640, 10, 2048), ("sdxl", 1280, 20, 2048)]
+SHAPE_IDS = [f"{f}-{c}" for f, c, _, _ in SHAPES]
 
 
-def _sd_attention(channels: int, cross: bool) -> Attention:
+def _sd_attention(shape, cross: bool) -> Attention:
+    family, channels, heads, text = shape
     torch.manual_seed(channels + cross)
-    # SD v1.5 transformer blocks: 8 heads of channels/8, text context 768-d.
-    return Attention(query_dim=channels, cross_attention_dim=768 if cross else None, heads=8, dim_head=channels // 8).eval()
+    return Attention(query_dim=channels, cross_attention_dim=text if cross else None, heads=heads, dim_head=channels // heads,
+                     upcast_attention=family == "sd2").eval()
 
 
-def _inputs(channels: int, cross: bool, tokens: int = 64):
+def _inputs(shape, cross: bool, tokens: int = 64):
+    _, channels, _, text = shape
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, tokens, channels, generator=g)
-    context = torch.randn(2, 77, 768, generator=g) if cross else None
+    context = torch.randn(2, 77, text, generator=g) if cross else None
     return x, context
 
 
@@ -55,11 +65,11 @@ def _prefix_processor(attn, length=10):
     return proc
 
 
-@pytest.mark.parametrize("channels", SD15_CHANNELS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("cross", [False, True], ids=["attn1", "attn2"])
-def test_prefix_attention_equals_its_unbound_form(channels, cross):
-    attn = _sd_attention(channels, cross)
-    x, context = _inputs(channels, cross)
+def test_prefix_attention_equals_its_unbound_form(shape, cross):
+    attn = _sd_attention(shape, cross)
+    x, context = _inputs(shape, cross)
     proc = _prefix_processor(attn)
     attn.set_processor(proc)
     with torch.no_grad():
@@ -84,8 +94,8 @@ def _wrong_row_mean(q, k, k_extra, scale):
 @pytest.mark.parametrize("wrong", [_wrong_unscaled, _wrong_unnormalised, _wrong_row_mean, lambda q, k, e, s: torch.zeros(*q.shape[:-1], 1)],
                          ids=["unscaled-logits", "no-normalisation", "no-per-row", "lambda-zero"])
 def test_prefix_test_fails_when_lambda_is_wrong(wrong):
-    attn = _sd_attention(320, True)
-    x, context = _inputs(320, True)
+    attn = _sd_attention(SHAPES[0], True)
+    x, context = _inputs(SHAPES[0], True)
     proc = _prefix_processor(attn)
     attn.set_processor(proc)
     with torch.no_grad():
@@ -94,14 +104,14 @@ def test_prefix_test_fails_when_lambda_is_wrong(wrong):
     assert (original - perturbed).abs().max().item() > 100 * TOL
 
 
-@pytest.mark.parametrize("channels", SD15_CHANNELS)
-def test_prompt_tuning_original_tokens_equal_eq11_form(channels):
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_prompt_tuning_original_tokens_equal_eq11_form(shape):
     """Self-attention over [x; x_pro] by an unmodified diffusers Attention; the first N outputs
     equal (1-λ)Attn(Q,K,V) + λAttn(Q,K_pro,V_pro) with K_pro = x_pro W_k, V_pro = x_pro W_v."""
-    attn = _sd_attention(channels, cross=False)
-    x, _ = _inputs(channels, cross=False)
+    attn = _sd_attention(shape, cross=False)
+    x, _ = _inputs(shape, cross=False)
     g = torch.Generator().manual_seed(11)
-    x_pro = torch.randn(2, 10, channels, generator=g)
+    x_pro = torch.randn(2, 10, shape[1], generator=g)
     with torch.no_grad():
         full = attn(torch.cat([x, x_pro], dim=1))
         original = full[:, : x.shape[1]]
@@ -115,11 +125,11 @@ def test_prompt_tuning_original_tokens_equal_eq11_form(channels):
     # matter, because the original tokens' outputs are fully determined above.
 
 
-@pytest.mark.parametrize("channels", SD15_CHANNELS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("cross", [False, True], ids=["attn1", "attn2"])
-def test_prompt_baseline_processor_is_original_prompt_tuning(channels, cross):
-    attn = _sd_attention(channels, cross)
-    x, context = _inputs(channels, cross)
+def test_prompt_baseline_processor_is_original_prompt_tuning(shape, cross):
+    attn = _sd_attention(shape, cross)
+    x, context = _inputs(shape, cross)
     torch.manual_seed(5)
     proc = PromptAttnProcessor(attn.to_k.in_features, 10, Attached(name="default", config=None))
     with torch.no_grad():
@@ -140,6 +150,7 @@ def _houlsby(y, adapter):
     return y + 0.5 * hidden * (1 + torch.erf(hidden / 2**0.5)) @ adapter.up.weight.T + adapter.up.bias
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_sequential_adapter_equals_parallel_form(tiny_unet):
     """Eq. 6 on a real U-Net block. The bound baseline must be the adapter *after* the FFN, on
     FFN(x) (whose values differ from x), equal to the sequential form written out by hand; the

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from safetensors import safe_open
 
 import restuning
-from restuning.arch import build_unet
+from restuning.arch import TINY_ARCHS, build_unet
 from tests.conftest import run
 
 CONFIGS = [
@@ -29,14 +29,15 @@ def _perturb(handle):
             p.add_(torch.randn_like(p) * 0.1)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}")
-def test_save_then_load_on_a_fresh_unet_reproduces_outputs_exactly(tmp_path, unet_inputs, config):
-    unet = build_unet("tiny", seed=0).eval()
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("config", CONFIGS + [restuning.BypassConfig(dim=4)], ids=lambda c: f"{c.method}")
+def test_save_then_load_on_a_fresh_unet_reproduces_outputs_exactly(tmp_path, arch, unet_inputs, config):
+    unet = build_unet(arch, seed=0).eval()
     _perturb(restuning.attach(unet, config))
     expected = run(unet, unet_inputs)
     path = restuning.save(unet, tmp_path / "tuner.safetensors")
 
-    fresh = build_unet("tiny", seed=0).eval()
+    fresh = build_unet(arch, seed=0).eval()
     base = run(fresh, unet_inputs)
     handle = restuning.load(fresh, path)
     assert handle.config == config
@@ -101,9 +102,37 @@ def test_a_file_for_another_architecture_is_refused(tmp_path, tiny_unet):
 
     path = _saved(tmp_path, tiny_unet)
     other = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": [32, 96]})
-    with pytest.raises(restuning.TunerFileError, match="another U-Net architecture: block_out_channels"):
+    with pytest.raises(restuning.TunerFileError, match=r"another U-Net architecture \(block_out_channels"):
         restuning.load(other, path)
     assert restuning.attached(other) == {}
+
+
+@pytest.mark.parametrize("trained,loaded", [("tiny-sdxl", "tiny"), ("tiny", "tiny-sdxl"), ("tiny-sd2", "tiny"), ("tiny-sdxl", "tiny-sd2")])
+def test_a_file_of_another_family_is_refused_naming_both(tmp_path, trained, loaded):
+    from restuning.arch import FAMILIES, family
+
+    unet = build_unet(trained)
+    restuning.attach(unet, restuning.ResTuningConfig())
+    path = restuning.save(unet, tmp_path / "t.safetensors")
+    other = build_unet(loaded)
+    theirs, ours = FAMILIES[family(unet.config)], FAMILIES[family(other.config)]
+    with pytest.raises(restuning.TunerFileError, match=rf"trained for an {theirs} U-Net and this base model is {ours}, which it cannot "
+                                                          r"be used on \(.*cross_attention_dim"):
+        restuning.load(other, path)
+    assert restuning.attached(other) == {}
+
+
+def test_files_saved_before_the_family_was_recorded_still_load(tmp_path, tiny_unet, unet_inputs):
+    """A header's base_arch without addition_embed_type / use_linear_projection (every file written
+    before SDXL and SD 2.x were supported) still fits the U-Net its other fields describe."""
+    path = _saved(tmp_path, tiny_unet)
+    arch = json.loads(restuning.read_header(path)["base_arch"])
+    assert {"addition_embed_type", "use_linear_projection"} <= set(arch)
+    old = {k: v for k, v in arch.items() if k not in ("addition_embed_type", "use_linear_projection")}
+    older = _rewrite(path, tmp_path / "older.safetensors", base_arch=json.dumps(old))
+    fresh = build_unet("tiny")
+    restuning.load(fresh, older)
+    assert len(restuning.attached(fresh)) == 1
 
 
 def test_non_safetensors_files_are_refused_without_unpickling(tmp_path, tiny_unet):

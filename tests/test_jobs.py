@@ -137,6 +137,37 @@ def test_cancel_keeps_the_checkpoint_and_resume_continues_from_it(tmp_path, imag
     wait_for(runner, run_id, {"cancelled"})
 
 
+def test_a_run_shows_its_end_only_once_its_process_has_exited(tmp_path, images):
+    """Issue 29, item 6: the trainer writes `cancelled` (or `done`) and then still has to exit;
+    until it has, the run is `running` and not resumable. The test holds the process after its
+    final phase for as long as it likes (fake_exit_when), so no timing is assumed."""
+    runner = make_runner(tmp_path / "runs")
+    release = tmp_path / "release"
+    run_id = runner.submit({"max_train_steps": 400, "checkpointing_steps": 1000, "fake_step_seconds": 0.02,
+                            "fake_exit_when": str(release)}, images)
+    try:
+        wait_step(runner, run_id, 2)
+        runner.cancel(run_id)
+        deadline = time.monotonic() + 60
+        while read_events(runner.run_dir(run_id))[-1].get("phase") != "cancelled":
+            assert time.monotonic() < deadline, "the trainer never reported cancelled"
+            time.sleep(0.02)
+        for _ in range(3):  # however often it is asked while the process lives
+            runner.tick()
+            info = runner.info(run_id)
+            assert (info.status, info.resumable) == ("running", False), "cancelled shown while its process still runs"
+            with pytest.raises(JobError, match="still stopping"):
+                runner.resume(run_id)
+    finally:
+        release.write_text("")  # a failure leaves no process waiting
+    info = wait_for(runner, run_id, {"cancelled", "failed"}, timeout=60)
+    assert info.status == "cancelled" and info.resumable and not info.alive
+    assert (info.dir / info.checkpoint / "tuner_state.safetensors").is_file(), "its last checkpoint is on disk"
+    assert runner.resume(run_id).startswith("queued again")
+    runner.cancel(run_id)
+    wait_for(runner, run_id, {"cancelled"}, timeout=60)
+
+
 LAUNCHER = """import signal, subprocess, sys
 child = subprocess.Popen(sys.argv[1:])
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like accelerate launch: gone at once

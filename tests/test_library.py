@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import restuning
-from restuning.arch import build_unet
+from restuning.arch import TINY_ARCHS, build_unet
 from tests.conftest import run
 
 PACKAGE = Path(restuning.__file__).parent
@@ -35,7 +35,8 @@ def _attach_one_of_each(unet):
         _perturb(handle)
 
 
-def test_unet_state_is_the_base_models_with_tuners_attached(tmp_path, tiny_unet, unet_inputs):
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_unet_state_is_the_base_models_with_tuners_attached(tmp_path, arch, tiny_unet, unet_inputs):
     base_state = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
     _attach_one_of_each(tiny_unet)
     tuned = run(tiny_unet, unet_inputs)
@@ -46,7 +47,7 @@ def test_unet_state_is_the_base_models_with_tuners_attached(tmp_path, tiny_unet,
     tiny_unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
     reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     assert sorted(reloaded.state_dict()) == sorted(base_state)
-    assert torch.equal(run(reloaded, unet_inputs), run(build_unet("tiny", seed=0).eval(), unet_inputs))
+    assert torch.equal(run(reloaded, unet_inputs), run(build_unet(arch, seed=0).eval(), unet_inputs))
 
     # A base checkpoint loads strictly into the tuned U-Net and leaves its tuners as they were.
     tiny_unet.load_state_dict(base_state, strict=True)

@@ -155,6 +155,32 @@ def test_files_for_another_model_are_refused_and_nothing_changes(exported, tmp_p
     assert torch.equal(render(pipe), base)
 
 
+def test_a_file_mixing_key_layouts_is_refused_naming_both(exported, tmp_path):
+    """Half the layers in peft's keys (lora_A) and half in diffusers' older ones (lora.down), or
+    kohya's beside diffusers': diffusers' loader reads the file by one key's layout, so the rest
+    would be skipped or read as layers the model lacks. Refused whichever key comes first."""
+    folder, _, base = exported
+    state = load_file(folder / lora_export.DIFFUSERS_FILE)
+    layers = sorted({k.split(".lora.")[0] for k in state})
+    peft = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in state.items()}
+    kohya = load_file(folder / lora_export.KOHYA_FILE)
+    pipe = tiny_pipeline()
+    for first_half_peft in (True, False):
+        half = set(layers[: len(layers) // 2])
+        mixed = {k: v for k, v in (peft if first_half_peft else state).items() if k.split(".lora")[0] in half}
+        mixed.update({k: v for k, v in (state if first_half_peft else peft).items() if k.split(".lora")[0] not in half})
+        save_file(mixed, str(tmp_path / "mixed.safetensors"))
+        with pytest.raises(restuning.TunerFileError, match=r"mixes LoRA key layouts, peft \(unet\..*lora_A.*\) and diffusers' older "
+                                                           r"\(unet\..*lora\.down.*\): .*save it again in one layout"):
+            restuning.load(pipe.unet, tmp_path / "mixed.safetensors")
+    both = {**{k: v for k, v in kohya.items() if "attn1" in k}, **{k: v for k, v in state.items() if "attn2" in k}}
+    save_file(both, str(tmp_path / "both.safetensors"))
+    with pytest.raises(restuning.TunerFileError, match=r"mixes LoRA key layouts, kohya \(lora_unet_.*\) and diffusers' older"):
+        restuning.load(pipe.unet, tmp_path / "both.safetensors")
+    assert not restuning.attached(pipe.unet)
+    assert torch.equal(render(pipe), base)
+
+
 def test_text_encoder_keys_need_the_text_encoder(tmp_path):
     pipe = tiny_pipeline()
     handle = trained_lora(pipe, restuning.LoraConfig(blocks=("mid",), text_encoder="q_proj,v_proj"))
@@ -163,6 +189,74 @@ def test_text_encoder_keys_need_the_text_encoder(tmp_path):
     with pytest.raises(restuning.TunerFileError, match=r"tunes the text encoder too .*text_encoder\..*=pipe.text_encoder"):
         restuning.load(pipe.unet, tmp_path / lora_export.DIFFUSERS_FILE)
     assert not restuning.attached(pipe.unet)
+
+
+@pytest.fixture(scope="module")
+def with_text_encoder(tmp_path_factory):
+    """A project LoRA of the mid block and of the text encoder's attention (rank 4, alpha 8) in
+    diffusers' format, its images, and the images of its U-Net part alone."""
+    folder = tmp_path_factory.mktemp("lora-te")
+    pipe = tiny_pipeline()
+    handle = trained_lora(pipe, restuning.LoraConfig(rank=4, alpha=8, blocks=("mid",), text_encoder="q_proj,k_proj,v_proj,out_proj"))
+    tuned = render(pipe)
+    lora_export.export(pipe, handle, folder)
+    with torch.no_grad():
+        for name, p in pipe.text_encoder.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    unet_only = render(pipe)
+    assert not torch.equal(unet_only, tuned)  # the text encoder's part shows in the images
+    return folder / lora_export.DIFFUSERS_FILE, tuned
+
+
+def text_encoder_variant(diffusers_file, path, variant):
+    """The LoRA in one of the layouts found in the wild, written by hand from the diffusers file:
+    - "diffusers": as diffusers' save_lora_weights writes it with transformers 5
+      (text_encoder.encoder.layers.…lora_linear_layer.down.weight);
+    - "diffusers text_model.": as it wrote it with transformers 4, whose CLIPTextModel has a
+      `text_model` level (text_encoder.text_model.encoder.…);
+    - "kohya": kohya's SD 1.x layout, whose text-encoder keys keep the `text_model_` level
+      (lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight, .alpha);
+    - "kohya without text_model_": lora_te_encoder_layers_0_….
+    """
+    state = load_file(diffusers_file)
+    with open(diffusers_file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    if variant == "diffusers":
+        save_file(state, str(path), metadata=header)
+        return path
+    if variant == "diffusers text_model.":
+        save_file({k.replace("text_encoder.", "text_encoder.text_model.", 1): v for k, v in state.items()}, str(path), metadata=header)
+        return path
+    alpha = json.loads(header["lora_adapter_metadata"])["unet.lora_alpha"]
+    level = "text_model_" if variant == "kohya" else ""
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith("unet."):
+            layer, kind = re.match(r"unet\.(.+)\.lora\.(down|up)\.weight", key).groups()
+            name = "lora_unet_" + layer.replace(".", "_")
+        else:
+            layer, kind = re.match(r"text_encoder\.(.+)\.lora_linear_layer\.(down|up)\.weight", key).groups()
+            name = "lora_te_" + level + layer.replace(".", "_")
+        out[f"{name}.lora_{kind}.weight"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(out, str(path))
+    return path
+
+
+@pytest.mark.parametrize("variant", ["diffusers", "diffusers text_model.", "kohya", "kohya without text_model_"])
+def test_a_lora_of_the_text_encoder_too_loads_and_renders_as_diffusers_loader_does(with_text_encoder, variant, tmp_path):
+    diffusers_file, tuned = with_text_encoder
+    path = text_encoder_variant(diffusers_file, tmp_path / "their_lora.safetensors", variant)
+    assert any("te_" in k or k.startswith("text_encoder.") for k in load_file(path))
+    pipe = tiny_pipeline()
+    handle = restuning.load(pipe.unet, path, text_encoder=pipe.text_encoder)
+    assert (handle.config.rank, handle.config.alpha, handle.config.text_encoder) == (4, 8, "q_proj,k_proj,v_proj,out_proj")
+    ours = render(pipe)
+    theirs = tiny_pipeline()
+    theirs.load_lora_weights(str(path))
+    assert torch.equal(ours, render(theirs))
+    assert torch.equal(ours, tuned)
 
 
 def test_studio_import_puts_a_kohya_lora_in_the_compare_grid_beside_a_res_tuner(exported, tmp_path):

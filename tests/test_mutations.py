@@ -1,5 +1,5 @@
-"""scripts/mutate.py: its mutations still apply to the library, and a few of them, run here,
-are caught. `python -m scripts.mutate` runs them all against every library test file."""
+"""scripts/mutate.py: its mutations still apply to the code, and a few of each class, run here,
+are caught. `python -m scripts.mutate` runs them all, each against its class's test files."""
 
 import pytest
 
@@ -15,6 +15,13 @@ def test_every_mutation_applies_to_exactly_one_place():
 @pytest.mark.parametrize(("names", "tests"), [
     (("res-attention-no-logit-scale", "hook-reads-op-output"), ("tests/test_tuner_math.py",)),
     (("bypass-tap-outputs-attached", "bypass-vertical-reads-backbone"), ("tests/test_bypass.py",)),
+    # the new classes against the one test that targets each, so that make test pays for little more
+    (("strength-bound-scales-the-whole-attention", "strength-bound-squared"),
+     ("tests/test_contracts.py::test_bound_prefix_and_prompt_strength_is_their_unbound_form",)),
+    (("io-newer-version-accepted", "io-fingerprint-missing-field-passes"),
+     ("tests/test_golden.py::test_a_file_of_a_newer_format_version_is_refused_saying_to_upgrade",
+      "tests/test_golden.py::test_a_fingerprint_missing_any_field_is_refused")),
+    (("loss-min-snr-clamped-below",), (mutate.LOSS_CASE.format("epsilon min-SNR"),)),
 ])
 def test_a_few_mutations_are_caught(names, tests):
     chosen = [m for m in mutate.MUTATIONS if m.name in names]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import restuning
+from restuning.arch import TINY_ARCHS
 from restuning.core import transformer_blocks
-from tests.conftest import run
+from tests.conftest import cast, forward, run
 
 KINDS = ("adapter", "prefix", "prompt")
 OPS = ("attn1", "attn2", "ff", "block")
@@ -18,12 +19,13 @@ def _train_a_little(unet, inputs, steps=3):
     params = restuning.trainable_parameters(unet)
     opt = torch.optim.SGD(params, lr=0.5)
     for _ in range(steps):
-        loss = unet(*inputs).sample.pow(2).mean()
+        loss = forward(unet, inputs).sample.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("kind,op", list(itertools.product(KINDS, OPS)))
 def test_identity_at_attach_for_every_kind_and_op(tiny_unet, unet_inputs, kind, op):
     base = run(tiny_unet, unet_inputs)
@@ -31,6 +33,7 @@ def test_identity_at_attach_for_every_kind_and_op(tiny_unet, unet_inputs, kind, 
     assert torch.equal(run(tiny_unet, unet_inputs), base)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tuners_go_to_mid_and_up_by_default_and_down_on_request(tiny_unet):
     handle = restuning.attach(tiny_unet, restuning.ResTuningConfig())
     keys = list(handle.modules)
@@ -50,6 +53,7 @@ def test_tuners_go_to_mid_and_up_by_default_and_down_on_request(tiny_unet):
         {"attn1": "prefix", "attn2": "prompt", "ff": "adapter", "block": "prefix"},
     ],
 )
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_mix_tuning_layouts_train_only_their_tuners(tiny_unet, unet_inputs, layout):
     base = run(tiny_unet, unet_inputs)
     backbone = {n: p.detach().clone() for n, p in tiny_unet.named_parameters()}
@@ -78,6 +82,7 @@ def test_dim_sets_every_tuner_length(tiny_unet):
     assert shapes["ResPrompt"].tokens.shape[0] == 7
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_scale_zero_and_detach_give_exactly_the_base_model(tiny_unet, unet_inputs):
     base = run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"attn1": "prefix", "ff": "adapter", "block": "prompt"}))
@@ -119,16 +124,17 @@ def test_bad_layouts_are_refused_with_the_reason(tiny_unet):
     assert restuning.attached(tiny_unet) == {}
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("layout", [{"attn1": "adapter", "ff": "adapter"}, {"attn2": "prefix", "block": "prompt"}])
 def test_bf16_unet_with_fp32_tuners(tiny_unet, unet_inputs, layout):
     unet = tiny_unet.to(torch.bfloat16)
-    inputs = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in unet_inputs]
+    inputs = cast(unet_inputs, torch.bfloat16)
     base = run(unet, inputs)
     handle = restuning.attach(unet, restuning.ResTuningConfig(tuners=layout))
     assert all(p.dtype == torch.float32 for p in handle.parameters())
     out = run(unet, inputs)
     assert out.dtype == torch.bfloat16 and torch.equal(out, base)
-    loss = unet(*inputs).sample.float().pow(2).mean()
+    loss = forward(unet, inputs).sample.float().pow(2).mean()
     loss.backward()
     grads = [p.grad for p in handle.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads)
@@ -138,12 +144,13 @@ def test_autocast_bf16_keeps_tuner_weights_fp32(tiny_unet, unet_inputs):
     handle = restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"attn1": "prefix", "ff": "adapter"}))
     _train_a_little(tiny_unet, unet_inputs, steps=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = tiny_unet(*unet_inputs).sample.float().pow(2).mean()
+        loss = forward(tiny_unet, unet_inputs).sample.float().pow(2).mean()
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 and p.grad is not None for p in handle.parameters())
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_route_sends_each_sample_through_its_own_tuner(tiny_unet, unet_inputs):
     restuning.attach(tiny_unet, restuning.ResTuningConfig(), name="a")
     restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"ff": "prefix"}), name="b")
@@ -166,6 +173,7 @@ def test_route_sends_each_sample_through_its_own_tuner(tiny_unet, unet_inputs):
     torch.testing.assert_close(routed[1], expected[0][1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_several_loras_stay_active_and_scale_independently(tiny_unet, unet_inputs):
     base = run(tiny_unet, unet_inputs)
     outputs = {}

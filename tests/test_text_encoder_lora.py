@@ -81,8 +81,8 @@ def test_saved_files_render_as_the_sampler_renders_them(trained, tmp_path):
     # studio's import: converted to a tuner file, checked on weightless copies of the base model
     base_model = describe(str(model))
     upload = shutil.copy(out / "pytorch_lora_weights.safetensors", tmp_path / "their_lora.safetensors")
-    converted = lora_as_tuner_file(upload, base_model.unet_on_meta(), base_model.text_encoder_on_meta())
-    config, _ = check_tuner_file(converted, base_model.unet_on_meta(), base_text_encoder=base_model.text_encoder_on_meta())
+    converted = lora_as_tuner_file(upload, base_model.unet_on_meta(), base_model.text_encoders_on_meta()["text_encoder"])
+    config, _ = check_tuner_file(converted, base_model.unet_on_meta(), base_text_encoder=base_model.text_encoders_on_meta()["text_encoder"])
     assert config.text_encoder == "q_proj,k_proj,v_proj,out_proj"
     images = Sampler(load_base(model)).render([Column("direct", tuner=upload), Column("studio", tuner=converted)], [SETTINGS])[0]
     for image in images:

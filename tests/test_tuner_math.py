@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import restuning
+from restuning.arch import TINY_ARCHS
 from restuning.core import transformer_blocks
 from restuning.tuners import PROMPT_WIDTH, Adapter, ResPrefix, ResPrompt
+from tests.conftest import forward
 
 KINDS = ("adapter", "prefix", "prompt")
 TOL = 1e-5
@@ -151,14 +153,15 @@ def _call(op, op_name, x, text):
     return op(x, encoder_hidden_states=text) if op_name in ("attn2", "block") else op(x)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("op_name", ["attn1", "attn2", "ff", "block"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_hook_adds_the_tuner_of_the_ops_input(tiny_unet, op_name, kind):
-    path, block = transformer_blocks(tiny_unet, ("mid",))[0]
+    path, block = transformer_blocks(tiny_unet, ("mid",))[-1]  # SDXL's: the last of a deep stack
     op = block if op_name == "block" else getattr(block, op_name)
     channels = block.norm1.normalized_shape[0]
     x = torch.randn(2, 16, channels, generator=torch.Generator().manual_seed(4))
-    text = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(5))
+    text = torch.randn(2, 7, tiny_unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         base = _call(op, op_name, x, text)
     assert (base - x).abs().max() > 0.1  # input and output differ, so reading the wrong one shows
@@ -174,6 +177,7 @@ def test_hook_adds_the_tuner_of_the_ops_input(tiny_unet, op_name, kind):
 # -- gradient flow ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, kind):
     """At attach only the zero-initialised output layer can have gradient (everything before it
@@ -185,7 +189,7 @@ def test_every_parameter_has_gradient_after_one_step(tiny_unet, unet_inputs, kin
 
     def step():
         opt.zero_grad()
-        (tiny_unet(*unet_inputs).sample - target).pow(2).mean().backward()
+        (forward(tiny_unet, unet_inputs).sample - target).pow(2).mean().backward()
 
     step()
     output_layer = {"adapter": ("up.weight",), "prefix": ("out.weight",), "prompt": ("out.weight",)}[kind]

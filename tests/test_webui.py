@@ -4,6 +4,7 @@ the trainer would refuse them), the method order, the generated form, the live v
 import json
 
 import pytest
+import torch
 
 from restuning.methods import METHODS
 from trainers.events import EventLog
@@ -136,9 +137,20 @@ def test_base_model_facts_come_from_its_configs(tmp_path):
 
     demo = describe(None)
     assert demo.source == str(DEMO_MODEL) and demo.resolution == 64 and demo.name == "the bundled demo model"
-    checkpoint = tmp_path / "v1-5.safetensors"
-    checkpoint.write_bytes(b"")
-    assert describe(str(checkpoint)).resolution == 512
+    from safetensors.torch import save_file
+
+    unet_key = "model.diffusion_model.input_blocks.0.0.weight"
+    for name, text_key, family, resolution in (("v1-5", "cond_stage_model.transformer.x", "sd1", 512),
+                                               ("v2-1", "cond_stage_model.model.x", "sd2", 768),
+                                               ("xl", "conditioner.embedders.1.model.x", "sdxl", 1024)):
+        checkpoint = tmp_path / f"{name}.safetensors"
+        save_file({unet_key: torch.zeros(1), text_key: torch.zeros(1)}, str(checkpoint))
+        base = describe(str(checkpoint))
+        assert (base.family, base.resolution) == (family, resolution)
+        assert set(base.text_encoders_on_meta()) == ({"text_encoder", "text_encoder_2"} if family == "sdxl" else {"text_encoder"})
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        describe(str(tmp_path / "empty.safetensors"))
     with pytest.raises(ValueError, match="no such checkpoint file"):
         describe(str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="cannot read its unet/vae configs"):

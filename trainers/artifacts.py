@@ -1,6 +1,6 @@
 """The model card (`README.md`) beside a run's weights: base model, method, prompt, settings,
-sample images and the few lines of code that load each artefact into a StableDiffusionPipeline,
-and what a run is downloaded as.
+sample images and the few lines of code that load each artefact into a StableDiffusionPipeline
+(a StableDiffusionXLPipeline for SDXL), and what a run is downloaded as.
 
 The weights themselves are written by the method's registry entry (`Method.export`); the card
 only describes them, by artefact kind (the kinds of the events' `artifact` records). The card's
@@ -23,26 +23,27 @@ from pathlib import Path
 from .options import DEMO_MODEL
 
 # How to use each kind of artefact; {base}, {file}, {prompt} are filled in as Python literals,
-# {loader} with the pipeline's constructor for the base model's kind.
+# {loader} with the pipeline's constructor for the base model's kind, {pipeline} and {encoders}
+# with its family's pipeline class and text encoders (SDXL's two).
 LOADING = {
     "tuner": '''import restuning
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
 base_model = {base}
-pipe = StableDiffusionPipeline.{loader}(base_model)
-restuning.load(pipe.unet, {file}, text_encoder=pipe.text_encoder)  # config from the file's header
+pipe = {pipeline}.{loader}(base_model)
+restuning.load(pipe.unet, {file}, {encoders})  # config from the file's header
 image = pipe({prompt}).images[0]''',
-    "lora-diffusers": '''from diffusers import StableDiffusionPipeline
+    "lora-diffusers": '''from diffusers import {pipeline}
 
 base_model = {base}
-pipe = StableDiffusionPipeline.{loader}(base_model)
+pipe = {pipeline}.{loader}(base_model)
 pipe.load_lora_weights(".", weight_name={file})
 image = pipe({prompt}).images[0]''',
-    "unet": '''from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    "unet": '''from diffusers import {pipeline}, UNet2DConditionModel
 
 base_model = {base}
 unet = UNet2DConditionModel.from_pretrained({file})
-pipe = StableDiffusionPipeline.{loader}(base_model, unet=unet)
+pipe = {pipeline}.{loader}(base_model, unet=unet)
 image = pipe({prompt}).images[0]''',
 }
 NOTES = {
@@ -169,9 +170,13 @@ def _card_loading(output_dir: Path, written, method, source, base: str, base_not
     if base_note:
         lines += [base_note, ""]
     loader = "from_single_file" if source.kind == "single-file" else "from_pretrained"
+    xl = source.family == "sdxl"
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    encoders = "text_encoder=pipe.text_encoder" + (", text_encoder_2=pipe.text_encoder_2" if xl else "")
     for kind, _ in written:
         if kind in LOADING:
-            code = LOADING[kind].format(base=repr(base), loader=loader, file=repr(names[kind]), prompt=repr(prompt))
+            code = LOADING[kind].format(base=repr(base), loader=loader, file=repr(names[kind]), prompt=repr(prompt),
+                                        pipeline=pipeline, encoders=encoders)
             lines += [*code_block(code), ""]
         elif kind in NOTES:
             lines += [NOTES[kind].format(file=code_span(names[kind])), ""]

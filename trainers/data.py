@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .images import ImageError, check_image, image_files, load_resized
+from .images import ImageError, check_image, image_files, load_resized, original_size
 
 CLASS_CACHE = "class-images"
 
@@ -87,11 +87,11 @@ def ensure_class_images(pipe, folder: Path, prompt: str, count: int, resolution:
 class DreamBoothData:
     """Instance (and class) images, served by position in an endless, seeded, shuffled stream.
 
-    Each file is decoded and resized once (decoding and Lanczos resizing cost more than a small
+    Each file is decoded and resized once (decoding and resizing cost more than a small
     U-Net's step); a sample is then a crop and maybe a flip of that, named by its `View`."""
 
     def __init__(self, instance_files: list[Path], class_files: list[Path] | None, resolution: int,
-                 center_crop: bool, random_flip: bool, seed: int):
+                 center_crop: bool, random_flip: bool, seed: int, interpolation: str = "lanczos"):
         if not instance_files:
             raise ValueError("no instance images")
         self.instance_files = list(instance_files)
@@ -100,7 +100,9 @@ class DreamBoothData:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.interpolation = interpolation
         self._resized: dict[Path, torch.Tensor] = {}
+        self._sizes: dict[Path, tuple[int, int]] = {}
 
     def _pick(self, files: list[Path], stream: str, index: int) -> Path:
         # Every epoch sees each file once, in an order fixed by (seed, stream, epoch).
@@ -112,8 +114,20 @@ class DreamBoothData:
     def _decoded(self, path: Path) -> torch.Tensor:
         """(3, H, W) uint8, the shorter side at the training resolution."""
         if path not in self._resized:
-            self._resized[path] = torch.from_numpy(np.array(load_resized(path, self.resolution))).permute(2, 0, 1).contiguous()
+            self._resized[path] = torch.from_numpy(np.array(load_resized(path, self.resolution, self.interpolation))).permute(2, 0, 1).contiguous()
         return self._resized[path]
+
+    def original_size(self, path: Path) -> tuple[int, int]:
+        """(height, width) of the file's image as oriented, before resizing: SDXL's original_size."""
+        if path not in self._sizes:
+            self._sizes[path] = original_size(path)
+        return self._sizes[path]
+
+    def crop_top_left(self, view: "View") -> tuple[int, int]:
+        """(top, left) of the view's crop in the resized image as diffusers' SDXL script measures it:
+        it mirrors the image before cropping, so a mirrored view's crop sits at the other side."""
+        width = self._decoded(view.path).shape[2]
+        return view.top, (width - self.resolution - view.left) if view.flip else view.left
 
     def view(self, files: list[Path], stream: str, index: int) -> "View":
         rng = random.Random(f"{self.seed}/{stream}/crop/{index}")

@@ -4,7 +4,9 @@
         --method res-tuning --output_dir runs/dog
     accelerate launch -m trainers.dreambooth --config runs/dog/config.json      # what the studio runs
 
-The recipe is diffusers' train_dreambooth_lora.py, shortened. With x_0 = s·VAE(image),
+The recipe is diffusers' train_dreambooth_lora.py (train_dreambooth_lora_sdxl.py on SDXL), shortened.
+With x_0 = s·VAE(image), c the U-Net's conditioning (trainers/conditioning.py: the prompt's text
+embedding; on SDXL both encoders' and the pooled text and each image's size and crop ids),
 ε ~ N(0, I) (+ noise_offset·N(0, I) per channel), t ~ U{0, ..., T-1}:
 
     x_t    = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
@@ -14,12 +16,14 @@ The recipe is diffusers' train_dreambooth_lora.py, shortened. With x_0 = s·VAE(
 
 Only the method's parameters train: `restuning.attach` freezes the rest (the paper's Eq. 7
 Res-Tuners, Eq. 8 Bypass, or a baseline, whichever the registry entry attaches). The text
-encoder is frozen, so the prompts' embeddings are computed once. Progress goes to
+encoders are frozen (unless a LoRA tunes them), so the prompts' embeddings are computed once. Progress goes to
 `<run>/events.jsonl` (trainers/events.py); SIGTERM saves a checkpoint and ends as `cancelled`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -37,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import artifacts, data, memory, models
+from . import artifacts, checkpoints as saved, conditioning, data, memory, models
 from . import options as opts
 from .events import EventLog
 from .images import ImageError, check_folder
@@ -82,16 +86,23 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def find_checkpoint(output_dir: Path, value: str | None) -> Path | None:
-    """The checkpoint to resume from: None to start fresh (also 'latest' with none saved yet)."""
+def find_checkpoint(output_dir: Path, value: str | None, note=print) -> Path | None:
+    """The checkpoint to resume from: None to start fresh (also 'latest' with none saved yet).
+    'latest' is the newest that looks whole; each newer damaged one is named through `note`
+    (trainers.checkpoints; loading falls back further if it fails). A bare name
+    (checkpoint-<step>, diffusers' naming) is looked up in the run's checkpoints folder."""
     if not value:
         return None
+    found = sorted(checkpoints(output_dir), key=_checkpoint_step)
     if value == "latest":
-        found = sorted(checkpoints(output_dir), key=_checkpoint_step)
-        return found[-1] if found else None
+        return saved.newest(output_dir, note)
     path = Path(value)
+    if not path.is_dir() and path.name == value:
+        path = Path(output_dir) / CHECKPOINTS / value
     if not (path.is_dir() and path.name.startswith("checkpoint-") and _checkpoint_step(path) >= 0):
-        raise opts.OptionError(f"--resume_from_checkpoint {value}: not a checkpoint folder (checkpoint-<step>) or 'latest'")
+        names = ", ".join(p.name for p in found) or "none yet"
+        raise opts.OptionError(f"--resume_from_checkpoint {value}: no such checkpoint; this run's are in "
+                               f"{Path(output_dir) / CHECKPOINTS} ({names}): give one of them, a checkpoint folder, or 'latest'")
     return path
 
 
@@ -107,18 +118,33 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for p in root.glob("checkpoint-*") if p.is_dir() and _checkpoint_step(p) >= 0] if root.is_dir() else []
 
 
-def check_inputs(args) -> tuple[list[Path], models.ModelSource, Path | None]:
+def check_inputs(args, note=print) -> tuple[list[Path], models.ModelSource, Path | None]:
     """Instance images, base model and checkpoint, checked: ImageError/ModelError/OptionError."""
     instance_files = [info.path for info in check_folder(args.instance_data_dir)]
     source = models.check_source(args.pretrained_model_name_or_path)
-    resume = find_checkpoint(Path(args.output_dir), args.resume_from_checkpoint)
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise opts.OptionError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    resume = find_checkpoint(Path(args.output_dir), args.resume_from_checkpoint, note)
+    if mixed_precision(args) == "fp16" and memory.run_device() == "cpu":
+        given = "--mixed_precision fp16" if args.mixed_precision else "accelerate's mixed precision fp16 (accelerate launch / config)"
+        raise opts.OptionError(f"{given} needs a CUDA GPU; on a CPU use --mixed_precision bf16 or no")
     if args.prior_generation_precision == "fp16" and not torch.cuda.is_available():
         raise opts.OptionError("--prior_generation_precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
     if args.class_data_dir and not args.with_prior_preservation:
         raise opts.OptionError("--class_data_dir is only used with --with_prior_preservation")
     return instance_files, source, resume
+
+
+def mixed_precision(args) -> str:
+    """The precision accelerate will set up: --mixed_precision, else what `accelerate launch`
+    passes in its environment (its flag or `accelerate config`), else no."""
+    return (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+
+
+def check_text_length(args, text_encoder) -> None:
+    """--tokenizer_max_length fits the text encoder's position embeddings (OptionError if not)."""
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if args.tokenizer_max_length and positions and args.tokenizer_max_length > positions:
+        raise opts.OptionError(f"--tokenizer_max_length {args.tokenizer_max_length} is longer than the text encoder's {positions} "
+                               f"positions: give at most {positions}, or leave it out (the tokenizer's own length)")
 
 
 def _recipe_value(args, method_config, name: str) -> str:
@@ -172,18 +198,6 @@ def attention_summary(unet, chosen: str) -> str:
     return f"xformers ({own} of {len(names)} attention layers run the method's own processor on PyTorch SDPA)" if own else chosen
 
 
-def prompt_encoder(pipe, prompt: str, device, max_length: int | None = None, use_attention_mask: bool = False,
-                   text_encoder=None) -> Callable[[], torch.Tensor]:
-    """The prompt's embedding as a call: tokenised once, encoded by `text_encoder` (the pipeline's
-    unless given: a prepared one under accelerate) each time it is called."""
-    tokens = pipe.tokenizer(prompt, padding="max_length", max_length=max_length or pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    ids = tokens.input_ids.to(device)
-    mask = tokens.attention_mask.to(device) if use_attention_mask else None
-    encoder = text_encoder if text_encoder is not None else pipe.text_encoder
-    return lambda: encoder(ids, attention_mask=mask)[0]
-
-
 def trackers(wanted: str) -> tuple[list[str] | str | None, list[str]]:
     """accelerate's log_with for --report_to, and a note for each tracker whose package is missing."""
     import importlib.util
@@ -199,9 +213,10 @@ def trackers(wanted: str) -> tuple[list[str] | str | None, list[str]]:
 
 
 def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embeddings, num_instance: int, args,
-                   generator: torch.Generator, weight_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   generator: torch.Generator, weight_dtype, added: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(total loss, instance loss, prior loss or None) of one batch whose VAE posterior is given
-    (fresh or cached); every random draw comes from `generator`, the latent's first."""
+    (fresh or cached); every random draw comes from `generator`, the latent's first. `added`: an
+    SDXL U-Net's added_cond_kwargs (trainers.conditioning)."""
     with torch.no_grad():
         latents = (posterior.sample(generator=generator) * scaling_factor).float()
     device = latents.device
@@ -213,7 +228,8 @@ def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embe
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = noise_scheduler.config.prediction_type
     target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-    model_pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype)).sample
+    extra = {"added_cond_kwargs": {k: v.to(weight_dtype) for k, v in added.items()}} if added else {}
+    model_pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), **extra).sample
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
         from diffusers.training_utils import compute_snr
@@ -297,7 +313,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None,
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:  # a full disk: no half-written checkpoint is left to fill it further
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -379,7 +399,7 @@ class Training:
     lr_scheduler: object
     dataset: data.DreamBoothData
     latent_cache: data.LatentCache | None
-    encoders: list[Callable[[], torch.Tensor]]  # the instance prompt's embedding, then the class prompt's
+    encoders: list[Callable[[], conditioning.Text]]  # the instance prompt's conditioning, then the class prompt's
     log_with: list[str] | str | None
 
 
@@ -407,10 +427,11 @@ def train(options: opts.Options, events: EventLog, stop: StopFlag, on_attached=N
 
     args, method = options.args, METHODS[options.method_config.method]
     output_dir = Path(args.output_dir)
-    instance_files, source, resume = check_inputs(args)
+    instance_files, source, resume = check_inputs(args, lambda text: _note(events, text))
     verdict = check_memory(options)
     accelerator, log_with = set_up_accelerator(args, output_dir, events)
     base = load_base(args, source, accelerator, events, stop)
+    source = dataclasses.replace(source, family=conditioning.family(base.pipe))  # a hub id's is known once loaded
     class_files = make_class_images(args, source, base, accelerator, events, stop) if args.with_prior_preservation else None
     tuning = attach_method(options, base.pipe, accelerator.is_main_process, on_attached)
     describe_run(options, method, base, tuning, accelerator, verdict, events)
@@ -475,19 +496,36 @@ def load_base(args, source: models.ModelSource, accelerator, events: EventLog, s
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     events.phase("loading", message=f"loading {source.location}")
-    pipe = models.load_pipeline(source, weight_dtype, revision=args.revision, variant=args.variant)
+    pipe = models.load_pipeline(source, weight_dtype, revision=args.revision, variant=args.variant,
+                                prediction_type=args.prediction_type)
     pipe.set_progress_bar_config(disable=True)
+    check_family_options(args, pipe)
+    if args.pretrained_vae_model_name_or_path:
+        pipe.vae = models.load_vae(args.pretrained_vae_model_name_or_path, weight_dtype, args.revision)
+    elif weight_dtype != torch.float32 and pipe.vae.config.get("force_upcast"):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says so); diffusers' SDXL script keeps it fp32
     pipe.to(accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise models.ModelError(f"the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
                                 "only epsilon and v_prediction models are supported")
+    check_text_length(args, pipe.text_encoder)
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for encoder in conditioning.text_encoders(pipe).values():
+        encoder.requires_grad_(False)
     base = Base(pipe, noise_scheduler, weight_dtype, sampling_settings(args, source))
     if stop.agreed(accelerator):
         raise Cancelled
     return base
+
+
+def check_family_options(args, pipe) -> None:
+    """Options of SD 1.x/2.x training that SDXL's two encoders do not take: an OptionError naming them."""
+    if conditioning.is_xl(pipe):
+        for name in ("tokenizer_max_length", "text_encoder_use_attention_mask"):
+            if getattr(args, name):
+                raise opts.OptionError(f"--{name} is refused on SDXL: both its text encoders read 77 tokens without a mask, "
+                                       "as diffusers' SDXL pipeline encodes them")
 
 
 def make_class_images(args, source: models.ModelSource, base: Base, accelerator, events: EventLog,
@@ -520,26 +558,33 @@ def make_class_images(args, source: models.ModelSource, base: Base, accelerator,
 
 
 def attach_method(options: opts.Options, pipe, is_main: bool, on_attached=None) -> Tuning:
-    """The method from the registry, attached to the pipeline's U-Net (and text encoder for LoRA with
-    --train_text_encoder); `restuning.attach` freezes everything else. Attention is chosen first:
-    xformers set afterwards would replace the prefix and prompt methods' own processors."""
+    """The method from the registry, attached to the pipeline's U-Net (and text encoders for LoRA with
+    --train_text_encoder: both of SDXL's, as diffusers' SDXL script trains them); `restuning.attach`
+    freezes everything else. Attention is chosen first: xformers set afterwards would replace the
+    prefix and prompt methods' own processors."""
     from diffusers.training_utils import cast_training_params
 
     import restuning
 
-    args, unet, text_encoder = options.args, pipe.unet, pipe.text_encoder
+    args, unet, encoders = options.args, pipe.unet, conditioning.text_encoders(pipe)
+    config = options.method_config
+    if args.train_text_encoder and "text_encoder_2" in encoders and not getattr(config, "text_encoder_2", ""):
+        config = options.method_config = dataclasses.replace(config, text_encoder_2=config.text_encoder)
+    if getattr(config, "text_encoder_2", "") and "text_encoder_2" not in encoders:
+        raise opts.OptionError("--text_encoder_2 names layers of SDXL's second text encoder; this base model has one text encoder")
     attention = choose_attention(unet, args.enable_xformers_memory_efficient_attention)
-    handle = restuning.attach(unet, options.method_config, text_encoder=text_encoder)
-    text_params = {id(p) for p in text_encoder.parameters() if p.requires_grad}
+    handle = restuning.attach(unet, config, **encoders)
+    text_params = {id(p) for encoder in encoders.values() for p in encoder.parameters() if p.requires_grad}
     attention = attention_summary(unet, attention)
     if is_main:
         print(f"attention: {attention}", flush=True)
+    trained = [e for e in encoders.values() if any(p.requires_grad for p in e.parameters())]
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_params:
-            text_encoder.gradient_checkpointing_enable()
-    cast_training_params(unet, dtype=torch.float32)
-    cast_training_params(text_encoder, dtype=torch.float32)
+        for encoder in trained:
+            encoder.gradient_checkpointing_enable()
+    for model in (unet, *encoders.values()):
+        cast_training_params(model, dtype=torch.float32)
     params = [p for p in handle.parameters() if p.requires_grad]
     if on_attached is not None:
         on_attached(pipe, handle)
@@ -572,7 +617,8 @@ def prepare_data(args, base: Base, instance_files: list[Path], class_files: list
     for prompt in filter(None, prompts):
         if len(tokenizer(prompt).input_ids) > limit:
             events.emit("info", message=f"the prompt {prompt!r} is longer than the text encoder's {limit} tokens; its end is cut")
-    dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed)
+    dataset = data.DreamBoothData(instance_files, class_files, args.resolution, args.center_crop, args.random_flip, args.seed,
+                                  args.image_interpolation_mode)
     latent_cache = data.LatentCache(base.pipe.vae) if args.cache_latents else None
     return dataset, latent_cache, prompts
 
@@ -596,7 +642,9 @@ def make_optimizer(args, tuning: Tuning, device: torch.device, num_processes: in
     params, text_params = tuning.params, tuning.text_params
     groups = [{"params": [p for p in params if id(p) not in text_params]}]
     if text_params:
-        groups.append({"params": [p for p in params if id(p) in text_params], "lr": args.text_encoder_lr or args.learning_rate})
+        decay = args.adam_weight_decay if args.adam_weight_decay_text_encoder is None else args.adam_weight_decay_text_encoder
+        groups.append({"params": [p for p in params if id(p) in text_params], "lr": args.text_encoder_lr or args.learning_rate,
+                       "weight_decay": decay})
     optimizer = optimizer_class(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
     # The prepared scheduler steps once per process per optimiser step (diffusers does the same).
@@ -606,29 +654,19 @@ def make_optimizer(args, tuning: Tuning, device: torch.device, num_processes: in
     return optimizer, lr_scheduler
 
 
-def prompt_embeddings(args, pipe, prompts: list[str], device, text_encoder=None) -> list[Callable[[], torch.Tensor]]:
-    """Each prompt's embedding as a call: encoded every step by `text_encoder` when its LoRA trains,
-    else (text_encoder None: frozen) computed once here and handed out every step."""
-    text = {"max_length": args.tokenizer_max_length, "use_attention_mask": args.text_encoder_use_attention_mask}
-    encoders = [prompt_encoder(pipe, prompt, device, **text, text_encoder=text_encoder) for prompt in prompts]
-    if text_encoder is not None:
-        return encoders
-    with torch.no_grad():
-        frozen = [encode() for encode in encoders]
-    return [lambda e=e: e for e in frozen]
-
-
 def prepare_training(args, base: Base, tuning: Tuning, dataset, latent_cache, prompts: list[str], accelerator, log_with,
                      events: EventLog, output_dir: Path) -> Training:
     """The optimiser and schedule made, everything that trains passed through accelerator.prepare,
     the trackers started and the checkpoint hooks registered."""
     optimizer, lr_scheduler = make_optimizer(args, tuning, accelerator.device, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(base.pipe.unet, optimizer, lr_scheduler)
-    trained = [unet]
-    if tuning.text_params:
-        # prepared like the U-Net (gradients synchronised across processes); the pipeline keeps the plain one
-        trained.append(accelerator.prepare(base.pipe.text_encoder))
-    encoders = prompt_embeddings(args, base.pipe, prompts, accelerator.device, trained[-1] if tuning.text_params else None)
+    # the text encoders whose LoRA trains, prepared like the U-Net (gradients synchronised across
+    # processes); the pipeline keeps the plain ones
+    texts = {name: accelerator.prepare(model) for name, model in conditioning.text_encoders(base.pipe).items()
+             if any(id(p) in tuning.text_params for p in model.parameters())}
+    trained = [unet, *texts.values()]
+    encoders = conditioning.prompt_encoders(base.pipe, prompts, accelerator.device, max_length=args.tokenizer_max_length,
+                                            use_attention_mask=args.text_encoder_use_attention_mask, trained=texts or None)
     if log_with:
         accelerator.init_trackers("restuning-dreambooth", config={k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
@@ -664,11 +702,12 @@ def start_progress(training: Training, resume: Path | None) -> Progress:
     args, events = training.args, training.events
     step = 0
     if resume is not None:
+        fallback = training.output_dir if args.resume_from_checkpoint == "latest" else None
         try:
-            training.accelerator.load_state(str(resume))
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise opts.OptionError(f"cannot resume from {resume}: it does not fit this run's method and options "
-                                   f"({str(exc).splitlines()[0]}); start a new run or use the options it was saved with") from None
+            resume = saved.load(training.accelerator, resume, fallback, lambda text: _note(events, text))
+        except ValueError as exc:
+            raise opts.OptionError(f"cannot resume: no checkpoint loads ({exc}); a checkpoint of other options (another "
+                                   "method or sizes) fails like this: start a new run, or use the options it was saved with") from None
         step = _checkpoint_step(resume)
         events.emit("info", resumed_from=str(resume), step=step)
     elif args.resume_from_checkpoint:
@@ -725,15 +764,16 @@ def train_step(training: Training, step: int) -> torch.Tensor:
         batch = training.dataset.batch(((step * accum + micro) * world + rank) * bs, bs)
         pixels = batch["pixel_values"]
         if training.latent_cache is not None:
-            posterior = training.latent_cache.posterior(batch["views"], pixels, base.weight_dtype)
+            posterior = training.latent_cache.posterior(batch["views"], pixels, vae.dtype)
         else:
             with torch.no_grad():
-                posterior = vae.encode(pixels.to(accelerator.device, base.weight_dtype)).latent_dist
+                posterior = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist
         with accelerator.accumulate(*training.trained):
-            embeddings = torch.cat([encode().expand(bs, -1, -1) for encode in training.encoders])
+            embeddings, added = conditioning.unet_inputs(base.pipe, [encode() for encode in training.encoders], batch,
+                                                         training.dataset, accelerator.device)
             loss, instance_loss, _ = diffusion_loss(training.unet, posterior, vae.config.scaling_factor, base.noise_scheduler,
                                                     embeddings, batch["num_instance"], args,
-                                                    step_generator(args.seed, step, micro, rank), base.weight_dtype)
+                                                    step_generator(args.seed, step, micro, rank), base.weight_dtype, added)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(training.tuning.params, args.max_grad_norm)
@@ -824,6 +864,12 @@ def save_and_export(training: Training, progress: Progress, options: opts.Option
     accelerator.end_training()
 
 
+def _note(events: EventLog, text: str) -> None:
+    """A line for the run's log (train.log) and its events (the studio's live view)."""
+    print(text, flush=True)
+    events.emit("info", message=text)
+
+
 def hint_for(exc: BaseException) -> str | None:
     text = str(exc).lower()
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text:
@@ -833,9 +879,9 @@ def hint_for(exc: BaseException) -> str | None:
     return None
 
 
-def _run_dir(argv: list[str] | None) -> Path | None:
-    """Where a run that failed before its options were understood should report: --output_dir,
-    else the --config file's output_dir or folder."""
+def _run_dir(argv: list[str] | None) -> tuple[Path | None, Path | None]:
+    """(where a run that failed before its options were understood should report: --output_dir,
+    else the --config file's output_dir or folder; the --config file)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     found = {}
     for i, token in enumerate(argv):
@@ -844,56 +890,115 @@ def _run_dir(argv: list[str] | None) -> Path | None:
                 found[name] = argv[i + 1]
             elif token.startswith(name + "="):
                 found[name] = token.split("=", 1)[1]
+    config = Path(found["--config"]) if found.get("--config", "").strip() else None
     if "--output_dir" in found:
-        return Path(found["--output_dir"])
-    if "--config" in found:
+        return (Path(found["--output_dir"]) if found["--output_dir"].strip() else None), config
+    if config is not None:
         try:
-            config = opts.read_config(Path(found["--config"]))
-            return Path(config["output_dir"]) if isinstance(config.get("output_dir"), str) else Path(found["--config"]).parent
+            values = opts.read_config(config)
+            out = values.get("output_dir")
+            return (Path(out) if isinstance(out, str) and out.strip() else config.parent), config
         except opts.OptionError:
-            return Path(found["--config"]).parent if Path(found["--config"]).parent.is_dir() else None
-    return None
+            return (config.parent if config.parent.is_dir() else None), config
+    return None, None
+
+
+DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "file write failed")
+
+
+def disk_full(exc: BaseException, output_dir: str | Path) -> bool:
+    """A write that failed for lack of space: an OSError saying so, or what torch.save and
+    safetensors raise instead (their own errors, naming it or not), with the disk now (nearly) full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(word in str(exc) for word in DISK_FULL_WORDS):
+        return True
+    try:
+        return isinstance(exc, (OSError, RuntimeError)) and shutil.disk_usage(output_dir).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _end(events: EventLog | None, phase: str, **fields) -> None:
+    """The run's final event; with a full disk it may not be written, and the studio then shows
+    the run as failed from its files alone (trainers.jobs)."""
+    if events is None:
+        return
+    try:
+        events.phase(phase, **fields)
+    except OSError as exc:
+        print(f"error: the run's final event ({phase}) could not be written: {exc.strerror or exc}", file=sys.stderr)
+
+
+def _refused(argv, exc: opts.OptionError, is_main: bool) -> int:
+    """Options refused before training: reported in the run folder's events only when that
+    folder is a run this trainer (or the studio) made; never into a folder of someone else's files."""
+    run_dir, config = _run_dir(argv)
+    allowed = {config.name} if config is not None and run_dir is not None and config.absolute().parent == run_dir.absolute() else set()
+    if run_dir is not None and is_main and (not run_dir.exists() or opts.is_run_folder(run_dir, allowed)):
+        try:  # a folder it creates, or one holding nothing but its --config file, is its own
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / opts.RUN_MARKERS[0]).touch()
+        except OSError:  # the folder is what is wrong (the message says so): nowhere to log it
+            pass
+    if run_dir is not None and is_main and opts.owns(run_dir):
+        _end(EventLog(run_dir), "failed", error=str(exc), hint="fix the option and start again")
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     is_main = _is_main_process()
-    events = None
+    events, output_dir = None, None
     try:
         try:
             options = opts.parse(argv)
+            if is_main:
+                opts.claim_output_dir(options.args)
         except opts.OptionError as exc:
-            run_dir = _run_dir(argv)
-            if run_dir is not None and is_main:
-                try:
-                    EventLog(run_dir).phase("failed", error=str(exc), hint="fix the option and start again")
-                except OSError:  # the folder is what is wrong (the message says so): nowhere to log it
-                    pass
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        events = EventLog(options.args.output_dir, enabled=is_main)
+            return _refused(argv, exc, is_main)
+        output_dir = Path(options.args.output_dir)
+        events = EventLog(output_dir, enabled=is_main)
         train(options, events, stop)
         return 0
     except Cancelled:
-        events.phase("cancelled", message="stopped on request; resume with --resume_from_checkpoint latest")
+        kept = saved.newest(output_dir, note=lambda _: None) if output_dir else None
+        _end(events, "cancelled", message=f"stopped on request; resume continues from {kept.name}" if kept else
+             "stopped on request before any checkpoint was saved: there is nothing to resume, start the run again")
         print("cancelled", file=sys.stderr)
         return 0
     except (opts.OptionError, ImageError, models.ModelError) as exc:
         hint = (f"lower what it names, or set {memory.CHECK_ENV}=off to start it anyway"
                 if isinstance(exc, memory.MemoryRefused) else "fix the input and start again")
-        events.phase("failed", error=str(exc), hint=hint)
+        _end(events, "failed", error=str(exc), hint=hint)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - any failure must end as a `failed` event the studio can show
+        if output_dir is not None and disk_full(exc, output_dir):
+            return _out_of_disk(exc, output_dir, events)
         hint = hint_for(exc)
         if hint is None:
             traceback.print_exc()
-        events.phase("failed", error=f"{type(exc).__name__}: {exc}", hint=hint or "see the log (train.log) for the traceback")
+        _end(events, "failed", error=f"{type(exc).__name__}: {exc}", hint=hint or "see the log (train.log) for the traceback")
         print(f"error: {exc}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
         return 1
     finally:
         stop.restore()
+
+
+def _out_of_disk(exc: BaseException, output_dir: Path, events: EventLog | None) -> int:
+    """The disk filled: what was being written is removed (nothing half-written stays), and the
+    run ends failed, saying so and what to do."""
+    removed = saved.remove_partial(output_dir)
+    kept = saved.newest(output_dir, note=lambda _: None)
+    error = "the disk is full: a file could not be written" + (f" ({len(removed)} half-written removed)" if removed else "")
+    hint = ("free space (delete runs or files you no longer need), then resume: it continues from " + kept.name
+            if kept else "free space (delete runs or files you no longer need), then start it again")
+    _end(events, "failed", error=error, hint=hint)
+    print(f"error: {error} ({type(exc).__name__}: {exc})\nhint: {hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

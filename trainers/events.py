@@ -22,13 +22,17 @@ import os
 import time
 from pathlib import Path
 
+from .safe_json import Unreadable, append_line, loads
+
 PHASES = ("queued", "loading", "class-images", "training", "saving", "done", "failed", "cancelled")
 FINAL_PHASES = ("done", "failed", "cancelled")
 EVENTS_FILE = "events.jsonl"
+MAX_LINE_BYTES = 256 * 1024  # an event the trainer writes is well under 10 kB
 
 
 class EventLog:
-    """Appends events to a run folder's events file; each line is written and flushed whole."""
+    """Appends events to a run folder's events file; each line is written whole or not at all
+    (safe_json.append_line: a full disk raises OSError and leaves no half line)."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
         self.path = Path(run_dir) / EVENTS_FILE
@@ -38,9 +42,7 @@ class EventLog:
         record = {"t": round(time.time(), 3), "event": event, **fields}
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=str) + "\n")
-                f.flush()
+            append_line(self.path, json.dumps(record, default=str))
         return record
 
     def phase(self, phase: str, **fields) -> dict:
@@ -77,26 +79,46 @@ def well_formed(event) -> bool:
     return shape is None or shape(event)
 
 
+def _lines(f):
+    """Complete lines of at most MAX_LINE_BYTES; a longer one is read past in pieces and given as
+    None (malformed), so no line is ever held whole in memory."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE_BYTES)
+            if not line:
+                return  # a huge half-written last line: neither read nor counted
+            yield None
+            continue
+        yield line
+
+
 def scan_events(run_dir: str | os.PathLike) -> tuple[list[dict], int]:
-    """(the run's well-formed events, how many complete lines were skipped as malformed). A
+    """(the run's well-formed events, how many complete lines were skipped as malformed: not
+    UTF-8, not JSON, nested too deeply, too long, or not the shape its kind needs). A
     half-written last line (a writer mid-append) is neither read nor counted."""
     path = Path(run_dir) / EVENTS_FILE
     events, skipped = [], 0
     try:
         f = open(path, "rb")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return events, skipped
+    except OSError:
+        return events, 1  # unreadable as a whole (a folder in its place, no permission): one bad "line"
     with f:
-        for line in f:
-            if not line.endswith(b"\n"):
+        for line in _lines(f):
+            if line is not None and not line.endswith(b"\n"):
                 break
             try:
-                event = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                event = loads(line, max_bytes=MAX_LINE_BYTES) if line is not None else None
+            except Unreadable:
                 event = None
             if well_formed(event):
                 events.append(event)
-            elif line.strip():
+            elif line is None or line.strip():
                 skipped += 1
     return events, skipped
 

@@ -140,13 +140,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_resized(source: str | os.PathLike | BinaryIO, resolution: int) -> Image.Image:
-    """The image in RGB with its shorter side resized to `resolution` (Lanczos), not yet cropped."""
+# PIL's filters by the names of torchvision's InterpolationMode (torchvision maps them so for PIL images).
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "nearest_exact": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+              "lanczos": Image.Resampling.LANCZOS}
+
+
+def load_resized(source: str | os.PathLike | BinaryIO, resolution: int, interpolation: str = "lanczos") -> Image.Image:
+    """The image in RGB with its shorter side resized to `resolution` (with the RESAMPLING filter
+    named `interpolation`), not yet cropped."""
     img, _ = _open(source)
     img = to_rgb(img)
     scale = resolution / min(img.width, img.height)
     size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.LANCZOS)
+    return img.resize(size, RESAMPLING[interpolation])
+
+
+def original_size(source: str | os.PathLike | BinaryIO) -> tuple[int, int]:
+    """(height, width) of the image as oriented (EXIF), before any resizing."""
+    img, _ = _open(source)
+    return img.height, img.width
 
 
 def load_image(source: str | os.PathLike | BinaryIO, resolution: int, center_crop: bool = True, flip: bool = False,

@@ -30,6 +30,7 @@ are the same for both.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -42,13 +43,19 @@ import subprocess
 import sys
 import threading
 import time
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from . import checkpoints
+from . import limits as caps
 from . import memory
 from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events, scan_events
+from .options import RUN_MARKERS
+from .safe_json import Unreadable, read_object, write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "config.json"
@@ -56,6 +63,10 @@ JOB_FILE = "job.json"
 PROCESS_FILE = "process.json"
 LOG_FILE = "train.log"
 INSTANCE_DIR = "instance"
+# What makes a folder a run the trainer may write into (trainers.options._check_output_dir): the
+# trainer writes it into a folder it creates; the runner into each run folder it makes.
+RUN_MARKER = RUN_MARKERS[0]
+STAGING = ".new-"  # a run folder being made: not a run id (hidden), renamed into place when whole
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 LOG_TAIL_LINES = 30
 
@@ -107,7 +118,7 @@ def detect_devices() -> list[str]:
 class RunInfo:
     id: str
     dir: Path
-    status: str  # queued | running | done | failed | cancelled
+    status: str  # queued | running | done | failed | cancelled | damaged (no readable job.json: it can only be deleted)
     phase: str | None
     label: str = ""
     group: str = ""
@@ -125,6 +136,8 @@ class RunInfo:
     owner: str = ""  # the visitor who started it (a shared studio); "" for runs made locally
     published: bool = False  # its owner shares it with every visitor (read-only)
     skipped_events: int = 0  # malformed lines of events.jsonl, left out of `events`
+    waiting: str = ""  # why a queued run does not start although it is first (the disk is full)
+    imported: bool = False  # a tuner file uploaded, not trained here
 
     @property
     def method(self) -> str:
@@ -136,13 +149,24 @@ class RunInfo:
 
 
 def _read_json(path: Path) -> dict:
-    """The file's object; {} for a missing, unreadable or non-object file (one run's bad file
-    must not stop the listing or the scheduler)."""
+    """The file's object; {} for a missing, unreadable or non-object file, whatever it holds
+    (one run's bad file must not stop the listing or the scheduler: trainers.safe_json)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_object(path)
+    except (OSError, Unreadable):
         return {}
-    return data if isinstance(data, dict) else {}
+
+
+def _job(path: Path) -> tuple[dict | None, str]:
+    """(job.json's object, "") or (None, why the run folder is damaged)."""
+    try:
+        return read_object(path / JOB_FILE), ""
+    except FileNotFoundError:
+        return None, f"its {JOB_FILE} is missing"
+    except OSError as exc:
+        return None, f"its {JOB_FILE} cannot be read ({exc.strerror or exc})"
+    except Unreadable as exc:
+        return None, f"its {JOB_FILE} is damaged ({exc})"
 
 
 def _time(job: dict, key: str) -> float:
@@ -152,9 +176,22 @@ def _time(job: dict, key: str) -> float:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+def disk_full_message(runs_dir: Path) -> str:
+    try:
+        free = f" ({caps.size_text(shutil.disk_usage(runs_dir).free)} free)"
+    except OSError:
+        free = ""
+    return f"the server's disk is full{free}"
 
 
 def _slug(text: str) -> str:
@@ -164,6 +201,7 @@ def _slug(text: str) -> str:
 LAUNCHER_ERROR = re.compile(r"^subprocess\.CalledProcessError: ")
 MEMORY_WORDS = re.compile(r"MemoryError|can't allocate memory|Cannot allocate memory|out of memory", re.I)
 SIGNAL_DEATH = re.compile(r"died with <Signals\.(\w+): (\d+)>")
+DISK_WORDS = re.compile(r"No space left on device|Disk quota exceeded")
 
 
 def _log_lines(run_dir: Path) -> list[str]:
@@ -178,17 +216,56 @@ def _log_lines(run_dir: Path) -> list[str]:
     return [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()]
 
 
+TRACEBACK = "Traceback (most recent call last):"
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b.*")
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/(?:[^\s'\"`,;:()\[\]{}<>|]+/)*[^\s'\"`,;:()\[\]{}<>|]*")
+
+
+def redact(text: str, run_dir: Path | None = None) -> str:
+    """`text` without the server's paths: one inside the run folder becomes relative to it, any
+    other absolute path its last component (what a visitor of a shared studio may see)."""
+    root = str(Path(run_dir).resolve()) if run_dir is not None else None
+
+    def short(match: re.Match) -> str:
+        path = match.group(0)
+        if root and (path == root or path.startswith(root + "/")):
+            return path[len(root) + 1:] or "."
+        return Path(path).name or path
+    return ABSOLUTE_PATH.sub(short, text)
+
+
+def _summarise_tracebacks(text: list[str]) -> list[str]:
+    """Each Python traceback as one line naming its exception: the frames (server paths, code)
+    stay in train.log on the server."""
+    out, i = [], 0
+    if text and text[0].startswith((" ", "\t")) and any(line.lstrip().startswith('File "') for line in text[:50]):
+        text = [TRACEBACK, *text]  # the window starts inside a traceback whose first line it cut off
+    while i < len(text):
+        if not text[i].startswith(TRACEBACK):
+            out.append(text[i])
+            i += 1
+            continue
+        end = i + 1
+        while end < len(text) and (text[end].startswith((" ", "\t")) or not EXCEPTION_LINE.match(text[end])):
+            end += 1
+        exception = text[end] if end < len(text) else "(cut off)"
+        out.append(f"[a Python traceback of {end - i + 1} lines, in train.log on the server] {exception}")
+        i = end + 1
+    return out
+
+
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The log's last lines without `accelerate launch`'s own traceback: when the trainer fails,
-    the launcher re-raises its exit status as a CalledProcessError, which says nothing the
-    trainer did not (and shows the server's paths); how the process ended is in its phase."""
+    """The log's last lines as a visitor may see them: without `accelerate launch`'s own
+    traceback (when the trainer fails, the launcher re-raises its exit status as a
+    CalledProcessError, which says nothing the trainer did not), every other traceback summarised
+    to its exception line, and no server path (`redact`). train.log itself keeps everything."""
     text = _log_lines(run_dir)
     for end in range(len(text) - 1, -1, -1):
         if LAUNCHER_ERROR.match(text[end]):
-            start = next((i for i in range(end, -1, -1) if text[i].startswith("Traceback (most recent call last)")), end)
+            start = next((i for i in range(end, -1, -1) if text[i].startswith(TRACEBACK)), end)
             text = text[:start] + text[end + 1:]
             break
-    return text[-lines:]
+    return [redact(line, run_dir) for line in _summarise_tracebacks(text)][-lines:]
 
 
 def how_it_ended(run_dir: Path, returncode: int | None) -> str:
@@ -201,6 +278,24 @@ def how_it_ended(run_dir: Path, returncode: int | None) -> str:
         if found:
             return f"killed (signal {found.group(2)})"
     return f"exit code {returncode}" if returncode is not None else "it was gone when the studio started"
+
+
+def _status(phase: str | None, alive: bool, *, waiting: bool, damaged: bool) -> str:
+    if alive:  # after a final phase too: the process may still be writing (its checkpoint, its weights)
+        return "running"
+    if damaged:
+        return "damaged"
+    if phase in FINAL_PHASES:
+        return phase
+    # started, not alive, no final word: the process died while nobody watched
+    return "queued" if waiting else "failed"
+
+
+def _low_on_disk(folder: Path, floor: int) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < max(floor, 1 << 20)
+    except OSError:
+        return False
 
 
 def _process_alive(record: dict) -> bool:
@@ -447,7 +542,8 @@ class JobRunner:
                  command=default_command, poll_seconds: float = 0.5, kill_after: float = 120.0, niceness: int = 5,
                  max_active_per_owner: int | None = None, unguessable_ids: bool = False,
                  memory_limit: int | None = -1, memory_check: bool | None = None, run_memory_cap: int | None = None,
-                 launcher: Launcher | None = None):
+                 launcher: Launcher | None = None, limits: caps.Limits | None = None,
+                 disk_check_seconds: float = 10.0):
         """Memory, three ways (trainers/memory.py):
         - before a run is queued its peak is estimated and a run that cannot fit on the device is
           refused (`memory_check`: default on unless RESTUNING_MEMORY_CHECK=off);
@@ -461,7 +557,11 @@ class JobRunner:
           this way: the CUDA driver reserves address space far beyond any memory it uses.
 
         `launcher`: where runs go (default: LocalLauncher on this machine, built from `devices`,
-        `per_device`, `command`, `niceness` and `memory_limit`, which only it uses)."""
+        `per_device`, `command`, `niceness` and `memory_limit`, which only it uses).
+
+        `limits` (trainers.limits): the caps of a shared studio, per visitor and in all (runs,
+        steps, run time, disk, imports); `max_active_per_owner` sets its runs per visitor. Disk
+        and run time are checked every `disk_check_seconds`."""
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.launcher = launcher or LocalLauncher(devices=devices, per_device=per_device, command=command,
@@ -470,8 +570,13 @@ class JobRunner:
         self.run_memory_cap = run_memory_cap
         self.poll_seconds = poll_seconds
         self.kill_after = kill_after
-        # a fair queue on a shared server: one visitor's queued + running runs are capped
-        self.max_active_per_owner = max_active_per_owner
+        # a fair queue on a shared server: one visitor's queued + running runs are capped, and all of them
+        self.limits = limits or caps.LOCAL
+        if max_active_per_owner is not None:
+            self.limits = dataclasses.replace(self.limits, runs_per_owner=max_active_per_owner)
+        self.disk_check_seconds = disk_check_seconds
+        self._last_disk_check = -math.inf
+        self._not_before: dict[str, tuple[float, str]] = {}  # run id -> (monotonic time, why it waits)
         # on a shared server a run's files are served by URL: 64 random bits make its id a secret
         self.id_token_bytes = 8 if unguessable_ids else 2
         self._lock = threading.RLock()
@@ -501,40 +606,86 @@ class JobRunner:
             raise JobError(f"no run {run_id!r} in {self.runs_dir}")
         return path
 
+    @property
+    def max_active_per_owner(self) -> int | None:
+        return self.limits.runs_per_owner
+
     def run_ids(self) -> list[str]:
-        ids = [p.name for p in self.runs_dir.iterdir()
-               if RUN_ID.match(p.name) and p.is_dir() and not p.is_symlink() and (p / JOB_FILE).exists()]
+        """Every run folder, a damaged one (no readable job.json) too, so it can be seen and
+        deleted; a folder still being made is hidden (STAGING) until it is whole."""
+        ids = [p.name for p in self.runs_dir.iterdir() if RUN_ID.match(p.name) and p.is_dir() and not p.is_symlink()]
         return sorted(ids, key=lambda i: (_time(_read_json(self.runs_dir / i / JOB_FILE), "created"), i))
 
     # ---- submitting --------------------------------------------------------------------------
 
-    def new_run_dir(self, label: str = "") -> tuple[str, Path]:
-        """A fresh, empty run folder with a safe unique id (time, slug of the label, random)."""
+    def new_run_dir(self, label: str = "", *, staging: bool = False) -> tuple[str, Path]:
+        """A fresh, empty run folder (holding only the marker that lets the trainer write into it)
+        with a safe unique id (time, slug of the label, random). `staging`: a hidden folder (not a
+        run id) that `_making` renames into place once the run is whole."""
         for _ in range(10):
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}-{secrets.token_hex(self.id_token_bytes)}"
-            path = self.runs_dir / run_id
+            path = self.runs_dir / (f"{STAGING}{run_id}" if staging else run_id)
+            if staging and (self.runs_dir / run_id).exists():
+                continue
             try:
                 path.mkdir()
-                return run_id, path
             except FileExistsError:
                 continue
+            try:
+                (path / RUN_MARKER).write_text("made by the studio's job runner\n", encoding="utf-8")
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+            return run_id, path
         raise JobError("could not create a unique run folder")
+
+    @contextlib.contextmanager
+    def _making(self, label: str):
+        """(run id, staging folder) to fill; renamed into the runs folder when the block ends
+        without error, removed otherwise, so no half-made run is ever listed or started. A full
+        disk is a JobError saying so."""
+        self.check_free_disk()
+        staging = None
+        try:
+            run_id, staging = self.new_run_dir(label, staging=True)
+            yield run_id, staging
+            os.rename(staging, self.runs_dir / run_id)
+        except BaseException as exc:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if disk_full(exc):
+                raise JobError(f"not queued: {disk_full_message(self.runs_dir)}; nothing was kept. "
+                               "Delete runs you no longer need, or try again later") from None
+            if isinstance(exc, OSError):
+                raise JobError(f"not queued: the run folder could not be written ({exc.strerror or exc})") from None
+            raise
+
+    def check_free_disk(self) -> None:
+        """JobError when the runs folder's disk has less free than a run needs to start."""
+        try:
+            free = shutil.disk_usage(self.runs_dir).free
+        except OSError:
+            return
+        if free < self.limits.min_free_disk:
+            raise JobError(f"not queued: the server's disk has {caps.size_text(free)} free, less than the "
+                           f"{caps.size_text(self.limits.min_free_disk)} a run needs; delete runs you no longer need")
 
     def submit(self, config: dict, images: list[tuple[str | os.PathLike, str]], *, label: str = "",
                group: str = "", owner: str = "", batch: int = 1) -> str:
         """Create a run from checked images [(source path, safe file name)] and queue it.
 
         The run's own paths (instance_data_dir, output_dir) are filled in here; the other keys of
-        `config` are the trainer's options as given. `batch` runs about to be submitted together
-        count against the owner's limit at once, so a comparison is queued whole or not at all.
+        `config` are the trainer's options as given, checked against this studio's caps
+        (`check_config`). `batch` runs about to be submitted together count against the limits
+        at once, so a comparison is queued whole or not at all.
         """
+        config = self.check_config(config)
         # checked and queued under one lock: parallel submissions of one visitor cannot all pass
         # the limit before any of them is counted
         verdict = self.check_memory(config)  # before any folder exists: a refused run leaves nothing
         with self._lock:
             self.check_owner_limit(owner, batch)
-            run_id, path = self.new_run_dir(label or str(config.get("method", "")))
-            try:
+            with self._making(label or str(config.get("method", ""))) as (run_id, path):
                 instance = path / INSTANCE_DIR
                 instance.mkdir()
                 for src, name in images:
@@ -546,35 +697,47 @@ class JobRunner:
                 if verdict.estimate is not None:
                     job["memory_estimate"] = verdict.estimate.total
                 _write_json(path / JOB_FILE, job)
-                self._write_config(path, dict(config))
+                self._write_config(path, dict(config), self.runs_dir / run_id)
                 EventLog(path).phase("queued")
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
         self.tick()
         return run_id
+
+    def check_config(self, config: dict) -> dict:
+        """The config with this studio's caps applied (a copy): JobError for steps over the cap
+        or more checkpoints kept than allowed; checkpoints_total_limit filled in when unset, so
+        checkpoints are rotated by default."""
+        config = dict(config)
+        steps = config.get("max_train_steps")
+        cap = self.limits.max_steps
+        if cap is not None and isinstance(steps, int) and steps > cap:
+            raise JobError(f"max_train_steps {steps:,} is over the {cap:,} steps a run may take on this shared studio; "
+                           "train fewer steps (a tuner learns a concept in a few hundred)")
+        kept, default = config.get("checkpoints_total_limit"), self.limits.checkpoints_kept
+        if kept is None and default is not None:
+            config["checkpoints_total_limit"] = default
+        elif self.limits.shared and default is not None and isinstance(kept, int) and kept > default:
+            raise JobError(f"checkpoints_total_limit {kept} is over the {default} checkpoints a run may keep on this shared studio")
+        return config
 
     def import_tuner(self, src: str | os.PathLike, config: dict, *, label: str = "", owner: str = "") -> str:
         """A finished run holding an uploaded tuner file (already checked by trainers.uploads), so
         it is listed, downloaded and sampled like a trained one."""
         from safetensors import safe_open
 
-        self.check_owner(owner)
-        run_id, path = self.new_run_dir(label or "imported")
-        try:
-            shutil.copyfile(src, path / "tuner.safetensors")
-            with safe_open(str(path / "tuner.safetensors"), framework="pt") as f:
-                params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-            now = time.time()
-            _write_json(path / JOB_FILE, {"label": label, "group": "", "created": now, "imported": True, "owner": owner})
-            _write_json(path / CONFIG_FILE, dict(config))
-            log = EventLog(path)
-            log.emit("info", trainable_params=params, method=config.get("method"), imported_from=Path(src).name)
-            log.emit("artifact", kind="tuner", path="tuner.safetensors")
-            log.phase("done", message=f"imported from {Path(src).name}")
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
+        with self._lock:
+            self.check_owner(owner)
+            caps.check_import(self, owner, Path(src).stat().st_size)
+            with self._making(label or "imported") as (run_id, path):
+                shutil.copyfile(src, path / "tuner.safetensors")
+                with safe_open(str(path / "tuner.safetensors"), framework="pt") as f:
+                    params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+                now = time.time()
+                _write_json(path / JOB_FILE, {"label": label, "group": "", "created": now, "imported": True, "owner": owner})
+                _write_json(path / CONFIG_FILE, dict(config))
+                log = EventLog(path)
+                log.emit("info", trainable_params=params, method=config.get("method"), imported_from=Path(src).name)
+                log.emit("artifact", kind="tuner", path="tuner.safetensors")
+                log.phase("done", message=f"imported from {Path(src).name}")
         return run_id
 
     def memory_room(self, device: str | None = None) -> memory.Room | None:
@@ -604,9 +767,12 @@ class JobRunner:
             raise JobError(f"not queued: {verdict.message}")
         return verdict
 
-    def _write_config(self, path: Path, config: dict) -> None:
-        config["instance_data_dir"] = str(path / INSTANCE_DIR)
-        config["output_dir"] = str(path)
+    def _write_config(self, path: Path, config: dict, final: Path | None = None) -> None:
+        """config.json in `path`, naming the run's own folder (`final`: where a staging folder
+        will be) as its data and output folders."""
+        final = final or path
+        config["instance_data_dir"] = str(final / INSTANCE_DIR)
+        config["output_dir"] = str(final)
         _write_json(path / CONFIG_FILE, config)
 
     # ---- status ------------------------------------------------------------------------------
@@ -640,56 +806,66 @@ class JobRunner:
         return self._state(run_id, path) != "ended"
 
     def queue(self) -> list[str]:
-        """Waiting runs, first to start first."""
+        """Waiting runs, first to start first (a damaged folder never starts)."""
         waiting = []
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
             if last_phase(self.events(run_id)) == "queued" and not (path / PROCESS_FILE).exists():
-                waiting.append((_time(_read_json(path / JOB_FILE), "queued_at"), run_id))
+                job, _ = _job(path)
+                if job is not None:
+                    waiting.append((_time(job, "queued_at"), run_id))
         return [run_id for _, run_id in sorted(waiting)]
 
     def info(self, run_id: str, *, queue: list[str] | None = None) -> RunInfo:
+        """What the studio shows of a run. Its status never runs ahead of its process: a run whose
+        trainer has written its final phase is `running` until the process has exited (it may
+        still be writing its checkpoint), and only then done, failed or cancelled (and resumable)."""
         path = self.run_dir(run_id)
-        job = _read_json(path / JOB_FILE)
+        job, damage = _job(path)
         events, skipped = self.scanned_events(run_id)
         phase = last_phase(events)
         state = self._state(run_id, path)
         alive = state != "ended"
-        if phase in FINAL_PHASES:
-            status = phase
-        elif state == "running":
-            status = "running"
-        elif state == "waiting" or (phase == "queued" and not (path / PROCESS_FILE).exists()):
-            status = "queued"  # waiting for a place: in this runner's queue, or handed over and not started
-        else:
-            # started, not alive, no final word: the process died while nobody watched
-            status = "failed"
+        # "waiting": handed to the launcher, not started; or in this runner's own queue
+        waiting = state == "waiting" or (phase == "queued" and not (path / PROCESS_FILE).exists())
+        status = _status(phase, state == "running", waiting=waiting, damaged=job is None)
+        job = job or {}
         info = RunInfo(id=run_id, dir=path, status=status, phase=phase, label=str(job.get("label", "")),
                        group=str(job.get("group", "")), created=_time(job, "created"), device=str(job.get("device", "")),
                        config=_read_json(path / CONFIG_FILE), events=events, alive=alive,
                        owner=str(job.get("owner", "")), published=bool(job.get("published", False)),
-                       skipped_events=skipped)
+                       skipped_events=skipped, imported=bool(job.get("imported", False)))
         if status == "queued":
             waiting = self.queue() if queue is None else queue
             info.position = waiting.index(run_id) + 1 if run_id in waiting else None
+            info.waiting = self._not_before.get(run_id, (0.0, ""))[1]
         final = next((e for e in reversed(events) if e.get("event") == "phase"), {})
-        if status == "failed":
-            info.error = str(final.get("error") or "the training process stopped without reporting why")
-            info.hint = str(final.get("hint") or "")
-            record = _read_json(path / PROCESS_FILE)
-            # on a GPU the trainer's own cap on the card; on the CPU the address-space limit (the
-            # watchdog's kill says its cap in the error already)
-            limit = record.get("memory_cap") if str(record.get("device", "")).startswith("cuda") else record.get("memory_limit")
-            if (isinstance(limit, int) and "allowed for a run" not in info.error
-                    and MEMORY_WORDS.search(info.error + "\n" + "\n".join(log_tail(path, 5)))):
-                info.hint = f"{memory_cap_message(limit)}; " + (info.hint or MEMORY_CAP_HINT)
+        if status == "damaged":
+            info.error, info.hint = f"this run folder is damaged: {damage}", "delete it; its files stay on the disk until then"
+        elif status == "failed":
+            self._explain_failure(info, final)
+        elif status == "cancelled" and job.get("cancel_reason"):
+            info.hint = str(job["cancel_reason"])
         # the trainer's own error and hint say what went wrong; the log's last lines are shown when
         # nothing else does (a process that died without a word: the runner's event carries them)
         if status == "cancelled" or (status == "failed" and (final.get("phase") != "failed" or "log_tail" in final)):
             info.log_tail = log_tail(path)
         info.checkpoint = self._last_checkpoint(path, events)
-        info.resumable = status in ("failed", "cancelled") and info.checkpoint is not None and not alive
+        info.resumable = status in ("failed", "cancelled") and info.checkpoint is not None
         return info
+
+    def _explain_failure(self, info: RunInfo, final: dict) -> None:
+        info.error = redact(str(final.get("error") or "the training process stopped without reporting why"), info.dir)
+        info.hint = redact(str(final.get("hint") or ""), info.dir)
+        if not final.get("error") and _low_on_disk(self.runs_dir, 0):
+            info.hint = f"{disk_full_message(self.runs_dir)}: it may have stopped for lack of space"
+        record = _read_json(info.dir / PROCESS_FILE)
+        # on a GPU the trainer's own cap on the card; on the CPU the address-space limit (the
+        # watchdog's kill says its cap in the error already)
+        limit = record.get("memory_cap") if str(record.get("device", "")).startswith("cuda") else record.get("memory_limit")
+        if (isinstance(limit, int) and "allowed for a run" not in info.error
+                and MEMORY_WORDS.search(info.error + "\n" + "\n".join(log_tail(info.dir, 5)))):
+            info.hint = f"{memory_cap_message(limit)}; " + (info.hint or MEMORY_CAP_HINT)
 
     def list_runs(self) -> list[RunInfo]:
         waiting = self.queue()
@@ -697,10 +873,12 @@ class JobRunner:
 
     @staticmethod
     def _last_checkpoint(path: Path, events: list[dict]) -> str | None:
+        """The newest checkpoint that looks whole on disk (trainers.checkpoints; the trainer
+        verifies it further when it resumes, and falls back to an older one)."""
         for event in reversed(events):
             if event.get("event") == "checkpoint" and event.get("path"):
                 target = (path / event["path"]).resolve()
-                if target.is_relative_to(path.resolve()) and target.exists():
+                if target.is_relative_to(path.resolve()) and checkpoints.problem(target) is None:
                     return event["path"]
         return None
 
@@ -713,13 +891,10 @@ class JobRunner:
                            "(an API client calls the page's load endpoint first, in the same session)")
 
     def check_owner_limit(self, owner: str, batch: int = 1) -> None:
+        """JobError when `batch` more runs would take this visitor, or all visitors together, past
+        this studio's caps (trainers.limits: runs queued or running, disk held)."""
         self.check_owner(owner)
-        if self.max_active_per_owner is None:
-            return
-        active = sum(1 for r in self.list_runs() if r.owner == owner and r.status in ("queued", "running"))
-        if active + batch > self.max_active_per_owner:
-            raise JobError(f"you have {active} run(s) queued or running; this studio is shared and allows "
-                           f"{self.max_active_per_owner} per visitor: wait for one to finish or cancel one")
+        caps.check_new_runs(self, owner, batch)
 
     # ---- actions -----------------------------------------------------------------------------
 
@@ -731,40 +906,54 @@ class JobRunner:
             job["published"] = bool(published)
             _write_json(path / JOB_FILE, job)
 
-    def cancel(self, run_id: str) -> str:
+    def cancel(self, run_id: str, reason: str = "") -> str:
         """Queued: leaves the queue. Running: SIGTERM to its process group; the trainer saves a
-        checkpoint and reports `cancelled` (SIGKILL follows after `kill_after` seconds)."""
+        checkpoint and reports `cancelled` (SIGKILL follows after `kill_after` seconds).
+        `reason`: why the studio stopped it (a cap), shown with the cancelled run."""
         with self._lock:
             info = self.info(run_id)
             if info.status == "queued" and not info.alive:
-                EventLog(info.dir).phase("cancelled", message="removed from the queue before it started")
+                EventLog(info.dir).phase("cancelled", message=reason or "removed from the queue before it started")
                 return "removed from the queue"
             if info.status not in ("queued", "running"):
                 raise JobError(f"run {run_id} is {info.status}; only queued or running runs can be cancelled")
+            if info.phase in FINAL_PHASES or run_id in self._cancel_at:
+                return "stopping already: it ends once its last files are written"
             record = _read_json(info.dir / PROCESS_FILE)
+            self.launcher.stop(record)  # first: a full disk must not keep a run going
+            self._cancel_at[run_id] = time.monotonic()
             job = _read_json(info.dir / JOB_FILE)
             job["cancel_requested"] = time.time()
-            _write_json(info.dir / JOB_FILE, job)
-            self.launcher.stop(record)
-            self._cancel_at[run_id] = time.monotonic()
+            if reason:
+                job["cancel_reason"] = reason
+            try:
+                _write_json(info.dir / JOB_FILE, job)
+            except OSError:
+                pass  # the trainer reports `cancelled` itself; only the reason is lost
             return "stopping: the trainer saves a checkpoint, then ends"
 
+    def _settled(self, info: RunInfo, action: str) -> None:
+        if info.status == "running" and info.phase in FINAL_PHASES:
+            raise JobError(f"run {info.id} is still stopping; {action} it in a moment")
+
     def resume(self, run_id: str) -> str:
-        """Queue a failed or cancelled run again, continuing from its last checkpoint."""
+        """Queue a failed or cancelled run again, continuing from its last checkpoint (once its
+        process has exited: the status says so only then)."""
         with self._lock:
             info = self.info(run_id)
+            self._settled(info, "resume")
             if info.status not in ("failed", "cancelled"):
                 raise JobError(f"run {run_id} is {info.status}; only failed or cancelled runs can be resumed")
-            if info.alive:
-                raise JobError(f"run {run_id} is still stopping; resume it in a moment")
             if not info.resumable:
                 raise JobError(f"run {run_id} saved no checkpoint to resume from; start a new run instead")
             self.check_owner_limit(info.owner)
-            config = dict(info.config)
+            self.check_free_disk()
+            config = self.check_config(dict(info.config))
             config["resume_from_checkpoint"] = "latest"
             self._write_config(info.dir, config)
             job = _read_json(info.dir / JOB_FILE)
             job.pop("cancel_requested", None)
+            job.pop("cancel_reason", None)
             job["queued_at"] = time.time()
             _write_json(info.dir / JOB_FILE, job)
             (info.dir / PROCESS_FILE).unlink(missing_ok=True)
@@ -776,15 +965,15 @@ class JobRunner:
         return f"queued again; it resumes from {info.checkpoint}"
 
     def delete(self, run_id: str) -> None:
-        """Remove a run folder; a queued or running run must be cancelled first."""
+        """Remove a run folder (a damaged one too); a queued or running run must be cancelled first."""
         with self._lock:
             info = self.info(run_id)
+            self._settled(info, "delete")
             if info.status in ("queued", "running"):
                 raise JobError(f"run {run_id} is {info.status}; cancel it before deleting")
-            if info.alive:
-                raise JobError(f"run {run_id} is still stopping; delete it in a moment")
             shutil.rmtree(info.dir)
             self._events_cache.pop(run_id, None)
+            self._not_before.pop(run_id, None)
 
     # ---- the scheduler -----------------------------------------------------------------------
 
@@ -810,33 +999,88 @@ class JobRunner:
                 print(f"jobs: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def tick(self) -> None:
-        """Reap ended processes, escalate overdue cancels, start queued runs where the launcher has room."""
+        """Reap ended processes, escalate overdue cancels, hold running runs to the caps, start
+        queued runs where the launcher has room."""
         with self._lock:
-            for run_id, how in self.launcher.reap():
-                if how is None:
-                    self._requeue(run_id)
-                else:
-                    self._finish(run_id, how)
-            for run_id, since in list(self._cancel_at.items()):
-                path = self.runs_dir / run_id
-                record = _read_json(path / PROCESS_FILE)
-                if not record or self.launcher.state(run_id, record) == "ended":
-                    self._cancel_at.pop(run_id)
-                    if record:
-                        self._finish(run_id, "stopped")  # a no-op once the process or the reaping said more
-                elif time.monotonic() - since > self.kill_after:
-                    self.launcher.stop(record, force=True)
-            held = self._held()
-            for run_id in self.queue():
-                device = self.launcher.next_device(held)
-                if device is None:
-                    break
-                try:
-                    held.append(self._launch(run_id, device))
-                except (OSError, ValueError, TypeError) as exc:
-                    # this run cannot start (its folder is damaged): it fails alone, the queue goes on
-                    EventLog(self.runs_dir / run_id).phase("failed", error=f"the run could not start: {exc}",
-                                                           hint="start a new run; this one's folder is damaged")
+            self._reap()
+            if time.monotonic() - self._last_disk_check >= self.disk_check_seconds:
+                self._last_disk_check = time.monotonic()
+                self._enforce_caps()
+            self._start_queued()
+
+    def _reap(self) -> None:
+        for run_id, how in self.launcher.reap():
+            if how is None:
+                self._requeue(run_id)
+            else:
+                self._finish(run_id, how)
+        for run_id, since in list(self._cancel_at.items()):
+            path = self.runs_dir / run_id
+            record = _read_json(path / PROCESS_FILE)
+            if not record or self.launcher.state(run_id, record) == "ended":
+                self._cancel_at.pop(run_id)
+                if record:
+                    self._finish(run_id, "stopped")  # a no-op once the process or the reaping said more
+            elif time.monotonic() - since > self.kill_after:
+                self.launcher.stop(record, force=True)
+
+    def _start_queued(self) -> None:
+        held = self._held()
+        for run_id in self.queue():
+            if time.monotonic() < self._not_before.get(run_id, (0.0, ""))[0]:
+                continue
+            device = self.launcher.next_device(held)
+            if device is None:
+                break
+            if _low_on_disk(self.runs_dir, self.limits.min_free_disk):
+                # started now, it would fail at its first checkpoint: it waits, saying why
+                self._not_before[run_id] = (time.monotonic() + 5, f"waiting for disk space: {disk_full_message(self.runs_dir)}")
+                break
+            try:
+                held.append(self._launch(run_id, device))
+            except (OSError, ValueError, TypeError) as exc:
+                self._launch_failed(run_id, exc)
+                continue
+            self._not_before.pop(run_id, None)
+
+    def _launch_failed(self, run_id: str, exc: Exception) -> None:
+        """A run that could not start: with a full disk it stays queued and says so (it starts
+        once there is room); otherwise its folder is damaged and it fails alone, the queue goes on."""
+        if disk_full(exc):
+            self._not_before[run_id] = (time.monotonic() + 30, f"waiting: {disk_full_message(self.runs_dir)}")
+            return
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        try:
+            EventLog(self.runs_dir / run_id).phase("failed", error=f"the run could not start: {why}",
+                                                   hint="start a new run; this one's folder is damaged")
+        except OSError:
+            self._not_before[run_id] = (time.monotonic() + 30, "waiting: its folder cannot be written")
+
+    def _enforce_caps(self) -> None:
+        """Stop, with a checkpoint, a running run past the run time a run may take at a time, or
+        whose visitor (or the whole runs folder) holds more disk than allowed. A stopped run can
+        be resumed: it goes to the back of the queue."""
+        lim = self.limits
+        if lim.max_run_seconds is None and lim.disk_total is None and lim.disk_per_owner is None:
+            return
+        runs = self.list_runs()
+        running = [r for r in runs if r.status == "running" and r.phase not in FINAL_PHASES and r.id not in self._cancel_at]
+        total = caps.folder_bytes(self.runs_dir) if lim.disk_total is not None and running else 0
+        for info in running:
+            started = _time(_read_json(info.dir / PROCESS_FILE), "started")
+            reason = ""
+            if lim.max_run_seconds is not None and started and time.time() - started > lim.max_run_seconds:
+                reason = (f"it trained for the {lim.max_run_seconds / 60:.0f} minutes a run may take at a time on this "
+                          "shared studio; resume it to continue (it goes to the back of the queue)")
+            elif lim.disk_total is not None and total > lim.disk_total:
+                reason = (f"the studio's runs hold {caps.size_text(total)}, over its {caps.size_text(lim.disk_total)} cap; "
+                          "delete runs you no longer need, then resume it")
+            elif (lim.disk_per_owner is not None and info.owner
+                  and caps.owner_bytes(self, info.owner, runs) > lim.disk_per_owner):
+                reason = (f"your runs hold more than the {caps.size_text(lim.disk_per_owner)} a visitor may keep here; "
+                          "delete runs you no longer need, then resume it")
+            if reason:
+                self.cancel(info.id, reason=f"stopped by the studio: {reason}")
 
     def _held(self) -> list[dict]:
         """The records of the runs that hold a place (a run still exiting after its final phase
@@ -855,11 +1099,23 @@ class JobRunner:
     def _launch(self, run_id: str, device: str) -> dict:
         path = self.runs_dir / run_id
         record = self.launcher.launch(run_id, path, device, self._run_cap(path, device))
-        _write_json(path / PROCESS_FILE, record)
-        job = _read_json(path / JOB_FILE)
-        job["device"] = str(record.get("device", device))
-        _write_json(path / JOB_FILE, job)
+        try:
+            _write_json(path / PROCESS_FILE, record)
+            job = _read_json(path / JOB_FILE)
+            job["device"] = str(record.get("device", device))
+            _write_json(path / JOB_FILE, job)
+        except BaseException:
+            self._abandon(run_id, record)
+            raise
         return record
+
+    def _abandon(self, run_id: str, record: dict) -> None:
+        """A run started whose record could not be written (its process.json: the disk filled):
+        it is stopped at once, so no trainer runs on that the studio does not know of, and the run
+        is queued as before."""
+        self.launcher.stop(record, force=True)
+        self.launcher.forget(run_id)
+        (self.runs_dir / run_id / PROCESS_FILE).unlink(missing_ok=True)
 
     def _requeue(self, run_id: str) -> None:
         """A run the launcher handed back without starting it (a cluster that found no room in
@@ -884,21 +1140,35 @@ class JobRunner:
         return limit
 
     def _finish(self, run_id: str, how: str) -> None:
-        """A process ended: if the trainer did not write a final phase, write one for it."""
+        """A process ended: if the trainer did not write a final phase, write one for it (with a
+        full disk that may fail too: the run then shows `failed` from its files alone, saying the
+        disk is full)."""
         path = self.runs_dir / run_id
         if not path.is_dir() or last_phase(read_events(path)) in FINAL_PHASES:
             return
-        if _read_json(path / JOB_FILE).get("cancel_requested"):
-            EventLog(path).phase("cancelled", message=f"cancelled; the process ended ({how}) without reporting")
-            return
-        tail = log_tail(path, 10)
-        EventLog(path).phase("failed", error=f"the training process ended ({how}) without finishing",
-                             hint="the last lines of train.log show why" if tail else "train.log is empty",
-                             log_tail=tail)
+        try:
+            if _read_json(path / JOB_FILE).get("cancel_requested"):
+                EventLog(path).phase("cancelled", message=f"cancelled; the process ended ({how}) without reporting")
+                return
+            tail = log_tail(path, 10)
+            if _low_on_disk(self.runs_dir, 0) or any(DISK_WORDS.search(line) for line in tail):
+                EventLog(path).phase("failed", error=f"the training process ended ({how}): {disk_full_message(self.runs_dir)}",
+                                     hint="free space (delete runs you no longer need), then resume it", log_tail=tail)
+                return
+            EventLog(path).phase("failed", error=f"the training process ended ({how}) without finishing",
+                                 hint="the last lines of train.log show why" if tail else "train.log is empty",
+                                 log_tail=tail)
+        except OSError:
+            pass
 
     def _recover(self) -> None:
         """At start-up: runs whose process died while the app was away are marked failed; live
-        ones are adopted (the launcher finds them by their record), queued ones wait as before."""
+        ones are adopted (the launcher finds them by their record), queued ones wait as before; run folders left half-made
+        by a studio that stopped while making them are removed."""
+        for staging in self.runs_dir.glob(f"{STAGING}*"):
+            # an hour old: not one another studio on the same folder is making right now
+            if staging.is_dir() and not staging.is_symlink() and time.time() - staging.stat().st_mtime > 3600:
+                shutil.rmtree(staging, ignore_errors=True)
         for run_id in self.run_ids():
             path = self.runs_dir / run_id
             record = _read_json(path / PROCESS_FILE)

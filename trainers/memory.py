@@ -11,7 +11,7 @@ options, and what the device has for it: the check before a run is queued (studi
 The formula (bytes; every parameter count from the model folder's configs, built on the meta
 device, no weights read; the method's trainable count from attaching it to that meta U-Net):
 
-    weights    = frozen (U-Net + VAE + text encoder) x b_w + trainable x 4
+    weights    = frozen (U-Net + VAE + text encoders: SDXL's two) x b_w + trainable x 4
                  b_w = 2 under fp16/bf16 mixed precision (the pipeline is loaded in that dtype), else 4;
                  the method's trainable weights stay fp32; full fine-tuning under mixed precision also
                  holds autocast's half copy of the U-Net (+2 per parameter)
@@ -22,8 +22,9 @@ device, no weights read; the method's trainable count from attaching it to that 
                  the decoder's activations in its last k up blocks (rendered_share)
                  units = batch x (2 with prior preservation) x latent pixels / 1024 x arch,
                  latent pixels = (resolution / VAE scale)^2, and arch the U-Net's activation size per
-                 latent pixel relative to SD v1.5 (channels x layers per level / 4^level, attention
-                 levels x3: 1.0 for SD v1.5, 0.040 for the bundled demo model)
+                 latent pixel relative to SD v1.5 (channels x layers per level / 4^level, a layer with
+                 attention counting 1 + 2 x its transformer depth: 1.0 for SD v1.5 and SD 2.x, 1.84
+                 for SDXL with its 2- and 10-deep stacks, 0.040 for the bundled demo model)
     sampling   = validation images (or, with prior preservation, a batch of class images if larger):
                  the U-Net at batch 2 x images (guidance) under no_grad, k_infer x units, and the VAE
                  decoding them all at once: 0.1 + 0.97 GiB x images x (res/512)^2 x (VAE top
@@ -43,7 +44,9 @@ Calibration, SD v1.5 U-Net, GiB per 1024 latent pixels x sample (k):
     full / anything in the encoder     0.55        0.20
     inference (validation samples)     0.05        0.025
 
-Every k is fitted to measured peaks; the arch scale is computed from the config, not fitted. bf16
+Every k is fitted to measured peaks of SD v1.5 (SD 2.x and SDXL bench results join the table when
+measured); the arch scale is computed from the config, not fitted. A single-file checkpoint is
+estimated from its family's bundled configs (trainers.models.CONFIGS). bf16
 on a CPU takes half the fp32 figure, fp32 on CUDA twice the half one. Where each constant comes
 from, what was measured and what was not: docs/benchmarks.md, "Memory estimate". The estimate
 against every measurement (`python -m trainers.memory`, `--write` into
@@ -105,13 +108,19 @@ class ModelFacts:
 
 
 def config_folder(model: str) -> Path | None:
-    """Where the model's component configs are: its folder, SD v1's bundled configs for a single
-    SD 1.x checkpoint file, the local hub cache for a hub id; None if nowhere offline."""
+    """Where the model's component configs are: its folder, its family's bundled configs for a
+    single checkpoint file (trainers.models.CONFIGS), the local hub cache for a hub id; None if
+    nowhere offline."""
     path = Path(str(model)).expanduser()
     if path.is_dir():
         return path
     if path.suffix.lower() in (".safetensors", ".ckpt"):
-        return SD1_CONFIGS  # trainers.models: single files are SD 1.x/2.x; 2.x would be larger
+        from .models import CONFIGS, ModelError, single_file_family
+
+        try:
+            return CONFIGS.get(single_file_family(path)) if path.is_file() else None
+        except ModelError:
+            return None
     try:
         from huggingface_hub import snapshot_download
 
@@ -123,19 +132,23 @@ def config_folder(model: str) -> Path | None:
 
 def _level_sizes(cfg: dict) -> tuple[list[float], list[float], float]:
     """Activation size per latent pixel of each level's down and up blocks (index 0: the full
-    latent resolution) and of the middle block: channels x layers (attention layers x3) / 4^level."""
+    latent resolution) and of the middle block: channels x layers / 4^level, a layer with attention
+    counting 1 + 2 x its transformer depth (3 in SD 1.x and 2.x; 5 and 21 at SDXL's attention
+    levels, whose stacks are 2 and 10 deep)."""
     channels = list(cfg.get("block_out_channels") or [320, 640, 1280, 1280])
     layers = cfg.get("layers_per_block", 2)
     layers = layers if isinstance(layers, int) else max(layers)
+    depths = cfg.get("transformer_layers_per_block", 1)
+    depths = [depths] * len(channels) if isinstance(depths, int) else [max(d) if isinstance(d, list) else d for d in depths]
     down_types = list(cfg.get("down_block_types") or [])
     up_types = list(cfg.get("up_block_types") or [])[::-1]
     down, up = [], []
     for i, c in enumerate(channels):
-        attn_down = 3 if i < len(down_types) and "Attn" in down_types[i] else 1
-        attn_up = 3 if i < len(up_types) and "Attn" in up_types[i] else 1
+        attn_down = 1 + 2 * depths[i] if i < len(down_types) and "Attn" in down_types[i] else 1
+        attn_up = 1 + 2 * depths[i] if i < len(up_types) and "Attn" in up_types[i] else 1
         down.append(c * layers * attn_down / 4**i)
         up.append(c * (layers + 1) * attn_up / 4**i)
-    return down, up, channels[-1] * 4 / 4 ** (len(channels) - 1)
+    return down, up, channels[-1] * (2 + 2 * depths[-1]) / 4 ** (len(channels) - 1)
 
 
 def arch_scale(unet_config: dict) -> float:
@@ -170,18 +183,20 @@ def model_facts(model: str) -> ModelFacts | None:
     try:
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         unet_cfg, vae_cfg = _read(folder, "unet"), _read(folder, "vae")
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_cfg)
             vae = AutoencoderKL.from_config(vae_cfg)
-            text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))
+            texts = [CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))]
+            if (folder / "text_encoder_2" / "config.json").is_file():  # SDXL's second encoder, with its projection
+                texts.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(folder / "text_encoder_2"))))
     except Exception:  # noqa: BLE001 - an unreadable or foreign config: no estimate rather than a failure
         return None
     channels = list(vae_cfg.get("block_out_channels") or [128])
     return ModelFacts(unet_params=sum(p.numel() for p in unet.parameters()), vae_params=sum(p.numel() for p in vae.parameters()),
-                      text_params=sum(p.numel() for p in text.parameters()), vae_scale=2 ** (len(channels) - 1),
+                      text_params=sum(p.numel() for m in texts for p in m.parameters()), vae_scale=2 ** (len(channels) - 1),
                       vae_channels=int(channels[0]), arch=arch_scale(unet_cfg), unet_config=unet_cfg)
 
 
@@ -202,13 +217,16 @@ def _trainable(model: str, method: str, method_json: str) -> tuple[int, str, flo
     from restuning.methods import METHODS
 
     config = METHODS[method].config.from_dict(json.loads(method_json))
-    if getattr(config, "text_encoder", ""):
-        # The U-Net's share only: a text-encoder LoRA adds ~0.3M parameters on CLIP ViT-L and the
-        # small encoder's activations, within the estimate's margin.
-        config = dataclasses.replace(config, text_encoder="")
+    if getattr(config, "text_encoder", "") or getattr(config, "text_encoder_2", ""):
+        # The U-Net's share only: a text-encoder LoRA adds ~0.3M parameters on CLIP ViT-L (SDXL's
+        # second encoder ~1M) and the small encoders' activations, within the estimate's margin.
+        config = dataclasses.replace(config, text_encoder="", text_encoder_2="")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(facts.unet_config)
-    handle = restuning.attach(unet, config)
+    try:
+        handle = restuning.attach(unet, config)
+    except (restuning.AttachError, ValueError, TypeError):
+        return None  # options that do not fit the model: no estimate (trainers.models.check_method_fits says why)
     trainable = sum(p.numel() for p in handle.parameters())
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     inside = [n for n in names if n.split(".", 1)[0] in dict(unet.named_children()) and not n.startswith("restuning")]
@@ -513,7 +531,12 @@ def run_device() -> str:
 
 def check(options, device: str, *, queued: bool = False) -> Verdict:
     """The trainer's check before it loads anything: MemoryRefused for a run that cannot fit
-    (unless RESTUNING_MEMORY_CHECK=off), else the verdict (its message: a warning when close)."""
+    (unless RESTUNING_MEMORY_CHECK=off), else the verdict (its message: a warning when close).
+    The method's options are checked against the model first (trainers.models.check_method_fits:
+    the form's check too): an OptionError names what does not fit."""
+    from .models import check_method_fits
+
+    check_method_fits(options.method_config, str(options.args.pretrained_model_name_or_path))
     est = estimate(options, device)
     facts = model_facts(str(options.args.pretrained_model_name_or_path))
     verdict = judge(est, device_room(device), facts, queued=queued)
@@ -596,29 +619,40 @@ def _design(row: dict) -> tuple[str, str]:
 @functools.lru_cache(maxsize=64)
 def calibration_table() -> list[dict]:
     """Estimate against measurement for the settings of the bench results (U-Net training step
-    alone) and of the demo model's CLI runs (whole process): what tests/test_memory.py checks."""
+    alone) and of the demo model's CLI runs (whole process): what tests/test_memory.py checks.
+    SD 2.x and SDXL rows join from any bench.train_cost results of those U-Nets in bench/results."""
+    from .models import CONFIGS
+
     rows = []
     root = REPO_ROOT / "bench" / "results"
-    sd = model_facts(str(SD1_CONFIGS))
-    for name, device in CALIBRATION_FILES:
-        if not (root / name).is_file():
+    files = [(name, device, "sd1") for name, device in CALIBRATION_FILES]
+    files += [(p.name, None, family) for arch, family in (("sd2", "sd2"), ("sdxl", "sdxl"))
+              for p in sorted(root.glob(f"train_cost_{arch}_*.json"))]
+    for name, device, family in files:
+        if (root / name).is_file():
+            rows += _calibration_rows(name, json.loads((root / name).read_text()), str(CONFIGS[family]), device)
+    return rows
+
+
+def _calibration_rows(name: str, data: dict, configs: str, device: str | None) -> list[dict]:
+    facts, s = model_facts(configs), data["settings"]
+    device = device or ("cuda" if s.get("device") == "cuda" else "cpu")
+    rows = []
+    for row in (data.get("rows") or data.get("table6") or []) + data.get("variants", []):
+        if row["case"] == "inference" or not row.get("peak_bytes"):
             continue
-        data = json.loads((root / name).read_text())
-        s = data["settings"]
-        for row in (data.get("rows") or data.get("table6") or []) + data.get("variants", []):
-            if row["case"] == "inference" or not row.get("peak_bytes"):
-                continue
-            trainable, kind, rendered = _trainable(str(SD1_CONFIGS), *_design(row))
-            precision = row.get("precision") or s["precision"]
-            est = estimate_parts(sd, trainable, kind, device=device, resolution=s["resolution"], batch=s["batch"],
-                                 precision=precision.replace("fp32", "no"), checkpointing=bool(row.get("gradient_checkpointing")),
-                                 adam8=row.get("optimizer") == "AdamW8bit", unet_only=True, rendered=rendered)
-            # the bench's CUDA figure is torch's allocated memory: no context, no allocator slack
-            value = est.total - (est.parts["overhead"] if device == "cuda" else 0)
-            case = row["case"] + (f" ({row['key']})" if row in data.get("variants", []) else "")
-            rows.append({"source": name, "case": case, "device": device, "resolution": s["resolution"], "batch": s["batch"],
-                         "precision": precision, "estimate_gib": round(value / GIB, 2),
-                         "measured_gib": round(row["peak_bytes"] / GIB, 2)})
+        method, config = _design(row) if configs == str(SD1_CONFIGS) else (row["case"], "{}")
+        trainable, kind, rendered = _trainable(configs, method, config)
+        precision = row.get("precision") or s["precision"]
+        est = estimate_parts(facts, trainable, kind, device=device, resolution=s["resolution"], batch=s["batch"],
+                             precision=precision.replace("fp32", "no"), checkpointing=bool(row.get("gradient_checkpointing")),
+                             adam8=row.get("optimizer") == "AdamW8bit", unet_only=True, rendered=rendered)
+        # the bench's CUDA figure is torch's allocated memory: no context, no allocator slack
+        value = est.total - (est.parts["overhead"] if device == "cuda" else 0)
+        case = row["case"] + (f" ({row['key']})" if row in data.get("variants", []) else "")
+        rows.append({"source": name, "case": case, "device": device, "resolution": s["resolution"], "batch": s["batch"],
+                     "precision": precision, "estimate_gib": round(value / GIB, 2),
+                     "measured_gib": round(row["peak_bytes"] / GIB, 2)})
     return rows
 
 

@@ -1,24 +1,35 @@
-"""The base model: a hub id, a local diffusers folder, or a single-file `.safetensors` checkpoint.
+"""The base model: a hub id, a local diffusers folder, or a single-file `.safetensors` checkpoint,
+of Stable Diffusion 1.x, 2.x or XL.
 
-    source = check_source(name_or_path)   # cheap: what kind it is, or ModelError saying what is missing
-    pipe = load_pipeline(source, dtype)   # StableDiffusionPipeline in that dtype, no safety checker
+    source = check_source(name_or_path)   # cheap: what kind and family it is, or ModelError saying what is missing
+    pipe = load_pipeline(source, dtype)   # StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) in that dtype
 
 Pickle-based checkpoints (.ckpt, .bin, .pt) are refused, in a folder or on the hub too
 (`use_safetensors=True`): unpickling a downloaded file can run arbitrary code. A single-file
-checkpoint is recognised from its safetensors header (no weights read): SD 1.x and 2.x load,
-SDXL is refused with a message. Every error says what was tried and what is missing.
+checkpoint is recognised from its safetensors header (no weights read) and converted by diffusers
+with the family's component configs and tokenizers bundled in assets/sd-configs (scripts/sd_configs.py),
+so it loads without the hub. Every error says what was tried and what is missing.
+
+SD 2.x single files hold no word of what they predict: the 768-px models (2.0-v, 2.1) predict v,
+the 512-px ones (2.0-base, 2.1-base) predict the noise. Unless told (`prediction_type`), the U-Net
+is asked, the way AUTOMATIC1111 decides it (`is_using_v_parameterization_for_sd2`): at t = 999 on a
+constant latent of 0.5 an epsilon model returns about the latent itself, a v model a value far below it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 FOLDER_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_PARTS = ("text_encoder_2", "tokenizer_2")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class ModelError(RuntimeError):
@@ -29,7 +40,7 @@ class ModelError(RuntimeError):
 class ModelSource:
     kind: str  # folder | single-file | hub
     location: str  # resolved path, or the hub id
-    family: str = ""  # single files: what their header says they are (FAMILIES)
+    family: str = ""  # sd1 | sd2 | sdxl (FAMILIES); "" for a hub id until it is loaded
 
     def key(self) -> str:
         """What identifies these weights, for caches (class images): the id, or the path and the
@@ -42,20 +53,31 @@ class ModelSource:
         return f"{self.kind}:{path}:{stamp}"
 
 
+FAMILIES = {
+    "sd1": "Stable Diffusion 1.x (CLIP ViT-L text encoder)",
+    "sd2": "Stable Diffusion 2.x (OpenCLIP text encoder; 768-px 2.x models predict v, 512-px ones the noise)",
+    "sdxl": "Stable Diffusion XL (two text encoders, size and crop conditioning)",
+    "sdxl-refiner": "the SDXL refiner (an image-to-image model for SDXL's last steps)",
+    "unknown": "not a Stable Diffusion checkpoint this loader knows (no model.diffusion_model.* U-Net weights)",
+}
+# The component configs and tokenizers a single file of each family is converted with.
+CONFIGS_ROOT = Path(__file__).resolve().parents[1] / "assets" / "sd-configs"
+CONFIGS = {"sd1": CONFIGS_ROOT / "sd-v1", "sd2": CONFIGS_ROOT / "sd-v2", "sdxl": CONFIGS_ROOT / "sd-xl"}
+SD1_CONFIG = CONFIGS["sd1"]
+SHORT = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+NOT_TEXT_TO_IMAGE = ("a pipeline of another kind: this trainer tunes the text-to-image pipelines of Stable Diffusion "
+                     "1.x and 2.x (StableDiffusionPipeline) and XL (StableDiffusionXLPipeline)")
+
+
 def check_source(name_or_path: str | os.PathLike) -> ModelSource:
-    """What kind of model source this is, checked without loading any weights."""
+    """What kind of model source this is, and its family, checked without loading any weights."""
     text = str(name_or_path).strip()
     if not text:
         raise ModelError("no base model given: pass --pretrained_model_name_or_path (a hub id, a folder or a .safetensors file)")
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"{path} is a folder but not a diffusers pipeline: model_index.json is missing "
-                             f"(expected the subfolders {', '.join(FOLDER_PARTS)} too)")
-        missing = [p for p in FOLDER_PARTS if not (path / p).is_dir()]
-        if missing:
-            raise ModelError(f"the diffusers folder {path} is incomplete: missing {', '.join(missing)}/")
-        return ModelSource("folder", str(path.resolve()))
+        return ModelSource("folder", str(path.resolve()), folder_family(path))
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelError(f"{path.name}: pickle-based checkpoints are not loaded (unpickling can run code); "
@@ -63,9 +85,8 @@ def check_source(name_or_path: str | os.PathLike) -> ModelSource:
         if path.suffix.lower() != ".safetensors":
             raise ModelError(f"{path.name}: a single-file model must be a .safetensors checkpoint")
         family = single_file_family(path)
-        if family == "sdxl":
-            raise ModelError(f"{path.name} is an SDXL checkpoint (two text encoders, another U-Net): this studio tunes "
-                             "Stable Diffusion 1.x and 2.x; use an SD 1.5 checkpoint or a diffusers folder of one")
+        if family == "sdxl-refiner":
+            raise ModelError(f"{path.name} is {FAMILIES[family]}, not a text-to-image base model: use an SDXL base checkpoint")
         return ModelSource("single-file", str(path.resolve()), family)
     if HUB_ID.match(text) and not text.endswith(".safetensors"):
         return ModelSource("hub", text)
@@ -73,21 +94,35 @@ def check_source(name_or_path: str | os.PathLike) -> ModelSource:
                      "nor a hub id of the form owner/name")
 
 
-# SD 1.x's component configs and CLIP tokenizer (scripts/sd_configs.py), so that a single-file
-# SD 1.x checkpoint loads with no hub: the file holds the weights only.
-SD1_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "sd-configs" / "sd-v1"
+def folder_family(path: Path) -> str:
+    """sd1, sd2 or sdxl of a diffusers folder, from its model_index.json and U-Net config; ModelError
+    for a folder that is incomplete or holds another kind of pipeline."""
+    from restuning.arch import family
 
-FAMILIES = {
-    "sd1": "Stable Diffusion 1.x (CLIP ViT-L text encoder)",
-    "sd2": "Stable Diffusion 2.x (OpenCLIP text encoder; 768-px 2.x models predict v, which the trainer follows "
-           "from the scheduler's prediction_type)",
-    "sdxl": "Stable Diffusion XL",
-    "unknown": "not a Stable Diffusion checkpoint this loader knows (no model.diffusion_model.* U-Net weights)",
-}
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{path} is a folder but not a diffusers pipeline: model_index.json is missing "
+                         f"(expected the subfolders {', '.join(FOLDER_PARTS)} too)")
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        name = index.get("_class_name") if isinstance(index, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}/model_index.json is not readable JSON ({exc})") from None
+    xl = PIPELINES.get(name) == "sdxl"
+    missing = [p for p in FOLDER_PARTS + (XL_PARTS if xl else ()) if not (path / p).is_dir()]
+    if missing:
+        raise ModelError(f"the diffusers folder {path} is incomplete: missing {', '.join(missing)}/")
+    if name not in PIPELINES:
+        raise ModelError(f"{path} holds a {name or 'pipeline of no named class'}, {NOT_TEXT_TO_IMAGE}")
+    if xl:
+        return "sdxl"
+    try:
+        return family(json.loads((path / "unet" / "config.json").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ModelError(f"{path}/unet/config.json is missing or not readable JSON ({exc})") from None
 
 
 def single_file_family(path: Path) -> str:
-    """sd1, sd2, sdxl or unknown, from the names in the file's safetensors header."""
+    """sd1, sd2, sdxl, sdxl-refiner or unknown, from the names in the file's safetensors header."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -97,6 +132,8 @@ def single_file_family(path: Path) -> str:
         raise ModelError(f"{path.name}: not a readable .safetensors file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl-refiner"  # only the OpenCLIP bigG encoder, as the refiner has
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         return "unknown"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -104,10 +141,28 @@ def single_file_family(path: Path) -> str:
     return "sd1"
 
 
-def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, variant: str | None = None):
-    """A StableDiffusionPipeline from the checked source in `dtype` (default fp32; no safety
-    checker is loaded). Loading in the run's precision saves holding an fp32 copy first."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _hub_family(source: ModelSource, hub: dict) -> str:
+    """A hub id's family, from its model_index.json (the local cache only when HF_HUB_OFFLINE is set)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source.location, **hub)
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ModelError(f"the hub id {source.location} holds a {name}, {NOT_TEXT_TO_IMAGE}")
+    return "sdxl" if PIPELINES[name] == "sdxl" else "sd"
+
+
+def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, variant: str | None = None,
+                  prediction_type: str | None = None):
+    """The pipeline of the checked source in `dtype` (default fp32; no safety checker is loaded).
+    Loading in the run's precision saves holding an fp32 copy first. `prediction_type` overrides
+    what the model's scheduler says (an SD 2.x single file's is found from its weights otherwise)."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -115,34 +170,132 @@ def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, 
     # Progress bars would fill a background run's log with carriage returns; events carry progress.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    common = {"safety_checker": None, "requires_safety_checker": False, **({"dtype": dtype} if dtype is not None else {})}
+    if source.kind == "single-file" and source.family not in CONFIGS:
+        raise ModelError(f"{Path(source.location).name}: {FAMILIES.get(source.family, FAMILIES['unknown'])}")
     hub = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
-    if source.kind == "single-file" and source.family == "unknown":
-        raise ModelError(f"{Path(source.location).name}: {FAMILIES['unknown']}")
     try:
+        family = source.family or _hub_family(source, hub)
+        sd = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
+        common = {**sd, **({"dtype": dtype} if dtype is not None else {})}
+        cls = pipeline_class(family)
         if source.kind == "folder":
-            return StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, use_safetensors=True,
-                                                           **common, **hub)
-        if source.kind == "single-file":
-            local = {"config": str(SD1_CONFIG), "local_files_only": True} if source.family == "sd1" else {}
-            return StableDiffusionPipeline.from_single_file(source.location, **common, **local)
-        return StableDiffusionPipeline.from_pretrained(source.location, use_safetensors=True, **common, **hub)
+            pipe = cls.from_pretrained(source.location, local_files_only=True, use_safetensors=True, **common, **hub)
+        elif source.kind == "single-file":
+            pipe = cls.from_single_file(source.location, config=str(CONFIGS[family]), local_files_only=True, **common)
+        else:
+            pipe = cls.from_pretrained(source.location, use_safetensors=True, **common, **hub)
     # IndexError/AttributeError: what diffusers' single-file conversion raises on tensors of unexpected shapes.
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, IndexError, AttributeError,
             SingleFileComponentError) as exc:
-        if source.kind == "folder":
-            pickles = sorted(str(p.relative_to(source.location)) for p in Path(source.location).glob("*/*") if p.suffix in PICKLE_SUFFIXES)
-            if pickles:
-                raise ModelError(f"the diffusers folder {source.location} holds pickle weights ({', '.join(pickles[:3])}) where "
-                                 ".safetensors are needed: they are not loaded (unpickling can run code); re-save the "
-                                 "pipeline with save_pretrained(..., safe_serialization=True)") from None
-        tried = {
-            "folder": f"loading the diffusers folder {source.location}",
-            "single-file": f"converting the single-file checkpoint {source.location}, {FAMILIES.get(source.family, 'of unknown kind')} "
-                           + ("(with the bundled SD 1.x configs)" if source.family == "sd1" else
-                              "(diffusers also needs the matching SD 2.x component configs, fetched from the hub or its cache)"),
-            "hub": f"the hub id {source.location} (from the local cache"
-                   + (" only: HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else " or the hub") + ")",
-        }[source.kind]
+        raise ModelError(_load_failure(source, exc)) from None
+    if prediction_type is None and source.kind == "single-file" and source.family == "sd2":
+        prediction_type = "v_prediction" if predicts_v(pipe.unet) else "epsilon"
+    if prediction_type is not None and pipe.scheduler.config.prediction_type != prediction_type:
+        pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    return pipe
+
+
+def _load_failure(source: ModelSource, exc: BaseException) -> str:
+    if source.kind == "folder":
+        pickles = sorted(str(p.relative_to(source.location)) for p in Path(source.location).glob("*/*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            return (f"the diffusers folder {source.location} holds pickle weights ({', '.join(pickles[:3])}) where "
+                    ".safetensors are needed: they are not loaded (unpickling can run code); re-save the "
+                    "pipeline with save_pretrained(..., safe_serialization=True)")
+    tried = {
+        "folder": f"loading the diffusers folder {source.location}",
+        "single-file": f"converting the single-file checkpoint {source.location}, {FAMILIES.get(source.family, 'of unknown kind')} "
+                       f"(with the bundled {SHORT.get(source.family, '')} configs in "
+                       f"{CONFIGS.get(source.family, CONFIGS_ROOT).relative_to(CONFIGS_ROOT.parents[1])})",
+        "hub": f"the hub id {source.location} (from the local cache"
+               + (" only: HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else " or the hub") + ")",
+    }[source.kind]
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"could not load the base model: tried {tried}; {reason}"
+
+
+def load_vae(name_or_path: str, dtype=None, revision: str | None = None):
+    """--pretrained_vae_model_name_or_path: an AutoencoderKL from a diffusers folder (its own, or a
+    pipeline's vae/) or a hub id, safetensors only; ModelError saying what was tried."""
+    from diffusers import AutoencoderKL
+
+    path = Path(str(name_or_path)).expanduser()
+    local = path.is_dir()
+    if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    kwargs = {"use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}
+    try:
+        if local:
+            return AutoencoderKL.from_pretrained(str(path), local_files_only=True, **kwargs)
+        return AutoencoderKL.from_pretrained(str(name_or_path), **kwargs, **({"revision": revision} if revision else {}))
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"could not load the base model: tried {tried}; {reason}") from None
+        raise ModelError(f"could not load the VAE {name_or_path} (--pretrained_vae_model_name_or_path): {reason}") from None
+
+
+def predicts_v(unet) -> bool:
+    """Whether an SD 2.x U-Net predicts v: AUTOMATIC1111's test (modules/sd_models_config.py) on
+    diffusers' U-Net. At t = 999 (ᾱ ≈ 0.005) on a latent of 0.5 everywhere, an epsilon model predicts
+    noise ≈ the latent itself, so (prediction − latent) averages near 0; a v model predicts
+    v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x₀ ≈ −x₀, which its test finds below −1."""
+    import torch
+
+    param = next(unet.parameters())
+    latent = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+    text = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        out = unet(latent, torch.tensor([999], device=param.device), text).sample
+    return float((out.float() - latent.float()).mean()) < -1
+
+
+def check_method_fits(method_config, model: str) -> None:
+    """OptionError when the method's options cannot be attached to this base model (a Bypass
+    deeper than the U-Net, LoRA layer names that match nothing): the check the trainer's attach
+    would make after loading, made on a weightless copy built from the model's configs, so the
+    form, the runner and the trainer refuse the same options before anything is queued or
+    loaded. Nothing is checked when the model's configs cannot be read offline (the trainer's
+    own attach still is)."""
+    problem = _attach_problem(str(model), method_config.to_json())
+    if problem:
+        raise _option_error(f"{method_config.method}: its options do not fit this base model: {problem}")
+
+
+def _option_error(message: str):
+    from .options import OptionError
+
+    return OptionError(message)
+
+
+@functools.lru_cache(maxsize=64)
+def _attach_problem(model: str, method_json: str) -> str | None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    import restuning
+    from restuning import AttachError, ConfigError
+
+    from .memory import config_folder
+
+    folder = config_folder(model)
+    if folder is None:
+        return None
+    config = restuning.config_from_dict(json.loads(method_json))
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8")))
+            text = _meta_text_encoder(folder, "text_encoder") if getattr(config, "text_encoder", "") else None
+            text_2 = _meta_text_encoder(folder, "text_encoder_2") if getattr(config, "text_encoder_2", "") else None
+    except (OSError, ValueError, TypeError):
+        return None  # configs unreadable here: the trainer's own attach decides
+    try:
+        restuning.attach(unet, config, text_encoder=text, text_encoder_2=text_2)
+    except (AttachError, ConfigError, ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def _meta_text_encoder(folder: Path, part: str):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    kind = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+    return kind(CLIPTextConfig.from_pretrained(str(folder / part)))

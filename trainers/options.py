@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,39 @@ DEFAULT_STEPS = 400
 UPPER = {"resolution": 2048, "train_batch_size": 64, "gradient_accumulation_steps": 1024, "max_train_steps": 1_000_000,
          "num_validation_images": 16, "num_class_images": 10_000, "num_inference_steps": 1000, "validation_prompts": 16,
          "sample_batch_size": 64, "method_size": 4096}
+# Every number the parser takes, bounded: name -> (lowest, highest, whether the lowest is allowed).
+# A prompt is cut at the text encoder's 77 tokens (about 300 characters) anyway; the text bound
+# keeps a pasted book out of config.json, the model card and every visitor's page.
+MAX_PROMPT_CHARS = 1000
+MAX_OPTION_CHARS = 1000  # other free text: a method's layer names, paths
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # in a prompt: anything but tab and newline
+STEPS = 1_000_000
+BOUNDS = {
+    "num_class_images": (1, UPPER["num_class_images"], True), "sample_batch_size": (1, UPPER["sample_batch_size"], True),
+    "prior_loss_weight": (0, 1000, False), "seed": (0, 2**32 - 1, True), "resolution": (64, UPPER["resolution"], True),
+    "train_batch_size": (1, UPPER["train_batch_size"], True),
+    "gradient_accumulation_steps": (1, UPPER["gradient_accumulation_steps"], True),
+    "max_train_steps": (1, UPPER["max_train_steps"], True), "learning_rate": (0, 10, False),
+    "lr_warmup_steps": (0, STEPS, True), "adam_beta1": (0, 0.999999, True), "adam_beta2": (0, 0.999999, True),
+    "adam_weight_decay": (0, 10, True), "adam_epsilon": (0, 1, False), "max_grad_norm": (0, 1e6, False),
+    "snr_gamma": (0, 1000, False), "noise_offset": (0, 10, True),
+    "num_validation_images": (1, UPPER["num_validation_images"], True), "validation_steps": (1, STEPS, True),
+    "num_inference_steps": (1, UPPER["num_inference_steps"], True), "guidance_scale": (0, 100, True),
+    "checkpointing_steps": (1, STEPS, True), "checkpoints_total_limit": (1, 1000, True),
+    "num_train_epochs": (1, 100_000, True), "validation_epochs": (1, 100_000, True), "lr_num_cycles": (1, 1000, True),
+    "lr_power": (0, 100, False), "tokenizer_max_length": (1, 1024, True), "text_encoder_lr": (0, 10, False),
+    "dataloader_num_workers": (0, 1024, True), "local_rank": (-1, 1024, True),
+    "adam_weight_decay_text_encoder": (0, 10, True), "repeats": (1, 10_000, True),
+}
+
+
+# Option values a user asks for by name (--recipe); options given too win. "paper": the paper's
+# generative setting (Table 11: batch 8, CenterCrop and RandomHorizontalFlip, AdamW at 1e-4 constant,
+# 512 px, guidance 3.0 when sampling), where the defaults are diffusers' DreamBooth ones.
+NAMED_RECIPES = {
+    "paper": {"train_batch_size": 8, "center_crop": True, "random_flip": True, "learning_rate": 1e-4, "lr_scheduler": "constant",
+              "resolution": 512, "guidance_scale": 3.0},
+}
 
 
 class OptionError(ValueError):
@@ -62,6 +96,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--config", help="a JSON file of options (keys: the option names without dashes); flags given too override it")
     a("--method", default=DEFAULT_METHOD, help=f"how the U-Net is tuned: {', '.join(METHODS)}")
+    a("--recipe", choices=tuple(NAMED_RECIPES), help="a named set of options, for those not given: 'paper', the paper's Table 11 "
+      "(--train_batch_size 8 --center_crop --random_flip --learning_rate 1e-4 --lr_scheduler constant --resolution 512 "
+      "--guidance_scale 3.0)")
     a("--pretrained_model_name_or_path", default=str(DEMO_MODEL),
       help="base model: a hub id, a local diffusers folder, or a single-file .safetensors checkpoint (default: the bundled demo model)")
     a("--instance_data_dir", help="folder of instance images (PNG, JPEG or WebP)")
@@ -74,9 +111,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     a("--sample_batch_size", type=int, default=4, help="images per pipeline call when generating class images")
     a("--prior_loss_weight", type=float, default=1.0, help="weight of the prior-preservation loss")
     a("--output_dir", help="the run folder: events.jsonl, samples/, checkpoints/, the weights and the model card "
-                           "(default: the --config file's folder, else '<method>-dreambooth-model')")
+                           "(default: the --config file's folder, else '<method>-dreambooth-model'); a folder this "
+                           "trainer creates, or one it made before (to resume); an existing folder of other files "
+                           "only with --overwrite_output_dir")
+    a("--overwrite_output_dir", action="store_true",
+      help="write into an existing --output_dir that this trainer did not make (files of the same names are replaced)")
     a("--seed", type=int, default=0, help="seed of data order, crops, noise and validation images")
-    a("--resolution", type=int, default=512, help="training resolution in pixels (a multiple of 8)")
+    a("--resolution", type=int,
+      help="training resolution in pixels, a multiple of 8 (default: the base model's own, its U-Net's sample size x the "
+           "VAE's factor: 512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL; 512 where its configs cannot be read offline)")
     a("--center_crop", action=argparse.BooleanOptionalAction, default=False, help="center-crop images (default: random crops)")
     a("--random_flip", action=argparse.BooleanOptionalAction, default=False, help="mirror images at random")
     a("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
@@ -117,6 +160,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 COMPAT_GROUP = "diffusers script options"
+# torchvision's InterpolationMode names, lower-case, as diffusers' train_dreambooth_lora.py offers them (trainers.images
+# resizes with PIL's filter of the same name, as torchvision does for PIL images; nearest_exact is PIL's nearest).
+INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # Options of diffusers' train_dreambooth.py / train_dreambooth_lora.py that this trainer accepts
 # so their command lines run, without acting on them; the reason is printed when one is given.
 IGNORED = {
@@ -131,12 +177,32 @@ IGNORED = {
     "set_grads_to_none": "always so",
     "skip_save_text_encoder": "the text encoder is never saved whole: a LoRA's text-encoder layers are part of its LoRA files",
     "validation_scheduler": "validation samples use the base model's own scheduler",
+    # train_dreambooth_lora_sdxl.py's
+    "output_kohya_format": "a LoRA run always writes kohya's format too (lora_kohya.safetensors; on SDXL with kohya's own "
+                           "SGM block names) beside diffusers' pytorch_lora_weights.safetensors",
+    "cache_dir": "models are read from the hub's own cache (HF_HOME / HF_HUB_CACHE); nothing else is downloaded",
 }
 # Options that would change what is trained in ways this trainer does not do: refused, with why.
 REFUSED = {
     "tokenizer_name": "the tokenizer is the base model's own; a different one would not match its text encoder",
     "validation_images": "it is for image-conditioned pipelines (image variation, super-resolution); this trainer is text-to-image",
     "class_labels_conditioning": "it is for U-Nets with class-label conditioning (DeepFloyd IF's upscaler); SD U-Nets have none",
+    # train_dreambooth_lora_sdxl.py's
+    "do_edm_style_training": "the EDM formulation (Karras et al.'s preconditioning and sigma sampling, Playground v2.5) is "
+                             "not implemented: the trainer follows the scheduler's DDPM epsilon or v objective",
+    "use_dora": "a restuning LoRA is a plain LoRA (peft's use_dora is not exposed); DoRA files are not imported either",
+    "dataset_name": "instance images come from --instance_data_dir; no dataset is downloaded",
+    "dataset_config_name": "instance images come from --instance_data_dir; no dataset is downloaded",
+    "image_column": "instance images come from --instance_data_dir; no dataset is downloaded",
+    "caption_column": "every instance image has the one --instance_prompt (no per-image captions)",
+    "prodigy_beta3": "only for --optimizer prodigy, which is refused",
+    "prodigy_decouple": "only for --optimizer prodigy, which is refused",
+    "prodigy_use_bias_correction": "only for --optimizer prodigy, which is refused",
+    "prodigy_safeguard_warmup": "only for --optimizer prodigy, which is refused",
+}
+# Options refused only at values other than the one the trainer has: (the value it has, why).
+REFUSED_VALUES = {
+    "optimizer": ("adamw", "Prodigy (prodigyopt) is not a dependency here; AdamW (or --use_8bit_adam) is used"),
 }
 REPORT_TO = ("none", "tensorboard", "wandb", "comet_ml", "all")
 
@@ -158,7 +224,10 @@ def _compat(parser: argparse.ArgumentParser) -> None:
       help="trackers for the loss and learning rate, through accelerate (tensorboard writes to <output_dir>/<logging_dir>)")
     a("--logging_dir", default="logs", help="the trackers' folder inside the run folder")
     a("--allow_tf32", action="store_true", help="TF32 matrix products on Ampere or newer GPUs (faster, slightly less exact)")
-    a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum)")
+    a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum; at most "
+      "the text encoder's positions)")
+    a("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES,
+      help="how images are resized to --resolution (torchvision's modes, as diffusers' train_dreambooth_lora.py names them)")
     a("--text_encoder_use_attention_mask", action="store_true", help="pass the padding mask to the text encoder")
     a("--offset_noise", action="store_true", help="diffusers' switch for offset noise: --noise_offset 0.1 unless one is given")
     a("--train_text_encoder", action="store_true",
@@ -173,6 +242,26 @@ def _compat(parser: argparse.ArgumentParser) -> None:
                        ("validation_scheduler", str), ("tokenizer_name", str), ("class_labels_conditioning", str)):
         a(f"--{name}", type=kind, help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
     a("--validation_images", nargs="+", help=f"refused: {REFUSED['validation_images']}")
+    _compat_sdxl(group)
+
+
+def _compat_sdxl(group) -> None:
+    """train_dreambooth_lora_sdxl.py's options beyond train_dreambooth_lora.py's (and --prediction_type,
+    train_text_to_image.py's), each acted on, accepted with a note (IGNORED) or refused by name."""
+    a = group.add_argument
+    a("--pretrained_vae_model_name_or_path",
+      help="a VAE to use instead of the base model's (a diffusers folder or a hub id of an AutoencoderKL, e.g. an SDXL "
+           "VAE that is stable in fp16); the base model's VAE otherwise, kept in fp32 where its config asks (SDXL's)")
+    a("--prediction_type", choices=("epsilon", "v_prediction"),
+      help="what the U-Net predicts, overriding the scheduler's config (an SD 2.x single file's is found from its weights)")
+    a("--adam_weight_decay_text_encoder", type=float, help="weight decay of the text encoders' LoRA (default: --adam_weight_decay)")
+    a("--repeats", type=int, default=1, help="how many times each instance image counts in an epoch (--num_train_epochs)")
+    a("--optimizer", type=str.lower, default=None, help=f"AdamW only: {REFUSED_VALUES['optimizer'][1]}")
+    for name in ("output_kohya_format", "do_edm_style_training", "use_dora"):
+        a(f"--{name}", action="store_true", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
+    for name in ("cache_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "prodigy_beta3",
+                 "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
+        a(f"--{name}", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
 
 
 def compat_notes(args: argparse.Namespace) -> list[str]:
@@ -190,11 +279,11 @@ def _world_size() -> int:
 
 
 def steps_per_epoch(args: argparse.Namespace) -> int:
-    """diffusers' count: batches of the larger of the instance and class sets, per process, per optimiser step."""
+    """diffusers' count: batches of the larger of the instance (x --repeats) and class sets, per process, per optimiser step."""
     from .images import image_files
 
     folder = Path(args.instance_data_dir or "")
-    examples = len(image_files(folder)) if folder.is_dir() else 0
+    examples = (len(image_files(folder)) if folder.is_dir() else 0) * max(1, args.repeats)
     if args.with_prior_preservation:
         examples = max(examples, args.num_class_images)
     world = _world_size()
@@ -272,6 +361,9 @@ def parse_value(cls: type, name: str, value):
                 if not sep:
                     raise ValueError(f"expected KEY=VALUE pairs separated by commas (OP=kind pairs like "
                                          f"attn1=adapter,ff=adapter), got {pair.strip()!r}")
+                if key.strip() in out:
+                    raise ValueError(f"{key.strip()} is given twice ({key.strip()}={out[key.strip()]} and "
+                                     f"{key.strip()}={val.strip()}); one kind per OP")
                 out[key.strip()] = val.strip()
             return out
         if "tuple" in kind or "list" in kind:
@@ -308,6 +400,8 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
         value = getattr(config, f.name)
         if isinstance(value, int) and not isinstance(value, bool) and value > UPPER["method_size"]:
             raise OptionError(f"--{f.name} is at most {UPPER['method_size']}, got {value:,}")
+        if len(json.dumps(config.to_dict()[f.name])) > MAX_OPTION_CHARS:
+            raise OptionError(f"--{f.name} is longer than the {MAX_OPTION_CHARS} characters any layout needs")
     return config
 
 
@@ -327,8 +421,11 @@ def check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         need(value > 0, f"--{name} must be a positive whole number, got {value}")
         if name in UPPER:
-            need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {value:,}")
+            need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {_shown(value)}")
     need(args.lr_warmup_steps >= 0, f"--lr_warmup_steps cannot be negative, got {args.lr_warmup_steps}")
+    need(args.repeats >= 1, f"--repeats must be a positive whole number, got {args.repeats}")
+    need(args.adam_weight_decay_text_encoder is None or args.adam_weight_decay_text_encoder >= 0,
+         "--adam_weight_decay_text_encoder cannot be negative")
     need(64 <= args.resolution <= UPPER["resolution"] and args.resolution % 8 == 0,
          f"--resolution must be a multiple of 8 and at least 64, at most {UPPER['resolution']} (e.g. 512), got {args.resolution}")
     need(0 <= args.seed < 2**32, f"--seed must be a whole number from 0 to {2**32 - 1}, got {args.seed}")
@@ -351,16 +448,116 @@ def check(args: argparse.Namespace) -> None:
         need(bool(args.class_prompt and args.class_prompt.strip()), "--with_prior_preservation needs --class_prompt, e.g. 'a photo of dog'")
     if args.validation_prompt is not None:
         need(all(p.strip() for p in args.validation_prompt), "--validation_prompt cannot be empty")
+    _check_bounds(args, need)
+    _check_text(args, need)
+
+
+def _shown(value) -> str:
+    """A number for a message: 1e300 given as a whole number is not printed with 300 digits."""
+    return f"{value:,}" if abs(value) < 1e15 else f"{float(value):.3g}"
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise OptionError(message)
+
+
+def _check_bounds(args: argparse.Namespace, need, names=None) -> None:
+    """Every number given (of `names`, default all) within BOUNDS (tests/security/test_cli.py
+    holds that every numeric option of the parser has an entry): a value beyond what any run
+    needs is refused here, not found as a traceback or an exhausted machine later."""
+    for name, (low, high, low_ok) in BOUNDS.items():
+        if names is not None and name not in names:
+            continue
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        ok = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high
+        need(ok, f"--{name} must be {'from' if low_ok else 'above'} {low:,} {'to' if low_ok else 'and at most'} {high:,}, "
+                 f"got {_shown(value)}")
+
+
+def _check_text(args: argparse.Namespace, need) -> None:
+    prompts = [("instance_prompt", args.instance_prompt), ("class_prompt", args.class_prompt),
+               *(("validation_prompt", p) for p in args.validation_prompt or [])]
+    for name, text in prompts:
+        need(text is None or len(text) <= MAX_PROMPT_CHARS,
+             f"--{name} is {len(text or ''):,} characters long; at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
+             "77 tokens, about 300 characters)")
+        need(text is None or not CONTROL.search(text), f"--{name} holds control characters (a NUL byte, ...); use plain text")
+    for name in ("instance_data_dir", "class_data_dir", "output_dir", "logging_dir", "revision", "variant"):
+        value = getattr(args, name, None)
+        need(not isinstance(value, str) or (len(value) <= MAX_OPTION_CHARS and "\0" not in value),
+             f"--{name} is not a usable value (over {MAX_OPTION_CHARS} characters, or a NUL byte)")
+    if args.class_data_dir is not None:
+        folder = Path(args.class_data_dir)
+        need(bool(args.class_data_dir.strip()), "--class_data_dir is empty: give a folder, or leave it out")
+        need(not folder.exists() or folder.is_dir(), f"--class_data_dir {folder} is a file, not a folder")
+        nearest = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        need(nearest.is_dir(), f"--class_data_dir {folder}: {nearest} is not a folder")
 
 
 def _check_output_dir(output_dir, need) -> None:
-    """A folder this process can create or write into: found here, not as a traceback when the
-    trainer first writes its events there."""
+    """A usable --output_dir, found here, not as a traceback when the trainer first writes its
+    events there. Whether this trainer may write into it (a folder of someone else's files) and
+    whether it can be created at all is settled by `claim_output_dir` when it starts."""
+    need(isinstance(output_dir, str) and bool(output_dir.strip()),
+         "--output_dir is empty: give a folder for the run (an unset shell variable?); the current folder is never "
+         "used unless named")
     out = Path(output_dir)
     need(not out.exists() or out.is_dir(), f"--output_dir {out} is a file, not a folder")
-    nearest = next(p for p in (out, *out.parents) if p.exists())
-    need(nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK),
-         f"--output_dir {out}: {nearest} is not a folder this user can write into")
+    nearest = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    need(nearest.is_dir(), f"--output_dir {out}: {nearest} is not a folder")
+
+
+# What marks a folder as a run this trainer (or the studio's runner) made: the marker it writes
+# into a folder it creates, or, for runs made before there was one, their events file.
+RUN_MARKERS = (".restuning-run", "events.jsonl")
+
+
+def owns(folder: str | Path) -> bool:
+    """Whether `folder` is a run this trainer (or the studio) made: it holds one of RUN_MARKERS."""
+    return any((Path(folder) / marker).exists() for marker in RUN_MARKERS)
+
+
+def is_run_folder(folder: Path, allowed: set[str] = frozenset()) -> bool:
+    """An empty folder (but for `allowed` names), or one this trainer (or the studio) made: safe
+    to write a run into."""
+    try:
+        names = {p.name for p in Path(folder).iterdir()} - set(allowed)
+    except OSError:
+        return False
+    return not names or any(m in names for m in RUN_MARKERS)
+
+
+def claim_output_dir(args: argparse.Namespace) -> Path:
+    """Before the trainer writes anything: make sure --output_dir is a folder it may write into
+    (one it creates, one it made before, to resume, an empty one but for the --config file it
+    was given, or with --overwrite_output_dir any), create it and the class-image folder, and
+    mark the run folder as this trainer's. OptionError when it may not, or when the path cannot
+    be made a folder (/proc/x, a read-only mount, a file on the way): permission bits say
+    nothing for root, so creating is the check."""
+    out = Path(args.output_dir)
+    given = Path(args.config) if getattr(args, "config", None) else None
+    allowed = {given.name} if given is not None and given.absolute().parent == out.absolute() else set()
+    if out.is_dir() and not args.overwrite_output_dir and not is_run_folder(out, allowed):
+        found = sorted(p.name for p in out.iterdir() if p.name not in allowed)
+        raise OptionError(f"--output_dir {out} already holds files this trainer did not write (e.g. {found[0]}); "
+                          "choose a new folder, or pass --overwrite_output_dir to write into it anyway")
+    folders = [("output_dir", out)] + ([("class_data_dir", Path(args.class_data_dir))]
+                                       if args.class_data_dir and args.with_prior_preservation else [])
+    for name, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OptionError(f"--{name} {folder}: cannot be created ({exc.strerror or exc})") from None
+    marker = out / RUN_MARKERS[0]
+    if not marker.exists():
+        try:
+            marker.write_text("a run folder of trainers.dreambooth\n", encoding="utf-8")
+        except OSError as exc:
+            raise OptionError(f"--output_dir {out}: cannot be written ({exc.strerror or exc})") from None
+    return out
 
 
 def _namespace(parser: argparse.ArgumentParser, argv: list[str], config: dict | None) -> argparse.Namespace:
@@ -435,6 +632,20 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     return filled
 
 
+def native_resolution(model: str) -> tuple[int, str]:
+    """(the base model's own resolution, where it came from): its U-Net's sample size x the VAE's
+    factor, from its configs (a folder's, a single file's bundled ones, the hub cache's); 512 without."""
+    from .memory import config_folder
+
+    folder = config_folder(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1), "the base model's own"
+    except (TypeError, OSError, ValueError, KeyError):
+        return 512, "512: the base model's configs cannot be read offline"
+
+
 RECIPE_OPTIONS = ("learning_rate",)
 # Method options a model folder's recipe for that method may set (bench.quality --sweep records
 # the U-Net blocks that trained best): used where the user gives none and the method has the option.
@@ -458,21 +669,45 @@ def fill_method_recipe(args: argparse.Namespace) -> dict:
     return filled
 
 
-def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
+def fill_named_recipe(args: argparse.Namespace, given: set[str]) -> dict:
+    """The --recipe's values for the options not in `given`. Returns {option: where its value came from}."""
+    if not args.recipe:
+        return {}
+    filled = {name: f"--recipe {args.recipe}" for name in NAMED_RECIPES[args.recipe] if name not in given}
+    for name in filled:
+        setattr(args, name, NAMED_RECIPES[args.recipe][name])
+    return filled
+
+
+def lora_alpha_follows_rank(args: argparse.Namespace) -> dict:
+    """diffusers' train_dreambooth_lora.py sets LoRA's alpha to --rank: a LoRA given --rank and no
+    --alpha gets alpha = rank (LoraConfig's own default alpha is 4). Returns {option: why}."""
+    if args.method == "lora" and getattr(args, "rank", None) is not None and getattr(args, "alpha", None) is None:
+        args.alpha = args.rank
+        return {"alpha": "--rank, as diffusers' train_dreambooth_lora.py sets it"}
+    return {}
+
+
+def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str]) -> Options:
     if isinstance(args.validation_prompt, str):
         args.validation_prompt = [args.validation_prompt]
     if args.output_dir is None:
         args.output_dir = str(config_path.parent) if config_path else f"{args.method}-dreambooth-model"
-    method_recipe = fill_method_recipe(args)
+    method_recipe = {**fill_method_recipe(args), **lora_alpha_follows_rank(args)}
     method_config = _method_config(args)
     for name, why in REFUSED.items():
         if _given(getattr(args, name, None)):
             raise OptionError(f"--{name} is refused: {why}")
+    for name, (have, why) in REFUSED_VALUES.items():
+        value = getattr(args, name, None)
+        if value is not None and value != have:
+            raise OptionError(f"--{name} {value} is refused: {why}")
     method_config = _text_encoder(args, method_config)
     for name in ("num_train_epochs", "validation_epochs", "train_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise OptionError(f"--{name} must be a positive whole number, got {value}")
+    _check_bounds(args, _need, ("num_train_epochs", "validation_epochs"))  # before steps are derived from them
     per_epoch = steps_per_epoch(args) if args.num_train_epochs or args.validation_epochs else None
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * per_epoch if args.num_train_epochs else DEFAULT_STEPS
@@ -480,7 +715,10 @@ def _finish(args: argparse.Namespace, config_path: Path | None) -> Options:
         args.validation_steps = args.validation_epochs * per_epoch
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
-    recipe = {**method_recipe, **fill_recipe(args)}
+    named = fill_named_recipe(args, given)
+    recipe = {**method_recipe, **named, **fill_recipe(args)}
+    if args.resolution is None:
+        args.resolution, recipe["resolution"] = native_resolution(args.pretrained_model_name_or_path)
     if args.scale_lr and args.learning_rate is not None:
         factor = args.train_batch_size * args.gradient_accumulation_steps * _world_size()
         args.learning_rate *= factor
@@ -522,12 +760,27 @@ def parse(argv: list[str] | None = None) -> Options:
     if first.config:
         config_path = Path(first.config)
         config = read_config(config_path)
-    return _finish(_namespace(parser, argv, config), config_path)
+    given = _named_on_command_line(parser, argv) | set(config or {})
+    return _finish(_namespace(parser, argv, config), config_path, given)
+
+
+def _named_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options the command line names (argparse gives the others their defaults, so a value
+    alone cannot tell a given --train_batch_size 1 from the default)."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        named, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in defaults:
+            action.default = default
+    return set(vars(named))
 
 
 def from_dict(values: dict) -> Options:
     """The same options and checks from a dict shaped like a config file."""
-    return _finish(_namespace(build_parser(), [], dict(values)), None)
+    return _finish(_namespace(build_parser(), [], dict(values)), None, set(values))
 
 
 def read_config(path: Path) -> dict:

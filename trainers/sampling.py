@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -85,8 +87,44 @@ class Settings:
         return dict(self.__dict__)
 
 
+class Turns:
+    """A lock granted in the order it was asked for. threading.Lock is not fair: a renderer that
+    releases it between rows and asks again at once usually gets it back, so another visitor's
+    render would wait for the whole grid; here it gets the next turn."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+
+    @property
+    def waiting(self) -> int:
+        """Turns asked for and not yet granted."""
+        with self._cond:
+            return self._issued - self._serving - 1 if self._issued > self._serving else 0
+
+    @contextmanager
+    def turn(self):
+        with self._cond:
+            ticket, self._issued = self._issued, self._issued + 1
+            while ticket != self._serving:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+
 class Sampler:
-    """Holds one base pipeline and the tuners loaded into its U-Net; renders grids."""
+    """Holds one base pipeline and the tuners loaded into its U-Net; renders grids.
+
+    The device is shared fairly: a render takes one turn (Turns) per pipeline pass (one row of
+    routable columns, or one chunk of rows of a column of its own), so renders of several
+    visitors interleave pass by pass instead of one waiting for another's whole grid. Each pass
+    sets the pipeline up for itself (its tuners loaded, every other tuner at strength 0, which is
+    no computation at all: restuning.set_scale), so nothing a pass does not show acts on it."""
 
     def __init__(self, pipe, rows_per_call: int = 1):
         self.pipe = pipe
@@ -95,7 +133,7 @@ class Sampler:
         # call of its own); 1 keeps one call per row.
         self.rows_per_call = max(1, int(rows_per_call))
         self._names: OrderedDict[str, str] = OrderedDict()  # tuner file key -> attached name
-        self._lock = threading.Lock()
+        self.turns = Turns()
 
     # -- tuners -------------------------------------------------------------------------------
 
@@ -106,69 +144,78 @@ class Sampler:
             self._names.move_to_end(key)
             return self._names[key]
         name = "t" + hashlib.sha1(key.encode()).hexdigest()[:12]
-        # the text encoder for a LoRA that tunes it too (set_scale then switches both on and off)
-        restuning.load(self.pipe.unet, path, name=name, text_encoder=self.pipe.text_encoder)
+        # the text encoders for a LoRA that tunes them too (set_scale then switches all on and off)
+        restuning.load(self.pipe.unet, path, name=name, text_encoder=self.pipe.text_encoder,
+                       text_encoder_2=getattr(self.pipe, "text_encoder_2", None))
         self._names[key] = name
         while len(self._names) > MAX_LOADED_TUNERS:
             _, old = self._names.popitem(last=False)
             restuning.detach(self.pipe.unet, old)
         return name
 
+    @contextmanager
+    def _pass(self, columns: list[Column], active, held: bool = False):
+        """One pipeline pass's turn (`held`: the caller holds it already): the columns' tuners
+        loaded (a pass of another render may have unloaded them), the `active` ones at their
+        scale, every other loaded tuner at 0. Yields the attached names by column (None: base)."""
+        with nullcontext() if held else self.turns.turn():
+            names = [self._attach(c.tuner) if c.tuner is not None else None for c in columns]
+            shown = {names[i]: columns[i].scale for i in active if names[i] is not None}
+            for name in set(self._names.values()):
+                restuning.set_scale(self.pipe.unet, shown.get(name, 0.0), name=name)
+            try:
+                yield names
+            finally:
+                for name in shown:
+                    restuning.set_scale(self.pipe.unet, 0.0, name=name)
+
     # -- rendering ----------------------------------------------------------------------------
 
     def render(self, columns: list[Column], rows: list[Settings], progress: Callable[[float, str], None] | None = None) -> list[list[Image.Image]]:
-        """Images as rows x columns; each row is one Settings (a prompt and seed), each column a tuner."""
-        with self._lock:
-            names = [self._attach(c.tuner) if c.tuner is not None else None for c in columns]
-            # Tuners of earlier grids stay loaded (a cache), at the scale they rendered with.
-            # Routing leaves the routable ones out of this grid, but a LoRA acts on every sample:
-            # switch off each one this grid does not show.
-            for name in set(self._names.values()) - set(names):
-                restuning.set_scale(self.pipe.unet, 0.0, name=name)
-            table = restuning.attached(self.pipe.unet)
-            routable = [i for i, (c, n) in enumerate(zip(columns, names)) if c.unet_dir is None and (n is None or table[n].routable)]
-            solo = [i for i in range(len(columns)) if i not in routable]
-            passes = len(rows) * ((1 if routable else 0) + len(solo))
-            done = [0]
+        """Images as rows x columns; each row is one Settings (a prompt and seed), each column a
+        tuner. Its passes: one per row for all routable columns in one batch, then each column
+        of its own by chunks of rows (a full fine-tune's in one pass: its U-Net is read from
+        disk once per render). Each pass takes a turn; the first one plans the rest too."""
+        grid: list[list[Image.Image | None]] = [[None] * len(columns) for _ in rows]
+        done, routable = [0], []
 
-            def tick(label):
-                def on_step(pipe, step, timestep, kwargs):
-                    if progress is not None:
-                        progress((done[0] + (step + 1) / pipe.num_timesteps) / max(passes, 1), label)
-                    return kwargs
-                return on_step
+        def tick(label):
+            def on_step(pipe, step, timestep, kwargs):
+                if progress is not None:
+                    progress((done[0] + (step + 1) / pipe.num_timesteps) / max(total, 1), label)
+                return kwargs
+            return on_step
 
-            grid: list[list[Image.Image | None]] = [[None] * len(columns) for _ in rows]
-            try:
-                if routable:
-                    self._set_scales(columns, names, active=routable)
-                    for r, settings in enumerate(rows):
-                        with restuning.route([names[i] for i in routable]):
-                            images = self._call(settings, len(routable), tick(f"row {r + 1}: {len(routable)} columns in one batch"))
-                        for i, image in zip(routable, images):
-                            grid[r][i] = image
-                        done[0] += 1
-                # A column of its own renders all its rows in one go: a full fine-tune's U-Net is
-                # read from disk once per render, not once per row.
-                for i in solo:
-                    self._set_scales(columns, names, active=[i])
-                    with self._unet_of(columns[i]), restuning.route([names[i]]):
-                        for chunk in self._chunks(rows):
-                            images = self._call_rows([rows[r] for r in chunk], tick(f"rows {chunk[0] + 1}-{chunk[-1] + 1}: {columns[i].label}"))
-                            for r, image in zip(chunk, images):
-                                grid[r][i] = image
-                            done[0] += len(chunk)
-            except torch.OutOfMemoryError:
-                raise SamplingError(out_of_memory_message(self.pipe.device, len(routable))) from None
-            finally:
-                self._set_scales(columns, names, active=range(len(columns)))
-            return grid
+        def run(active, chunks, held=False):
+            with self._pass(columns, active, held) as names, self._unet_of(columns[active[0]]), \
+                    restuning.route([names[i] for i in active]):
+                for chunk in chunks:
+                    if active is routable:  # one row, every routable column in one batch
+                        images = self._call(rows[chunk[0]], len(active), tick(f"row {chunk[0] + 1}: {len(active)} columns in one batch"))
+                        for i, image in zip(active, images):
+                            grid[chunk[0]][i] = image
+                    else:
+                        images = self._call_rows([rows[r] for r in chunk], tick(f"rows {chunk[0] + 1}-{chunk[-1] + 1}: {columns[active[0]].label}"))
+                        for r, image in zip(chunk, images):
+                            grid[r][active[0]] = image
+                    done[0] += len(chunk)
 
-    def _set_scales(self, columns, names, active) -> None:
-        active = set(active)
-        for i, (column, name) in enumerate(zip(columns, names)):
-            if name is not None:
-                restuning.set_scale(self.pipe.unet, column.scale if i in active else 0.0, name=name)
+        try:
+            with self.turns.turn():
+                names = [self._attach(c.tuner) if c.tuner is not None else None for c in columns]
+                table = restuning.attached(self.pipe.unet)
+                routable += [i for i, (c, n) in enumerate(zip(columns, names)) if c.unet_dir is None and (n is None or table[n].routable)]
+                work = [(routable, [[r]]) for r in range(len(rows))] if routable else []
+                for i in (i for i in range(len(columns)) if i not in routable):
+                    chunks = self._chunks(rows)
+                    work += [([i], chunks)] if columns[i].unet_dir is not None else [([i], [c]) for c in chunks]
+                total = sum(len(c) for _, chunks in work for c in chunks)
+                run(*work[0], held=True)
+            for active, chunks in work[1:]:
+                run(active, chunks)
+        except torch.OutOfMemoryError:
+            raise SamplingError(out_of_memory_message(self.pipe.device, len(routable))) from None
+        return grid
 
     def _unet_of(self, column: Column):
         return _SwapUnet(self.pipe, column.unet_dir)
@@ -273,18 +320,36 @@ def compose_grid(images: list[list[Image.Image]], captions: list[list[str]], row
 
 
 def save_png(image: Image.Image, path: Path, settings: dict) -> Path:
-    """Write a PNG whose metadata holds everything needed to regenerate it."""
+    """Write a PNG whose metadata holds everything needed to regenerate it (under a temporary
+    name, then renamed: a full disk leaves no half picture)."""
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(settings, sort_keys=True, default=str))
     info.add_text("parameters", settings_line(settings))
-    image.save(path, pnginfo=info)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def read_png_settings(path: Path) -> dict | None:
+    """The settings a PNG made here holds; None for a PNG without them. ValueError (or OSError)
+    for a file that is no readable PNG or whose settings are not a bounded JSON object."""
+    from .safe_json import Unreadable, loads
+
     with Image.open(path) as image:
         text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
-    return json.loads(text) if text else None
+    if not text:
+        return None
+    try:
+        value = loads(text, max_bytes=64 * 1024)
+    except Unreadable as exc:
+        raise ValueError(f"its settings are unreadable ({exc})") from None
+    return value if isinstance(value, dict) else None
 
 
 def settings_line(settings: dict) -> str:

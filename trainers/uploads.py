@@ -26,7 +26,13 @@ EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
 
 class UploadError(ValueError):
-    """Uploads that cannot be used; str() is a message for a person, one line per problem."""
+    """Uploads that cannot be used; str() is a message for a person, one line per problem.
+    `refused`: the files refused for what they are (name, size, content), as opposed to ones
+    refused only with their batch (too many files); see `discard`."""
+
+    def __init__(self, message: str, refused=()):
+        super().__init__(message)
+        self.refused = list(refused)
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -70,7 +76,7 @@ def check_images(paths: list[str | os.PathLike] | None, *, max_files: int = MAX_
         raise UploadError("no images: upload a few (3-10) photos of the concept, PNG, JPEG or WebP")
     if len(paths) > max_files:
         raise UploadError(f"{len(paths)} files: at most {max_files} images per run; a handful is enough for DreamBooth")
-    problems, checked = [], []
+    problems, checked, refused = [], [], []
     for index, path in enumerate(paths):
         label = original_name(path)
         try:
@@ -81,6 +87,7 @@ def check_images(paths: list[str | os.PathLike] | None, *, max_files: int = MAX_
             info = check_image(path)
         except (UploadError, ImageError) as exc:
             problems.append(str(exc))
+            refused.append(path)
             continue
         except OSError as exc:
             problems.append(f"{label}: cannot be read ({exc.strerror or exc})")
@@ -88,13 +95,18 @@ def check_images(paths: list[str | os.PathLike] | None, *, max_files: int = MAX_
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(label).stem).strip("_")[:40] or "image"
         checked.append((path, f"{index:02d}-{stem}{EXTENSIONS[info.format]}"))
     if problems:
-        raise UploadError(f"{len(problems)} of {len(paths)} files cannot be used:\n" + "\n".join(problems))
+        raise UploadError(f"{len(problems)} of {len(paths)} files cannot be used:\n" + "\n".join(problems), refused)
     return checked
 
 
 def discard(paths, upload_dir: str | os.PathLike) -> None:
     """Delete refused uploads, but only files inside `upload_dir` (where the web server stores
-    what browsers send): a path that names anything else (an example image) is left alone."""
+    what browsers send): a path that names anything else (an example image) is left alone.
+
+    Gradio stores an upload under a folder named by a hash of its bytes, so two visitors who
+    send the same file get the same path. Pass only files refused for what they are (their
+    name, size or content: UploadError.refused), which are refused to anyone holding that path;
+    a good file refused with its batch stays, for whoever else uploaded it, until it expires."""
     root = Path(upload_dir).resolve()
     for path in paths or []:
         path = Path(path)
@@ -116,9 +128,12 @@ def _check_file(path: Path, max_bytes: int) -> str:
     return label
 
 
-def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, *, max_bytes: int = MAX_TUNER_BYTES) -> Path:
+def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, base_text_encoder_2=None, *,
+                       max_bytes: int = MAX_TUNER_BYTES, workdir: str | os.PathLike | None = None) -> Path:
     """An uploaded LoRA file in diffusers' or kohya's format, converted to a restuning tuner file
-    beside it (`<name>-restuning.safetensors`) after the same file checks as check_tuner_file and
+    (`<name>-restuning.safetensors` in `workdir`, else beside it: an upload folder is shared by
+    every visitor who sent the same bytes, so the studio passes a folder of its own) after the
+    same file checks as check_tuner_file and
     a check of every layer it changes against the base model (weightless models will do); any
     other file is returned as it is, for check_tuner_file to judge."""
     from restuning import TunerFileError
@@ -129,24 +144,28 @@ def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, *,
     if not convert.is_foreign_lora(path):
         return path
     try:
-        return convert.write_tuner(path, path.with_name(f"{path.stem}-restuning.safetensors"), base_unet, base_text_encoder)
+        target = (Path(workdir) if workdir is not None else path.parent) / f"{path.stem}-restuning.safetensors"
+        return convert.write_tuner(path, target, base_unet, base_text_encoder, base_text_encoder_2)
     except TunerFileError as exc:
         raise UploadError(str(exc).replace(str(path), label)) from None
 
 
-def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, max_bytes: int = MAX_TUNER_BYTES):
+def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, base_text_encoder_2=None,
+                     max_bytes: int = MAX_TUNER_BYTES):
     """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
     valid, whose architecture fingerprint matches `base_unet` (anything with a diffusers U-Net
     `.config`) and whose tensors are exactly the ones that config attaches, with their shapes: a
     header cannot announce a size its weights do not have (a copy of the U-Net on the meta device
     takes the tuner, so the check costs no memory; a copy of `base_text_encoder`, also weightless,
-    for a LoRA that tunes the text encoder too). Returns (method config, header metadata)."""
+    for a LoRA that tunes the text encoder too, and of SDXL's `base_text_encoder_2`). Returns
+    (method config, header metadata)."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
     from restuning import AttachError, ConfigError, TunerFileError, attach, read_config, read_header
-    from restuning.arch import FINGERPRINT_FIELDS, fingerprint_mismatch
+    from restuning.arch import FINGERPRINT_FIELDS, mismatch_message
+    from restuning.io import check_tensors
 
     path = Path(path)
     label = _check_file(path, max_bytes)
@@ -161,18 +180,25 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
     missing = [f for f in FINGERPRINT_FIELDS if f not in arch] if isinstance(arch, dict) else list(FINGERPRINT_FIELDS)
     if missing:
         raise UploadError(f"{label}: the header's base_arch does not describe a U-Net (no {', '.join(missing)})")
-    mismatch = fingerprint_mismatch(arch, base_unet)
+    mismatch = mismatch_message(arch, base_unet)
     if mismatch:
-        raise UploadError(f"{label} was trained for another U-Net than this studio's base model: " + "; ".join(mismatch))
+        raise UploadError(f"{label}: {mismatch.replace('this base model', 'this studio’s base model')}")
     try:
         with torch.device("meta"):
             probe = UNet2DConditionModel.from_config(base_unet.config)
-            text_probe = copy.deepcopy(base_text_encoder) if base_text_encoder is not None else None
-            expected = {k: tuple(v.shape) for k, v in attach(probe, config, text_encoder=text_probe).state_dict().items()}
+            text_probes = {name: copy.deepcopy(model) if model is not None else None
+                           for name, model in (("text_encoder", base_text_encoder), ("text_encoder_2", base_text_encoder_2))}
+            expected = {k: tuple(v.shape) for k, v in attach(probe, config, **text_probes).state_dict().items()}
     except (ConfigError, ValueError, TypeError, AttachError) as exc:
         raise UploadError(f"{label}: its config cannot be attached to this base model: {exc}") from None
     with safe_open(str(path), framework="pt") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if found == expected:
+            for key in f.keys():  # one tensor in memory at a time
+                try:
+                    check_tensors({key: f.get_tensor(key)}, label)
+                except TunerFileError as exc:
+                    raise UploadError(str(exc)) from None
     if found != expected:
         wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
         problems = [f"{len(expected.keys() - found.keys())} tensor(s) its config needs are missing",

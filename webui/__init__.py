@@ -34,11 +34,12 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
     with gr.Blocks(title="Res-Tuning Studio", delete_cache=(3600, 86400)) as demo:
         # who this page is: None on a local machine (one user, every run); on a shared server the
         # owner id proven by a secret kept in the browser's localStorage, "" until the page has
-        # loaded it (webui.visitors)
+        # loaded it (webui.visitors; the BrowserState's own key is public)
         remembered = gr.BrowserState(None, storage_key="restuning-visitor",
-                                     secret=visitors.browser_key(runner.runs_dir) if shared else None)
+                                     secret=visitors.browser_state_key(runner.runs_dir) if shared else None)
         owner = gr.State("" if shared else None)
-        gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> a new concept from a few images; "
+        gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> "
+                f"(<span id='base-family'>{html.escape(base.family_label)}, {base.resolution} px</span>) a new concept from a few images; "
                 f"runs live in <code>{html.escape(str(runner.runs_dir))}</code> and keep going when this page closes.</p>")
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):
@@ -85,13 +86,15 @@ def identify(stored):
     return secret, visitors.owner_id(secret)
 
 
-def launch_options(runner, host: str, port: int, shared: bool = False) -> dict:
-    """`shared`: the upload route takes at most SHARED_MAX_UPLOAD_BYTES (every tuner but a full
-    fine-tune), not a full fine-tune's 4 GB from every visitor."""
+def launch_options(runner, host: str, port: int, shared: bool = False, proxy_hops: int = 0) -> dict:
+    """`shared`: the upload route takes at most SHARED_MAX_UPLOAD_BYTES per file (every tuner but
+    a full fine-tune), not a full fine-tune's 4 GB, and at most the runner's upload caps per
+    client (`proxy_hops` trusted proxies in front name the client: webui.files) and in all."""
     # the runs folder is allowed so that handlers' files may be copied into Gradio's cache, and
     # private so that nothing in it is served directly (webui.files)
     return {"server_name": host, "server_port": port, "allowed_paths": [str(runner.runs_dir), str(EXAMPLE_CONCEPTS)],
-            "app_kwargs": {"middleware": [files.private(runner.runs_dir)]},
+            "app_kwargs": {"middleware": files.middleware(runner.runs_dir, [EXAMPLE_CONCEPTS],
+                                                          runner.limits if shared else None, proxy_hops)},
             "max_file_size": SHARED_MAX_UPLOAD_BYTES if shared else MAX_TUNER_BYTES,
             "css": CSS, "theme": THEME, "show_error": False,
             "footer_links": ["gradio"]}

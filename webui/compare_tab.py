@@ -12,6 +12,7 @@ import time
 
 import gradio as gr
 
+from trainers.options import CONTROL, MAX_PROMPT_CHARS
 from trainers.sampling import SCHEDULERS, Settings, compose_grid, save_png
 
 from . import pipeline, visitors
@@ -44,12 +45,23 @@ def parse_seeds(text: str) -> list[int]:
     return seeds or [0]
 
 
+def check_prompts(prompts: list[str]) -> None:
+    """The trainer's bound on a prompt's length, for what Compare and Generate render too."""
+    longest = max((len(p) for p in prompts), default=0)
+    if longest > MAX_PROMPT_CHARS:
+        raise gr.Error(f"a prompt is {longest:,} characters long; at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
+                       "77 tokens, about 300 characters)")
+    if any(CONTROL.search(p) for p in prompts):
+        raise gr.Error("a prompt holds control characters (a NUL byte, ...); use plain text")
+
+
 def plan_rows(prompt: str, more_prompts: str, negative: str, seeds: str, steps, guidance, scheduler,
               height: int | None, width: int | None) -> list[Settings]:
     """One row per (prompt, seed): the main prompt plus one more per line."""
     prompts = [p.strip() for p in [prompt or "", *(more_prompts or "").splitlines()] if p.strip()]
     if not prompts:
         raise gr.Error("the prompt is empty: describe the picture, e.g. 'a photo of sks star'")
+    check_prompts([*prompts, negative or ""])
     if scheduler not in SCHEDULERS:
         raise gr.Error(f"unknown scheduler {scheduler!r}")
     steps = int(steps or 0)
@@ -149,5 +161,5 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
     picks.change(label_scales, picks, scales, show_progress="hidden", queue=False)
     reload.click(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)
     render.click(friendly(do_render), [owner, picks, with_base, prompt, more, negative, seeds, steps, guidance, scheduler, *scales],
-                 [grid, download, note], concurrency_limit=1, concurrency_id="sampling")
+                 [grid, download, note], concurrency_limit=1, concurrency_id="compare")
     tab.select(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)

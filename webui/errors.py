@@ -3,6 +3,7 @@ project's own errors already say what to change; anything else is summarised and
 
 from __future__ import annotations
 
+import errno
 import functools
 import html
 import logging
@@ -35,8 +36,20 @@ def friendly(fn):
             raise
         except USER_ERRORS as exc:
             raise gr.Error(as_html(str(exc)), print_exception=False) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return _unexpected(fn, exc)
+            log.error("studio handler %s: the disk is full: %s", fn.__name__, exc)
+            raise gr.Error("The server's disk is full: this could not be saved (nothing half-written is kept). "
+                           "Delete runs you no longer need, or try again later.", print_exception=False) from None
         except Exception as exc:
-            log.error("studio handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-            raise gr.Error(as_html(f"Something went wrong ({type(exc).__name__}: {exc}); the studio's console has details."),
-                           print_exception=False) from None
+            return _unexpected(fn, exc)
     return wrapper
+
+
+def _unexpected(fn, exc: Exception):
+    """A failure no check foresaw: the visitor learns that it happened, not the server's paths or
+    code (the message of an unforeseen error may name them); the console has the traceback."""
+    log.error("studio handler %s failed:\n%s", fn.__name__, "".join(traceback.format_exception(exc)))
+    raise gr.Error(f"Something went wrong ({type(exc).__name__}); the studio's console has details.",
+                   print_exception=False) from None

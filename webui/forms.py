@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
 import gradio as gr
 
 from restuning.methods import METHODS
+from trainers.models import check_method_fits
 from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
 
 FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
 
 # Filled by the studio itself (paths of the run folder, the base model, resuming), never by the form.
-STUDIO_SET = {"help", "config", "method", "pretrained_model_name_or_path", "instance_data_dir", "class_data_dir",
+STUDIO_SET = {"help", "config", "method", "pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "overwrite_output_dir",
               "output_dir", "resume_from_checkpoint"}
 # Shown in the main form rather than under "Advanced".
 MAIN = ("instance_prompt", "class_prompt", "with_prior_preservation", "max_train_steps", "learning_rate")
@@ -83,7 +85,9 @@ def component_for_action(action: argparse.Action, value=None):
     if action.type in (int, float) and default is None:  # optional: an empty box means "not given"
         return gr.Textbox(value="", label=label, info=info, placeholder=PLACEHOLDERS.get(action.dest, "not set"), elem_id=elem_id)
     if action.type in (int, float):
-        return gr.Number(value=default, label=label, info=info, precision=0 if action.type is int else None, elem_id=elem_id)
+        # no precision=0 for whole numbers: Gradio would round 2.5 to 2 before the trainer's
+        # conversion (trainer_value) could refuse it
+        return gr.Number(value=default, label=label, info=info, elem_id=elem_id)
     if action.nargs == "+":
         return gr.Textbox(value="\n".join(default or []), label=label, info=(info or "") + " (one per line)", lines=2, elem_id=elem_id)
     return gr.Textbox(value=default or "", label=label, info=info, elem_id=elem_id)
@@ -101,7 +105,9 @@ def trainer_value(action: argparse.Action, value):
         try:
             value = float(value)
         except ValueError:
-            raise OptionError(f"{action.dest} must be a number, got {value!r}") from None
+            raise OptionError(f"{action.dest} must be a number, got {value[:40]!r}") from None
+    if action.type in (int, float) and not math.isfinite(float(value)):
+        raise OptionError(f"{action.dest} must be a finite number, got {value}")
     if action.type is int:
         if float(value) != int(float(value)):
             raise OptionError(f"{action.dest} must be a whole number, got {value}")
@@ -129,7 +135,7 @@ def component_for_field(method: str, f: dataclasses.Field):
     if "bool" in kind:
         return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)
     if "int" in kind or "float" in kind:
-        return gr.Number(value=default, label=label, info=info, precision=0 if "int" in kind else None, elem_id=elem_id)
+        return gr.Number(value=default, label=label, info=info, elem_id=elem_id)  # method_value checks whole numbers
     return gr.Textbox(value=str(default), label=label, info=info, elem_id=elem_id)
 
 
@@ -143,13 +149,20 @@ def method_value(method: str, name: str, value):
             raise OptionError(f"{name}: choose at least one")
         return list(value)
     if "int" in kind:
-        return int(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{name} must be a whole number, got {value!r}") from None
+        if not (math.isfinite(number) and number.is_integer()):
+            raise OptionError(f"{name} must be a whole number, got {value}")
+        return int(number)
     return value
 
 
 def build_config(method: str, trainer_values: dict, method_values: dict, *, model: str, device: str) -> dict:
     """The config.json of a run: trainer options + the method's own, checked by the trainer's
-    own `from_dict` (its errors name the option). Raises OptionError."""
+    own `from_dict` (its errors name the option) and against the base model as the trainer
+    checks it before loading (trainers.models.check_method_fits). Raises OptionError."""
     actions = trainer_actions()
     config = {"method": method, "pretrained_model_name_or_path": model}
     for name, value in trainer_values.items():
@@ -165,5 +178,6 @@ def build_config(method: str, trainer_values: dict, method_values: dict, *, mode
     if config.get("mixed_precision") == "fp16" and device == "cpu":
         raise OptionError("mixed_precision fp16 does not run on the CPU; choose 'no' (or bf16), or the CPU demo preset")
     # instance_data_dir is the run's own folder, filled in by the job runner; the check needs a value
-    from_dict({**config, "instance_data_dir": "instance", "output_dir": "run"})
+    options = from_dict({**config, "instance_data_dir": "instance", "output_dir": "run"})
+    check_method_fits(options.method_config, model)  # what the trainer's attach would refuse, refused now
     return config

@@ -12,15 +12,27 @@ import time
 
 import gradio as gr
 
+from trainers.options import MAX_PROMPT_CHARS
 from trainers.sampling import SCHEDULERS, Settings, read_png_settings, save_png
 
 from . import pipeline, visitors
-from .compare_tab import MAX_STEPS, tuner_options
+from .compare_tab import MAX_STEPS, check_prompts, tuner_options
 from .errors import friendly
 
 BASE = "base"
 MAX_BATCH = 8
 GALLERY_KEEP = 48
+
+
+def _number(settings: dict, key: str, default, low, high, kind=int):
+    """A PNG's setting as a number within the form's range; the default for anything else (a
+    PNG's text is whatever its maker wrote)."""
+    value = settings.get(key, default)
+    try:
+        value = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return value if low <= value <= high else default
 
 
 def tuner_choices(runner, who) -> list[tuple[str, str]]:
@@ -67,10 +79,10 @@ def form_from_png(runner, d: dict, path, who) -> tuple:
         gr.Warning(f"the tuner {wanted} is not among your runs here; the base model is selected")
         wanted = BASE
     sch = settings.get("scheduler") if settings.get("scheduler") in SCHEDULERS else d["scheduler"]
-    return (gr.Dropdown(choices=tuner_choices(runner, who), value=wanted), str(settings.get("prompt", "")),
-            str(settings.get("negative_prompt") or ""), int(settings.get("seed", -1)), 1,
-            int(settings.get("steps", d["steps"])), float(settings.get("guidance", d["guidance"])), sch,
-            float(settings.get("scale") or 1.0))
+    return (gr.Dropdown(choices=tuner_choices(runner, who), value=wanted), str(settings.get("prompt", ""))[:MAX_PROMPT_CHARS],
+            str(settings.get("negative_prompt") or "")[:MAX_PROMPT_CHARS], _number(settings, "seed", -1, -1, 2**32 - 1),
+            1, _number(settings, "steps", d["steps"], 1, MAX_STEPS), _number(settings, "guidance", d["guidance"], 1.0, 15.0, float),
+            sch, _number(settings, "scale", 1.0, 0.0, 2.0, float))
 
 
 def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, who=None):
@@ -110,6 +122,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
     def do_generate(who, run_id, p, n, s, count, k, g, sch, sc, history, progress=gr.Progress()):
         if not (p or "").strip():
             raise gr.Error("the prompt is empty: describe the picture, e.g. 'a photo of sks star'")
+        check_prompts([p, n or ""])
         if sch not in SCHEDULERS:
             raise gr.Error(f"unknown scheduler {sch!r}")
         count, k = int(count), int(k)
@@ -132,7 +145,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
 
     reload.click(friendly(refresh), [owner, tuner], tuner, show_progress="hidden", queue=False)
     go.click(friendly(do_generate), [owner, tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale, kept],
-                   [gallery, kept], concurrency_limit=1, concurrency_id="sampling")
+                   [gallery, kept], concurrency_limit=1, concurrency_id="generate")
     gallery.select(show, kept, chosen, show_progress="hidden")
     png.upload(friendly(load_png), [png, owner], [tuner, prompt, negative, seed, batch, steps, guidance, scheduler, scale],
                show_progress="hidden")

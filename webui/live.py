@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainers.jobs import RunInfo, log_tail
+from trainers.events import FINAL_PHASES
+from trainers.jobs import RunInfo, log_tail, redact
 
 
 def _inside(run_dir: Path, rel: str) -> Path | None:
@@ -55,7 +56,12 @@ def progress_html(info: RunInfo | None) -> str:
 
 def status_line(info: RunInfo) -> str:
     if info.status == "queued":
-        return f"queued, place {info.position} in the queue" if info.position else "queued"
+        where = f"queued, place {info.position} in the queue" if info.position else "queued"
+        return f"{where} ({info.waiting})" if info.waiting else where
+    if info.status == "running" and info.phase in FINAL_PHASES:
+        return f"stopping: {info.phase}, its process is writing its last files"
+    if info.status == "damaged":
+        return f"damaged: {info.error}"
     if info.status == "running":
         if info.phase == "class-images":
             last = next(e for e in reversed(info.events) if e.get("event") == "phase")
@@ -112,8 +118,11 @@ def log_text(info: RunInfo | None, lines: int = 20) -> str:
     """Phase messages and the process output's last lines."""
     if info is None:
         return ""
-    phases = [f"[{e['phase']}] {e.get('message') or e.get('error') or ''}".rstrip()
-              + (f"\n  hint: {e['hint']}" if e.get("hint") else "") for e in info.events if e.get("event") == "phase"]
+    phases = [redact(f"[{e['phase']}] {e.get('message') or e.get('error') or ''}".rstrip()
+                     + (f"\n  hint: {e['hint']}" if e.get("hint") else ""), info.dir)
+              for e in info.events if e.get("event") == "phase"]
+    if info.status == "cancelled" and info.hint:
+        phases.append(info.hint)
     return "\n".join(phases[-8:] + ["---"] + log_tail(info.dir, lines))
 
 

@@ -1,12 +1,13 @@
 """Facts about the base model the studio trains on, read from its configs without loading
-weights: the U-Net (for checking imported tuners against it) and its native resolution."""
+weights: its family (SD 1.x, 2.x, XL), the U-Net and text encoders (for checking imported tuners
+against them) and its native resolution."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from restuning.arch import SD15_UNET_CONFIG
+from restuning.arch import FAMILIES, family
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 EXAMPLE_CONCEPTS = DEMO_MODEL.parent / "concepts"
@@ -17,7 +18,17 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 class BaseModel:
     source: str  # hub id, diffusers folder or single checkpoint file, as given to the trainer
     unet_config: dict
-    resolution: int  # U-Net sample size x VAE scale factor: 64 for the demo model, 512 for SD v1.5
+    resolution: int  # U-Net sample size x VAE scale factor: 64 for the demo model, 512 / 768 / 1024 for SD v1.5 / 2.1 / XL
+    config_source: str = ""  # where the component configs are read: the source, or a single file's bundled configs
+
+    @property
+    def family(self) -> str:
+        """sd1, sd2 or sdxl (restuning.arch.family)."""
+        return family(self.unet_config)
+
+    @property
+    def family_label(self) -> str:
+        return FAMILIES[self.family]
 
     @property
     def is_demo(self) -> bool:
@@ -41,41 +52,54 @@ class BaseModel:
         with torch.device("meta"):
             return UNet2DConditionModel.from_config(self.unet_config)
 
-    def text_encoder_on_meta(self):
-        """A weightless text encoder of this model: what an imported LoRA that tunes the text
-        encoder too is checked against. A single SD 1.x checkpoint has SD v1.5's (the bundled configs)."""
+    def text_encoders_on_meta(self) -> dict:
+        """Weightless text encoders of this model by pipeline attribute (SDXL has two): what an
+        imported LoRA that tunes them too is checked against."""
         import torch
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from trainers.models import SD1_CONFIG
-
-        source = str(SD1_CONFIG) if Path(self.source).suffix in SINGLE_FILE_SUFFIXES else self.source
-        config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")
-        with torch.device("meta"):
-            return CLIPTextModel(config)
+        parts = {"text_encoder": CLIPTextModel}
+        if self.family == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection
+        out = {}
+        for name, cls in parts.items():
+            config = CLIPTextConfig.from_pretrained(self.config_source or self.source, subfolder=name)
+            with torch.device("meta"):
+                out[name] = cls(config)
+        return out
 
 
 def describe(source: str | None) -> BaseModel:
-    """Read the configs of a diffusers folder or hub id; a single SD 1.x checkpoint file has the
-    SD v1.5 U-Net (every SD 1.x model shares it). Raises ValueError with a readable message."""
+    """Read the configs of a diffusers folder or hub id; a single checkpoint file has its family's
+    published configs (assets/sd-configs, as the trainer converts it). Raises ValueError with a
+    readable message."""
+    from trainers.models import CONFIGS, FAMILIES as FILE_FAMILIES, ModelError, single_file_family
+
     source = str(source or DEMO_MODEL)
     path = Path(source)
+    config_source = source
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ValueError(f"--model {source}: no such checkpoint file")
-        return BaseModel(str(path.resolve()), dict(SD15_UNET_CONFIG), 512)
+        try:
+            kind = single_file_family(path)
+        except ModelError as exc:
+            raise ValueError(f"--model {source}: {exc}") from None
+        if kind not in CONFIGS:
+            raise ValueError(f"--model {source}: {FILE_FAMILIES[kind]}")
+        source, config_source = str(path.resolve()), str(CONFIGS[kind])
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    if path.exists():
-        source = str(path.resolve())
+    if path.exists() and path.is_dir():
+        source = config_source = str(path.resolve())
     try:
-        unet = dict(UNet2DConditionModel.load_config(source, subfolder="unet"))
-        vae = dict(AutoencoderKL.load_config(source, subfolder="vae"))
+        unet = dict(UNet2DConditionModel.load_config(config_source, subfolder="unet"))
+        vae = dict(AutoencoderKL.load_config(config_source, subfolder="vae"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"--model {source}: cannot read its unet/vae configs "
                          f"(a diffusers folder, a hub id available offline, or a .safetensors file): {exc}") from None
     scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    return BaseModel(source, unet, int(unet.get("sample_size", 64)) * scale)
+    return BaseModel(source, unet, int(unet.get("sample_size", 64)) * scale, config_source)
 
 
 def example_concepts() -> dict[str, list[str]]:

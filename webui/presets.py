@@ -22,8 +22,21 @@ PRESETS = {
 }
 
 
-def preset_values(name: str, native: int) -> dict:
-    values = dict(PRESETS[name])
+# SDXL's U-Net is three times SD v1.5's (2.6B parameters, 10-deep transformer stacks; 5 GB of
+# weights in half precision and 1.6 GB more for its two text encoders): below 24 GB only gradient
+# checkpointing and 8-bit Adam leave room for its activations, and an 8 GB card trains at 512 px
+# (diffusers' SDXL DreamBooth README: under 16 GB with these savers at 1024 px). SD 2.x is SD 1.x's
+# size and shares the presets, at its own resolution.
+FAMILY_PRESETS = {
+    "sdxl": {"8 GB GPU": {"resolution": 512},
+             "16 GB GPU": {"gradient_checkpointing": True},
+             "24 GB+ GPU": {"train_batch_size": 1, "gradient_checkpointing": True}},
+}
+
+
+def preset_values(name: str, native: int, family: str = "sd1") -> dict:
+    """The preset's options for a base model of `family` whose own resolution is `native`."""
+    values = {**PRESETS[name], **FAMILY_PRESETS.get(family, {}).get(name, {})}
     values["resolution"] = min(values["resolution"], native)
     return values
 

@@ -6,14 +6,15 @@ their own runs and the published ones, controls only their own, and publishes ex
 from __future__ import annotations
 
 import html
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
 
 from trainers import artifacts
-from trainers.uploads import check_name, check_tuner_file, discard, lora_as_tuner_file
+from trainers.options import MAX_PROMPT_CHARS
+from trainers.uploads import UploadError, check_name, check_tuner_file, discard, lora_as_tuner_file
 
 from . import live, visitors
 from .errors import friendly
@@ -195,36 +196,56 @@ def _wire_controls(runner, ui: Tab, selected: gr.State, owner: gr.State, shown: 
     ui.confirm.click(friendly(do_delete), [selected, owner], [ui.confirm_box, selected, shown])
 
 
+def checked_tuner(base, path, workdir):
+    """(tuner file, method config, header) of an uploaded file; UploadError naming the file in
+    .refused when it is refused for what it is (then no visitor can use those bytes)."""
+    encoders = base.text_encoders_on_meta()
+    try:
+        # a diffusers or kohya LoRA file becomes a restuning tuner file first, so it is listed,
+        # sampled in the Compare grid and downloaded like a LoRA trained here
+        tuner = lora_as_tuner_file(path, base.unet_on_meta(), encoders["text_encoder"], encoders.get("text_encoder_2"),
+                                   workdir=workdir)
+        config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=encoders["text_encoder"],
+                                          base_text_encoder_2=encoders.get("text_encoder_2"))
+    except UploadError as exc:
+        raise UploadError(str(exc), refused=[path]) from None
+    return tuner, config, header
+
+
 def import_tuner(runner, base, path, name, who):
     """A tuner file (or a diffusers or kohya LoRA) checked against the base model and imported as
     a run of `who`; returns (run id, None, None) for (selected, shown, upload box)."""
     if not path:
         raise gr.Error("choose a .safetensors tuner file first")
     label = check_name(name, "name") if name and name.strip() else ""
-    text_encoder = base.text_encoder_on_meta()
-    # a diffusers or kohya LoRA file becomes a restuning tuner file first, so it is listed,
-    # sampled in the Compare grid and downloaded like a LoRA trained here
-    tuner = lora_as_tuner_file(path, base.unet_on_meta(), text_encoder)
-    try:
-        config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=text_encoder)
-        run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": header.get("instance_prompt", "")},
+    with tempfile.TemporaryDirectory(prefix="restuning-import-") as workdir:
+        tuner, config, header = checked_tuner(base, path, workdir)
+        prompt = str(header.get("instance_prompt", ""))[:MAX_PROMPT_CHARS]
+        run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": prompt},
                                      label=label or "imported", owner=who or "")
-    finally:
-        if tuner != Path(path):
-            tuner.unlink(missing_ok=True)
-    gr.Info(f"imported as {run_id}" + (f" (a {header['imported_from']} LoRA file)" if header.get("imported_from") else ""))
+    kind = header.get("imported_from") if header.get("imported_from") in ("kohya", "diffusers") else None
+    gr.Info(f"imported as {run_id}" + (f" (a {kind} LoRA file)" if kind else ""))
     return run_id, None, None
 
 
 def _wire_import(runner, base, ui: Tab, selected: gr.State, owner: gr.State, shown: gr.State) -> None:
     def try_import(path, name, who):
-        """A refused file is named in a warning, deleted and cleared from the box, ready for the next try."""
+        """A file refused for what it is is named in a warning, deleted and cleared from the box,
+        ready for the next try; one refused for another reason (a cap, the name) stays."""
+        refused = []
+
+        def attempt():
+            try:
+                return import_tuner(runner, base, path, name, who)
+            except UploadError as exc:
+                refused.extend(exc.refused)
+                raise
+
         try:
-            return friendly(import_tuner)(runner, base, path, name, who)
+            return friendly(attempt)()
         except gr.Error as exc:
             gr.Warning(exc.message)
-            if path:
-                discard([path], get_upload_folder())
-            return gr.skip(), gr.skip(), None
+            discard(refused, get_upload_folder())
+            return gr.skip(), gr.skip(), None if refused else gr.skip()
 
     ui.import_button.click(try_import, [ui.upload, ui.import_name, owner], [selected, shown, ui.upload])

@@ -8,6 +8,8 @@ closing the browser stops nothing.
 
 from __future__ import annotations
 
+import html
+import logging
 import secrets
 from dataclasses import dataclass
 
@@ -16,14 +18,16 @@ from gradio.utils import get_upload_folder
 
 from restuning.methods import METHODS
 from trainers import memory
-from trainers.options import OptionError
-from trainers.uploads import check_images, discard
+from trainers.models import check_method_fits
+from trainers.options import OptionError, from_dict
+from trainers.uploads import UploadError, check_images, discard
 
 from . import forms, live, visitors
-from .errors import friendly
+from .errors import as_html, friendly
 from .model import example_concepts
 from .presets import PRESET_KEYS, PRESETS, preset_values
 
+log = logging.getLogger("restuning.studio")
 POLL_SECONDS = 1.0
 # The learning rate is not here: left empty, each method gets its own from the model's recipes.
 EXAMPLE_RECIPE = {"max_train_steps": 600, "snr_gamma": 5.0, "train_batch_size": 4}
@@ -69,12 +73,22 @@ def memory_line(runner, model: str, method: str, trainer_values: dict, method_va
             if converted is not None:
                 config[name] = converted
         config.setdefault("validation_prompt", ["x"])
-        config.update({name: forms.method_value(method, name, value) for name, value in method_values.items()})
+        own = {name: forms.method_value(method, name, value) for name, value in method_values.items()}
+        config.update(own)
         if config.get("mixed_precision") == "fp16" and runner.devices[0] == "cpu":
             return "Memory estimate: fp16 does not run on the CPU"
+        method_config = from_dict({**config, "instance_data_dir": "instance", "output_dir": "run"}).method_config
     except (OptionError, ValueError, TypeError):
         return "Memory estimate: waiting for valid options"
-    verdict = runner.memory_verdict(config)
+    try:
+        check_method_fits(method_config, model)
+    except OptionError as exc:
+        return f"Memory estimate: none, {html.escape(str(exc))}"
+    try:
+        verdict = runner.memory_verdict(config)
+    except Exception as exc:  # noqa: BLE001 - a line of text must never become Gradio's bare "Error"
+        log.error("memory estimate failed: %s: %s", type(exc).__name__, exc)
+        return "Memory estimate: not available for these options"
     if verdict.estimate is None:
         return "Memory estimate: not available (check the options, or the model's configs cannot be read offline)"
     return memory.line(verdict)
@@ -148,7 +162,7 @@ def _form(runner, base, preset: str, detected: str) -> Form:
                                 info=f"detected: {detected}", elem_id="preset")
         for name in ("max_train_steps", "learning_rate"):
             trainer[name] = forms.component_for_action(actions[name])
-    preset_now = preset_values(preset, base.resolution)
+    preset_now = preset_values(preset, base.resolution, base.family)
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         for name, action in actions.items():
             if name not in forms.MAIN:
@@ -229,15 +243,16 @@ def _live_view() -> LiveView:
 
 
 def on_upload(paths):
-    """Preview what passed; a refused batch is named file by file, deleted from the server and
-    cleared from the box, and nothing is previewed."""
+    """Preview what passed; a refused batch is named file by file and cleared from the box, the
+    files refused for themselves deleted from the server, and nothing is previewed."""
     if not paths:
         return gr.skip(), gr.Gallery(value=None, visible=False)
     try:
-        return gr.skip(), gr.Gallery(value=[p for p, _ in friendly(check_images)(paths)], visible=True)
-    except gr.Error as exc:
-        gr.Warning(exc.message, duration=None)
-        discard(paths, get_upload_folder())
+        return gr.skip(), gr.Gallery(value=[p for p, _ in check_images(paths)], visible=True)
+    except UploadError as exc:
+        gr.Warning(as_html(str(exc)), duration=None)
+        # only what is refused for itself: the same bytes uploaded by another visitor share its path
+        discard(exc.refused, get_upload_folder())
         return None, gr.Gallery(value=None, visible=False)
 
 
@@ -261,7 +276,7 @@ def _wire_form(form: Form, base) -> None:
     groups = form.method_groups
     form.method.change(lambda m: [gr.HTML(METHODS[m].summary)] + [gr.Group(visible=n == m) for n in groups],
                        form.method, [form.summary, *groups.values()], show_progress="hidden")
-    form.preset.change(lambda p: [preset_values(p, base.resolution)[k] for k in PRESET_KEYS], form.preset,
+    form.preset.change(lambda p: [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS], form.preset,
                        [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
 

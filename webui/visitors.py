@@ -8,8 +8,9 @@ owner who started or imported it; other visitors see it only once its owner publ
 then only to look at, sample and download, never to cancel, resume, delete or unpublish. On a
 local machine there is one user: owner None sees and controls every run, as before.
 
-The BrowserState's encryption secret is kept in the runs folder (or RESTUNING_VISITOR_SECRET), so
-a restarted studio still reads what its visitors' browsers remember.
+The BrowserState's encryption key is public (Gradio puts it into every page): nothing depends on
+it being secret, and it stays the same across restarts, so a restarted studio still reads what its
+visitors' browsers remember (browser_state_key).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 
 from trainers.jobs import JobError, RunInfo
@@ -25,8 +27,9 @@ from trainers.jobs import JobError, RunInfo
 SECRET = re.compile(r"^[0-9a-f]{32}$")  # what the browser remembers
 OWNER = re.compile(r"^[0-9a-f]{64}$")  # what runs store: sha256 of the secret
 SCRATCH = "_studio"  # not a run id (RUN_ID starts with a letter or digit): never listed as a run
-BROWSER_KEY_FILE = "browser-state.key"
-BROWSER_KEY_ENV = "RESTUNING_VISITOR_SECRET"
+BROWSER_KEY_FILE = "browser-state.key"  # kept by studios before the key was known to be public
+BROWSER_KEY_ENV = "RESTUNING_VISITOR_SECRET"  # the same, from the environment
+BROWSER_STATE_KEY = "restuning-studio-visitor"  # public: see browser_state_key
 
 
 def new_secret() -> str:
@@ -42,29 +45,22 @@ def owner_id(secret: str) -> str:
     return hashlib.sha256(b"restuning-visitor:" + secret.encode()).hexdigest()
 
 
-def browser_key(runs_dir, env=None) -> str:
-    """The encryption secret of the visitor's BrowserState: the environment's, else one made on
-    the first start and kept in the runs folder (persistent storage on a Space), readable only
-    by this user and never served (webui.files)."""
+def browser_state_key(runs_dir, env=None) -> str:
+    """The key Gradio's BrowserState encrypts the visitor's secret with in localStorage. Gradio
+    sends it to every page (its frontend does the encrypting), so it is public by design and
+    guards nothing: a visitor is proven by the 128-bit secret alone, which only their browser
+    holds. A studio that kept a key from before (RESTUNING_VISITOR_SECRET, or
+    <runs>/_studio/browser-state.key) goes on using it, so its visitors' browsers are still read;
+    a new one uses BROWSER_STATE_KEY."""
     env = os.environ if env is None else env
     if env.get(BROWSER_KEY_ENV, "").strip():
         return env[BROWSER_KEY_ENV].strip()
-    path = Path(runs_dir) / SCRATCH / BROWSER_KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # written whole under another name, then linked into place: a second studio starting at
-        # the same moment keeps the first one's key, and nobody reads a half-written one
-        tmp = path.with_name(f".{BROWSER_KEY_FILE}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(secrets.token_urlsafe(32))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text(encoding="ascii").strip()
+    legacy = Path(runs_dir) / SCRATCH / BROWSER_KEY_FILE
+    try:
+        kept = legacy.read_text(encoding="ascii").strip() if legacy.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        kept = ""
+    return kept if 0 < len(kept) <= 256 else BROWSER_STATE_KEY
 
 
 def can_see(info: RunInfo, owner: str | None) -> bool:
@@ -102,4 +98,22 @@ def scratch_dir(runner, owner: str | None, what: str) -> Path:
         raise JobError("this page has no visitor id yet; reload it")
     path = Path(runner.runs_dir) / SCRATCH / (owner or "local") / what
     path.mkdir(parents=True, exist_ok=True)
+    prune(path)
     return path
+
+
+SCRATCH_KEEP, SCRATCH_AGE = 200, 86400  # pictures per folder, and seconds, like Gradio's own cache
+
+
+def prune(folder: Path, keep: int = SCRATCH_KEEP, age: float = SCRATCH_AGE) -> None:
+    """Drop a visitor's rendered pictures older than a day, and all but the newest `keep`: the
+    page has its copies in Gradio's cache, and a visitor who renders all day does not fill the disk."""
+    files = []
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            files.append((entry.stat(follow_symlinks=False).st_mtime, entry.path))
+    files.sort(reverse=True)
+    now = time.time()
+    for i, (mtime, name) in enumerate(files):
+        if i >= keep or now - mtime > age:
+            Path(name).unlink(missing_ok=True)

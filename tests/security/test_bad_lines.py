@@ -39,7 +39,7 @@ def test_one_runs_bad_file_stops_neither_the_listing_nor_the_queue_nor_a_new_run
     queued = runner.submit({"max_train_steps": 2}, images, label="fine")  # Train works beside them
     assert wait_for(runner, queued, {"done"}).status == "done", "the scheduler kept starting runs"
     runs = {r.id: r for r in runner.list_runs()}
-    assert runs[spoiled.id].skipped_events == len(BAD_LINES) and runs[spoiled.id].status == "done"
+    assert runs[spoiled.id].skipped_events == len(BAD_LINES) and runs[spoiled.id].status == "damaged"  # its job.json
     for info in runs.values():  # every view of the Runs and Train tabs renders each run
         runs_tab._details(info), live.run_row(info), live.progress_html(info), live.loss_frame(info)
         live.samples(info), live.log_text(info)

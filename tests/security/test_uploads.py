@@ -53,3 +53,24 @@ def test_uploads_expire_and_a_shared_studio_bounds_the_upload_route(tmp_path):
     demo = webui.build(runner, describe(None), device="cpu", preset="CPU demo", detected="test", shared=True)
     frequency, age = demo.delete_cache
     assert frequency <= 3600 and age <= 86400
+
+
+def test_a_visitors_refused_batch_does_not_delete_anothers_upload(shared_studio, tmp_path):
+    """Gradio stores an upload under a hash of its bytes: visitors who send the same file share
+    its path. Bob's batch is refused for another file in it; Alice's copy of the good one stays."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    url, _ = shared_studio
+    good = tmp_path / f"star-{secrets.token_hex(4)}.png"
+    Image.new("RGB", (96, 96), (200, 40, 40)).save(good)
+    bad = tmp_path / f"broken-{secrets.token_hex(4)}.png"
+    bad.write_bytes(b"certainly not a PNG")
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    alice.predict([handle_file(good)], api_name="/on_upload")
+    alices = stored(good.name)  # her upload (and the preview's copy)
+    assert alices, "alice's upload is on the server"
+    refused, _ = bob.predict([handle_file(good), handle_file(bad)], api_name="/on_upload")
+    assert refused is None, "bob's batch is refused and cleared"
+    assert all(p.is_file() for p in alices), "alice's file, the same bytes as bob's, is still there"
+    assert stored(bad.name) == [], "the file refused for what it is is deleted"

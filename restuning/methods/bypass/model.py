@@ -98,6 +98,10 @@ def tap_paths(unet: nn.Module, taps, depth: int = 0) -> list[str]:
     n = len(unet.up_blocks)
     if depth > n:
         raise AttachError(f"bypass depth {depth}: this U-Net has only {n} up blocks")
+    if "up" not in taps and 0 < depth < n:
+        raise AttachError(f"bypass depth {depth} with taps {list(taps)}: the correction enters up_blocks.{n - depth}, whose input "
+                          f"is the untapped output of up_blocks.{n - depth - 1}; tap 'up' too, or use depth {n} (this U-Net's "
+                          "first up block)")
     paths = []
     if "mid" in taps and getattr(unet, "mid_block", None) is not None:
         paths.append("mid_block")

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from ...arch import family
 from ...core import BLOCK_GROUPS
 from ...io import FORMAT, TunerFileError, write
 from .config import TEXT_ENCODER_ATTENTION, LoraConfig
-from .model import TARGET_SUFFIXES, TEXT_ENCODER_PREFIX, split_names
+from .model import TARGET_SUFFIXES, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, split_names
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
@@ -39,11 +40,48 @@ def _keys_and_header(path: Path) -> tuple[list[str], dict[str, str]] | None:
 
 
 def file_format(keys: list[str]) -> str | None:
-    """'kohya', 'diffusers', or None for keys of neither layout."""
+    """'kohya', 'diffusers', 'mixed' (LoRA keys of both), or None for keys of neither layout."""
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
-    if keys and all(k.startswith(DIFFUSERS_PREFIXES) for k in keys) and any(p in k for k in keys for p in LORA_KEY_PARTS):
+    lora = any(p in k for k in keys for p in LORA_KEY_PARTS)
+    if keys and all(k.startswith(DIFFUSERS_PREFIXES) for k in keys) and lora:
         return "diffusers"
+    if keys and all(k.startswith(KOHYA_PREFIXES + DIFFUSERS_PREFIXES) for k in keys) and lora:
+        return "mixed"
+    return None
+
+
+# A diffusers-format key is peft's (lora_A / lora_B) or diffusers' older one (lora.down / lora.up,
+# lora_linear_layer); diffusers' loader tells them apart by one key and converts the whole part alike.
+PEFT_KEY_PARTS = (".lora_A.", ".lora_B.")
+
+
+def _layout(key: str) -> str | None:
+    if key.startswith(KOHYA_PREFIXES):
+        return "kohya"
+    if any(p in key for p in PEFT_KEY_PARTS):
+        return "peft"
+    return "diffusers' older" if any(p in key for p in LORA_KEY_PARTS) else None
+
+
+def mixed_layouts(keys: list[str]) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """Two (layout, example key) of different layouts where a file mixes them (kohya's beside
+    diffusers', or peft's beside diffusers' older within the U-Net's or the text encoder's keys);
+    None when it holds one. diffusers reads such a file by one key's layout and skips or misreads
+    the rest."""
+    parts: dict[tuple[str, str], str] = {}
+    for key in sorted(keys):
+        layout = _layout(key)
+        if layout is not None:
+            part = "unet" if key.startswith(("unet.", "lora_unet_")) else "text encoder"
+            parts.setdefault((part, layout), key)
+    found = {layout: key for (_, layout), key in parts.items()}
+    if "kohya" in found and len(found) > 1:
+        other = next(layout for layout in found if layout != "kohya")
+        return ("kohya", found["kohya"]), (other, found[other])
+    for part in ("unet", "text encoder"):
+        if (part, "peft") in parts and (part, "diffusers' older") in parts:
+            return ("peft", parts[(part, "peft")]), ("diffusers' older", parts[(part, "diffusers' older")])
     return None
 
 
@@ -53,38 +91,52 @@ def is_foreign_lora(path) -> bool:
     return found is not None and found[1].get("format") != FORMAT and file_format(found[0]) is not None
 
 
-def read(path, unet, text_encoder=None) -> tuple[LoraConfig, dict]:
+def read(path, unet, text_encoder=None, text_encoder_2=None) -> tuple[LoraConfig, dict]:
     """The LoraConfig and tuner state (restuning.load's form) of a diffusers or kohya LoRA file,
-    checked against `unet` (and `text_encoder`, for a file that tunes it); TunerFileError says
-    what does not fit. Nothing is attached."""
-    from diffusers import StableDiffusionPipeline
-
+    checked against `unet` (and the text encoders, for a file that tunes them); TunerFileError says
+    what does not fit, for any content (a crafted header or odd tensors make diffusers' own
+    conversion fail in its own ways: those are TunerFileErrors too). Nothing is attached. An SDXL
+    U-Net reads SDXL files as diffusers' StableDiffusionXLPipeline.load_lora_weights does (kohya's
+    SGM block names mapped by the U-Net's config)."""
     path = Path(path)
+    try:
+        return _read(path, unet, text_encoder, text_encoder_2)
+    except TunerFileError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, RecursionError) as exc:
+        raise TunerFileError(f"{path.name}: not a LoRA file diffusers' loader can read "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
+
+
+def _read(path: Path, unet, text_encoder=None, text_encoder_2=None) -> tuple[LoraConfig, dict]:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     keys, _ = _keys_and_header(path)
     kind = file_format(keys)
     for part, what in NOT_LORA_PARTS.items():
         if any(part in k for k in keys):
             raise TunerFileError(f"{path.name}: a {what} file, not a LoRA; only LoRA files can be imported")
+    mixed = mixed_layouts(keys)
+    if mixed:
+        (a, key_a), (b, key_b) = mixed
+        raise TunerFileError(f"{path.name} mixes LoRA key layouts, {a} ({key_a}) and {b} ({key_b}): a LoRA file holds one; "
+                             "save it again in one layout with the tool that made it")
+    xl = family(unet.config) == "sdxl"
     second = [k for k in keys if k.startswith(("lora_te2_", "text_encoder_2."))]
-    if second:
+    if second and not xl:
         raise TunerFileError(f"{path.name} has weights for a second text encoder ({second[0]}, ...), as SDXL LoRAs do; "
                              "this base model has one: the LoRA was made for another model")
     try:
         # use_safetensors=True: diffusers would otherwise fall back to unpickling a file it cannot read
-        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            str(path), use_safetensors=True, local_files_only=True, return_lora_metadata=True)
+        reader = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        state, alphas, metadata = reader.lora_state_dict(str(path), use_safetensors=True, local_files_only=True,
+                                                         return_lora_metadata=True, **({"unet_config": unet.config} if xl else {}))
     except (ValueError, KeyError, SafetensorError) as exc:
         raise TunerFileError(f"{path.name}: diffusers cannot read this {kind} LoRA file ({exc})") from None
 
     unet_state, unet_kwargs = _unet_part(state, alphas, metadata)
     if not unet_state:
         raise TunerFileError(f"{path.name} has no U-Net weights: a LoRA of the text encoder alone cannot be imported")
-    text_state, text_kwargs = _text_encoder_part(state, alphas, metadata, text_encoder)
-    if text_state and text_encoder is None:
-        example = next(k for k in keys if k.startswith(("text_encoder.", "lora_te")))
-        raise TunerFileError(f"{path.name} tunes the text encoder too ({len(text_state)} weights, e.g. {example}): "
-                             "load it with text_encoder=pipe.text_encoder")
-
     rank, alpha = _rank_and_alpha(path, unet_kwargs, "U-Net")
     targets = _layers(unet_state)
     _check_fit(path, unet, unet_state, targets, "U-Net")
@@ -93,27 +145,35 @@ def read(path, unet, text_encoder=None) -> tuple[LoraConfig, dict]:
     if outside:
         raise TunerFileError(f"{path.name} changes U-Net layers outside its down, mid and up blocks ({', '.join(outside[:3])}), "
                              "which a restuning LoRA does not cover")
-    text_targets = []
-    if text_state:
-        if _rank_and_alpha(path, text_kwargs, "text encoder") != (rank, alpha):
-            raise TunerFileError(f"{path.name}: its text-encoder LoRA has another rank or alpha than its U-Net LoRA; "
+    texts, text_state = {}, {}
+    for prefix, model in ((TEXT_ENCODER_PREFIX, text_encoder), (TEXT_ENCODER_2_PREFIX, text_encoder_2)):
+        part, kwargs = _text_encoder_part(state, alphas, metadata, model, prefix)
+        if not part:
+            continue
+        name = prefix[:-1]
+        if model is None:
+            example = next((k for k in keys if k.startswith((prefix, "lora_te2_" if prefix == TEXT_ENCODER_2_PREFIX else "lora_te"))), prefix)
+            raise TunerFileError(f"{path.name} tunes the {name.replace('_', ' ')} too ({len(part)} weights, e.g. {example}): "
+                                 f"load it with {name}=pipe.{name}")
+        if _rank_and_alpha(path, kwargs, name.replace("_", " ")) != (rank, alpha):
+            raise TunerFileError(f"{path.name}: its {name.replace('_', ' ')} LoRA has another rank or alpha than its U-Net LoRA; "
                                  "a restuning LoRA has one of each")
-        text_targets = _layers(text_state)
-        _check_fit(path, text_encoder, text_state, text_targets, "text encoder")
+        layers = _layers(part)
+        _check_fit(path, model, part, layers, name.replace("_", " "))
+        texts[name] = _compact(model, layers, split_names(TEXT_ENCODER_ATTENTION), TEXT_ENCODER_ATTENTION)
+        text_state.update({prefix + k: v for k, v in part.items()})
 
     config = LoraConfig(rank=rank, alpha=alpha, blocks=blocks,
-                        targets=_compact(unet, targets, TARGET_SUFFIXES, "", tuple(BLOCK_GROUPS[g] for g in blocks)),
-                        text_encoder=_compact(text_encoder, text_targets, split_names(TEXT_ENCODER_ATTENTION), TEXT_ENCODER_ATTENTION)
-                        if text_targets else "")
+                        targets=_compact(unet, targets, TARGET_SUFFIXES, "", tuple(BLOCK_GROUPS[g] for g in blocks)), **texts)
     config.validate()
-    return config, {**unet_state, **{TEXT_ENCODER_PREFIX + k: v for k, v in text_state.items()}}
+    return config, {**unet_state, **text_state}
 
 
-def write_tuner(path, dst, unet, text_encoder=None) -> Path:
+def write_tuner(path, dst, unet, text_encoder=None, text_encoder_2=None) -> Path:
     """The LoRA file `path` converted to a restuning tuner file `dst` for `unet` (checked as read()
     checks it; weightless meta-device models will do), so the studio lists, samples and hands it
     out like a LoRA trained here."""
-    config, state = read(path, unet, text_encoder)
+    config, state = read(path, unet, text_encoder, text_encoder_2)
     return write(dst, state, config, unet, {"imported_from": file_format(_keys_and_header(Path(path))[0])})
 
 
@@ -150,11 +210,11 @@ def _unet_part(state, alphas, metadata):
     return state, _peft_kwargs(state, alphas, metadata, is_unet=True)
 
 
-def _text_encoder_part(state, alphas, metadata, text_encoder):
+def _text_encoder_part(state, alphas, metadata, text_encoder, prefix: str = TEXT_ENCODER_PREFIX):
     """diffusers' _load_lora_into_text_encoder, up to the point where it injects layers."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 
-    state, alphas, metadata = _part(state, alphas, metadata, "text_encoder.")
+    state, alphas, metadata = _part(state, alphas, metadata, prefix)
     if not state:
         return {}, {}
     state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))

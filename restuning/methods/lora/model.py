@@ -25,6 +25,7 @@ from .config import LoraConfig
 
 TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_PREFIX = "text_encoder."
+TEXT_ENCODER_2_PREFIX = "text_encoder_2."  # SDXL's second text encoder
 
 
 def split_names(text: str) -> tuple[str, ...]:
@@ -39,13 +40,21 @@ def _matches(path: str, wanted: tuple[str, ...]) -> bool:
 class LoraAttached(Attached):
     routable = False
 
-    def __init__(self, unet: nn.Module, name: str, config: LoraConfig, text_encoder: nn.Module | None = None):
+    def __init__(self, unet: nn.Module, name: str, config: LoraConfig, text_encoder: nn.Module | None = None,
+                 text_encoder_2: nn.Module | None = None):
         super().__init__(name=name, config=config)
         self.unet = unet
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
 
     def _models(self):
-        return [(self.unet, "")] + ([(self.text_encoder, TEXT_ENCODER_PREFIX)] if self.text_encoder is not None else [])
+        """(model, key prefix) of the U-Net and of each tuned text encoder."""
+        return [(self.unet, "")] + [(m, prefix) for m, prefix in ((self.text_encoder, TEXT_ENCODER_PREFIX),
+                                                                   (self.text_encoder_2, TEXT_ENCODER_2_PREFIX)) if m is not None]
+
+    def text_encoders(self) -> list[tuple[str, nn.Module]]:
+        """(pipeline attribute, model) of each tuned text encoder."""
+        return [(prefix[:-1], model) for model, prefix in self._models()[1:]]
 
     def parameters(self):
         return (p for model, _ in self._models() for n, p in model.named_parameters() if f".{self.name}." in n and "lora_" in n)
@@ -65,11 +74,14 @@ class LoraAttached(Attached):
             if tensor.shape != expected[key].shape:
                 raise ValueError(f"LoRA weight {key} has shape {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}")
         for model, prefix in self._models():
-            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX) == bool(prefix)}
+            part = {k[len(prefix):]: v for k, v in state.items() if _part_of(k) == prefix}
             with peft_view(model):
                 set_peft_model_state_dict(model, part, adapter_name=self.name)
 
     def set_scale(self, scale):
+        """Strength `scale`; at 0 the LoRA leaves peft's active adapters altogether, so it is not
+        computed at all: peft would add 0 x its output, and 0 x NaN (a LoRA whose output overflows)
+        is NaN, which would turn every image of the call black."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         super().set_scale(scale)
@@ -77,29 +89,42 @@ class LoraAttached(Attached):
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer) and self.name in module.scaling:
                     module.set_scale(self.name, self.scale)
+        _activate_all(self.unet)
+        if self.text_encoder is not None:
+            _activate_all(self.text_encoder, owner=self.unet)
 
     def detach(self):
         self.unet.delete_adapters(self.name)
         _activate_all(self.unet, exclude=self.name)
-        if self.text_encoder is not None:
-            self.text_encoder.delete_adapter(self.name)
-            _activate_all(self.text_encoder, exclude=self.name, owner=self.unet)
+        for _, model in self.text_encoders():
+            model.delete_adapter(self.name)
+            _activate_all(model, exclude=self.name, owner=self.unet)
+
+
+def _part_of(key: str) -> str:
+    """The key prefix of the model a handle's state key belongs to ('' for the U-Net)."""
+    return next((p for p in (TEXT_ENCODER_PREFIX, TEXT_ENCODER_2_PREFIX) if key.startswith(p)), "")
 
 
 def _activate_all(model: nn.Module, exclude: str | None = None, owner: nn.Module | None = None) -> None:
-    """Keep every attached LoRA active at once; each one's strength is its scale.
+    """Keep every attached LoRA of nonzero strength active at once; each one's strength is its
+    scale, and one at 0 is inactive (LoraAttached.set_scale).
 
     peft activates only the newest adapter by default (and another one when an active adapter
     is deleted), which would silently switch off LoRAs attached earlier. `owner` is the U-Net
-    whose table lists the tuners, when `model` is a text encoder.
+    whose table lists the tuners, when `model` is a text encoder. peft's set_adapter also marks
+    the active adapters trainable: whether each weight trains is kept as it was.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     table = attached(owner if owner is not None else model)
-    active = [n for n, a in table.items() if isinstance(a, LoraAttached) and n != exclude]
+    active = [n for n, a in table.items() if isinstance(a, LoraAttached) and n != exclude and a.scale != 0]
+    trains = {p: p.requires_grad for p in model.parameters()}
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_adapter([n for n in active if n in module.lora_A])
+    for p, flag in trains.items():
+        p.requires_grad_(flag)
 
 
 def lora_state(model: nn.Module, name: str) -> dict:
@@ -191,7 +216,35 @@ def target_layers(model: nn.Module, wanted: tuple[str, ...], prefixes: tuple[str
             if n.startswith(prefixes) and _matches(n, wanted) and isinstance(m, (*kinds, BaseTunerLayer))]
 
 
-def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Module | None = None) -> Attached:
+def _all_found(wanted: tuple[str, ...], found: list[str], where: str) -> None:
+    """Every name asked for matches a layer: one that matches none is a typo, not a choice."""
+    missing = [w for w in wanted if not any(_matches(f, (w,)) for f in found)]
+    if missing:
+        raise AttachError(f"no layers named {', '.join(missing)} found {where} (the other names match)")
+
+
+def _text_targets(config: LoraConfig, encoders: dict) -> dict:
+    """{prefix: (model, its layers)} of each text encoder the config tunes; AttachError when one is
+    not given or has none of the layers named."""
+    out = {}
+    for field, prefix, what in (("text_encoder", TEXT_ENCODER_PREFIX, "text_encoder=pipe.text_encoder"),
+                                ("text_encoder_2", TEXT_ENCODER_2_PREFIX, "text_encoder_2=pipe.text_encoder_2 (SDXL's second)")):
+        wanted = getattr(config, field)
+        if not wanted:
+            continue
+        model = encoders[field]
+        if model is None:
+            raise AttachError(f"this LoRA tunes the {field.replace('_', ' ')} too ({wanted}): pass {what}")
+        layers = target_layers(model, split_names(wanted))
+        if not layers:
+            raise AttachError(f"no {field.replace('_', ' ')} layers named {wanted} found")
+        _all_found(split_names(wanted), layers, f"in the {field.replace('_', ' ')}")
+        out[prefix] = (model, layers)
+    return out
+
+
+def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Module | None = None,
+           text_encoder_2: nn.Module | None = None) -> Attached:
     from peft import LoraConfig as PeftLoraConfig
 
     prefixes = tuple(BLOCK_GROUPS[g] for g in config.blocks)
@@ -199,30 +252,29 @@ def attach(unet: nn.Module, config: LoraConfig, name: str, text_encoder: nn.Modu
     targets = target_layers(unet, wanted, prefixes, kinds=(nn.Linear,) if not config.targets else (nn.Linear, nn.Conv2d))
     if not targets:
         raise AttachError(f"no layers named {', '.join(wanted)} found in {', '.join(config.blocks)}")
-    text_targets = []
-    if config.text_encoder:
-        if text_encoder is None:
-            raise AttachError(f"this LoRA tunes the text encoder too ({config.text_encoder}): "
-                              "pass text_encoder=pipe.text_encoder")
-        text_targets = target_layers(text_encoder, split_names(config.text_encoder))
-        if not text_targets:
-            raise AttachError(f"no text-encoder layers named {config.text_encoder} found")
+    _all_found(wanted, targets, f"in {', '.join(config.blocks)}")
+    texts = _text_targets(config, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
 
     def peft_config(modules):
-        return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=modules)
+        return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, init_lora_weights="gaussian",
+                              target_modules=modules)
 
     unet.add_adapter(peft_config(targets), adapter_name=name)
-    handle = LoraAttached(unet, name, config, text_encoder if text_targets else None)
-    if text_targets:
-        try:
-            text_encoder.add_adapter(peft_config(text_targets), adapter_name=name)
-        except Exception:
-            unet.delete_adapters(name)
-            raise
+    done = []
+    try:
+        for model, layers in texts.values():
+            model.add_adapter(peft_config(layers), adapter_name=name)
+            done.append(model)
+    except Exception:
+        unet.delete_adapters(name)
+        for model in done:
+            model.delete_adapter(name)
+        raise
+    handle = LoraAttached(unet, name, config, *(texts.get(p, (None,))[0] for p in (TEXT_ENCODER_PREFIX, TEXT_ENCODER_2_PREFIX)))
     attached(unet)[name] = handle  # so that _activate_all sees it; attach() stores it again
     _activate_all(unet)
     keep_lora_out_of_state(unet, unet)
-    if text_targets:
-        _activate_all(text_encoder, owner=unet)
-        keep_lora_out_of_state(text_encoder, unet)
+    for model, _ in texts.values():
+        _activate_all(model, owner=unet)
+        keep_lora_out_of_state(model, unet)
     return handle
