@@ -88,8 +88,11 @@ def test_rank_sets_alpha_as_diffusers_does():
 
 def test_resume_takes_diffusers_checkpoint_names_and_says_where_checkpoints_are(tmp_path):
     out = tmp_path / "run"
-    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    (out / "checkpoints" / "checkpoint-4").mkdir()
+    from safetensors.torch import save_file
+
+    for name in ("checkpoint-2", "checkpoint-4"):  # whole enough for 'latest' (trainers.checkpoints.problem)
+        (out / "checkpoints" / name).mkdir(parents=True)
+        save_file({"w": torch.zeros(1)}, str(out / "checkpoints" / name / "tuner_state.safetensors"))
     assert dreambooth.find_checkpoint(out, "checkpoint-2") == out / "checkpoints" / "checkpoint-2"
     assert dreambooth.find_checkpoint(out, str(out / "checkpoints" / "checkpoint-4")) == out / "checkpoints" / "checkpoint-4"
     assert dreambooth.find_checkpoint(out, "latest") == out / "checkpoints" / "checkpoint-4"

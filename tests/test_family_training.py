@@ -192,8 +192,6 @@ def test_the_sdxl_readme_command_lines_run_or_refuse_by_name(family_models, imag
     (["--do_edm_style_training"], "--do_edm_style_training is refused: the EDM formulation"),
     (["--use_dora"], "--use_dora is refused"),
     (["--optimizer", "prodigy"], "--optimizer prodigy is refused: Prodigy"),
-    (["--lora_dropout", "0.1"], "--lora_dropout 0.1 is refused"),
-    (["--image_interpolation_mode", "bilinear"], "--image_interpolation_mode bilinear is refused: images are resized with Lanczos"),
     (["--dataset_name", "diffusers/dog-example"], "--dataset_name is refused: instance images come from --instance_data_dir"),
     (["--prodigy_beta3", "0.9"], "--prodigy_beta3 is refused: only for --optimizer prodigy"),
 ])

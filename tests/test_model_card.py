@@ -39,26 +39,26 @@ def python_blocks(text: str) -> list[str]:
 
 def test_the_card_names_the_base_model_as_its_user_would(tmp_path, monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
-    demo = card_for(tmp_path, str(DEMO_MODEL), SimpleNamespace(kind="folder", location=str(DEMO_MODEL)))
+    demo = card_for(tmp_path, str(DEMO_MODEL), SimpleNamespace(kind="folder", location=str(DEMO_MODEL), family="sd1"))
     assert str(DEMO_MODEL) not in demo and str(REPO) not in demo, "never the server's path of the bundled model"
     assert f"base_model = '{artifacts.DEMO_PLACEHOLDER}'" in python_blocks(demo)[0]
     assert "`assets/demo-model` in its repository" in demo  # the placeholder is explained
-    hub = card_for(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5", SimpleNamespace(kind="hub"))
+    hub = card_for(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5", SimpleNamespace(kind="hub", family="sd1"))
     assert "base_model = 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in hub and "from_pretrained(base_model)" in hub
     own = tmp_path / "my-model"
-    folder = card_for(tmp_path, str(own), SimpleNamespace(kind="folder", location=str(own)))
+    folder = card_for(tmp_path, str(own), SimpleNamespace(kind="folder", location=str(own), family="sd1"))
     assert f"base_model = {str(own)!r}" in folder and "stands for" not in folder
-    single = card_for(tmp_path, str(own) + ".safetensors", SimpleNamespace(kind="single-file", location=str(own) + ".safetensors"))
+    single = card_for(tmp_path, str(own) + ".safetensors", SimpleNamespace(kind="single-file", location=str(own) + ".safetensors", family="sd1"))
     assert "StableDiffusionPipeline.from_single_file(base_model)" in single
     monkeypatch.setenv("SPACE_ID", "someone/studio")
-    shared = card_for(tmp_path, str(own), SimpleNamespace(kind="folder", location=str(own)))
+    shared = card_for(tmp_path, str(own), SimpleNamespace(kind="folder", location=str(own), family="sd1"))
     assert str(own) not in shared and f"base_model = '{artifacts.SHARED_PLACEHOLDER}'" in shared
 
 
 def test_the_card_loads_the_tuner_by_its_download_name(tmp_path):
     run = tmp_path / "20261203-120501-res-tuning-ab12"
     run.mkdir()
-    text = card_for(run, "owner/model", SimpleNamespace(kind="hub"))
+    text = card_for(run, "owner/model", SimpleNamespace(kind="hub", family="sd1"))
     assert artifacts.download_name(run.name, "res-tuning") == "20261203-120501-res-tuning-ab12.safetensors"
     assert artifacts.download_name("dog", "res-tuning") == "dog-res-tuning.safetensors"
     assert artifacts.download_name("my dog/../x", "lora") == "my-dog-..-x-lora.safetensors"
@@ -72,7 +72,7 @@ def fake_run(runs: Path, name="20261203-120501-res-tuning-ab12") -> tuple[Path, 
     (run / "samples" / "step000010-p0-0.png").write_bytes(PNG)
     (run / "samples" / "step000005-p0-0.png").write_bytes(PNG)  # an earlier sample: not on the card
     (run / "tuner.safetensors").write_bytes(b"weights")
-    card_for(run, "owner/model", SimpleNamespace(kind="hub"), samples=[run / "samples" / "step000010-p0-0.png"])
+    card_for(run, "owner/model", SimpleNamespace(kind="hub", family="sd1"), samples=[run / "samples" / "step000010-p0-0.png"])
     return run, {"tuner": run / "tuner.safetensors", "model-card": run / "README.md"}
 
 

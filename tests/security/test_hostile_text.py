@@ -29,7 +29,7 @@ def card(tmp_path, prompt, kinds=("tuner", "lora-diffusers", "unet")):
     options = SimpleNamespace(args=args, method_config=SimpleNamespace(to_json=lambda: "{}"))
     method = SimpleNamespace(name="lora", label="LoRA", summary="low-rank.")
     written = [(kind, tmp_path / f"weights ``` {kind}.safetensors") for kind in kinds]
-    path = write_model_card(tmp_path, options, method, SimpleNamespace(kind="hub"), 10, [], written)
+    path = write_model_card(tmp_path, options, method, SimpleNamespace(kind="hub", family="sd1"), 10, [], written)
     return path.read_text(encoding="utf-8")
 
 
