@@ -48,6 +48,8 @@ BYPASS_ABLATION = [
     ("bypass-ckpt", "Bypass at depth 2 checkpointed", {"gradient_checkpointing": True}),
     ("bypass-skip-attention", "Bypass at depth 2 skip-attention", {"gradient": "skip-attention"}),
     ("bypass-skip-path", "Bypass at depth 2 skip-path", {"gradient": "skip-path"}),
+    ("bypass-trigger", "Bypass at depth 2 token gate", {"trigger": True}),
+    ("bypass-prior2", "Bypass at depth 2 prior weight 2", {"prior_loss_weight": 2.0}),
 ]
 
 
