@@ -203,7 +203,7 @@ def check_targets(mutations=MUTATIONS, root: Path = ROOT) -> list[str]:
 
 def _copy(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for folder in ("restuning", "trainers", "tests", "scripts"):
+    for folder in ("restuning", "trainers", "tests", "scripts", "bench"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 

@@ -8,7 +8,7 @@ c the (detached) text embeddings:
     x_l^b = λ_l·H_l(x_l) + (1-λ_l)·V_l(R_l(x_{l-1}^b)),   λ_l = sigmoid(a_l), a_l = 0  (Eq. 8)
 
 H_l and V_l are Res-Tuners beside an identity OP (Eq. 7): H(x) = x + h(x) [+ t(x, c)],
-V(s) = s + v(s), with h, v a Convpass (below), or an Adapter, Res-Prefix or Res-Prompt
+V(s) = s + v(s), with h, v a Convpass (blocks.py), or an Adapter, Res-Prefix or Res-Prompt
 (restuning.tuners) applied to the map's H·W tokens. With `text`, t is a Res-Tuner beside the
 backbone's cross-attention: its own W_q reads x, its own W_k, W_v read c. R_l brings the state to
 tap l's channels and resolution: a 1x1 channel map (none when the channels agree; initialised to
@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...tuners import Adapter, ResPrefix, ResPrompt, make_tuner
+from . import variants
+from .blocks import Convpass, TextAttention
 
 OUTPUTS = ("zero-conv", "gate", "modulate", "rearrange")
 # Z is a 3x3 conv up to the width of SD's head input (320 channels: 0.92M parameters) and a 1x1
@@ -47,50 +49,7 @@ OUTPUTS = ("zero-conv", "gate", "modulate", "rearrange")
 DENSE_3X3_MAX = 320
 
 
-class Convpass(nn.Module):
-    """A convolutional bypass (Convpass, Jie & Deng 2022, cited by the paper): 1x1 conv to `dim`
-    channels, 3x3 conv at that width, 1x1 conv back, GELU between. The 3x3 conv gives the chain
-    spatial reach at dim² instead of C² parameters; the last conv starts at zero."""
-
-    def __init__(self, channels: int, dim: int):
-        super().__init__()
-        self.down = nn.Conv2d(channels, dim, 1)
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
-        self.up = nn.Conv2d(dim, channels, 1)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(F.gelu(self.conv(F.gelu(self.down(x)))))
-
-
 KINDS = ("convpass", "adapter", "prefix", "prompt")
-
-
-class TextAttention(nn.Module):
-    """t(x, c) = Attn(LN(x) W_q, c W_k, c W_v) W_o per pixel of x: a Res-Tuner beside the
-    backbone's cross-attention, with its own projections into `width` channels."""
-
-    def __init__(self, channels: int, text_channels: int, width: int = 64, heads: int = 8):
-        super().__init__()
-        self.heads = heads if width % heads == 0 else 1
-        self.query = nn.Linear(channels, width, bias=False)
-        self.key = nn.Linear(text_channels, width, bias=False)
-        self.value = nn.Linear(text_channels, width, bias=False)
-        self.out = nn.Linear(width, channels)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: Tensor, text: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        tokens = F.layer_norm(x.flatten(2).transpose(1, 2), (c,))
-
-        def split(t):
-            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(self.query(tokens)), split(self.key(text)), split(self.value(text)))
-        out = self.out(out.transpose(1, 2).flatten(2))
-        return out.transpose(1, 2).reshape(b, c, h, w)
 
 
 def _make(kind: str, channels: int, dim: int, heads: int) -> nn.Module:
@@ -207,8 +166,6 @@ class BypassNetwork(nn.Module):
                  time: str = "none", time_channels: int | None = None, refine: int = 0, readouts: bool = False,
                  trigger: bool = False):
         super().__init__()
-        from . import variants
-
         if output not in OUTPUTS:
             raise ValueError(f"unknown bypass output {output!r}; choose from {', '.join(OUTPUTS)}")
         if time != "none" and not time_channels:
