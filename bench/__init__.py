@@ -15,23 +15,41 @@ def write_results(out_dir: Path, stem: str, result, table: str) -> None:
 
 
 
-# Issue 11's steps from the first Res-Tuning-Bypass design (v1) to the default: +1 zero-conv
-# output, +2 Convpass tuners, +3 text tuners, all at the paper's injection point (depth 0, the
-# head); then width, learning rate and depth; the default is +1+2+3 at depth 2. Entries are
-# (case, label, options); options are BypassConfig fields, or trainer options (learning_rate) that
-# bench.quality passes on and bench.train_cost ignores. bench.quality, bench.train_cost and
+# The design ablation of Res-Tuning-Bypass (issues 11 and 25). From the first design (v1) to the
+# chain every row shares: +1 zero-conv output, +2 Convpass tuners, +3 text tuners, at the paper's
+# injection point (depth 0, the head); then what was tried to make a correction at the head
+# learn (time conditioning, a wider output stage, read-outs from every stage, other outputs,
+# rates, steps), and to make depth 2 (the default) cheap (gradient checkpointing, gradients that
+# skip the frozen blocks' activations). Entries are (case, label, options); options are
+# BypassConfig fields, or trainer options (learning_rate, max_train_steps, gradient_checkpointing)
+# that bench.quality passes on; bench.train_cost measures a row whose BypassConfig fields or
+# gradient checkpointing differ from another's. bench.quality, bench.train_cost and
 # bench.bypass_ablation read it.
 BYPASS_DEFAULT = ("bypass", "Res-Tuning-Bypass", {})
+HEAD = {"depth": 0}
 BYPASS_ABLATION = [
     ("bypass-v1", "Bypass v1 (gate output)",
-     {"horizontal": "adapter", "vertical": "adapter", "dim": 128, "text": False, "output": "gate", "depth": 0}),
-    ("bypass+1", "Bypass +1 (zero-conv output)", {"horizontal": "adapter", "vertical": "adapter", "dim": 128, "text": False, "depth": 0}),
-    ("bypass+1+2", "Bypass +1+2 (Convpass)", {"text": False, "depth": 0}),
-    ("bypass+1+2+3", "Bypass +1+2+3 (text tuners)", {"depth": 0}),
-    ("bypass-dim64", "Bypass +1+2+3 dim 64", {"dim": 64, "depth": 0}),
-    ("bypass-lr3e-2", "Bypass +1+2+3 lr 3e-2", {"learning_rate": 0.03, "depth": 0}),
+     {"horizontal": "adapter", "vertical": "adapter", "dim": 128, "text": False, "output": "gate", **HEAD}),
+    ("bypass+1", "Bypass +1 (zero-conv output)", {"horizontal": "adapter", "vertical": "adapter", "dim": 128, "text": False, **HEAD}),
+    ("bypass+1+2", "Bypass +1+2 (Convpass)", {"text": False, **HEAD}),
+    ("bypass+1+2+3", "Bypass +1+2+3 (text tuners)", {**HEAD}),
+    ("bypass-dim64", "Bypass +1+2+3 dim 64", {"dim": 64, **HEAD}),
+    ("bypass-lr3e-2", "Bypass +1+2+3 lr 3e-2", {"learning_rate": 0.03, **HEAD}),
+    ("bypass-lr3e-3", "Bypass +1+2+3 lr 3e-3", {"learning_rate": 0.003, **HEAD}),
+    ("bypass-1800", "Bypass +1+2+3 1800 steps", {"max_train_steps": 1800, **HEAD}),
+    ("bypass-film", "Bypass +1+2+3 time FiLM", {"time": "all", **HEAD}),
+    ("bypass-refine", "Bypass +1+2+3 time FiLM 2 refine blocks", {"time": "all", "refine": 2, **HEAD}),
+    ("bypass-readouts", "Bypass +1+2+3 read-outs", {"readouts": True, **HEAD}),
+    ("bypass-noise", "Bypass +1+2+3 into the noise", {"into": "noise", **HEAD}),
+    ("bypass-modulate", "Bypass +1+2+3 modulating x_L", {"output": "modulate", **HEAD}),
+    ("bypass-rearrange", "Bypass +1+2+3 rearranging x_L", {"output": "rearrange", **HEAD}),
     ("bypass-depth1", "Bypass +1+2+3 at depth 1", {"depth": 1}),
     ("bypass-depth1-lr3e-2", "Bypass +1+2+3 at depth 1 lr 3e-2", {"depth": 1, "learning_rate": 0.03}),
+    ("bypass-ckpt", "Bypass at depth 2 checkpointed", {"gradient_checkpointing": True}),
+    ("bypass-skip-attention", "Bypass at depth 2 skip-attention", {"gradient": "skip-attention"}),
+    ("bypass-skip-path", "Bypass at depth 2 skip-path", {"gradient": "skip-path"}),
+    ("bypass-trigger", "Bypass at depth 2 token gate", {"trigger": True}),
+    ("bypass-prior2", "Bypass at depth 2 prior weight 2", {"prior_loss_weight": 2.0}),
 ]
 
 

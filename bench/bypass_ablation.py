@@ -1,8 +1,9 @@
-"""Issue 11's ablation of Res-Tuning-Bypass: what each design step does to quality and cost.
+"""The ablation of Res-Tuning-Bypass designs: what each one does to quality and cost.
 
     python -m bench.bypass_ablation --run            # everything, on CUDA (about 6 min on one H200)
     python -m bench.bypass_ablation --run --quick    # the same path with tiny budgets, on any device
     python -m bench.bypass_ablation --quality Q1.json Q2.json ... --cost C256.json C512.json   # join only
+        [--rename "LABEL IN A FILE=DESIGN LABEL" ...] [--name bypass_ablation_cpu]
 
 `--run`: first the step time at 512 px batch 2 on the SD v1.5 architecture (`bench.train_cost`,
 alone on the device so the times compare), then at once the peak memory at 256 px batch 1 and
@@ -28,17 +29,34 @@ from pathlib import Path
 from bench import BYPASS_ABLATION, BYPASS_DEFAULT, bypass_config_options, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-# The issue's targets for the default design.
-TARGETS = {"concept": 0.5, "prompt": 0.9, "preservation": 0.9, "memory": 1.15, "time": 0.6}
+# What the default design should reach (docs/benchmarks.md says which it does and why not all):
+# the paper's memory and time for a bypass, and the quality a user sees.
+TARGETS = {"concept": 0.6, "prompt": 0.9, "preservation": 0.9, "memory": 1.10, "time": 0.6}
 
 
 def designs() -> list[tuple[str, str, dict]]:
     return [*BYPASS_ABLATION, BYPASS_DEFAULT]
 
 
+def cost_key(options: dict) -> str:
+    """What decides a design's cost: its BypassConfig fields and gradient checkpointing (the other
+    trainer options, a learning rate or a number of steps, cost what the same design costs)."""
+    return json.dumps({**bypass_config_options(options), "gradient_checkpointing": bool(options.get("gradient_checkpointing"))},
+                      sort_keys=True)
+
+
+def costed_as() -> dict:
+    """cost key -> the case measured for it: the default for its own, else the first design with it
+    (a learning rate, a prior weight or a number of steps costs what the same design costs)."""
+    first = {cost_key(BYPASS_DEFAULT[2]): BYPASS_DEFAULT[0]}
+    for case, _, options in designs():
+        first.setdefault(cost_key(options), case)
+    return first
+
+
 def cost_cases() -> list[str]:
-    """Designs whose cost differs: those that change only a trainer option cost what their base does."""
-    return ["inference", "lora", *(case for case, _, options in designs() if bypass_config_options(options) == options)]
+    """One case per distinct cost."""
+    return ["inference", "lora", *costed_as().values()]
 
 
 def run_all(args) -> tuple[list[Path], list[Path]]:
@@ -79,7 +97,9 @@ def run_all(args) -> tuple[list[Path], list[Path]]:
     return quality, sorted(work.glob("cost*/train_cost_*.json"))
 
 
-def join(quality_files: list[Path], cost_files: list[Path]) -> dict:
+def join(quality_files: list[Path], cost_files: list[Path], rename: dict | None = None) -> dict:
+    """`rename`: a quality file's row label -> the design label it measured (runs made under
+    other names); rows of other labels are left out."""
     quality = {}
     base = None
     meta = {}
@@ -90,7 +110,10 @@ def join(quality_files: list[Path], cost_files: list[Path]) -> dict:
             if row["method"] is None:
                 base = base or row
             else:
-                quality[row["label"]] = row
+                label = (rename or {}).get(row["label"], row["label"])
+                # what this row's figures rest on: its trainings and samples, which differ between files
+                quality[label] = {**row, "trainings": report["train_seeds"], "samples": row.get("n") or report["train_seeds"] * 4 * report["seeds"],
+                                  "source": Path(path).name}
     costs = {}
     for path in cost_files:
         report = json.loads(Path(path).read_text())
@@ -104,16 +127,11 @@ def join(quality_files: list[Path], cost_files: list[Path]) -> dict:
             return table[case][key] / table[ref][key]
         return None
 
-    def config_key(options):
-        return json.dumps(bypass_config_options(options), sort_keys=True)
-
-    same_config = {}
-    for case, _, options in designs():
-        same_config.setdefault(config_key(options), case)
+    same_config = costed_as()
     out = []
     for case, label, options in designs():
         q = quality.get(label)
-        costed = same_config[config_key(options)]
+        costed = same_config[cost_key(options)]
         sd15 = next((c["rows"][costed] for c in costs.values() if costed in c["rows"]), None)
         out.append({
             "case": case, "label": label, "options": options,
@@ -122,6 +140,7 @@ def join(quality_files: list[Path], cost_files: list[Path]) -> dict:
             "prompt_fidelity": q["prompt_fidelity"] if q else None,
             "preservation": q["preservation"] if q else None,
             "final_loss": [r["final_loss"] for r in q["runs"]] if q else None,
+            "trainings": q["trainings"] if q else None, "samples": q["samples"] if q else None,
             "memory_vs_inference_256_b1": ratio((256, 1), costed, "peak_bytes", "inference"),
             "memory_vs_inference_512_b2": ratio((512, 2), costed, "peak_bytes", "inference"),
             "step_vs_lora_512_b2": ratio((512, 2), costed, "median_s", "lora"),
@@ -139,27 +158,31 @@ def markdown(result: dict) -> str:
     q = result["quality"]
     devices = sorted({s.get("cpu", s.get("device", "?")) for s in result["cost_settings"].values()})
     lines = [
-        f"Quality: the demo model learns `sks` = {q.get('concept', '?')} in {q.get('steps', '?')} steps (lr {q.get('learning_rate', '?')}, "
-        f"min-SNR {q.get('snr_gamma', '?')}, batch {q.get('batch_size', '?')} + prior), {q.get('train_seeds', '?')} training seeds x "
-        f"4 prompts x {q.get('seeds', '?')} sampling seeds per cell (`bench.quality`); concept fidelity with its 95% Wilson interval. "
+        f"Quality: the demo model learns `sks` = {q.get('concept', '?')} in {q.get('steps', '?')} steps (each design's recipe, "
+        f"min-SNR {q.get('snr_gamma', '?')}, batch {q.get('batch_size', '?')} + prior), as many trainings and samples per training "
+        "as the row says (`bench.quality`, 4 prompts x sampling seeds); concept fidelity with its 95% Wilson interval (and per "
+        "training). "
         f"Cost: the SD v1.5 U-Net architecture with random weights, fp32, on {', '.join(devices) or '?'} (`bench.train_cost`): "
         "peak memory over an inference-only forward at 256 px batch 1 and 512 px batch 2, step time over LoRA's at 512 px batch 2. "
         f"Targets for the default: concept >= {TARGETS['concept']}, prompt >= {TARGETS['prompt']}, preservation >= "
         f"{TARGETS['preservation']}, memory <= {TARGETS['memory']}x, step <= {TARGETS['time']}x LoRA.",
         "",
-        "| design | params (SD v1.5) | concept fidelity | prompt fidelity | preservation | memory / inference, 256 px b1 "
-        "| memory / inference, 512 px b2 | step / LoRA, 512 px b2 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| design | params (SD v1.5) | trainings x samples each | concept fidelity | prompt fidelity | preservation "
+        "| memory / inference, 256 px b1 | memory / inference, 512 px b2 | step / LoRA, 512 px b2 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if result.get("base"):
         b = result["base"]
-        lines.append(f"| SD (base) | - | {b['concept_fidelity']['rate']:.2f} | {b['prompt_fidelity']:.2f} | {b['preservation']:.2f} | - | - | - |")
+        lines.append(f"| SD (base) | - | - | {b['concept_fidelity']['rate']:.2f} | {b['prompt_fidelity']:.2f} | {b['preservation']:.2f} | - | - | - |")
     for r in result["rows"]:
         c = r["concept_fidelity"]
         concept = f"{c['rate']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c else "-"
+        if c and len(c.get("per_seed") or []) > 1:
+            concept += " (" + "/".join(f"{x:.2f}" for x in c["per_seed"]) + ")"
         params = f"{r['params_sd15'] / 1e6:.2f}M" if r["params_sd15"] else "-"
-        label = f"**{r['label']}** (the default: +1+2+3 at depth 2)" if r["case"] == BYPASS_DEFAULT[0] else r["label"]
-        lines.append(f"| {label} | {params} | {concept} | {_f(r['prompt_fidelity'])} | {_f(r['preservation'])} | "
+        label = f"**{r['label']}** (the default)" if r["case"] == BYPASS_DEFAULT[0] else r["label"]
+        evidence = f"{r['trainings']} x {r['samples'] // r['trainings']}" if r.get("trainings") else "-"
+        lines.append(f"| {label} | {params} | {evidence} | {concept} | {_f(r['prompt_fidelity'])} | {_f(r['preservation'])} | "
                      f"{_f(r['memory_vs_inference_256_b1'])} | {_f(r['memory_vs_inference_512_b2'])} | {_f(r['step_vs_lora_512_b2'])} |")
     return "\n".join(lines) + "\n"
 
@@ -175,6 +198,9 @@ def main(argv=None) -> dict:
     p.add_argument("--work", type=Path, default=Path("/tmp/bypass-ablation"), help="with --run: where the runs go")
     p.add_argument("--quality", nargs="+", type=Path, default=[], help="bench.quality JSON files")
     p.add_argument("--cost", nargs="+", type=Path, default=[], help="bench.train_cost JSON files (256 px b1, 512 px b2)")
+    p.add_argument("--rename", action="append", default=[], metavar="FILE_LABEL=DESIGN_LABEL",
+                   help="a quality file's row label and the design it measured (repeatable)")
+    p.add_argument("--name", default=None, help="results file name (default bypass_ablation, or bypass_ablation_quick)")
     p.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     args.started = time.time()
@@ -188,12 +214,16 @@ def main(argv=None) -> dict:
     missing = [str(f) for f in [*args.quality, *args.cost] if not f.is_file()]
     if missing or not (args.quality or args.cost):
         p.error(f"no such result file(s): {', '.join(missing)}" if missing else "nothing to join: give --run, or --quality/--cost files")
-    result = join(args.quality, args.cost)
-    name = "bypass_ablation_quick" if args.quick else "bypass_ablation"
+    rename = dict(item.split("=", 1) for item in args.rename)
+    result = join(args.quality, args.cost, rename)
+    name = args.name or ("bypass_ablation_quick" if args.quick else "bypass_ablation")
     write_results(args.out_dir, name, result, markdown(result))
     for path in args.cost:
-        (args.out_dir / path.name).write_text(path.read_text())
-        (args.out_dir / path.with_suffix(".md").name).write_text(path.with_suffix(".md").read_text())
+        # under a name of their own: bench.train_cost's files of the same setting hold every method
+        s = json.loads(path.read_text())["settings"]
+        stem = f"bypass_ablation_cost_{s['device']}_{s['resolution']}px_b{s['batch']}"
+        (args.out_dir / f"{stem}.json").write_text(path.read_text())
+        (args.out_dir / f"{stem}.md").write_text(path.with_suffix(".md").read_text())
     return result
 
 

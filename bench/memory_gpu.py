@@ -98,10 +98,10 @@ def estimate_row(method, resolution, batch, precision, checkpointing, adam8) -> 
     from trainers import memory
 
     facts = memory.model_facts(str(memory.SD1_CONFIGS))
-    trainable, kind = memory._trainable(str(memory.SD1_CONFIGS), method, "{}")
+    trainable, kind, rendered = memory._trainable(str(memory.SD1_CONFIGS), method, "{}")
     est = memory.estimate_parts(facts, trainable, kind, device="cuda", resolution=resolution, batch=batch,
                                 precision=precision.replace("fp32", "no"), checkpointing=checkpointing, adam8=adam8,
-                                unet_only=True)
+                                unet_only=True, rendered=rendered)
     return (est.total - est.parts["overhead"]) / GIB
 
 

@@ -146,6 +146,8 @@ def recipe_for(variant: Variant, args) -> tuple[dict, str]:
     from restuning.methods import METHODS
     from trainers.options import model_recipes
 
+    if isinstance(variant.options.get("learning_rate"), (int, float)):
+        return {"learning_rate": float(variant.options["learning_rate"])}, "the variant's own"
     given = args.full_learning_rate if variant.method == "full" else args.learning_rate
     if given is not None:
         return {"learning_rate": given}, "--full-learning-rate" if variant.method == "full" else "--learning-rate"
@@ -312,9 +314,12 @@ def train(cell: Cell, args, work: Path, started_training: threading.Event | None
     """Run the trainer in a fresh process; return its cost figures and the run folder.
     `started_training` is set once the run is past its class images (which later runs reuse)."""
     from trainers.events import read_events
+    from trainers.options import RUN_MARKERS
 
     run = work / slug_for(cell)
     run.mkdir(parents=True, exist_ok=True)
+    # the trainer writes only into a folder that is empty or marked as a run (its log is here first)
+    (run / RUN_MARKERS[0]).touch()
     config = trainer_config(cell, args, run)
     done = [e for e in read_events(run) if e.get("event") == "phase" and e.get("phase") == "done"]
     if args.resume and done and (run / "config.json").exists() and json.loads((run / "config.json").read_text()) == config:

@@ -114,11 +114,15 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     unet.requires_grad_(False)
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
+    config = None
     if case in ABLATION:
-        restuning.attach(unet, METHODS["bypass"].config(**bypass_config_options(ABLATION[case][1])))
+        config = METHODS["bypass"].config(**bypass_config_options(ABLATION[case][1]))
     elif case != INFERENCE:
-        restuning.attach(unet, METHODS[case].config())
-    if gradient_checkpointing:
+        config = METHODS[case].config()
+    if config is not None:
+        restuning.attach(unet, config)
+    if gradient_checkpointing or (case in ABLATION and ABLATION[case][1].get("gradient_checkpointing")):
+        gradient_checkpointing = True
         unet.enable_gradient_checkpointing()
     trainable = restuning.trainable_parameters(unet)
     if dtype != torch.float32:
@@ -176,6 +180,7 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     losses = [float(v) for v in losses]  # read after the timed loop: .item() per step would sync
     return {
         "case": case,
+        "config": config.to_dict() if config is not None else None,
         "trainable": sum(p.numel() for p in trainable),
         "unet_params": unet_params,
         "peak_bytes": peak_memory(device),

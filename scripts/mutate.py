@@ -31,6 +31,9 @@ LIBRARY_TESTS = ("tests/test_tuner_math.py", "tests/test_equivalence.py", "tests
                  "tests/test_golden.py")
 LOSS_TESTS = ("tests/test_loss_reference.py",)
 LORA_TESTS = ("tests/test_lora_import.py",)
+BYPASS_TESTS = ("tests/test_bypass.py", "tests/test_bypass_contracts.py", "tests/test_bypass_designs.py")
+# One test of tests/test_bypass_contracts.py, by its name.
+BYPASS_CASE = "tests/test_bypass_contracts.py::{}"
 # One golden file's test, by the file's stem.
 GOLDEN_CASE = "tests/test_golden.py::test_a_golden_file_renders_as_the_library_that_wrote_it[{}]"
 # A test of tests/test_lora_import.py that loads a LoRA of the text encoder too, by its node id.
@@ -92,14 +95,33 @@ MUTATIONS = [
              "call.text = text", "tests/test_bypass.py"),
     Mutation("bypass-vertical-reads-backbone", "restuning/methods/bypass/layer.py", "(state + apply_tuner(self.vertical, state))",
              "(state + apply_tuner(self.vertical, feature))", "tests/test_bypass.py"),
-    Mutation("bypass-lambda-swapped", "restuning/methods/bypass/layer.py", "return lam * across + (1 - lam) * (",
-             "return (1 - lam) * across + lam * (", "tests/test_bypass.py"),
+    Mutation("bypass-lambda-swapped", "restuning/methods/bypass/layer.py", "out = lam * across + (1 - lam) * (",
+             "out = (1 - lam) * across + lam * (", "tests/test_bypass.py"),
     Mutation("bypass-text-reads-state", "restuning/methods/bypass/layer.py", "across = across + self.text(feature, text)",
              "across = across + self.text(state, text)", "tests/test_bypass.py"),
-    Mutation("bypass-output-reads-backbone", "restuning/methods/bypass/layer.py", "return self.out(state)",
-             "return self.out(features[-1])", "tests/test_bypass.py"),
+    Mutation("bypass-output-reads-backbone", "restuning/methods/bypass/layer.py", "x = self.out[0](state)",
+             "x = self.out[0](features[-1])", "tests/test_bypass.py"),
     Mutation("bypass-gate-on-state", "restuning/methods/bypass/layer.py", "* (state - features[-1])", "* state",
              "tests/test_bypass.py"),
+    # -- the Bypass's wiring and initialisation (tests/test_bypass_contracts.py)
+    Mutation("bypass-x0-from-tap-output", "restuning/methods/bypass/model.py", "x0 = call.inputs[bypass.paths[0]]",
+             "x0 = call.outputs[bypass.paths[0]]", BYPASS_CASE.format("test_the_network_reads_x0_and_each_tap_where_the_docstring_says"),
+             BYPASS_TESTS),
+    Mutation("bypass-resample-nearest", "restuning/methods/bypass/layer.py",
+             'x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)', 'x = F.interpolate(x, size=size, mode="nearest")',
+             BYPASS_CASE.format("test_resampling_keeps_a_constant_field_constant_and_is_bilinear_up_and_mean_pooled_down"),
+             BYPASS_TESTS),
+    Mutation("bypass-channel-groups-summed", "restuning/methods/bypass/layer.py", ".float() / group", ".float()",
+             BYPASS_CASE.format("test_a_channel_map_averages_groups_down_and_repeats_them_up"), BYPASS_TESTS),
+    Mutation("bypass-prefix-gain-inverted", "restuning/methods/bypass/layer.py", "torch.eye(layer.out.in_features) / layer.gain",
+             "torch.eye(layer.out.in_features) * layer.gain",
+             BYPASS_CASE.format("test_behind_z_res_prefix_wakes_to_pass_its_mixture_as_it_is"), BYPASS_TESTS),
+    Mutation("bypass-kernel-threshold-off-by-one", "restuning/methods/bypass/layer.py", "kernel = 3 if last <= DENSE_3X3_MAX else 1",
+             "kernel = 3 if last < DENSE_3X3_MAX else 1", BYPASS_CASE.format("test_sd15_size_is_pinned_and_z_is_3x3_up_to_320_channels"),
+             BYPASS_TESTS),
+    Mutation("bypass-strength-squared", "restuning/methods/bypass/model.py", "delta = delta * bypass.handle.scale",
+             "delta = delta * bypass.handle.scale ** 2",
+             BYPASS_CASE.format("test_strength_s_gives_the_input_of_the_injection_point_base_plus_s_times_the_change"), BYPASS_TESTS),
     # -- strength at the point where the correction enters (tests/test_contracts.py)
     Mutation("strength-bound-scales-the-whole-attention", "restuning/methods/attention.py", "out = base + strength * (out - base)",
              "out = strength * out", "tests/test_contracts.py::test_bound_prefix_and_prompt_strength_is_their_unbound_form"),
@@ -164,7 +186,7 @@ MUTATIONS = [
              "step_generator(args.seed, step, 0, rank)", LOSS_CASE.format("gradient accumulation"), LOSS_TESTS),
     Mutation("loss-generator-ignores-micro-batch", "trainers/dreambooth.py", "hash((seed, step, micro, process))",
              "hash((seed, step, process))", LOSS_CASE.format("gradient accumulation"), LOSS_TESTS),
-    Mutation("loss-tuners-in-half-precision", "trainers/dreambooth.py", "cast_training_params(unet, dtype=torch.float32)",
+    Mutation("loss-tuners-in-half-precision", "trainers/dreambooth.py", "cast_training_params(model, dtype=torch.float32)",
              "pass", LOSS_CASE.format("bf16 autocast"), LOSS_TESTS),
 ]
 
@@ -181,7 +203,7 @@ def check_targets(mutations=MUTATIONS, root: Path = ROOT) -> list[str]:
 
 def _copy(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for folder in ("restuning", "trainers", "tests", "scripts"):
+    for folder in ("restuning", "trainers", "tests", "scripts", "bench"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 

@@ -67,6 +67,36 @@ def test_each_option_moves_the_estimate_the_way_it_should():
     assert samples.parts["sampling"] > 3 * GIB, "4 images at 512 px decoded at once by the VAE"
 
 
+def test_a_bypass_that_injects_deeper_keeps_the_activations_of_the_blocks_after_it():
+    """Issue 29, item 5: the frozen up blocks after a Bypass's injection point keep their
+    activations for the backward, so the estimate grows with the depth: at the head it is a
+    no-grad forward's, with every up block it nears a Res-Tuner's through the decoder."""
+    from restuning.arch import SD15_UNET_CONFIG
+
+    shares = [memory.rendered_share(SD15_UNET_CONFIG, depth) for depth in range(5)]
+    assert shares[0] == 0 and all(a < b for a, b in zip(shares, shares[1:])) and 0.95 < shares[4] < 1
+    sd = memory.model_facts(str(memory.SD1_CONFIGS))
+    found = {depth: memory._trainable(str(memory.SD1_CONFIGS), "bypass", json.dumps({"depth": depth})) for depth in (0, 1, 2)}
+    assert [found[d][1] for d in found] == ["beside"] * 3 and [found[d][2] for d in found] == shares[:3]
+    base = dict(device="cuda", resolution=512, batch=2, unet_only=True)
+    est = {d: memory.estimate_parts(sd, found[d][0], "beside", rendered=found[d][2], **base).parts["activations"] for d in found}
+    decoder = memory.estimate_parts(sd, 336_200, "decoder", **base).parts["activations"]
+    assert est[0] < est[1] < est[2] < decoder
+    # gradient checkpointing is advice for a Bypass at depth k > 0, not at the head
+    at = {d: memory.estimate_parts(sd, found[d][0], "beside", rendered=found[d][2], **{**base, "unet_only": False}) for d in (0, 2)}
+    assert "gradient_checkpointing" not in [c[0] for c in memory._changes(at[0].settings, "beside")]
+    assert "gradient_checkpointing" in [c[0] for c in memory._changes(at[2].settings, "beside")]
+
+
+def test_the_default_bypass_is_among_the_measured_rows():
+    """The default Bypass (depth 2) at 512 px batch 2, measured on CUDA and on this CPU, is in the
+    table the tolerance test holds."""
+    rows = memory.calibration_table()
+    cases = {(r["source"], r["case"]) for r in rows}
+    assert ("train_cost_sd15_cuda_512px_b2_fp32.json", "bypass") in cases
+    assert ("bypass_ablation_cost_cpu_512px_b2.json", "bypass") in cases
+
+
 def test_the_verdict_names_the_room_and_what_to_lower():
     sd = memory.model_facts(str(memory.SD1_CONFIGS))
     est = memory.estimate_parts(sd, 509_440, "lora", device="cpu", resolution=512, batch=8)

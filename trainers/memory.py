@@ -17,7 +17,9 @@ device, no weights read; the method's trainable count from attaching it to that 
                  holds autocast's half copy of the U-Net (+2 per parameter)
     grads      = trainable x 4
     optimizer  = trainable x 8 (AdamW, two fp32 moments) or x 2 (8-bit AdamW)
-    activations= k[device, precision][method] x units x (0.25 with gradient checkpointing)
+    activations= k[device, precision][method] x units x (0.25 with gradient checkpointing);
+                 a Bypass injecting at depth k: k_bypass + (k_decoder − k_bypass) x the share of
+                 the decoder's activations in its last k up blocks (rendered_share)
                  units = batch x (2 with prior preservation) x latent pixels / 1024 x arch,
                  latent pixels = (resolution / VAE scale)^2, and arch the U-Net's activation size per
                  latent pixel relative to SD v1.5 (channels x layers per level / 4^level, a layer with
@@ -128,29 +130,43 @@ def config_folder(model: str) -> Path | None:
         return None
 
 
-def arch_scale(unet_config: dict) -> float:
-    """Activation size per latent pixel relative to SD v1.5: per level of the U-Net, its channels
-    x its layers / 4^level, down and up paths and the middle block; a layer with attention counts
-    1 + 2 x its transformer depth (3 in SD 1.x and 2.x; 5 and 21 at SDXL's attention levels, whose
-    stacks are 2 and 10 deep)."""
-    def size(cfg: dict) -> float:
-        channels = list(cfg.get("block_out_channels") or [320, 640, 1280, 1280])
-        layers = cfg.get("layers_per_block", 2)
-        layers = layers if isinstance(layers, int) else max(layers)
-        depths = cfg.get("transformer_layers_per_block", 1)
-        depths = [depths] * len(channels) if isinstance(depths, int) else [max(d) if isinstance(d, list) else d for d in depths]
-        down = list(cfg.get("down_block_types") or [])
-        up = list(cfg.get("up_block_types") or [])[::-1]
-        total = 0.0
-        for i, c in enumerate(channels):
-            attn_down = 1 + 2 * depths[i] if i < len(down) and "Attn" in down[i] else 1
-            attn_up = 1 + 2 * depths[i] if i < len(up) and "Attn" in up[i] else 1
-            total += c * (layers * attn_down + (layers + 1) * attn_up) / 4**i
-        return total + channels[-1] * (2 + 2 * depths[-1]) / 4 ** (len(channels) - 1)
+def _level_sizes(cfg: dict) -> tuple[list[float], list[float], float]:
+    """Activation size per latent pixel of each level's down and up blocks (index 0: the full
+    latent resolution) and of the middle block: channels x layers / 4^level, a layer with attention
+    counting 1 + 2 x its transformer depth (3 in SD 1.x and 2.x; 5 and 21 at SDXL's attention
+    levels, whose stacks are 2 and 10 deep)."""
+    channels = list(cfg.get("block_out_channels") or [320, 640, 1280, 1280])
+    layers = cfg.get("layers_per_block", 2)
+    layers = layers if isinstance(layers, int) else max(layers)
+    depths = cfg.get("transformer_layers_per_block", 1)
+    depths = [depths] * len(channels) if isinstance(depths, int) else [max(d) if isinstance(d, list) else d for d in depths]
+    down_types = list(cfg.get("down_block_types") or [])
+    up_types = list(cfg.get("up_block_types") or [])[::-1]
+    down, up = [], []
+    for i, c in enumerate(channels):
+        attn_down = 1 + 2 * depths[i] if i < len(down_types) and "Attn" in down_types[i] else 1
+        attn_up = 1 + 2 * depths[i] if i < len(up_types) and "Attn" in up_types[i] else 1
+        down.append(c * layers * attn_down / 4**i)
+        up.append(c * (layers + 1) * attn_up / 4**i)
+    return down, up, channels[-1] * (2 + 2 * depths[-1]) / 4 ** (len(channels) - 1)
 
+
+def arch_scale(unet_config: dict) -> float:
+    """Activation size per latent pixel relative to SD v1.5: down and up paths and the middle block."""
     from restuning.arch import SD15_UNET_CONFIG
 
+    def size(cfg: dict) -> float:
+        down, up, mid = _level_sizes(cfg)
+        return sum(down) + sum(up) + mid
+
     return size(unet_config) / size(SD15_UNET_CONFIG)
+
+
+def rendered_share(unet_config: dict, depth: int) -> float:
+    """The share of the decoder's (middle and up blocks') activations that lies in its last
+    `depth` up blocks: what a Bypass injecting there keeps for the backward."""
+    _, up, mid = _level_sizes(unet_config)
+    return sum(up[:depth]) / (sum(up) + mid)
 
 
 def _read(folder: Path, part: str) -> dict:
@@ -185,10 +201,12 @@ def model_facts(model: str) -> ModelFacts | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _trainable(model: str, method: str, method_json: str) -> tuple[int, str] | None:
-    """(trainable parameters, activation kind) of a method on the model's U-Net, attached on the
-    meta device. The kind: 'beside' (nothing trains inside the backbone: no gradient through it),
-    'decoder' (only the middle and up blocks), 'whole' (anything earlier), 'lora' (peft)."""
+def _trainable(model: str, method: str, method_json: str) -> tuple[int, str, float] | None:
+    """(trainable parameters, activation kind, rendered share) of a method on the model's U-Net,
+    attached on the meta device. The kind: 'beside' (nothing trains inside the backbone: no
+    gradient through its weights), 'decoder' (only the middle and up blocks), 'whole' (anything
+    earlier), 'lora' (peft). The rendered share: for a Bypass injecting k up blocks before the
+    head, the share of the decoder's activations those frozen blocks keep for the backward."""
     facts = model_facts(model)
     if facts is None:
         return None
@@ -212,13 +230,14 @@ def _trainable(model: str, method: str, method_json: str) -> tuple[int, str] | N
     trainable = sum(p.numel() for p in handle.parameters())
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     inside = [n for n in names if n.split(".", 1)[0] in dict(unet.named_children()) and not n.startswith("restuning")]
+    rendered = rendered_share(facts.unet_config, getattr(config, "depth", 0)) if method == "bypass" else 0.0
     if not inside:
         kind = "beside"
     elif any(not n.startswith(("mid_block", "up_blocks", "conv_norm_out", "conv_out")) for n in inside):
         kind = "whole"
     else:
         kind = "lora" if method == "lora" else "decoder"
-    return trainable, kind
+    return trainable, kind, rendered
 
 
 # -- the estimate ---------------------------------------------------------------------------------
@@ -256,9 +275,10 @@ def _act_k(device: str, half: bool, kind: str) -> float:
 
 def estimate_parts(facts: ModelFacts, trainable: int, kind: str, *, device: str, resolution: int, batch: int,
                    prior: bool = False, precision: str = "no", checkpointing: bool = False, adam8: bool = False,
-                   validation_images: int = 0, class_batch: int = 0, unet_only: bool = False) -> Estimate:
+                   validation_images: int = 0, class_batch: int = 0, unet_only: bool = False, rendered: float = 0.0) -> Estimate:
     """The formula of the module's docstring. `unet_only`: the U-Net's training step alone (what
-    bench/train_cost measures), without the VAE, the text encoder and sampling."""
+    bench/train_cost measures), without the VAE, the text encoder and sampling. `rendered`: the
+    share of the decoder's activations a 'beside' method keeps (a Bypass at depth k > 0)."""
     half = precision in ("fp16", "bf16")
     b_w = 2 if half else 4
     full = kind == "whole" and trainable >= facts.unet_params
@@ -267,8 +287,11 @@ def estimate_parts(facts: ModelFacts, trainable: int, kind: str, *, device: str,
     grads = trainable * 4
     optimizer = trainable * (2 if adam8 else 8)
     latent = (resolution / facts.vae_scale) ** 2 / 1024 * facts.arch
-    activations = _act_k(device, half, kind) * batch * (2 if prior else 1) * latent
-    if checkpointing and kind != "beside":
+    k = _act_k(device, half, kind)
+    if kind == "beside" and rendered:
+        k += (_act_k(device, half, "decoder") - k) * rendered
+    activations = k * batch * (2 if prior else 1) * latent
+    if checkpointing and (kind != "beside" or rendered):
         activations *= CHECKPOINTING
     sampling = 0.0
     if not unet_only:
@@ -283,7 +306,7 @@ def estimate_parts(facts: ModelFacts, trainable: int, kind: str, *, device: str,
              "activations": activations, "sampling": sampling}
     host = total if device == "cpu" else HOST_OVERHEAD_CUDA + frozen * b_w
     settings = {"resolution": resolution, "batch": batch, "prior": prior, "precision": precision, "checkpointing": checkpointing,
-                "adam8": adam8, "validation_images": validation_images, "kind": kind, "trainable": trainable}
+                "adam8": adam8, "validation_images": validation_images, "kind": kind, "trainable": trainable, "rendered": rendered}
     return Estimate(int(total), {k: int(v) for k, v in parts.items()}, device, settings, int(host))
 
 
@@ -301,13 +324,13 @@ def estimate(options, device: str = "cpu") -> Estimate | None:
     found = _trainable(model, method_config.method, method_json) if facts is not None else None
     if found is None:
         return None
-    trainable, kind = found
+    trainable, kind, rendered = found
     validation = len(args.validation_prompt or []) and args.num_validation_images
     return estimate_parts(facts, trainable, kind, device=_device_kind(device), resolution=args.resolution,
                           batch=args.train_batch_size, prior=args.with_prior_preservation,
                           precision=args.mixed_precision or "no", checkpointing=args.gradient_checkpointing,
                           adam8=args.use_8bit_adam, validation_images=int(validation or 0),
-                          class_batch=args.sample_batch_size if args.with_prior_preservation else 0)
+                          class_batch=args.sample_batch_size if args.with_prior_preservation else 0, rendered=rendered)
 
 
 def estimate_config(config: dict, device: str = "cpu") -> Estimate | None:
@@ -430,7 +453,7 @@ def _changes(settings: dict, kind: str) -> list[tuple[str, str, dict]]:
     if settings["resolution"] > 256:
         half = max(64, settings["resolution"] // 2 // 8 * 8)
         out.append(("resolution", f"resolution {half} (--resolution {half})", {"resolution": half}))
-    if not settings["checkpointing"] and kind != "beside":
+    if not settings["checkpointing"] and (kind != "beside" or settings.get("rendered")):
         out.append(("gradient_checkpointing", "gradient checkpointing on (--gradient_checkpointing)", {"checkpointing": True}))
     if settings["prior"]:
         out.append(("with_prior_preservation", "prior preservation off", {"prior": False}))
@@ -446,7 +469,8 @@ def advice(est: Estimate, facts: ModelFacts, limit: int) -> str:
     them together."""
     s = est.settings
     base = dict(device=est.device, resolution=s["resolution"], batch=s["batch"], prior=s["prior"], precision=s["precision"],
-                checkpointing=s["checkpointing"], adam8=s["adam8"], validation_images=s["validation_images"])
+                checkpointing=s["checkpointing"], adam8=s["adam8"], validation_images=s["validation_images"],
+                rendered=s.get("rendered", 0.0))
     fits, together = [], dict(base)
     for _, text, change in _changes(s, s["kind"]):
         new = estimate_parts(facts, s["trainable"], s["kind"], **{**base, **change})
@@ -562,6 +586,37 @@ def line(verdict: Verdict) -> str:
     return text
 
 
+# The bench results the estimate is checked against: (file, device). The SD v1.5 U-Net's training
+# step alone (bench.train_cost and bench.gpu_check; the Bypass's designs from bench.bypass_ablation).
+CALIBRATION_FILES = (
+    ("train_cost_sd15_cpu_256px_b1_fp32.json", "cpu"), ("train_cost_sd15_cpu_512px_b2_fp32.json", "cpu"),
+    ("gpu_check_h200.json", "cuda"), ("train_cost_sd15_cuda_256px_b1_fp32.json", "cuda"),
+    ("train_cost_sd15_cuda_512px_b2_fp32.json", "cuda"),
+    ("bypass_ablation_cost_cpu_256px_b1.json", "cpu"), ("bypass_ablation_cost_cpu_512px_b2.json", "cpu"),
+)
+
+
+def _design(row: dict) -> tuple[str, str]:
+    """(method, config JSON) a bench row was measured with: its recorded config; else an ablation
+    case's; else, for a Bypass row written before configs were recorded, the design (default or
+    ablation) with its trainable count on SD v1.5; else the method's defaults."""
+    from bench import BYPASS_ABLATION, bypass_config_options  # the designs the bench results name
+
+    if isinstance(row.get("config"), dict):
+        config = dict(row["config"])
+        return config.pop("method"), json.dumps(config, sort_keys=True)
+    designs = {case: bypass_config_options(options) for case, _, options in BYPASS_ABLATION}
+    if row["case"] in designs:
+        return "bypass", json.dumps(designs[row["case"]], sort_keys=True)
+    if row["case"] == "bypass" and row.get("trainable"):
+        for options in [{}, *designs.values()]:
+            text = json.dumps(options, sort_keys=True)
+            if _trainable(str(SD1_CONFIGS), "bypass", text)[0] == row["trainable"]:
+                return "bypass", text
+    return row["case"], "{}"
+
+
+@functools.lru_cache(maxsize=64)
 def calibration_table() -> list[dict]:
     """Estimate against measurement for the settings of the bench results (U-Net training step
     alone) and of the demo model's CLI runs (whole process): what tests/test_memory.py checks.
@@ -570,27 +625,28 @@ def calibration_table() -> list[dict]:
 
     rows = []
     root = REPO_ROOT / "bench" / "results"
-    files = [("train_cost_sd15_cpu_256px_b1_fp32.json", "sd1"), ("train_cost_sd15_cpu_512px_b2_fp32.json", "sd1"),
-             ("gpu_check_h200.json", "sd1")]
-    files += [(p.name, family) for arch, family in (("sd2", "sd2"), ("sdxl", "sdxl")) for p in sorted(root.glob(f"train_cost_{arch}_*.json"))]
-    for name, family in files:
-        data = json.loads((root / name).read_text())
-        rows += _calibration_rows(name, data, str(CONFIGS[family]))
+    files = [(name, device, "sd1") for name, device in CALIBRATION_FILES]
+    files += [(p.name, None, family) for arch, family in (("sd2", "sd2"), ("sdxl", "sdxl"))
+              for p in sorted(root.glob(f"train_cost_{arch}_*.json"))]
+    for name, device, family in files:
+        if (root / name).is_file():
+            rows += _calibration_rows(name, json.loads((root / name).read_text()), str(CONFIGS[family]), device)
     return rows
 
 
-def _calibration_rows(name: str, data: dict, configs: str) -> list[dict]:
+def _calibration_rows(name: str, data: dict, configs: str, device: str | None) -> list[dict]:
     facts, s = model_facts(configs), data["settings"]
-    device = "cuda" if name.startswith("gpu_check") or s.get("device") == "cuda" else "cpu"
+    device = device or ("cuda" if s.get("device") == "cuda" else "cpu")
     rows = []
     for row in (data.get("rows") or data.get("table6") or []) + data.get("variants", []):
         if row["case"] == "inference" or not row.get("peak_bytes"):
             continue
-        trainable, kind = _trainable(configs, row["case"], "{}")
+        method, config = _design(row) if configs == str(SD1_CONFIGS) else (row["case"], "{}")
+        trainable, kind, rendered = _trainable(configs, method, config)
         precision = row.get("precision") or s["precision"]
         est = estimate_parts(facts, trainable, kind, device=device, resolution=s["resolution"], batch=s["batch"],
                              precision=precision.replace("fp32", "no"), checkpointing=bool(row.get("gradient_checkpointing")),
-                             adam8=row.get("optimizer") == "AdamW8bit", unet_only=True)
+                             adam8=row.get("optimizer") == "AdamW8bit", unet_only=True, rendered=rendered)
         # the bench's CUDA figure is torch's allocated memory: no context, no allocator slack
         value = est.total - (est.parts["overhead"] if device == "cuda" else 0)
         case = row["case"] + (f" ({row['key']})" if row in data.get("variants", []) else "")

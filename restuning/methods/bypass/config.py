@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from ...config import ConfigError, MethodConfig, option
 from .layer import KINDS, OUTPUTS
 
+GRADIENTS = ("exact", "skip-attention", "skip-path")
+
 TAP_GROUPS = ("mid", "up")
 
 
@@ -25,11 +27,22 @@ class BypassConfig(MethodConfig):
     dim: int = option(32, "tuner width: Convpass and adapter bottleneck, number of prefix or prompt tokens")
     heads: int = option(8, "attention heads of Res-Prefix, Res-Prompt and the text tuners")
     text: bool = option(True, "a cross-attention Res-Tuner at each tap that reads the prompt's (detached) text embeddings")
-    output: str = option("zero-conv", "how the bypass reaches the backbone: 'zero-conv' Δ = Z(SiLU(GN(x_L^b))), Z a zero-initialised "
-                         "3x3 conv; 'gate' g ⊙ (x_L^b − x_L), the first design, which learns nothing (kept for the ablation)", choices=OUTPUTS)
+    output: str = option("zero-conv", "how the bypass state becomes the correction: 'zero-conv' Δ = Z(SiLU(GN(x_L^b))), Z a "
+                         "zero-initialised conv; 'gate' g ⊙ (x_L^b − x_L), the first design; 'modulate' x_L·γ + β, [γ; β] from Z; "
+                         "'rearrange' attention that moves x_L's own features (the last three: ablation rows)", choices=OUTPUTS)
     depth: int = option(2, "where Δ enters: 0 the head's input (the paper's: cheapest, learns little); k the input of the k-th up "
                         "block from the end, so the last k frozen up blocks render the correction and keep their activations for "
                         "backward (more memory and time; no weight gradients)")
+    gradient: str = option("exact", "how training reaches a bypass at depth k > 0: 'exact' through the frozen blocks after it; "
+                           "'skip-attention' with their attention blocks' Jacobian taken as the identity (their activations not kept); "
+                           "'skip-path' along their linear skip path only (ablation rows: both learn less)", choices=GRADIENTS)
+    into: str = option("input", "'input': Δ joins the input of the injection point; 'noise': the U-Net's output (depth 0; an ablation row)",
+                       choices=("input", "noise"))
+    time: str = option("none", "FiLM of the U-Net's time embedding on the output ('out') or on every stage too ('all'); an ablation row",
+                       choices=("none", "out", "all"))
+    refine: int = option(0, "residual Convpass blocks (with text tuners) after the chain, at the output's resolution; an ablation row")
+    trigger: bool = option(False, "scale the correction by a gate on the prompt's most concept-like token (needs text)")
+    readouts: bool = option(False, "every stage's state reaches Δ through its own zero-initialised read-out; an ablation row")
 
     def validate(self) -> None:
         super().validate()
@@ -37,3 +50,9 @@ class BypassConfig(MethodConfig):
             raise ConfigError("bypass: taps must include 'up' at depth 0: the last up block's output is what the bypass corrects")
         if self.depth < 0:
             raise ConfigError(f"bypass: depth must be 0 (the head) or a number of up blocks, got {self.depth}")
+        if self.into == "noise" and (self.depth or self.output not in ("zero-conv",)):
+            raise ConfigError("bypass: into='noise' needs depth 0 and the zero-conv output (the correction is added to the predicted noise)")
+        if self.gradient != "exact" and not self.depth:
+            raise ConfigError(f"bypass: gradient={self.gradient!r} needs depth > 0 (at the head no frozen block follows the injection)")
+        if self.refine < 0:
+            raise ConfigError(f"bypass: refine must be 0 or more, got {self.refine}")

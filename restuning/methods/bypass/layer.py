@@ -8,7 +8,7 @@ c the (detached) text embeddings:
     x_l^b = λ_l·H_l(x_l) + (1-λ_l)·V_l(R_l(x_{l-1}^b)),   λ_l = sigmoid(a_l), a_l = 0  (Eq. 8)
 
 H_l and V_l are Res-Tuners beside an identity OP (Eq. 7): H(x) = x + h(x) [+ t(x, c)],
-V(s) = s + v(s), with h, v a Convpass (below), or an Adapter, Res-Prefix or Res-Prompt
+V(s) = s + v(s), with h, v a Convpass (blocks.py), or an Adapter, Res-Prefix or Res-Prompt
 (restuning.tuners) applied to the map's H·W tokens. With `text`, t is a Res-Tuner beside the
 backbone's cross-attention: its own W_q reads x, its own W_k, W_v read c. R_l brings the state to
 tap l's channels and resolution: a 1x1 channel map (none when the channels agree; initialised to
@@ -40,57 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...tuners import Adapter, ResPrefix, ResPrompt, make_tuner
+from . import variants
+from .blocks import Convpass, TextAttention
 
-OUTPUTS = ("zero-conv", "gate")
+OUTPUTS = ("zero-conv", "gate", "modulate", "rearrange")
 # Z is a 3x3 conv up to the width of SD's head input (320 channels: 0.92M parameters) and a 1x1
 # conv at the wider inputs of deeper injection points (a 3x3 at 1280 channels would be 14.7M).
 DENSE_3X3_MAX = 320
 
 
-class Convpass(nn.Module):
-    """A convolutional bypass (Convpass, Jie & Deng 2022, cited by the paper): 1x1 conv to `dim`
-    channels, 3x3 conv at that width, 1x1 conv back, GELU between. The 3x3 conv gives the chain
-    spatial reach at dim² instead of C² parameters; the last conv starts at zero."""
-
-    def __init__(self, channels: int, dim: int):
-        super().__init__()
-        self.down = nn.Conv2d(channels, dim, 1)
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
-        self.up = nn.Conv2d(dim, channels, 1)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(F.gelu(self.conv(F.gelu(self.down(x)))))
-
-
 KINDS = ("convpass", "adapter", "prefix", "prompt")
-
-
-class TextAttention(nn.Module):
-    """t(x, c) = Attn(LN(x) W_q, c W_k, c W_v) W_o per pixel of x: a Res-Tuner beside the
-    backbone's cross-attention, with its own projections into `width` channels."""
-
-    def __init__(self, channels: int, text_channels: int, width: int = 64, heads: int = 8):
-        super().__init__()
-        self.heads = heads if width % heads == 0 else 1
-        self.query = nn.Linear(channels, width, bias=False)
-        self.key = nn.Linear(text_channels, width, bias=False)
-        self.value = nn.Linear(text_channels, width, bias=False)
-        self.out = nn.Linear(width, channels)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: Tensor, text: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        tokens = F.layer_norm(x.flatten(2).transpose(1, 2), (c,))
-
-        def split(t):
-            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(self.query(tokens)), split(self.key(text)), split(self.value(text)))
-        out = self.out(out.transpose(1, 2).flatten(2))
-        return out.transpose(1, 2).reshape(b, c, h, w)
 
 
 def _make(kind: str, channels: int, dim: int, heads: int) -> nn.Module:
@@ -99,12 +58,15 @@ def _make(kind: str, channels: int, dim: int, heads: int) -> nn.Module:
 
 def _wake(module: nn.Module) -> None:
     """Start each tuner's zero-initialised output layer live: PyTorch's default init for layers,
-    and Res-Prefix's W_o at I/gain, so that it passes its (random) values' mixture as it is."""
+    Res-Prefix's W_o at I/gain, so that it passes its (random) values' mixture as it is, and a
+    module's own `wake()` where it has one."""
     for layer in module.modules():
         if isinstance(layer, (Convpass, Adapter)):
             layer.up.reset_parameters()
         elif isinstance(layer, (ResPrompt, TextAttention)):
             layer.out.reset_parameters()
+        elif hasattr(layer, "wake"):
+            layer.wake()
         elif isinstance(layer, ResPrefix):
             with torch.no_grad():
                 layer.out.weight.copy_(torch.eye(layer.out.in_features) / layer.gain)
@@ -168,55 +130,84 @@ class Resampler(nn.Module):
 
 
 class BypassStage(nn.Module):
-    """One l of Eq. 8."""
+    """One l of Eq. 8 (with `film`, the stage's output x_l^b goes through a FiLM of the time embedding)."""
 
     def __init__(self, in_channels: int, channels: int, horizontal: str, vertical: str, dim: int, heads: int,
-                 text_channels: int | None = None):
+                 text_channels: int | None = None, film: nn.Module | None = None):
         super().__init__()
         self.resample = Resampler(in_channels, channels)
         self.horizontal = _make(horizontal, channels, dim, heads)
         self.vertical = _make(vertical, channels, dim, heads)
         self.text = TextAttention(channels, text_channels, heads=heads) if text_channels else None
+        self.film = film
         self.mix = nn.Parameter(torch.zeros(()))  # a_l: λ = sigmoid(0) = 0.5 at start
 
-    def forward(self, feature: Tensor, state: Tensor, text: Tensor | None = None) -> Tensor:
+    def forward(self, feature: Tensor, state: Tensor, text: Tensor | None = None, temb: Tensor | None = None) -> Tensor:
         state = self.resample(state, feature.shape[-2:])
         across = feature + apply_tuner(self.horizontal, feature)
         if self.text is not None:
             across = across + self.text(feature, text)
         lam = torch.sigmoid(self.mix)
-        return lam * across + (1 - lam) * (state + apply_tuner(self.vertical, state))
+        out = lam * across + (1 - lam) * (state + apply_tuner(self.vertical, state))
+        return self.film(out, temb) if self.film is not None else out
 
 
 class BypassNetwork(nn.Module):
-    """The whole chain: reads x_0, x_1..x_L (and c), returns the correction Δ."""
+    """The whole chain: reads x_0, x_1..x_L (and c, and the time embedding e), returns Δ.
+
+    `channels`: x_0's channel count, then each tap's. `text_channels`: the width of the text
+    embeddings the text tuners read (None: no text tuners). `out_channels`: Δ's channels when they
+    differ from x_L's (a correction of the U-Net's output). The rest are the ablation's options
+    (variants.py): `time` 'out' or 'all' FiLMs of e, `refine` blocks, `readouts` from every stage.
+    """
 
     def __init__(self, channels: list[int], horizontal: str, vertical: str, dim: int, heads: int,
-                 output: str = "zero-conv", text_channels: int | None = None):
-        """`channels`: x_0's channel count, then each tap's; `text_channels`: the width of the
-        text embeddings the cross-attention tuners read (None: no text tuners)."""
+                 output: str = "zero-conv", text_channels: int | None = None, *, out_channels: int | None = None,
+                 time: str = "none", time_channels: int | None = None, refine: int = 0, readouts: bool = False,
+                 trigger: bool = False):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"unknown bypass output {output!r}; choose from {', '.join(OUTPUTS)}")
-        self.output = output
+        if time != "none" and not time_channels:
+            raise ValueError("a time-conditioned bypass needs the time embedding's width")
+        self.output, self.time = output, time
         self.stages = nn.ModuleList(
-            BypassStage(c_in, c_out, horizontal, vertical, dim, heads, text_channels) for c_in, c_out in zip(channels, channels[1:])
+            BypassStage(c_in, c_out, horizontal, vertical, dim, heads, text_channels,
+                        variants.Film(time_channels, c_out) if time == "all" else None)
+            for c_in, c_out in zip(channels, channels[1:])
         )
         last = channels[-1]
+        self.refine = nn.ModuleList(variants.Refine(last, dim, heads, text_channels, time_channels if time != "none" else None)
+                                    for _ in range(refine))
+        self.trigger = variants.TokenGate(text_channels) if trigger and text_channels else None
+        self.readouts = nn.ModuleList(variants.readout(c, out_channels or last) for c in channels[1:-1]) if readouts else None
         if output == "gate":
             self.gate = nn.Parameter(torch.zeros(last))
-        else:
-            kernel = 3 if last <= DENSE_3X3_MAX else 1
-            self.out = nn.Sequential(nn.GroupNorm(math.gcd(32, last), last), nn.SiLU(), nn.Conv2d(last, last, kernel, padding=kernel // 2))
-            nn.init.zeros_(self.out[2].weight)
-            nn.init.zeros_(self.out[2].bias)
-            _wake(self.stages)
+            return
+        kernel = 3 if last <= DENSE_3X3_MAX else 1
+        width = 2 * last if output == "modulate" else out_channels or last
+        # GN, SiLU, Z: a Sequential whose state keys (out.0, out.2) every format-3 file holds
+        z = nn.Identity() if output == "rearrange" else nn.Conv2d(last, width, kernel, padding=kernel // 2)
+        self.out = nn.Sequential(nn.GroupNorm(math.gcd(32, last), last), nn.SiLU(), z)
+        if isinstance(z, nn.Conv2d):
+            nn.init.zeros_(z.weight)
+            nn.init.zeros_(z.bias)
+        self.out_film = variants.Film(time_channels, last) if time != "none" else None
+        self.arrange = variants.Rearrange(last, heads=heads) if output == "rearrange" else None
+        _wake(self.stages)
+        _wake(self.refine)
+        if self.out_film is not None and self.arrange is None:
+            self.out_film.wake()
 
     @property
     def uses_text(self) -> bool:
         return self.stages[0].text is not None
 
-    def forward(self, x0: Tensor, features: list[Tensor], text: Tensor | None = None) -> Tensor:
+    @property
+    def uses_time(self) -> bool:
+        return self.time != "none"
+
+    def forward(self, x0: Tensor, features: list[Tensor], text: Tensor | None = None, temb: Tensor | None = None) -> Tensor:
         dtype = self.stages[0].mix.dtype
         state = x0.to(dtype)
         features = [f.to(dtype) for f in features]
@@ -224,8 +215,30 @@ class BypassNetwork(nn.Module):
             if text is None:
                 raise ValueError("this bypass reads the text embeddings; none were given")
             text = text.to(dtype)
+        if self.uses_time:
+            if temb is None:
+                raise ValueError("this bypass reads the time embedding; none was given")
+            temb = temb.to(dtype)
+        states = []
         for stage, feature in zip(self.stages, features, strict=True):
-            state = stage(feature, state, text)
+            state = stage(feature, state, text, temb)
+            states.append(state)
+        for block in self.refine:
+            state = block(state, text, temb)
         if self.output == "gate":
             return self.gate.view(1, -1, 1, 1) * (state - features[-1])
-        return self.out(state)
+        x = self.out[0](state)
+        if self.out_film is not None:
+            x = self.out_film(x, temb)
+        x = self.out[1](x)
+        if self.arrange is not None:
+            return self.arrange(x, features[-1])
+        out = self.out[2](x)
+        if self.output == "modulate":
+            scale, shift = out.chunk(2, dim=1)
+            out = features[-1] * scale + shift
+        for head, earlier in zip(self.readouts or [], states):
+            out = out + F.interpolate(head(earlier), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        if self.trigger is not None:
+            out = out * self.trigger(text).to(out.dtype)
+        return out

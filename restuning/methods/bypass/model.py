@@ -8,8 +8,10 @@ added at the injection point, whose input is x_L:
 
     depth 0 (the paper's):  output = head(x_L + s·Δ)       head: conv_norm_out -> act -> conv_out
     depth k:                up_blocks[-k] reads x_L + s·Δ  (and the frozen blocks after it run as usual)
+    into 'noise':           output = head(x_L) + s·Δ       (Δ with the output's channels)
 
-s is the strength set by restuning.set_scale; 0 skips the bypass.
+s is the strength set by restuning.set_scale; 0 skips the bypass. The time embedding e the
+blocks read (the input of the first tap) is captured too, for the ablation's FiLM option.
 
 Memory by design: while any bypass is active in a call, the backbone up to the injection point
 runs with grad disabled (the effect of `torch.no_grad()`, not inference mode: the tapped features
@@ -20,6 +22,16 @@ frozen, so no weight gradients and no optimiser state). If anything upstream doe
 input that requires grad, a trainable parameter of the backbone such as a Res-Tuner attached
 beside the bypass), the backbone runs with grad as usual: the result stays correct and only the
 saving is lost.
+
+At depth k, `gradient` chooses what training records after the injection (values are exact in
+every mode; only the gradient differs):
+
+    'exact'           the blocks as they are
+    'skip-attention'  their attention blocks run without autograd; their Jacobian is taken as the
+                      identity (a transformer block is x + f(x): the gradient of x alone)
+    'skip-path'       nothing after the injection is recorded; the head receives
+                      S(Δ) − S(Δ).detach(), S the blocks' linear skip path (skip_path), so the
+                      gradient reaching Δ is Sᵀ of the head's
 
 Everything is done with hooks, so an ordinary `unet(sample, t, text)` call or `pipe(...)` runs
 the bypass. One set of hooks per U-Net serves every attached bypass. What one call captures
@@ -39,6 +51,7 @@ import contextvars
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core import AttachError, Attached, routing_of
@@ -54,6 +67,8 @@ class _Bypass:
     network: BypassNetwork
     paths: list[str]
     inject: str
+    gradient: str = "exact"  # BypassConfig.gradient
+    rendered: int = 0  # index of the first up block after the injection point (len(up_blocks) at the head)
 
 
 @dataclass
@@ -64,10 +79,13 @@ class _Call:
     active: list[str]
     fanout: tuple | None
     text: Tensor | None = None
+    temb: Tensor | None = None
     expanded: tuple | None = None  # fan-out below the head: (the block it began at, batch, copies)
     inputs: dict[str, Tensor] = field(default_factory=dict)
     outputs: dict[str, Tensor] = field(default_factory=dict)
     token: contextvars.Token | None = None
+    light: bool = False  # attention after the injection runs without autograd, its gradient the identity
+    pending: list = field(default_factory=list)  # (name, Δ with grad, rows) awaiting the head (straight-through)
 
 
 _call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("restuning_bypass_call", default=None)
@@ -94,8 +112,13 @@ def tap_paths(unet: nn.Module, taps, depth: int = 0) -> list[str]:
     return paths
 
 
-def injection_path(unet: nn.Module, depth: int) -> str:
+OUTPUT = "<output>"  # the injection point "the U-Net's output" (no module's input)
+
+
+def injection_path(unet: nn.Module, depth: int, at_output: bool = False) -> str:
     """The module whose input the bypass corrects: the head at depth 0, else up_blocks[-depth]."""
+    if at_output:
+        return OUTPUT
     if depth:
         return f"up_blocks.{len(unet.up_blocks) - depth}"
     return "conv_norm_out" if unet.conv_norm_out is not None else "conv_out"
@@ -114,6 +137,11 @@ def text_channels(unet: nn.Module) -> int:
     if not isinstance(width, int):
         raise AttachError(f"bypass text tuners need one cross-attention width; this U-Net has {width!r} (set text=false)")
     return width
+
+
+def time_channels(unet: nn.Module) -> int:
+    """Width of the time embedding the U-Net's blocks receive."""
+    return unet.time_embedding.linear_2.out_features
 
 
 def _hidden(args, kwargs) -> Tensor:
@@ -163,14 +191,22 @@ class _Runner:
         firsts = {b.paths[0] for b in self.bypasses.values()}
         taps = {p for b in self.bypasses.values() for p in b.paths}
         injections = {b.inject for b in self.bypasses.values()}
+        head = injection_path(unet, 0)
+        straight = any(b.gradient == "skip-path" for b in self.bypasses.values())
+        light = sorted({i for b in self.bypasses.values() if b.gradient == "skip-attention" for i in range(b.rendered, len(unet.up_blocks))})
+        attentions = [m for i in light for m in (getattr(unet.up_blocks[i], "attentions", None) or [])]
         # Below an up-block injection, a fan-out's later up blocks need their skip connections,
         # time and text embeddings copied once per task as well.
         followers = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))] if any(p.startswith("up_blocks.") for p in injections) else []
         self.hooks = [
             unet.register_forward_pre_hook(self._begin, with_kwargs=True),
             unet.register_forward_hook(self._end, with_kwargs=True, always_call=True),
-            *(unet.get_submodule(p).register_forward_pre_hook(self._injector(p), with_kwargs=True) for p in sorted(injections)),
+            *(unet.get_submodule(p).register_forward_pre_hook(self._injector(p), with_kwargs=True)
+              for p in sorted(injections) if p != OUTPUT),
             *(unet.get_submodule(p).register_forward_pre_hook(_follower(p), with_kwargs=True) for p in followers),
+            *([unet.get_submodule(head).register_forward_pre_hook(self._straight_through, with_kwargs=True)] if straight else []),
+            *(m.register_forward_pre_hook(_attention_off, with_kwargs=True) for m in attentions),
+            *(m.register_forward_hook(_attention_identity, with_kwargs=True) for m in attentions),
             *(unet.get_submodule(p).register_forward_pre_hook(_capture_input(p), with_kwargs=True) for p in sorted(firsts)),
             *(unet.get_submodule(p).register_forward_hook(_capture_output(p)) for p in sorted(taps)),
         ]
@@ -194,8 +230,19 @@ class _Runner:
 
     def _end(self, module, args, kwargs, output):
         call = _call.get()
-        if call is not None and call.token is not None:
+        if call is None or call.token is None:
+            return None
+        try:
             torch.set_grad_enabled(call.grad)
+            if OUTPUT not in {b.inject for b in self.bypasses.values()} or (not call.active and call.fanout is None):
+                return None
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            changed = self._inject(OUTPUT, call, sample, (), {"hidden_states": sample})
+            if changed is None:
+                return None
+            sample = changed[1]["hidden_states"]
+            return (sample, *output[1:]) if isinstance(output, tuple) else type(output)(sample=sample)
+        finally:
             _call.reset(call.token)
 
     def _injector(self, path: str):
@@ -203,30 +250,57 @@ class _Runner:
             call = _call.get()
             if call is None or (not call.active and call.fanout is None):
                 return None
-            torch.set_grad_enabled(call.grad)
-            x = _hidden(args, kwargs)
-            if call.fanout is not None:
-                if path != self._fanout_path(call.fanout):
-                    return None
-                batch, times = x.shape[0], len(call.fanout)
-                x = torch.cat([x if n is None else x + self._delta(n, call, x) for n in call.fanout])
-                if times > 1 and path.startswith("up_blocks."):
-                    call.expanded = (path, batch, times)
-                    args, kwargs = _expand(args, kwargs, batch, times)
-                return _with_hidden(args, kwargs, x)
-            changed = False
-            for name in call.active:
-                if self.bypasses[name].inject != path:
-                    continue
-                routing = routing_of(name, x.shape[0], x.device)
-                if routing.all:
-                    x = x + self._delta(name, call, x)
-                elif routing.any:
-                    x = x.index_add(0, routing.rows, self._delta(name, call, x, routing.rows))
-                changed = True
-            return _with_hidden(args, kwargs, x) if changed else None
+            # Autograd resumes here for the blocks after the injection, unless every bypass entering
+            # here is straight-through ('skip-path'); 'skip-attention' leaves their attention out.
+            here = [n for n in call.active if self.bypasses[n].inject == path]
+            recorded = [n for n in here if self.bypasses[n].gradient != "skip-path"]
+            call.light = call.grad and any(self.bypasses[n].gradient == "skip-attention" for n in recorded)
+            torch.set_grad_enabled(call.grad and (call.fanout is not None or bool(recorded) or not here))
+            return self._inject(path, call, _hidden(args, kwargs), args, kwargs)
 
         return hook
+
+    def _straight_through(self, module, args, kwargs):
+        """At the head: each straight-through Δ's gradient path, S(Δ) − S(Δ).detach() (zero in value)."""
+        call = _call.get()
+        if call is None or not call.pending:
+            return None
+        torch.set_grad_enabled(call.grad)
+        x = _hidden(args, kwargs)
+        for name, delta, rows in call.pending:
+            path = skip_path(self.unet, self.bypasses[name].rendered, delta, x.shape[-2:])
+            term = (path - path.detach()).to(x.dtype)
+            x = x + term if rows is None else x.index_add(0, rows, term)
+        call.pending.clear()
+        return _with_hidden(args, kwargs, x)
+
+    def _inject(self, path: str, call: "_Call", x: Tensor, args, kwargs):
+        if call.fanout is not None:
+            if path != self._fanout_path(call.fanout):
+                return None
+            batch, times = x.shape[0], len(call.fanout)
+            x = torch.cat([x if n is None else x + self._delta(n, call, x) for n in call.fanout])
+            if times > 1 and path.startswith("up_blocks."):
+                call.expanded = (path, batch, times)
+                args, kwargs = _expand(args, kwargs, batch, times)
+            return _with_hidden(args, kwargs, x)
+        changed = False
+        for name in call.active:
+            if self.bypasses[name].inject != path:
+                continue
+            routing = routing_of(name, x.shape[0], x.device)
+            if not routing.any:
+                continue
+            rows = None if routing.all else routing.rows
+            straight = self.bypasses[name].gradient == "skip-path" and call.grad
+            with torch.set_grad_enabled(call.grad):
+                delta = self._delta(name, call, x, rows)
+            if straight:
+                call.pending.append((name, delta, rows))
+                delta = delta.detach()
+            x = x + delta if rows is None else x.index_add(0, rows, delta)
+            changed = True
+        return _with_hidden(args, kwargs, x) if changed else None
 
     def _fanout_path(self, names) -> str:
         paths = {self.bypasses[n].inject for n in names if n is not None}
@@ -237,10 +311,12 @@ class _Runner:
         x0 = call.inputs[bypass.paths[0]]
         features = [call.outputs[p] for p in bypass.paths]
         text = call.text if bypass.network.uses_text else None
+        temb = call.temb if bypass.network.uses_time else None
         if rows is not None:
             x0, features = x0[rows], [f[rows] for f in features]
             text = None if text is None else text[rows]
-        delta = bypass.network(x0, features, text)
+            temb = None if temb is None else temb[rows]
+        delta = bypass.network(x0, features, text, temb)
         if bypass.handle.scale != 1:
             delta = delta * bypass.handle.scale
         return delta.to(x.dtype)
@@ -251,6 +327,55 @@ class _Runner:
         if any(isinstance(v, Tensor) and v.requires_grad for v in values):
             return True
         return any(p.requires_grad and id(p) not in self.own for p in self.unet.parameters())
+
+
+def _attention_off(module, args, kwargs):
+    call = _call.get()
+    if call is not None and call.light and torch.is_grad_enabled():
+        module._restuning_input = _hidden(args, kwargs)
+        torch.set_grad_enabled(False)
+
+
+def _attention_identity(module, args, kwargs, output):
+    x = module.__dict__.pop("_restuning_input", None)
+    if x is None:
+        return None
+    torch.set_grad_enabled(True)
+    sample = output[0] if isinstance(output, tuple) else output.sample
+    sample = sample + (x - x.detach())
+    return (sample, *output[1:]) if isinstance(output, tuple) else type(output)(sample=sample)
+
+
+def skip_path(unet: nn.Module, first: int, h: Tensor, size) -> Tensor:
+    """S(h): h carried from the input of up_blocks[first] to the head's input along the frozen
+    blocks' linear skip path: each resnet's shortcut (its 1x1 conv's columns for the hidden
+    channels, which come first in cat([hidden, skip])) over its output scale, attention as the
+    identity (its residual), each upsampler as it is. A linear map; the gradient a
+    straight-through Bypass gets in place of the true Jacobian of those blocks."""
+    for block in unet.up_blocks[first:]:
+        for resnet in block.resnets:
+            if resnet.conv_shortcut is not None:
+                weight = resnet.conv_shortcut.weight
+                h = F.conv2d(h.to(weight.dtype), weight[:, : h.shape[1]])
+            h = h / resnet.output_scale_factor
+        for upsampler in block.upsamplers or []:
+            h = _linear_upsample(upsampler, h)
+    if h.shape[-2:] != tuple(size):
+        h = F.interpolate(h, size=tuple(size), mode="nearest")
+    return h
+
+
+def _linear_upsample(upsampler: nn.Module, h: Tensor) -> Tensor:
+    """diffusers' Upsample2D without its conv's bias (S is linear): nearest x2, then its conv."""
+    if getattr(upsampler, "norm", None) is not None:
+        raise AttachError("skip-path: an upsampler with a norm is not linear")
+    conv = getattr(upsampler, "conv", None)
+    if getattr(upsampler, "use_conv_transpose", False):
+        return F.conv_transpose2d(h.to(conv.weight.dtype), conv.weight, stride=conv.stride, padding=conv.padding)
+    h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+    if getattr(upsampler, "use_conv", False):
+        h = F.conv2d(h.to(conv.weight.dtype), conv.weight, padding=conv.padding)
+    return h
 
 
 def _expand(args, kwargs, batch: int, times: int):
@@ -276,6 +401,9 @@ def _capture_input(path: str):
         call = _call.get()
         if call is not None and (call.active or call.fanout is not None):
             call.inputs[path] = _hidden(args, kwargs).detach()
+            temb = args[1] if len(args) > 1 else kwargs.get("temb")
+            if call.temb is None and isinstance(temb, Tensor):
+                call.temb = temb.detach()
 
     return hook
 
@@ -293,7 +421,10 @@ def attach(unet: nn.Module, config, name: str) -> Attached:
     paths = tap_paths(unet, config.taps, config.depth)
     device = next(unet.parameters()).device
     network = BypassNetwork(tap_channels(unet, paths), config.horizontal, config.vertical, config.dim, config.heads,
-                            output=config.output, text_channels=text_channels(unet) if config.text else None).to(device)
+                            output=config.output, text_channels=text_channels(unet) if config.text else None,
+                            out_channels=unet.config.out_channels if config.into == "noise" else None,
+                            time=config.time, time_channels=time_channels(unet), refine=config.refine,
+                            readouts=config.readouts, trigger=config.trigger).to(device)
     if not hasattr(unet, _HOLDER):
         setattr(unet, _HOLDER, nn.ModuleDict())
     getattr(unet, _HOLDER)[name] = network
@@ -301,7 +432,8 @@ def attach(unet: nn.Module, config, name: str) -> Attached:
     if _RUNNER not in unet.__dict__:
         unet.__dict__[_RUNNER] = _Runner(unet)
     runner = unet.__dict__[_RUNNER]
-    runner.add(name, _Bypass(handle, network, paths, injection_path(unet, config.depth)))
+    runner.add(name, _Bypass(handle, network, paths, injection_path(unet, config.depth, config.into == "noise"), config.gradient,
+                             len(unet.up_blocks) - config.depth))
 
     def undo():
         runner.remove(name)
