@@ -66,6 +66,9 @@ TRAINER = {
     "guidance_scale": "how closely samples and class images follow the prompt",
     "checkpointing_steps": "how often the run saves a point it can resume from",
     "checkpoints_total_limit": "how many of those points are kept on disk",
+    "recipe": "a named set of settings for everything not set here: 'paper' trains as the paper did (batch 8, "
+              "centre crops and flips, its learning rate and guidance)",
+    "image_interpolation_mode": "how images are resized to the training size: lanczos keeps detail, the usual choice",
 }
 
 # (method, option) -> (label, what it does); methods share the common ones under "*"
@@ -83,11 +86,24 @@ METHOD = {
     ("bypass", "taps"): ("Read from", "the parts of the model the bypass reads"),
     ("bypass", "text"): ("Read the prompt", "lets the bypass see the prompt: needed to learn a concept; off is smaller "
                                             "and learns little"),
-    ("bypass", "output"): ("How it joins the model", "'zero-conv' learns; 'gate' is the first design, kept for comparison, "
-                                                    "and learns nothing"),
+    ("bypass", "output"): ("How it joins the model", "'zero-conv' learns; 'gate' (the first design), 'modulate' and "
+                                                    "'rearrange' are ablation rows that learn little"),
     ("bypass", "depth"): ("Join point", "2 learns the concept; 0 joins at the very end: least memory and fastest, "
                                         "learns little"),
+    ("bypass", "gradient"): ("Training signal", "'exact' learns; the shortcuts keep less memory and learn little "
+                                                "(ablation rows)"),
+    ("bypass", "into"): ("Correction goes to", "a decoder block's input learns; the noise prediction's place is an "
+                                               "ablation row that learns little"),
+    ("bypass", "time"): ("Noise level", "lets the bypass see the noise level: an ablation row, no better on the demo"),
+    ("bypass", "refine"): ("Extra blocks", "blocks after the chain at the output's size: an ablation row, no better "
+                                           "on the demo"),
+    ("bypass", "readouts"): ("Read-outs", "every tap reaches the output directly: an ablation row, learns little at "
+                                          "join point 0"),
+    ("bypass", "trigger"): ("Prompt gate", "scales the correction by how much the prompt names the concept: an "
+                                           "ablation row, keeps no more of the model"),
     ("lora", "rank"): ("Rank", "bigger learns more, with a bigger file"),
+    ("lora", "lora_dropout"): ("Dropout", "drops part of each update's input while training, against copying the few "
+                                          "images; 0: off"),
     ("lora", "alpha"): ("Strength (alpha)", "scales the update; equal to the rank is the usual choice"),
     ("lora", "targets"): ("Layers (optional)", "layer names to tune instead of the attention layers, comma-separated; "
                                                "empty: the attention layers"),
