@@ -19,7 +19,9 @@ device, no weights read; the method's trainable count from attaching it to that 
     optimizer  = trainable x 8 (AdamW, two fp32 moments) or x 2 (8-bit AdamW)
     activations= k[device, precision][method] x units x (0.25 with gradient checkpointing);
                  a Bypass injecting at depth k: k_bypass + (k_decoder − k_bypass) x the share of
-                 the decoder's activations in its last k up blocks (rendered_share)
+                 the decoder's activations in its last k up blocks (rendered_share: their ResNets'
+                 only with the skip-attention gradient, none with skip-path), x 0.5 with
+                 gradient checkpointing (the largest rendered module is recomputed whole)
                  units = batch x (2 with prior preservation) x latent pixels / 1024 x arch,
                  latent pixels = (resolution / VAE scale)^2, and arch the U-Net's activation size per
                  latent pixel relative to SD v1.5 (channels x layers per level / 4^level, a layer with
@@ -75,6 +77,11 @@ ACTIVATION_K = {
     ("cuda", "half"): {"beside": 0.05, "decoder": 0.175, "lora": 0.19, "whole": 0.20, "infer": 0.025},
 }
 CHECKPOINTING = 0.25
+# A Bypass rendered by frozen blocks under checkpointing: those blocks keep only their inputs, but
+# diffusers recomputes them module by module in the backward, and the largest (a transformer at
+# the 64x64 level, most of what depth 2 renders) holds its activations whole meanwhile: measured
+# 5.24 GiB against 6.37 without, SD v1.5 at 512 px batch 2 (bench/results/bypass_ablation_cost_cpu_512px_b2).
+CHECKPOINTING_RENDERED = 0.5
 VAE_DECODE_GIB = (0.1, 0.97)  # fixed, per 512 px image (SD v1.5's VAE, fp32)
 OVERHEAD = {"cpu": 0.5 * GIB, "cuda": 1.0 * GIB}
 HOST_OVERHEAD_CUDA = 3.0 * GIB  # a CUDA run's host memory: the process, and the weights while loading
@@ -130,11 +137,11 @@ def config_folder(model: str) -> Path | None:
         return None
 
 
-def _level_sizes(cfg: dict) -> tuple[list[float], list[float], float]:
+def _level_sizes(cfg: dict, attention: bool = True) -> tuple[list[float], list[float], float]:
     """Activation size per latent pixel of each level's down and up blocks (index 0: the full
     latent resolution) and of the middle block: channels x layers / 4^level, a layer with attention
     counting 1 + 2 x its transformer depth (3 in SD 1.x and 2.x; 5 and 21 at SDXL's attention
-    levels, whose stacks are 2 and 10 deep)."""
+    levels, whose stacks are 2 and 10 deep; `attention` False: 1, the ResNets alone)."""
     channels = list(cfg.get("block_out_channels") or [320, 640, 1280, 1280])
     layers = cfg.get("layers_per_block", 2)
     layers = layers if isinstance(layers, int) else max(layers)
@@ -144,8 +151,8 @@ def _level_sizes(cfg: dict) -> tuple[list[float], list[float], float]:
     up_types = list(cfg.get("up_block_types") or [])[::-1]
     down, up = [], []
     for i, c in enumerate(channels):
-        attn_down = 1 + 2 * depths[i] if i < len(down_types) and "Attn" in down_types[i] else 1
-        attn_up = 1 + 2 * depths[i] if i < len(up_types) and "Attn" in up_types[i] else 1
+        attn_down = 1 + 2 * depths[i] if attention and i < len(down_types) and "Attn" in down_types[i] else 1
+        attn_up = 1 + 2 * depths[i] if attention and i < len(up_types) and "Attn" in up_types[i] else 1
         down.append(c * layers * attn_down / 4**i)
         up.append(c * (layers + 1) * attn_up / 4**i)
     return down, up, channels[-1] * (2 + 2 * depths[-1]) / 4 ** (len(channels) - 1)
@@ -162,11 +169,19 @@ def arch_scale(unet_config: dict) -> float:
     return size(unet_config) / size(SD15_UNET_CONFIG)
 
 
-def rendered_share(unet_config: dict, depth: int) -> float:
+def rendered_share(unet_config: dict, depth: int, gradient: str = "exact") -> float:
     """The share of the decoder's (middle and up blocks') activations that lies in its last
-    `depth` up blocks: what a Bypass injecting there keeps for the backward."""
+    `depth` up blocks: what a Bypass injecting there keeps for the backward. With a
+    straight-through `gradient` less is kept: 'skip-attention' keeps their ResNets' share (an
+    attention layer counts 1 of its 1 + 2 x depth), 'skip-path' none."""
+    if gradient == "skip-path":
+        return 0.0
     _, up, mid = _level_sizes(unet_config)
-    return sum(up[:depth]) / (sum(up) + mid)
+    kept = up
+    if gradient == "skip-attention":
+        _, up_resnets, _ = _level_sizes(unet_config, attention=False)
+        kept = up_resnets
+    return sum(kept[:depth]) / (sum(up) + mid)
 
 
 def _read(folder: Path, part: str) -> dict:
@@ -230,7 +245,8 @@ def _trainable(model: str, method: str, method_json: str) -> tuple[int, str, flo
     trainable = sum(p.numel() for p in handle.parameters())
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     inside = [n for n in names if n.split(".", 1)[0] in dict(unet.named_children()) and not n.startswith("restuning")]
-    rendered = rendered_share(facts.unet_config, getattr(config, "depth", 0)) if method == "bypass" else 0.0
+    rendered = (rendered_share(facts.unet_config, getattr(config, "depth", 0), getattr(config, "gradient", "exact"))
+                if method == "bypass" else 0.0)
     if not inside:
         kind = "beside"
     elif any(not n.startswith(("mid_block", "up_blocks", "conv_norm_out", "conv_out")) for n in inside):
@@ -292,7 +308,7 @@ def estimate_parts(facts: ModelFacts, trainable: int, kind: str, *, device: str,
         k += (_act_k(device, half, "decoder") - k) * rendered
     activations = k * batch * (2 if prior else 1) * latent
     if checkpointing and (kind != "beside" or rendered):
-        activations *= CHECKPOINTING
+        activations *= CHECKPOINTING if kind != "beside" else CHECKPOINTING_RENDERED
     sampling = 0.0
     if not unet_only:
         images = max(validation_images, class_batch)
