@@ -200,6 +200,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cost", nargs="+", type=Path, default=[], help="bench.train_cost JSON files (256 px b1, 512 px b2)")
     p.add_argument("--rename", action="append", default=[], metavar="FILE_LABEL=DESIGN_LABEL",
                    help="a quality file's row label and the design it measured (repeatable)")
+    p.add_argument("--note", default="", help="a line for the results' header (e.g. how loaded the machine was)")
     p.add_argument("--name", default=None, help="results file name (default bypass_ablation, or bypass_ablation_quick)")
     p.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"))
     args = p.parse_args(argv)
@@ -217,7 +218,8 @@ def main(argv=None) -> dict:
     rename = dict(item.split("=", 1) for item in args.rename)
     result = join(args.quality, args.cost, rename)
     name = args.name or ("bypass_ablation_quick" if args.quick else "bypass_ablation")
-    write_results(args.out_dir, name, result, markdown(result))
+    result["note"] = args.note
+    write_results(args.out_dir, name, result, markdown(result) + (f"\n{args.note}\n" if args.note else ""))
     for path in args.cost:
         # under a name of their own: bench.train_cost's files of the same setting hold every method
         s = json.loads(path.read_text())["settings"]
