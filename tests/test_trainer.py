@@ -515,7 +515,7 @@ def test_two_processes_write_one_set_of_artifacts(tiny_model, instance_dir, tmp_
     steps = [e["step"] for e in events if e["event"] == "step"]
     assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 3
     assert [e["kind"] for e in events if e["event"] == "artifact"] == ["tuner", "model-card"]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "events.jsonl", "tuner.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".restuning-run", "README.md", "checkpoints", "events.jsonl", "tuner.safetensors"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
     # both processes' RNG states are in the checkpoint; only one wrote the rest
     assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-2").glob("random_states_*")) == [
