@@ -50,6 +50,7 @@ BYPASS_ABLATION = [
     ("bypass-skip-path", "Bypass at depth 2 skip-path", {"gradient": "skip-path"}),
     ("bypass-trigger", "Bypass at depth 2 token gate", {"trigger": True}),
     ("bypass-prior2", "Bypass at depth 2 prior weight 2", {"prior_loss_weight": 2.0}),
+    ("bypass-off-concept", "Bypass at depth 2 off-concept loss 0.01", {"off_concept_loss": 0.01}),
 ]
 
 

@@ -26,6 +26,7 @@ Writes bench/results/train_cost_<arch>_<device>_<res>px_b<batch>_<precision>.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -104,6 +105,7 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     import restuning
     from restuning.arch import added_cond_kwargs, build_unet
     from restuning.methods import METHODS
+    from restuning.methods.bypass import off_concept
 
     device = torch.device(device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -149,6 +151,8 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(device)
     added = added_cond_kwargs(unet.config, batch, size=resolution, generator=g, device=device)
     extra = {"added_cond_kwargs": added} if added else {}
+    weight = getattr(config, "off_concept_loss", 0) if getattr(config, "text", False) else 0
+    off_text = torch.randn(text.shape, generator=g).to(device) if weight and case != INFERENCE else None
     setup_peak = peak_memory(device)
 
     def sync():
@@ -164,7 +168,10 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
                 with torch.no_grad():
                     unet(sample, timesteps, text, **extra)
             else:
-                loss = F.mse_loss(unet(sample, timesteps, text, **extra).sample.float(), target)
+                with off_concept(off_text, off_text) if off_text is not None else contextlib.nullcontext([]) as energies:
+                    loss = F.mse_loss(unet(sample, timesteps, text, **extra).sample.float(), target)
+                if energies:
+                    loss = loss + weight * torch.stack(energies).mean()
         if optimizer is not None:
             if scaler is not None:
                 scaler.scale(loss).backward()

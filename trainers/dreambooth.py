@@ -22,6 +22,7 @@ encoders are frozen (unless a LoRA tunes them), so the prompts' embeddings are c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -401,6 +402,7 @@ class Training:
     latent_cache: data.LatentCache | None
     encoders: list[Callable[[], conditioning.Text]]  # the instance prompt's conditioning, then the class prompt's
     log_with: list[str] | str | None
+    off_concept: tuple | None = None  # a Bypass's prompts without and with the concept, embedded (off_concept_text)
 
 
 @dataclass
@@ -673,7 +675,21 @@ def prepare_training(args, base: Base, tuning: Tuning, dataset, latent_cache, pr
     accelerator.register_save_state_pre_hook(functools.partial(save_tuner_state, tuning.handle, accelerator.is_main_process))
     accelerator.register_load_state_pre_hook(functools.partial(load_tuner_state, tuning.handle))
     return Training(accelerator, args, events, output_dir, base, tuning, unet, trained, optimizer, lr_scheduler, dataset,
-                    latent_cache, encoders, log_with)
+                    latent_cache, encoders, log_with, off_concept_text(args, base, tuning, accelerator.device, events))
+
+
+def off_concept_text(args, base: Base, tuning: Tuning, device, events: EventLog) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The embeddings of prompts without and with the concept (conditioning.concept_prompts) when
+    the method is a text-reading Bypass whose off-concept loss is on, else None."""
+    config = tuning.handle.config
+    if not (getattr(config, "off_concept_loss", 0) and getattr(config, "text", False)):
+        return None
+    off, on = conditioning.concept_prompts(base.pipe.tokenizer, args.instance_prompt, args.class_prompt,
+                                           conditioning.OFF_CONCEPT_PROMPTS, args.seed)
+    events.emit("info", message=f"off-concept loss: {len(off)} prompts without the concept (e.g. {off[1]!r}, {off[2]!r}) "
+                                f"and {len(on)} with it (e.g. {on[0]!r})")
+    return tuple(conditioning.off_concept_text(base.pipe, prompts, device, args.tokenizer_max_length,
+                                               args.text_encoder_use_attention_mask).to(base.weight_dtype) for prompts in (off, on))
 
 
 def save_tuner_state(handle, is_main: bool, models_, weights, folder) -> None:
@@ -771,9 +787,13 @@ def train_step(training: Training, step: int) -> torch.Tensor:
         with accelerator.accumulate(*training.trained):
             embeddings, added = conditioning.unet_inputs(base.pipe, [encode() for encode in training.encoders], batch,
                                                          training.dataset, accelerator.device)
-            loss, instance_loss, _ = diffusion_loss(training.unet, posterior, vae.config.scaling_factor, base.noise_scheduler,
-                                                    embeddings, batch["num_instance"], args,
-                                                    step_generator(args.seed, step, micro, rank), base.weight_dtype, added)
+            with off_concept(training, embeddings.shape[0], batch["num_instance"],
+                             step_generator(args.seed + 1, step, micro, rank)) as energies:
+                loss, instance_loss, _ = diffusion_loss(training.unet, posterior, vae.config.scaling_factor, base.noise_scheduler,
+                                                        embeddings, batch["num_instance"], args,
+                                                        step_generator(args.seed, step, micro, rank), base.weight_dtype, added)
+            if energies:
+                loss = loss + training.tuning.handle.config.off_concept_loss * torch.stack(energies).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(training.tuning.params, args.max_grad_norm)
@@ -782,6 +802,23 @@ def train_step(training: Training, step: int) -> torch.Tensor:
             training.optimizer.zero_grad(set_to_none=True)
         step_loss += torch.stack([loss.detach(), instance_loss.detach()]).float() / accum
     return step_loss
+
+
+@contextlib.contextmanager
+def off_concept(training: Training, rows: int, instances: int, generator: torch.Generator):
+    """restuning's off_concept around a step's U-Net call: `rows` prompts without the concept and
+    `instances` with it, drawn by `generator` (its own: the step's noise and timesteps stay as they
+    were); yields the energies to add to the loss (empty without the banks)."""
+    if training.off_concept is None:
+        yield []
+        return
+    from restuning.methods.bypass import off_concept as bypass_off_concept
+
+    off, on = training.off_concept
+    pick_off = torch.randint(0, off.shape[0], (rows,), generator=generator).to(off.device)
+    pick_on = torch.randint(0, on.shape[0], (instances,), generator=generator).to(on.device)
+    with bypass_off_concept(off[pick_off], on[pick_on]) as energies:
+        yield energies
 
 
 def after_step(training: Training, progress: Progress) -> None:

@@ -99,6 +99,9 @@ METHOD = {
                                            "on the demo"),
     ("bypass", "readouts"): ("Read-outs", "every tap reaches the output directly: an ablation row, learns little at "
                                           "join point 0"),
+    ("bypass", "off_concept_loss"): ("Keep other prompts", "how hard training keeps prompts that do not name the concept "
+                                                           "as they were: an ablation row, trades concept for preservation as "
+                                                           "prior preservation does; 0: off"),
     ("bypass", "trigger"): ("Prompt gate", "scales the correction by how much the prompt names the concept: an "
                                            "ablation row, keeps no more of the model"),
     ("lora", "rank"): ("Rank", "bigger learns more, with a bigger file"),

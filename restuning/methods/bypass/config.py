@@ -42,6 +42,9 @@ class BypassConfig(MethodConfig):
                        choices=("none", "out", "all"))
     refine: int = option(0, "residual Convpass blocks (with text tuners) after the chain, at the output's resolution; an ablation row")
     trigger: bool = option(False, "scale the correction by a gate on the prompt's most concept-like token (needs text)")
+    off_concept_loss: float = option(0.0, "weight of the trainer's off-concept loss: the correction held at zero for prompts that "
+                                     "do not name the concept (random vocabulary prompts, the class prompt, the empty prompt) and "
+                                     "the same for prompts naming it among other words (needs text; an ablation row, 0: off)")
     readouts: bool = option(False, "every stage's state reaches Δ through its own zero-initialised read-out; an ablation row")
 
     def validate(self) -> None:
@@ -54,5 +57,7 @@ class BypassConfig(MethodConfig):
             raise ConfigError("bypass: into='noise' needs depth 0 and the zero-conv output (the correction is added to the predicted noise)")
         if self.gradient != "exact" and not self.depth:
             raise ConfigError(f"bypass: gradient={self.gradient!r} needs depth > 0 (at the head no frozen block follows the injection)")
+        if not 0 <= self.off_concept_loss <= 100:
+            raise ConfigError(f"bypass: off_concept_loss must be between 0 and 100, got {self.off_concept_loss}")
         if self.refine < 0:
             raise ConfigError(f"bypass: refine must be 0 or more, got {self.refine}")

@@ -43,10 +43,24 @@ Several bypasses, one backbone forward:
   the same routing the Res-Tuners use; the backbone runs once for the whole batch.
 - `bypass_outputs(unet, names, sample, t, text)`: every bypass in `names` reads the same
   backbone features; returns one output per name (the multi-task inference of Section 3.2).
+
+Other prompts on the same features (the trainer's off-concept loss, BypassConfig.off_concept_loss):
+inside `off_concept(off, on)`, each text-reading bypass also computes its correction from the
+features its U-Net call captured with other text in place of the prompt, and the yielded list
+receives, relative to the injection point's input x_L,
+
+    E_off = mean(Δ(off)²) / mean(x_L²)                    off: one prompt per batch row, none naming the concept
+    E_on  = mean((Δ(on) − sg[Δ])²) / mean(x_L²)           on: a prompt for each of the first rows (the instance
+                                                          images), naming the concept among other words
+
+(sg: no gradient). The trainer adds their weighted mean to the loss: the correction is zero for
+prompts without the concept's identifier and the same with it, whatever words surround it. Only
+the bypass network runs again, not the backbone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import dataclass, field
 
@@ -89,6 +103,9 @@ class _Call:
 
 
 _call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("restuning_bypass_call", default=None)
+# Set by off_concept: (prompts without the concept, one per batch row; prompts naming it, one per
+# first row, or None; the list of energies).
+_off: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("restuning_bypass_off_concept", default=None)
 # Set by bypass_outputs around its one U-Net call: (the runner it is meant for, the names).
 _fanout: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("restuning_bypass_fanout", default=None)
 
@@ -317,9 +334,21 @@ class _Runner:
             text = None if text is None else text[rows]
             temb = None if temb is None else temb[rows]
         delta = bypass.network(x0, features, text, temb)
+        off = _off.get()
+        if off is not None and text is not None and call.grad and rows is None:
+            self._other_prompts(bypass.network, x0, features, temb, x.detach().float(), delta, *off)
         if bypass.handle.scale != 1:
             delta = delta * bypass.handle.scale
         return delta.to(x.dtype)
+
+    @staticmethod
+    def _other_prompts(network, x0, features, temb, x, delta, off, on, energies) -> None:
+        """E_off and E_on (module docstring) of one bypass in one call."""
+        energies.append(network(x0, features, off.to(x0.device).detach(), temb).float().pow(2).mean() / x.pow(2).mean().clamp_min(1e-12))
+        if on is not None:
+            n = on.shape[0]
+            same = network(x0[:n], [f[:n] for f in features], on.to(x0.device).detach(), None if temb is None else temb[:n])
+            energies.append((same.float() - delta[:n].detach().float()).pow(2).mean() / x[:n].pow(2).mean().clamp_min(1e-12))
 
     def _backbone_needs_grad(self, args, kwargs) -> bool:
         values = [*args, *kwargs.values()]
@@ -445,6 +474,20 @@ def attach(unet: nn.Module, config, name: str) -> Attached:
 
     handle.undo.append(undo)
     return handle
+
+
+@contextlib.contextmanager
+def off_concept(off: Tensor, on: Tensor | None = None):
+    """Within: every text-reading bypass, in each U-Net call made with grad, also computes its
+    correction with `off` (batch, tokens, width: prompts that do not name the concept) and with
+    `on` (n, tokens, width: prompts naming it, for the first n rows) in place of the call's
+    prompts; the yielded list receives E_off and E_on (module docstring) per bypass and call."""
+    energies: list[Tensor] = []
+    token = _off.set((off, on, energies))
+    try:
+        yield energies
+    finally:
+        _off.reset(token)
 
 
 def bypass_outputs(unet: nn.Module, names: list[str | None], sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> list[Tensor]:
