@@ -48,6 +48,21 @@ def test_a_visitors_runs_are_theirs_across_a_restart_and_no_one_elses(browser, t
             next(studio, None)  # the rest of serve(): stops that studio and its runs
 
 
+def reopen(page, url, attempts=5):
+    """Load the studio again after its restart. The page's Gradio client may be reloading it by
+    itself when the server comes back, and a navigation of ours racing that one is aborted
+    (net::ERR_ABORTED): navigate again until one lands."""
+    from playwright.sync_api import Error
+
+    for attempt in range(attempts):
+        try:
+            page.goto(url, wait_until="load")
+            return
+        except Error as exc:
+            if "ERR_ABORTED" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 def check(browser, start, stop, tuner):
     url = start()
     alice, page = visit(browser, url)
@@ -62,7 +77,7 @@ def check(browser, start, stop, tuner):
     stop()
     assert start() == url
     for visitor, expected in ((page, True), (other, False)):
-        visitor.reload()
+        reopen(visitor, url)
         visitor.wait_for_selector("#train", timeout=30_000)
         visitor.get_by_role("tab", name="Runs / tuners").click()
         visitor.wait_for_selector("#runs-table", timeout=30_000)
