@@ -151,7 +151,7 @@ def measure(case: str, arch: str, resolution: int, batch: int, precision: str, s
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(device)
     added = added_cond_kwargs(unet.config, batch, size=resolution, generator=g, device=device)
     extra = {"added_cond_kwargs": added} if added else {}
-    weight = getattr(config, "off_concept_loss", 0) if getattr(config, "text", False) else 0
+    weight = getattr(config, "off_concept_loss", 0)
     off_text = torch.randn(text.shape, generator=g).to(device) if weight and case != INFERENCE else None
     setup_peak = peak_memory(device)
 

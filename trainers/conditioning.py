@@ -17,13 +17,13 @@ built from the tokenizer's own vocabulary so that nothing about the evaluation's
 assumed: random words, the class prompt with random words inserted, the instance prompt with its
 identifier (its words the class prompt lacks) replaced by a random word, and the empty prompt
 (classifier-free guidance's); and prompts that do name it: the instance prompt with random words
-inserted. Encoded once, like a frozen encoder's prompts.
+inserted. Encoded once by prompt_encoders, as a frozen encoder's prompts are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -154,22 +154,3 @@ def concept_prompts(tokenizer, instance_prompt: str, class_prompt: str | None, c
         else:
             off.append(salted([rng.choice(words) if w.lower() in kept_out else w for w in instance]))
     return off, [salted(instance, least=1) for _ in range(count)]
-
-
-def off_concept_text(pipe, prompts: list[str], device, max_length: int | None = None, use_attention_mask: bool = False,
-                     batch: int = 32) -> Tensor:
-    """(len(prompts), tokens, width): the U-Net's encoder_hidden_states of each prompt, encoded as
-    the training prompts are (prompt_encoders), no grad."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            if is_xl(pipe):
-                hidden, _, _, _ = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-            else:
-                tokens = pipe.tokenizer(chunk, padding="max_length", max_length=max_length or pipe.tokenizer.model_max_length,
-                                        truncation=True, return_tensors="pt")
-                mask = tokens.attention_mask.to(device) if use_attention_mask else None
-                hidden = pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-            out.append(hidden)
-    return torch.cat(out)

@@ -680,16 +680,16 @@ def prepare_training(args, base: Base, tuning: Tuning, dataset, latent_cache, pr
 
 def off_concept_text(args, base: Base, tuning: Tuning, device, events: EventLog) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The embeddings of prompts without and with the concept (conditioning.concept_prompts) when
-    the method is a text-reading Bypass whose off-concept loss is on, else None."""
-    config = tuning.handle.config
-    if not (getattr(config, "off_concept_loss", 0) and getattr(config, "text", False)):
+    the method is a Bypass whose off-concept loss is on, else None."""
+    if not getattr(tuning.handle.config, "off_concept_loss", 0):
         return None
     off, on = conditioning.concept_prompts(base.pipe.tokenizer, args.instance_prompt, args.class_prompt,
                                            conditioning.OFF_CONCEPT_PROMPTS, args.seed)
     events.emit("info", message=f"off-concept loss: {len(off)} prompts without the concept (e.g. {off[1]!r}, {off[2]!r}) "
                                 f"and {len(on)} with it (e.g. {on[0]!r})")
-    return tuple(conditioning.off_concept_text(base.pipe, prompts, device, args.tokenizer_max_length,
-                                               args.text_encoder_use_attention_mask).to(base.weight_dtype) for prompts in (off, on))
+    return tuple(torch.cat([encode().hidden for encode in conditioning.prompt_encoders(
+        base.pipe, prompts, device, max_length=args.tokenizer_max_length, use_attention_mask=args.text_encoder_use_attention_mask)
+    ]).to(base.weight_dtype) for prompts in (off, on))
 
 
 def save_tuner_state(handle, is_main: bool, models_, weights, folder) -> None:
@@ -787,7 +787,7 @@ def train_step(training: Training, step: int) -> torch.Tensor:
         with accelerator.accumulate(*training.trained):
             embeddings, added = conditioning.unet_inputs(base.pipe, [encode() for encode in training.encoders], batch,
                                                          training.dataset, accelerator.device)
-            with off_concept(training, embeddings.shape[0], batch["num_instance"],
+            with off_concept_energies(training, embeddings.shape[0], batch["num_instance"],
                              step_generator(args.seed + 1, step, micro, rank)) as energies:
                 loss, instance_loss, _ = diffusion_loss(training.unet, posterior, vae.config.scaling_factor, base.noise_scheduler,
                                                         embeddings, batch["num_instance"], args,
@@ -805,19 +805,19 @@ def train_step(training: Training, step: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def off_concept(training: Training, rows: int, instances: int, generator: torch.Generator):
+def off_concept_energies(training: Training, rows: int, instances: int, generator: torch.Generator):
     """restuning's off_concept around a step's U-Net call: `rows` prompts without the concept and
     `instances` with it, drawn by `generator` (its own: the step's noise and timesteps stay as they
     were); yields the energies to add to the loss (empty without the banks)."""
     if training.off_concept is None:
         yield []
         return
-    from restuning.methods.bypass import off_concept as bypass_off_concept
+    from restuning.methods.bypass import off_concept
 
     off, on = training.off_concept
     pick_off = torch.randint(0, off.shape[0], (rows,), generator=generator).to(off.device)
     pick_on = torch.randint(0, on.shape[0], (instances,), generator=generator).to(on.device)
-    with bypass_off_concept(off[pick_off], on[pick_on]) as energies:
+    with off_concept(off[pick_off], on[pick_on]) as energies:
         yield energies
 
 

@@ -59,5 +59,7 @@ class BypassConfig(MethodConfig):
             raise ConfigError(f"bypass: gradient={self.gradient!r} needs depth > 0 (at the head no frozen block follows the injection)")
         if not 0 <= self.off_concept_loss <= 100:
             raise ConfigError(f"bypass: off_concept_loss must be between 0 and 100, got {self.off_concept_loss}")
+        if self.off_concept_loss and not self.text:
+            raise ConfigError("bypass: off_concept_loss needs text=true (the loss acts on how the correction reads the prompt)")
         if self.refine < 0:
             raise ConfigError(f"bypass: refine must be 0 or more, got {self.refine}")
