@@ -210,6 +210,20 @@ def test_a_process_that_dies_shows_failed_with_its_log_tail(tmp_path, images):
         runner.cancel(run_id)
 
 
+def test_a_run_whose_process_has_exited_is_running_until_reaped(tmp_path, images):
+    # The order a loaded machine can give: the runner ticks, then the process exits, then a page
+    # asks for the run before the next tick. It must not read "failed" with no reason yet.
+    runner = make_runner(tmp_path / "runs")
+    run_id = runner.submit({"max_train_steps": 10, "checkpointing_steps": 2, "fake_crash_at": 5}, images)
+    runner.tick()
+    child = runner.launcher._children[run_id][0]
+    child.wait(timeout=30)
+    assert runner.info(run_id).status == "running"
+    runner.tick()
+    info = runner.info(run_id)
+    assert info.status == "failed" and "exit code 3" in info.error
+
+
 def test_restart_adopts_live_runs_and_marks_dead_ones_failed(tmp_path, images):
     runs = tmp_path / "runs"
     first = make_runner(runs)

@@ -429,8 +429,9 @@ class LocalLauncher(Launcher):
         return next((d for d in self.devices if busy.get(d, 0) < self.per_device), None)
 
     def state(self, run_id: str, record: dict) -> str:
-        child = self._children.get(run_id)
-        if child is not None and child[0].poll() is None:
+        # A child of ours stays 'running' until reap() has taken it and said how it ended: a run
+        # seen 'ended' between its exit and the next tick would show as failed with no reason.
+        if run_id in self._children:
             return "running"
         return "running" if record and _process_alive(record) else "ended"
 
