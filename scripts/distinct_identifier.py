@@ -33,15 +33,17 @@ def distinct_identifier(base: Path, out: Path, token: str = "sks", norm: float =
     ids = CLIPTokenizer.from_pretrained(base / "tokenizer").encode(token, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"{token!r} is {len(ids)} tokens for this tokenizer; the identifier must be one")
-    shutil.copytree(base, out)
-    weights = out / "text_encoder" / "model.safetensors"
-    state = load_file(weights)
-    key = next(k for k in state if k.endswith(EMBEDDING))
+    weights = Path("text_encoder") / "model.safetensors"
+    state = load_file(base / weights)
+    key = next((k for k in state if k.endswith(EMBEDDING)), None)
+    if key is None:
+        raise ValueError(f"{base / weights} has no {EMBEDDING}: not a CLIP text encoder")
     table = state[key]
     direction = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(seed))
     before = float(table[ids[0]].norm())
     table[ids[0]] = (direction / direction.norm() * norm).to(table.dtype)
-    save_file(state, weights, metadata={"format": "pt"})
+    shutil.copytree(base, out)
+    save_file(state, out / weights, metadata={"format": "pt"})
     return {"token_id": ids[0], "norm_before": before, "norm_after": float(table[ids[0]].norm())}
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scripts.distinct_identifier import distinct_identifier
+from scripts.distinct_identifier import EMBEDDING, distinct_identifier
 
 MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 WEIGHTS = Path("text_encoder") / "model.safetensors"
@@ -16,7 +16,7 @@ def test_only_the_identifiers_row_changes(tmp_path):
     found = distinct_identifier(MODEL, out, "sks", norm=0.5, seed=0)
     before, after = load_file(MODEL / WEIGHTS), load_file(out / WEIGHTS)
     assert before.keys() == after.keys()
-    key = next(k for k in before if k.endswith("token_embedding.weight"))
+    key = next(k for k in before if k.endswith(EMBEDDING))
     changed = (before[key] != after[key]).any(dim=1).nonzero().flatten().tolist()
     assert changed == [found["token_id"]]
     assert after[key][found["token_id"]].norm().item() == pytest.approx(0.5, rel=1e-5)
