@@ -253,6 +253,7 @@ def markdown(result: dict) -> str:
     ref = result["reference"]
     label = {INFERENCE: "Inference only (no_grad)", **{n: m.label for n, m in METHODS.items()}, **{c: v[0] for c, v in ABLATION.items()}}
     ref_label = label.get(ref, ref)
+    own_inference = ref == INFERENCE  # its "memory / inference" column is already there
     lines = [
         f"### Training cost: `{s['arch']}` U-Net, random weights, {s['device']}, {s['resolution']} px, "
         f"batch {s['batch']}, {s['precision']}",
@@ -265,18 +266,20 @@ def markdown(result: dict) -> str:
         lines += ["", f"Note: {s['note']}"]
     lines += [
         "",
-        f"| method | trainable | peak memory (GiB) | memory / inference | memory / {ref} | paper memory / {ref} "
-        f"| step (s) | time / {ref} | paper time / {ref} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | trainable | peak memory (GiB) | memory / inference{'' if own_inference else f' | memory / {ref}'} "
+        f"| paper memory / {ref} | step (s) | time / {ref} | paper time / {ref} |",
+        "|---|" + "---:|" * (7 if own_inference else 8),
     ]
     for case, r in rows.items():
         if "error" in r:
-            lines.append(f"| {label.get(case, case)} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {label.get(case, case)} | failed: {r['error']} |" + " |" * (6 if own_inference else 7))
             continue
         pct = 100 * r["trainable"] / r["unet_params"]
         lines.append(
             f"| {label.get(case, case)} | {r['trainable'] / 1e6:.2f}M ({pct:.2f}%) | {r['peak_bytes'] / GIB:.2f} "
-            f"| {fmt(ratio(rows, case, 'peak_bytes', INFERENCE))} | {fmt(ratio(rows, case, 'peak_bytes', ref))} "
+            f"| {fmt(ratio(rows, case, 'peak_bytes', INFERENCE))}"
+            + ("" if own_inference else f" | {fmt(ratio(rows, case, 'peak_bytes', ref))}")
+            + " "
             f"| {fmt(paper_ratio(case, ref, 0))} | {r['median_s']:.2f} | {fmt(ratio(rows, case, 'median_s', ref))} "
             f"| {fmt(paper_ratio(case, ref, 1))} |"
         )

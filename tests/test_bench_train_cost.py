@@ -66,6 +66,15 @@ def test_table_ratios_and_targets_come_from_the_measurements():
     assert "Res-Tuning peak memory <= LoRA's: 1.02 x, MISSED" in table
 
 
+def test_against_inference_the_table_has_one_memory_ratio_column_and_every_row_its_width():
+    rows = [_row("inference", 4.0, 2.0, 0), _row("bypass", 6.0, 3.0), {"case": "lora", "error": "killed"}]
+    lines = [line for line in train_cost.markdown(_result(rows, reference="inference")).splitlines() if line.startswith("|")]
+    assert lines[0].count("| memory / inference |") == 1
+    assert len({line.count("|") for line in lines}) == 1
+    bypass = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert bypass[2:5] == ["6.00", "1.50", "-"]
+
+
 def test_failed_cases_and_missing_references_are_shown_not_hidden():
     rows = [_row("lora", 4.5, 5.0), {"case": "bypass", "error": "killed by signal 9 (out of memory?)"}]
     table = train_cost.markdown(_result(rows, reference="lora"))
