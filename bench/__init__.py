@@ -15,7 +15,8 @@ def write_results(out_dir: Path, stem: str, result, table: str) -> None:
 
 
 
-# The design ablation of Res-Tuning-Bypass (issues 11 and 25). From the first design (v1) to the
+# The design ablation of Res-Tuning-Bypass (issues 11 and 25). The default's depth is the model's:
+# BypassConfig's 2 on SD v1.5, 3 on the demo model (its recipe); the depth rows name theirs. From the first design (v1) to the
 # chain every row shares: +1 zero-conv output, +2 Convpass tuners, +3 text tuners, at the paper's
 # injection point (depth 0, the head); then what was tried to make a correction at the head
 # learn (time conditioning, a wider output stage, read-outs from every stage, other outputs,
@@ -45,12 +46,15 @@ BYPASS_ABLATION = [
     ("bypass-rearrange", "Bypass +1+2+3 rearranging x_L", {"output": "rearrange", **HEAD}),
     ("bypass-depth1", "Bypass +1+2+3 at depth 1", {"depth": 1}),
     ("bypass-depth1-lr3e-2", "Bypass +1+2+3 at depth 1 lr 3e-2", {"depth": 1, "learning_rate": 0.03}),
-    ("bypass-ckpt", "Bypass at depth 2 checkpointed", {"gradient_checkpointing": True}),
-    ("bypass-skip-attention", "Bypass at depth 2 skip-attention", {"gradient": "skip-attention"}),
-    ("bypass-skip-path", "Bypass at depth 2 skip-path", {"gradient": "skip-path"}),
-    ("bypass-trigger", "Bypass at depth 2 token gate", {"trigger": True}),
-    ("bypass-prior2", "Bypass at depth 2 prior weight 2", {"prior_loss_weight": 2.0}),
-    ("bypass-off-concept", "Bypass at depth 2 off-concept loss 0.01", {"off_concept_loss": 0.01}),
+    ("bypass-ckpt", "Bypass at depth 2 checkpointed", {"depth": 2, "gradient_checkpointing": True}),
+    ("bypass-skip-attention", "Bypass at depth 2 skip-attention", {"depth": 2, "gradient": "skip-attention"}),
+    ("bypass-skip-path", "Bypass at depth 2 skip-path", {"depth": 2, "gradient": "skip-path"}),
+    ("bypass-trigger", "Bypass at depth 2 token gate", {"depth": 2, "trigger": True}),
+    ("bypass-prior2", "Bypass at depth 2 prior weight 2", {"depth": 2, "prior_loss_weight": 2.0}),
+    ("bypass-off-concept", "Bypass at depth 2 off-concept loss 0.01", {"depth": 2, "off_concept_loss": 0.01}),
+    ("bypass-depth2", "Bypass at depth 2", {"depth": 2}),
+    ("bypass-depth3", "Bypass at depth 3", {"depth": 3}),
+    ("bypass-depth3-lr3e-3", "Bypass at depth 3 lr 3e-3", {"depth": 3, "learning_rate": 0.003}),
 ]
 
 

@@ -41,8 +41,10 @@ def designs() -> list[tuple[str, str, dict]]:
 def cost_key(options: dict) -> str:
     """What decides a design's cost: its BypassConfig fields and gradient checkpointing (the other
     trainer options, a learning rate or a number of steps, cost what the same design costs)."""
-    return json.dumps({**bypass_config_options(options), "gradient_checkpointing": bool(options.get("gradient_checkpointing"))},
-                      sort_keys=True)
+    from restuning.methods.bypass import BypassConfig
+
+    fields = BypassConfig(**bypass_config_options(options)).to_dict()  # depth 2 given and depth 2 by default cost the same
+    return json.dumps({**fields, "gradient_checkpointing": bool(options.get("gradient_checkpointing"))}, sort_keys=True)
 
 
 def costed_as() -> dict:

@@ -730,7 +730,9 @@ def write_recipes(base: Path, winners: dict, note: str) -> Path:
     settings = json.loads(path.read_text()) if path.exists() else {}
     recipes = settings.setdefault("recipes", {})
     for label, w in winners.items():
-        recipe = {"learning_rate": w["recipe"]["learning_rate"]}
+        # what the sweep does not choose (the Bypass's depth) stays as the model folder set it
+        kept = {k: v for k, v in recipes.get(recipe_key(label, w), {}).items() if k not in ("learning_rate", "blocks", "chosen_by")}
+        recipe = {"learning_rate": w["recipe"]["learning_rate"], **kept}
         if w["recipe"].get("blocks"):
             recipe["blocks"] = list(w["recipe"]["blocks"])
         recipe["chosen_by"] = (f"{note}: concept {w['concept_fidelity']:.2f}, prompt {w['prompt_fidelity']:.2f}, "

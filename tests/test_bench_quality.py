@@ -175,9 +175,14 @@ def test_recipes_are_written_to_the_model_and_read_by_the_bench_and_the_trainer(
 
     real = (quality.ROOT / "assets" / "demo-model" / "demo_settings.json").read_text()
     model = _model_copy(tmp_path)
+    settings = json.loads((model / "demo_settings.json").read_text())
+    settings["recipes"]["bypass"] = {"learning_rate": 0.01, "depth": 3, "chosen_by": "by hand"}
+    (model / "demo_settings.json").write_text(json.dumps(settings))
     winners = {
         "LoRA": {"method": "lora", "options": {}, "recipe": {"learning_rate": 0.03, "blocks": ["down", "mid", "up"]},
                  "concept_fidelity": 0.4, "prompt_fidelity": 0.95, "preservation": 0.9, "why": "test"},
+        "Res-Tuning-Bypass": {"method": "bypass", "options": {}, "recipe": {"learning_rate": 3e-3},
+                              "concept_fidelity": 0.6, "prompt_fidelity": 1.0, "preservation": 0.9, "why": "test"},
         "Full fine-tuning": {"method": "full", "options": {}, "recipe": {"learning_rate": 3e-4},
                              "concept_fidelity": 0.3, "prompt_fidelity": 0.95, "preservation": 0.9, "why": "test"},
         "Res-Tuning (Single: ff=prompt)": {"method": "res-tuning", "options": {"tuners": {"ff": "prompt"}}, "recipe": {"learning_rate": 3e-3},
@@ -190,6 +195,9 @@ def test_recipes_are_written_to_the_model_and_read_by_the_bench_and_the_trainer(
     assert recipes["lora"]["learning_rate"] == 0.03 and recipes["lora"]["blocks"] == ["down", "mid", "up"]
     assert recipes["full"]["learning_rate"] == 3e-4 and recipes["default"] == {"learning_rate": 0.01}  # kept
     assert "Res-Tuning (Single: ff=prompt)" in recipes and "res-tuning" not in recipes
+    # the sweep chooses the rate; the depth the model folder sets for its Bypass stays
+    assert {k: recipes["bypass"][k] for k in ("learning_rate", "depth")} == {"learning_rate": 3e-3, "depth": 3}
+    assert "test" in recipes["bypass"]["chosen_by"]
     # The bench's default run: each variant's own recipe, and where it came from.
     args = quality.parse_args(["--base", str(model)])
     by_label = {v.label: v for v in quality.default_variants()}

@@ -40,12 +40,29 @@ def test_method_options_parse_into_the_method_config():
     assert not hasattr(o.args, "dim")
     lora = options.parse(BASE + ["--method", "lora", "--rank", "8"]).method_config
     assert (lora.rank, lora.alpha) == (8, 8)  # alpha = rank, as diffusers' train_dreambooth_lora.py sets it
-    # every method parses with its defaults, the U-Net blocks of the model's recipe where it has them
+    # every method parses with its defaults, the U-Net blocks and Bypass depth of the model's recipe where it has them
     recipes = options.model_recipes(options.build_parser().get_default("pretrained_model_name_or_path"))
     for name, method in METHODS.items():
-        blocks = recipes.get(name, {}).get("blocks")
-        expected = dataclasses.replace(method.config(), blocks=tuple(blocks)) if blocks else method.config()
-        assert options.parse(BASE + ["--method", name]).method_config == expected
+        own = recipes.get(name, {})
+        fields = {f.name for f in dataclasses.fields(method.config)}
+        from_model = {k: tuple(own[k]) if k == "blocks" else own[k] for k in ("blocks", "depth") if k in own and k in fields}
+        assert options.parse(BASE + ["--method", name]).method_config == dataclasses.replace(method.config(), **from_model)
+
+
+def test_the_demo_models_bypass_joins_where_its_recipe_says(tmp_path):
+    """The demo model's last up block has no attention, so its recipe sets the Bypass's depth (3);
+    an option given wins, and a recipe value of the wrong form is not used."""
+    demo = options.parse(BASE + ["--method", "bypass"])
+    assert demo.method_config.depth == 3 and "depth" in demo.recipe and "demo_settings.json" in demo.recipe["depth"]
+    assert options.parse(BASE + ["--method", "bypass", "--depth", "2"]).method_config.depth == 2
+    model = tmp_path / "model"
+    model.mkdir()
+    for value in ("3", True, 2.5, [3]):
+        (model / "demo_settings.json").write_text(json.dumps({"recipes": {"bypass": {"depth": value}}}))
+        assert options.method_recipe(str(model), "bypass") == {}
+    (model / "demo_settings.json").write_text(json.dumps({"recipes": {"bypass": {"depth": 1}, "lora": {"depth": 1}}}))
+    assert options.method_recipe(str(model), "bypass") == {"depth": "1"}
+    assert options.method_recipe(str(model), "lora") == {}  # not an option of LoRA
 
 
 @pytest.mark.parametrize("argv,message", [

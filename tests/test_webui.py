@@ -178,6 +178,17 @@ def test_example_concepts_are_offered_and_served(tmp_path):
     assert str(EXAMPLE_CONCEPTS) in webui.launch_options(runner, "127.0.0.1", 7860)["allowed_paths"]
 
 
+def test_the_form_shows_the_depth_the_base_models_recipe_sets(tmp_path):
+    """The demo model's recipe sets the Bypass's depth (3); the form shows it there, and
+    BypassConfig's default (2) for a model folder without one; the run's config carries it."""
+    depth = next(f for f in forms.dataclasses.fields(METHODS["bypass"].config) if f.name == "depth")
+    assert forms.component_for_field("bypass", depth, "assets/demo-model").value == 3
+    assert forms.component_for_field("bypass", depth, str(tmp_path)).value == 2
+    assert forms.component_for_field("bypass", depth).value == 2
+    config = forms.build_config("bypass", {**TRAINER, "instance_prompt": "a sks shape"}, {"depth": 3}, model="assets/demo-model", device="cpu")
+    assert config["depth"] == 3
+
+
 def _choices(method, f):
     """Every value one of a method's options offers in the form (all of them where several may be ticked)."""
     component = forms.component_for_field(method, f)

@@ -647,24 +647,38 @@ def native_resolution(model: str) -> tuple[int, str]:
 
 
 RECIPE_OPTIONS = ("learning_rate",)
-# Method options a model folder's recipe for that method may set (bench.quality --sweep records
-# the U-Net blocks that trained best): used where the user gives none and the method has the option.
-RECIPE_METHOD_OPTIONS = ("blocks",)
+# Method options a model folder's recipe for that method may set, with the form of value each
+# takes (bench.quality --sweep records the U-Net blocks that trained best; the demo model names
+# the Bypass's depth its U-Net needs): used where the user gives none and the method has the option.
+RECIPE_METHOD_OPTIONS = {"blocks": "names", "depth": "whole"}
+
+
+def method_recipe(model: str, method: str) -> dict:
+    """The method options the model folder's recipe for `method` sets (never its "default":
+    blocks mean different things per method), as the trainer's command line would give them."""
+    recipe = model_recipes(model).get(method)
+    if method not in METHODS or not isinstance(recipe, dict):
+        return {}
+    own = {f.name for f in dataclasses.fields(METHODS[method].config)}
+    out = {}
+    for name, form in RECIPE_METHOD_OPTIONS.items():
+        value = recipe.get(name)
+        if name not in own:
+            continue
+        if form == "names" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[name] = ",".join(value)
+        elif form == "whole" and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = str(value)
+    return out
 
 
 def fill_method_recipe(args: argparse.Namespace) -> dict:
-    """Each of RECIPE_METHOD_OPTIONS the user left unset and the method has, from the model
-    folder's recipe for this method (never its "default": blocks mean different things per
-    method). Returns {option: where its value came from}."""
-    if args.method not in METHODS:
-        return {}
-    recipe = model_recipes(args.pretrained_model_name_or_path).get(args.method)
-    own = {f.name for f in dataclasses.fields(METHODS[args.method].config)}
+    """Each of RECIPE_METHOD_OPTIONS the user left unset, from method_recipe. Returns {option:
+    where its value came from}."""
     filled = {}
-    for name in RECIPE_METHOD_OPTIONS:
-        value = recipe.get(name) if isinstance(recipe, dict) else None
-        if name in own and getattr(args, name, None) is None and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            setattr(args, name, ",".join(value))
+    for name, value in method_recipe(args.pretrained_model_name_or_path, args.method).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
             filled[name] = f"{MODEL_SETTINGS} of the base model, for {args.method}"
     return filled
 
@@ -693,7 +707,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str])
         args.validation_prompt = [args.validation_prompt]
     if args.output_dir is None:
         args.output_dir = str(config_path.parent) if config_path else f"{args.method}-dreambooth-model"
-    method_recipe = {**fill_method_recipe(args), **lora_alpha_follows_rank(args)}
+    from_model = {**fill_method_recipe(args), **lora_alpha_follows_rank(args)}
     method_config = _method_config(args)
     for name, why in REFUSED.items():
         if _given(getattr(args, name, None)):
@@ -716,7 +730,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str])
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
     named = fill_named_recipe(args, given)
-    recipe = {**method_recipe, **named, **fill_recipe(args)}
+    recipe = {**from_model, **named, **fill_recipe(args)}
     if args.resolution is None:
         args.resolution, recipe["resolution"] = native_resolution(args.pretrained_model_name_or_path)
     if args.scale_lr and args.learning_rate is not None:

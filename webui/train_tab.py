@@ -162,7 +162,7 @@ def _form(runner, base, preset: str, detected: str) -> Form:
     actions = forms.trainer_actions()
     files, preview, examples, example_buttons = _concept_inputs(base)
     trainer = _prompt_inputs(base, actions)
-    method, summary, methods, method_groups = _method_inputs()
+    method, summary, methods, method_groups = _method_inputs(base.source)
     with gr.Row():
         preset_radio = gr.Radio(choices=list(PRESETS), value=preset, label="Hardware preset",
                                 info=f"detected: {detected}", elem_id="preset")
@@ -225,9 +225,9 @@ def _prompt_inputs(base, actions) -> dict:
             "with_prior_preservation": forms.component_for_action(actions["with_prior_preservation"])}
 
 
-def _method_inputs():
-    """(method radio, its summary, each method's option components, the group of each method's
-    options: only the chosen method's is visible)."""
+def _method_inputs(model: str):
+    """(method radio, its summary, each method's option components, showing the values the base
+    `model`'s recipe sets, the group of each method's options: only the chosen method's is visible)."""
     names = forms.method_names()
     method = gr.Radio(choices=forms.method_choices(), value=names[0], label="Method", elem_id="method")
     summary = gr.HTML(forms.method_summary(names[0]), elem_id="method-summary")
@@ -235,7 +235,7 @@ def _method_inputs():
     with gr.Accordion("Method options: where the tuners go, their size", open=False, elem_id="method-options"):
         for name in names:
             with gr.Group(visible=name == names[0]) as group:
-                comps[name] = {f.name: forms.component_for_field(name, f) for f in forms.dataclasses.fields(METHODS[name].config)}
+                comps[name] = {f.name: forms.component_for_field(name, f, model) for f in forms.dataclasses.fields(METHODS[name].config)}
                 if not comps[name]:
                     gr.HTML("No options: every U-Net weight trains.")
             groups[name] = group

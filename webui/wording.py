@@ -88,8 +88,9 @@ METHOD = {
                                             "and learns little"),
     ("bypass", "output"): ("How it joins the model", "'zero-conv' learns; 'gate' (the first design), 'modulate' and "
                                                     "'rearrange' are ablation rows that learn little"),
-    ("bypass", "depth"): ("Join point", "2 learns the concept; 0 joins at the very end: least memory and fastest, "
-                                        "learns little"),
+    ("bypass", "depth"): ("Join point", "how many of the last decoder blocks redraw the correction: these learn the "
+                                        "concept and cost memory (the model's recipe shows its own); 0 joins at the very "
+                                        "end: least memory and fastest, learns little"),
     ("bypass", "gradient"): ("Training signal", "'exact' learns; the shortcuts keep less memory and learn little "
                                                 "(ablation rows)"),
     ("bypass", "into"): ("Correction goes to", "a decoder block's input learns; the noise prediction's place is an "
