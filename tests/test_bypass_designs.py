@@ -11,9 +11,19 @@ import torch
 import restuning
 from bench import BYPASS_ABLATION, bypass_config_options
 from restuning.methods.bypass.model import skip_path
-from tests.conftest import run
+from restuning.arch import ARCHS
+from tests.conftest import forward, run
 
-DESIGNS = [pytest.param(bypass_config_options(options), id=case) for case, _, options in BYPASS_ABLATION]
+
+def _arch_for(options: dict) -> str:
+    """The tiny U-Net the row fits: "tiny" has 2 up blocks, "tiny-sdxl" 3 (the last without
+    attention, as the demo model's)."""
+    depth = options.get("depth", restuning.BypassConfig().depth)
+    return "tiny" if depth <= len(ARCHS["tiny"]["up_block_types"]) else "tiny-sdxl"
+
+
+DESIGNS = [pytest.param(bypass_config_options(options), _arch_for(bypass_config_options(options)), id=case)
+           for case, _, options in BYPASS_ABLATION]
 
 
 def _perturb(handle, seed=9):
@@ -23,24 +33,24 @@ def _perturb(handle, seed=9):
             p.add_(torch.randn_like(p) * 0.1)
 
 
-@pytest.mark.parametrize("options", DESIGNS)
+@pytest.mark.parametrize("options,arch", DESIGNS)
 def test_every_design_is_the_base_model_at_attach(tiny_unet, unet_inputs, options):
     base = run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.BypassConfig(**{"dim": 6, **options}))
     assert torch.equal(run(tiny_unet, unet_inputs), base)
     with torch.enable_grad():
-        assert torch.equal(tiny_unet(*unet_inputs).sample.detach(), base)
+        assert torch.equal(forward(tiny_unet, unet_inputs).sample.detach(), base)
 
 
-@pytest.mark.parametrize("options", [o for o in DESIGNS if o.values[0].get("output") != "gate"])
+@pytest.mark.parametrize("options,arch", [o for o in DESIGNS if o.values[0].get("output") != "gate"])
 def test_every_design_trains_every_parameter(tiny_unet, unet_inputs, options):
     handle = restuning.attach(tiny_unet, restuning.BypassConfig(**{"dim": 4, **options}))
-    sample, t, text = unet_inputs
+    sample = unet_inputs[0]
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
     target = torch.randn(sample.shape, generator=torch.Generator().manual_seed(0))
     for step in range(2):
         opt.zero_grad()
-        (tiny_unet(sample, t, text).sample - target).pow(2).mean().backward()
+        (forward(tiny_unet, unet_inputs).sample - target).pow(2).mean().backward()
         if step == 0:
             opt.step()
     dead = [n for n, p in handle.modules["bypass"].named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
