@@ -16,9 +16,9 @@ def write_results(out_dir: Path, stem: str, result, table: str) -> None:
 
 
 # The design ablation of Res-Tuning-Bypass (issues 11 and 25). The default's depth is the model's:
-# BypassConfig's 2 on SD v1.5, 3 on the demo model (its recipe); the depth rows name theirs. From the first design (v1) to the
-# chain every row shares: +1 zero-conv output, +2 Convpass tuners, +3 text tuners, at the paper's
-# injection point (depth 0, the head); then what was tried to make a correction at the head
+# BypassConfig's 2 on SD v1.5, 3 on the demo model (its recipe); the depth rows name theirs.
+# From the first design (v1) to the chain every row shares: +1 zero-conv output, +2 Convpass
+# tuners, +3 text tuners, at the paper's injection point (depth 0, the head); then what was tried to make a correction at the head
 # learn (time conditioning, a wider output stage, read-outs from every stage, other outputs,
 # rates, steps), and to make depth 2 (the default) cheap (gradient checkpointing, gradients that
 # skip the frozen blocks' activations). Entries are (case, label, options); options are

@@ -22,8 +22,7 @@ def _arch_for(options: dict) -> str:
     return "tiny" if depth <= len(ARCHS["tiny"]["up_block_types"]) else "tiny-sdxl"
 
 
-DESIGNS = [pytest.param(bypass_config_options(options), _arch_for(bypass_config_options(options)), id=case)
-           for case, _, options in BYPASS_ABLATION]
+DESIGNS = [pytest.param(bypass_config_options(options), _arch_for(options), id=case) for case, _, options in BYPASS_ABLATION]
 
 
 def _perturb(handle, seed=9):

@@ -10,7 +10,7 @@ import torch
 from restuning.methods import METHODS
 from trainers.events import EventLog
 from trainers.jobs import JobRunner
-from trainers.options import OptionError, from_dict
+from trainers.options import OptionError, from_dict, method_recipe
 from webui import forms, live
 from webui.presets import PRESETS, preset_values
 
@@ -182,8 +182,8 @@ def test_the_form_shows_the_depth_the_base_models_recipe_sets(tmp_path):
     """The demo model's recipe sets the Bypass's depth (3); the form shows it there, and
     BypassConfig's default (2) for a model folder without one; the run's config carries it."""
     depth = next(f for f in forms.dataclasses.fields(METHODS["bypass"].config) if f.name == "depth")
-    assert forms.component_for_field("bypass", depth, "assets/demo-model").value == 3
-    assert forms.component_for_field("bypass", depth, str(tmp_path)).value == 2
+    assert forms.component_for_field("bypass", depth, method_recipe("assets/demo-model", "bypass")).value == 3
+    assert forms.component_for_field("bypass", depth, method_recipe(str(tmp_path), "bypass")).value == 2
     assert forms.component_for_field("bypass", depth).value == 2
     config = forms.build_config("bypass", {**TRAINER, "instance_prompt": "a sks shape"}, {"depth": 3}, model="assets/demo-model", device="cpu")
     assert config["depth"] == 3

@@ -662,9 +662,7 @@ def method_recipe(model: str, method: str) -> dict:
     own = {f.name for f in dataclasses.fields(METHODS[method].config)}
     out = {}
     for name, form in RECIPE_METHOD_OPTIONS.items():
-        value = recipe.get(name)
-        if name not in own:
-            continue
+        value = recipe.get(name) if name in own else None
         if form == "names" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             out[name] = ",".join(value)
         elif form == "whole" and isinstance(value, int) and not isinstance(value, bool):

@@ -21,7 +21,7 @@ from restuning.core import OPS
 from restuning.methods import METHODS
 from restuning.tuners import TUNER_KINDS
 from trainers.models import check_method_fits
-from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, method_recipe, parse_value
+from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
 
 from . import wording
 
@@ -130,12 +130,12 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def component_for_field(method: str, f: dataclasses.Field, model: str | None = None):
-    """A Gradio input for one field of a method's config dataclass, showing the value the base
-    `model`'s recipe sets for it where it sets one (trainers.options.method_recipe), else the
+def component_for_field(method: str, f: dataclasses.Field, recipe: dict | None = None):
+    """A Gradio input for one field of a method's config dataclass, showing the value `recipe`
+    (the base model's, trainers.options.method_recipe) sets for it where it sets one, else the
     field's default."""
     kind = str(typing.get_type_hints(METHODS[method].config)[f.name])
-    recipe = method_recipe(model, method) if model else {}
+    recipe = recipe or {}
     default = parse_value(METHODS[method].config, f.name, recipe[f.name]) if f.name in recipe else _default(f)
     (label, info), elem_id = wording.method_option(method, f.name), f"opt-{method}-{f.name}"
     choices = f.metadata.get("choices")

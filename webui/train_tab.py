@@ -19,7 +19,7 @@ from gradio.utils import get_upload_folder
 from restuning.methods import METHODS
 from trainers import memory
 from trainers.models import check_method_fits
-from trainers.options import OptionError, from_dict
+from trainers.options import OptionError, from_dict, method_recipe
 from trainers.uploads import UploadError, check_images, discard
 
 from . import forms, live, visitors
@@ -235,7 +235,8 @@ def _method_inputs(model: str):
     with gr.Accordion("Method options: where the tuners go, their size", open=False, elem_id="method-options"):
         for name in names:
             with gr.Group(visible=name == names[0]) as group:
-                comps[name] = {f.name: forms.component_for_field(name, f, model) for f in forms.dataclasses.fields(METHODS[name].config)}
+                recipe = method_recipe(model, name)
+                comps[name] = {f.name: forms.component_for_field(name, f, recipe) for f in forms.dataclasses.fields(METHODS[name].config)}
                 if not comps[name]:
                     gr.HTML("No options: every U-Net weight trains.")
             groups[name] = group
