@@ -55,6 +55,8 @@ BYPASS_ABLATION = [
     ("bypass-depth2", "Bypass at depth 2", {"depth": 2}),
     ("bypass-depth3", "Bypass at depth 3", {"depth": 3}),
     ("bypass-depth3-lr3e-3", "Bypass at depth 3 lr 3e-3", {"depth": 3, "learning_rate": 0.003}),
+    ("bypass-depth3-lr2e-3", "Bypass at depth 3 lr 2e-3", {"depth": 3, "learning_rate": 0.002}),
+    ("bypass-depth3-lr1.5e-3", "Bypass at depth 3 lr 1.5e-3", {"depth": 3, "learning_rate": 0.0015}),
 ]
 
 
