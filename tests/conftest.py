@@ -83,3 +83,18 @@ def forward(unet, inputs):
 def run(unet, inputs):
     with torch.no_grad():
         return forward(unet, inputs).sample
+
+
+def frozen_run(unet, inputs):
+    """run() with the backbone's weights frozen, as attach leaves them (their requires_grad flags
+    restored after): the reference a tuner that starts as the identity must reproduce exactly. On
+    some CPUs PyTorch folds a 3-D input of a linear layer whose weight requires grad into another
+    matmul than one whose weight does not (SDXL's linear proj_in), and the outputs differ in their
+    last bits with no tuner attached."""
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    unet.requires_grad_(False)
+    try:
+        return run(unet, inputs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

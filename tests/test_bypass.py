@@ -12,7 +12,7 @@ import restuning
 from restuning.arch import TINY_ARCHS, build_unet
 
 from restuning.methods.bypass.layer import BypassNetwork
-from tests.conftest import cast, forward, repeat, run, with_text
+from tests.conftest import cast, forward, frozen_run, repeat, run, with_text
 
 KINDS = ("convpass", "adapter", "prefix", "prompt")
 
@@ -37,7 +37,7 @@ def _taps(unet, depth=0):
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("horizontal,vertical", list(itertools.product(KINDS, KINDS)))
 def test_identity_at_attach_for_every_tuner_pair(tiny_unet, unet_inputs, horizontal, vertical):
-    base = run(tiny_unet, unet_inputs)
+    base = frozen_run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.BypassConfig(horizontal=horizontal, vertical=vertical, dim=6))
     assert torch.equal(run(tiny_unet, unet_inputs), base)
     with torch.enable_grad():
@@ -49,7 +49,7 @@ def test_identity_at_attach_for_every_tuner_pair(tiny_unet, unet_inputs, horizon
 def test_identity_at_attach_for_every_design(tiny_unet, unet_inputs, options):
     if options.get("taps") == ("mid",):  # the correction enters the first up block, whose input the mid block makes
         options = {**options, "depth": len(tiny_unet.up_blocks)}
-    base = run(tiny_unet, unet_inputs)
+    base = frozen_run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.BypassConfig(dim=6, **options))
     assert torch.equal(run(tiny_unet, unet_inputs), base)
     with torch.enable_grad():
@@ -314,7 +314,7 @@ def test_training_changes_the_output_not_the_backbone(tiny_unet, unet_inputs):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_scale_zero_and_detach_give_exactly_the_base_model(tiny_unet, unet_inputs):
-    base = run(tiny_unet, unet_inputs)
+    base = frozen_run(tiny_unet, unet_inputs)
     n_params = len(list(tiny_unet.parameters()))
     _perturb(restuning.attach(tiny_unet, restuning.BypassConfig(dim=4)))
     tuned = run(tiny_unet, unet_inputs)

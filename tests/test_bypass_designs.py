@@ -12,7 +12,7 @@ import restuning
 from bench import BYPASS_ABLATION, bypass_config_options
 from restuning.methods.bypass.model import skip_path
 from restuning.arch import ARCHS
-from tests.conftest import forward, run
+from tests.conftest import forward, frozen_run, run
 
 
 def _arch_for(options: dict) -> str:
@@ -34,11 +34,7 @@ def _perturb(handle, seed=9):
 
 @pytest.mark.parametrize("options,arch", DESIGNS)
 def test_every_design_is_the_base_model_at_attach(tiny_unet, unet_inputs, options):
-    # The reference is the frozen backbone, as attach leaves it: on some CPUs PyTorch takes another
-    # kernel for weights that do not require grad, and tiny-sdxl's output then differs in its last
-    # bits (7e-7, from its third down block on, with no tuner attached).
-    tiny_unet.requires_grad_(False)
-    base = run(tiny_unet, unet_inputs)
+    base = frozen_run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.BypassConfig(**{"dim": 6, **options}))
     assert torch.equal(run(tiny_unet, unet_inputs), base)
     with torch.enable_grad():

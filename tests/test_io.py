@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import restuning
 from restuning.arch import TINY_ARCHS, build_unet
-from tests.conftest import run
+from tests.conftest import frozen_run, run
 
 CONFIGS = [
     restuning.ResTuningConfig(),
@@ -38,7 +38,7 @@ def test_save_then_load_on_a_fresh_unet_reproduces_outputs_exactly(tmp_path, arc
     path = restuning.save(unet, tmp_path / "tuner.safetensors")
 
     fresh = build_unet(arch, seed=0).eval()
-    base = run(fresh, unet_inputs)
+    base = frozen_run(fresh, unet_inputs)
     handle = restuning.load(fresh, path)
     assert handle.config == config
     out = run(fresh, unet_inputs)

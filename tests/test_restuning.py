@@ -9,7 +9,7 @@ import torch
 import restuning
 from restuning.arch import TINY_ARCHS
 from restuning.core import transformer_blocks
-from tests.conftest import cast, forward, run
+from tests.conftest import cast, forward, frozen_run, run
 
 KINDS = ("adapter", "prefix", "prompt")
 OPS = ("attn1", "attn2", "ff", "block")
@@ -28,7 +28,7 @@ def _train_a_little(unet, inputs, steps=3):
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("kind,op", list(itertools.product(KINDS, OPS)))
 def test_identity_at_attach_for_every_kind_and_op(tiny_unet, unet_inputs, kind, op):
-    base = run(tiny_unet, unet_inputs)
+    base = frozen_run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={op: kind}))
     assert torch.equal(run(tiny_unet, unet_inputs), base)
 
@@ -84,7 +84,7 @@ def test_dim_sets_every_tuner_length(tiny_unet):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_scale_zero_and_detach_give_exactly_the_base_model(tiny_unet, unet_inputs):
-    base = run(tiny_unet, unet_inputs)
+    base = frozen_run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"attn1": "prefix", "ff": "adapter", "block": "prompt"}))
     _train_a_little(tiny_unet, unet_inputs)
     tuned = run(tiny_unet, unet_inputs)
@@ -175,7 +175,7 @@ def test_route_sends_each_sample_through_its_own_tuner(tiny_unet, unet_inputs):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_several_loras_stay_active_and_scale_independently(tiny_unet, unet_inputs):
-    base = run(tiny_unet, unet_inputs)
+    base = frozen_run(tiny_unet, unet_inputs)
     outputs = {}
     for name, seed in (("one", 1), ("two", 2)):
         handle = restuning.attach(tiny_unet, restuning.LoraConfig(), name=name)
