@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 from tests.e2e.conftest import DEMO_MODEL, free_port, serve
 from tests.e2e.test_studio import STARS, error_toast, fill, upload, wait_text
@@ -143,7 +144,8 @@ def test_as_a_space_it_binds_all_interfaces_and_keeps_visitors_apart(browser, sp
         alice.fill("#instance-prompt textarea", "a sks star")
         fill(alice, "max_train_steps", 3000)  # long enough to be running or queued below, within the shared cap
         alice.click("#comparison .label-wrap")
-        assert alice.locator("#compare-methods input:checked").count() == 2, "no more ticked than a visitor may queue"
+        # no more ticked than a visitor may queue; the accordion renders its boxes a moment after the click
+        expect(alice.locator("#compare-methods input:checked")).to_have_count(2, timeout=15_000)
         alice.locator("#compare-methods label", has_text="Adapter").locator("input").check()
         alice.click("#compare")  # three methods: over the limit of 2 per visitor
         assert "choose at most 2 methods" in error_toast(alice)
