@@ -29,9 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDING = "embeddings.token_embedding.weight"
 
 
-def distinct_identifier(base: Path, out: Path, token: str = "sks", norm: float = 0.5, seed: int = 0) -> dict:
-    """Copy `base` to `out` (which must not exist) with `token`'s embedding row replaced; returns
-    the token's id and the row's norm before and after."""
+def _token_id(base: Path, out: Path, token: str) -> int:
+    """`token`'s id in `base`'s tokenizer, once `out` is known to be new and `token` one token."""
     from transformers import CLIPTokenizer
 
     if out.exists():
@@ -39,18 +38,36 @@ def distinct_identifier(base: Path, out: Path, token: str = "sks", norm: float =
     ids = CLIPTokenizer.from_pretrained(base / "tokenizer").encode(token, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"{token!r} is {len(ids)} tokens for this tokenizer; the identifier must be one")
+    return ids[0]
+
+
+def _copy_with_row(base: Path, out: Path, token_id: int, make_row) -> tuple[float, float]:
+    """Copy `base` to `out` with the text encoder's embedding row `token_id` replaced by
+    `make_row(old row)`; returns the row's norm before and after."""
     weights = Path("text_encoder") / "model.safetensors"
     state = load_file(base / weights)
     key = next((k for k in state if k.endswith(EMBEDDING)), None)
     if key is None:
         raise ValueError(f"{base / weights} has no {EMBEDDING}: not a CLIP text encoder")
     table = state[key]
-    direction = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(seed))
-    before = float(table[ids[0]].norm())
-    table[ids[0]] = (direction / direction.norm() * norm).to(table.dtype)
+    before = float(table[token_id].norm())
+    table[token_id] = make_row(table[token_id]).to(table.dtype)
     shutil.copytree(base, out)
     save_file(state, out / weights, metadata={"format": "pt"})
-    return {"token_id": ids[0], "norm_before": before, "norm_after": float(table[ids[0]].norm())}
+    return before, float(table[token_id].norm())
+
+
+def distinct_identifier(base: Path, out: Path, token: str = "sks", norm: float = 0.5, seed: int = 0) -> dict:
+    """Copy `base` to `out` (which must not exist) with `token`'s embedding row replaced; returns
+    the token's id and the row's norm before and after."""
+    token_id = _token_id(base, out, token)
+
+    def random_direction(old: torch.Tensor) -> torch.Tensor:
+        direction = torch.randn(old.shape[0], generator=torch.Generator().manual_seed(seed))
+        return direction / direction.norm() * norm
+
+    before, after = _copy_with_row(base, out, token_id, random_direction)
+    return {"token_id": token_id, "norm_before": before, "norm_after": after}
 
 
 def learned_identifier(base: Path, out: Path, images: Path, token: str = "sks", steps: int = 300, lr: float = 0.01,
@@ -63,23 +80,17 @@ def learned_identifier(base: Path, out: Path, images: Path, token: str = "sks", 
 
     from trainers.data import DreamBoothData
 
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new folder")
+    token_id = _token_id(base, out, token)
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         raise ValueError(f"{images} holds no images")
-    torch.manual_seed(seed)
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, local_files_only=True)
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
-    ids = pipe.tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"{token!r} is {len(ids)} tokens for this tokenizer; the identifier must be one")
     table = pipe.text_encoder.get_input_embeddings()
-    before = table.weight[ids[0]].detach().clone()
-    row = torch.nn.Parameter(before.clone())
+    row = torch.nn.Parameter(table.weight[token_id].detach().clone())
     # the trained row put in the token's place of every looked-up embedding
-    table.register_forward_hook(lambda module, inputs, found: torch.where((inputs[0] == ids[0])[..., None], row, found))
+    table.register_forward_hook(lambda module, inputs, found: torch.where((inputs[0] == token_id)[..., None], row, found))
     prompt = pipe.tokenizer(f"a {token} shape", padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -109,14 +120,8 @@ def learned_identifier(base: Path, out: Path, images: Path, token: str = "sks", 
         optimizer.step()
     with torch.no_grad():
         loss_after = loss_of(held, held_noise, held_t).item()
-    weights = Path("text_encoder") / "model.safetensors"
-    state = load_file(base / weights)
-    key = next(k for k in state if k.endswith(EMBEDDING))
-    state[key][ids[0]] = row.detach().to(state[key].dtype)
-    shutil.copytree(base, out)
-    save_file(state, out / weights, metadata={"format": "pt"})
-    return {"token_id": ids[0], "norm_before": float(before.norm()), "norm_after": float(row.detach().norm()),
-            "loss_before": loss_before, "loss_after": loss_after}
+    before, after = _copy_with_row(base, out, token_id, lambda old: row.detach())
+    return {"token_id": token_id, "norm_before": before, "norm_after": after, "loss_before": loss_before, "loss_after": loss_after}
 
 
 def main(argv: list[str] | None = None) -> None:
