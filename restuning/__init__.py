@@ -1,10 +1,10 @@
 """restuning: Res-Tuning and Res-Tuning-Bypass for diffusers U-Nets.
 
     import restuning
-    restuning.attach(unet, restuning.ResTuningConfig())   # freeze the backbone, add Res-Tuners
-    restuning.save(unet, "tuner.safetensors")             # weights + config in one file
-    restuning.load(pipe.unet, "tuner.safetensors")        # attach + load, config read from the file
-    restuning.load(pipe.unet, "lora.safetensors", text_encoder=pipe.text_encoder)  # a diffusers or kohya LoRA too
+    restuning.attach(pipe, restuning.ResTuningConfig(identifier="sks"))  # freeze the backbone, add Res-Tuners
+    restuning.save(pipe, "tuner.safetensors")             # weights + config in one file
+    restuning.load(pipe, "tuner.safetensors")             # attach + load, config read from the file
+    restuning.load(pipe, "lora.safetensors")              # a diffusers or kohya LoRA too
     restuning.set_scale(unet, 0.7)                        # 0 gives exactly the base model
     restuning.detach(unet)                                # the untouched base model again
 """

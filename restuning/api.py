@@ -18,17 +18,32 @@ from .io import TunerFileError, check_tensors, read_header
 from .methods import config_from_dict, method_for_config
 
 
-def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None, text_encoder_2=None) -> Attached:
-    """Freeze the backbone and attach the method `config` describes; return its handle.
+def _parts(model, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
+    """(U-Net, {attribute: text encoder}, {attribute: tokenizer}) of a U-Net or a pipeline (whose
+    own text encoders and tokenizers are used where none are given)."""
+    unet = getattr(model, "unet", model)
+    given = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+    if unet is not model:
+        given = {k: v if v is not None else getattr(model, k, None) for k, v in given.items()}
+    encoders = {k: given[k] for k in ("text_encoder", "text_encoder_2") if given[k] is not None}
+    return unet, encoders, {k: given[k] for k in ("tokenizer", "tokenizer_2")}
 
-    `text_encoder` (and SDXL's `text_encoder_2`) are for a method that tunes the text encoders too
-    (LoRA with `text_encoder` / `text_encoder_2` layers); they are given to the method only then, so
-    the other methods' attach stays (unet, config, name).
+
+def attach(model, config, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None, text_encoder_2=None,
+           tokenizer=None, tokenizer_2=None) -> Attached:
+    """Freeze the backbone and attach the method `config` describes to `model`, a U-Net or a
+    pipeline; return its handle.
+
+    The text encoders (SDXL: two) and their tokenizers are for a method that tunes them too: a LoRA
+    with `text_encoder` / `text_encoder_2` layers, a Res-Tuning config with an identifier. A
+    pipeline brings its own; with a bare U-Net pass them. They are given to the method only then,
+    so the other methods' attach stays (unet, config, name).
 
     Attaching under a name that is already taken is refused unless `replace=True`, which detaches
     the old one first: weights are never silently doubled. Tuners attached earlier under other
     names keep their trainable state: only the backbone's own parameters are frozen.
     """
+    unet, encoders, tokenizers = _parts(model, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
     method = method_for_config(config)
     config.validate()
     table = attached(unet)
@@ -46,8 +61,10 @@ def attach(unet, config, name: str = DEFAULT_NAME, *, replace: bool = False, tex
         if id(p) not in earlier:
             p.requires_grad_(False)
     takes = inspect.signature(method.attach).parameters
+    extra = {k: v for k, v in encoders.items() if k in takes}
+    if "text_encoders" in takes:
+        extra["text_encoders"] = {k: (v, tokenizers["tokenizer" + k.removeprefix("text_encoder")]) for k, v in encoders.items()}
     try:
-        extra = {k: v for k, v in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if k in takes}
         handle = method.attach(unet, config, name, **extra)
     finally:
         # peft marks only its own adapter trainable when it injects one, freezing everything else.
@@ -67,19 +84,22 @@ def read_config(path: str | os.PathLike):
         raise TunerFileError(f"{Path(path).name}: the stored config is not usable: {exc}") from None
 
 
-def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None,
-         text_encoder_2=None) -> Attached:
-    """Attach the tuner stored in `path` to `unet` and load its weights, in one call.
+def load(model, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bool = False, text_encoder=None,
+         text_encoder_2=None, tokenizer=None, tokenizer_2=None) -> Attached:
+    """Attach the tuner stored in `path` to `model` (a pipeline, or its U-Net) and load its weights,
+    in one call.
 
     `path` is a restuning tuner file, or a LoRA file in diffusers' or kohya's format (converted by
-    restuning.methods.lora.convert). A LoRA that tunes the text encoder too needs `text_encoder`
-    (and on SDXL `text_encoder_2`): pass the pipeline's, they are used only by such a LoRA.
+    restuning.methods.lora.convert). A tuner that tunes the text encoder too (a LoRA of its layers,
+    a Res-Tuning tuner that learned its identifier's embedding) needs the text encoders (and for
+    the identifier their tokenizers): a pipeline brings them, with a bare U-Net pass them.
     """
     from .methods.lora import convert
 
+    unet, encoders, tokenizers = _parts(model, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
     path = Path(path)
     if convert.is_foreign_lora(path):
-        config, state = convert.read(path, unet, text_encoder, text_encoder_2)
+        config, state = convert.read(path, unet, encoders.get("text_encoder"), encoders.get("text_encoder_2"))
     else:
         metadata = read_header(path)
         config = read_config(path)
@@ -89,7 +109,7 @@ def load(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: bo
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
     check_tensors(state, path.name)
-    handle = attach(unet, config, name, replace=replace, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    handle = attach(unet, config, name, replace=replace, **encoders, **tokenizers)
     device = next(unet.parameters()).device
     try:
         handle.load_state_dict({k: v.to(device) for k, v in state.items()})

@@ -17,7 +17,10 @@ from typing import Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-OPS = ("attn1", "attn2", "ff", "block")
+# The frozen operations a Res-Tuner can sit beside: a transformer block's self-attention, cross-
+# attention, feed-forward network or the whole block, and the U-Net's ResNet blocks (the
+# convolutional OPs of the paper's "Conditional 2D U-Net", Table 11).
+OPS = ("attn1", "attn2", "ff", "block", "resnet")
 BLOCK_GROUPS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 DEFAULT_NAME = "default"
 
@@ -88,21 +91,23 @@ def attached(unet: nn.Module) -> dict[str, Attached]:
 _STATE_HOOKS = "_restuning_state_hooks"
 
 
-def keep_tuners_out_of_state(unet: nn.Module) -> None:
-    """Leave the modules of attached tuners out of `unet.state_dict()`, and let a base checkpoint
-    load into `unet` strictly with tuners attached.
+def keep_tuners_out_of_state(model: nn.Module, owner: nn.Module | None = None) -> None:
+    """Leave the modules of tuners attached to `owner` (default: `model`, a U-Net) out of
+    `model.state_dict()`, and let a base checkpoint load into `model` strictly with them attached;
+    `model` is the U-Net, or a text encoder holding a tuner's identifier embedding.
 
-    The tuners must be submodules of the U-Net so that `.to()` and `.parameters()` reach them, but
-    then they would be written by `unet.save_pretrained` into what is meant to be the base model.
-    Their weights are saved by `restuning.save`. LoRA's peft layers are kept out by its own
-    hooks (methods/lora/model.py); full fine-tuning's weights are the U-Net's own.
+    The tuners must be submodules of the model so that `.to()`, `.parameters()` and accelerate's
+    wrapping reach them, but then they would be written by `save_pretrained` into what is meant to
+    be the base model. Their weights are saved by `restuning.save`. LoRA's peft layers are kept out
+    by its own hooks (methods/lora/model.py); full fine-tuning's weights are the U-Net's own.
     """
-    if _STATE_HOOKS in unet.__dict__:
+    owner = model if owner is None else owner
+    if _STATE_HOOKS in model.__dict__:
         return
 
     def tuner_paths(prefix: str) -> tuple[str, ...]:
-        ids = {id(m) for a in attached(unet).values() for m in a.modules.values()}
-        return tuple(f"{prefix}{path}." for path, m in unet.named_modules(remove_duplicate=False) if id(m) in ids)
+        ids = {id(m) for a in attached(owner).values() for m in a.modules.values()}
+        return tuple(f"{prefix}{path}." for path, m in model.named_modules(remove_duplicate=False) if id(m) in ids)
 
     def drop_from_state(module, state, prefix, local_metadata):
         paths = tuner_paths(prefix)
@@ -114,13 +119,14 @@ def keep_tuners_out_of_state(unet: nn.Module) -> None:
         if paths:
             incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(paths)]
 
-    unet.__dict__[_STATE_HOOKS] = (unet.register_state_dict_post_hook(drop_from_state),
-                                   unet.register_load_state_dict_post_hook(allow_missing))
+    model.__dict__[_STATE_HOOKS] = (model.register_state_dict_post_hook(drop_from_state),
+                                    model.register_load_state_dict_post_hook(allow_missing))
 
 
 def detach(unet: nn.Module, name: str | None = None) -> None:
-    """Remove one attached method (or all, with name=None); the U-Net is the base model again."""
-    table = attached(unet)
+    """Remove one attached method (or all, with name=None) from a U-Net (or its pipeline); the
+    model is the base model again."""
+    table = attached(getattr(unet, "unet", unet))
     names = list(table) if name is None else [name]
     for n in names:
         if n not in table:
@@ -130,8 +136,9 @@ def detach(unet: nn.Module, name: str | None = None) -> None:
 
 
 def set_scale(unet: nn.Module, scale: float, name: str | None = None) -> None:
-    """Set the inference strength of attached tuners: 1 as trained, 0 exactly the base model."""
-    table = attached(unet)
+    """Set the inference strength of tuners attached to a U-Net (or its pipeline): 1 as trained,
+    0 exactly the base model."""
+    table = attached(getattr(unet, "unet", unet))
     if not table:
         raise AttachError("no tuner is attached")
     for n in [name] if name is not None else list(table):
@@ -160,7 +167,16 @@ def transformer_blocks(unet: nn.Module, groups: Iterable[str]) -> list[tuple[str
     return found
 
 
+def resnet_blocks(unet: nn.Module, groups: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """(path, block) for every diffusers ResnetBlock2D in the chosen parts of the U-Net."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    prefixes = tuple(BLOCK_GROUPS[g] for g in groups)
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, ResnetBlock2D) and n.startswith(prefixes)]
+
+
 def op_module(block: nn.Module, op: str) -> nn.Module | None:
+    """The OP `op` of a transformer block (None where it has none, e.g. attn2 without cross-attention)."""
     if op == "block":
         return block
     if op not in OPS:

@@ -24,8 +24,11 @@ FORMAT = "restuning"
 # 2: the Bypass's second design (zero-conv output, Convpass, text tuners) and Res-Prefix / Res-Prompt
 # at an adapter's pace (a gated Res-Prefix, Res-Prompt's W_o reading a scaled attention output).
 # 3: Res-Prefix ends in a zero-initialised output projection W_o instead of the per-channel gate.
+# 4: Res-Tuning files may hold convolutional Res-Adapters beside ResNet blocks (OP "resnet") and the
+# identifier's learned input-embedding rows (`text_encoder.identifier.delta`); a version 3 reader
+# would refuse their config's new fields, so they say version 4.
 # The other methods' files are the same as in version 1.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _PACE = ("version 1 holds Res-Prefix / Res-Prompt tuners of the earlier form (no prefix gate, an unscaled prompt "
          "output), whose weights would render differently now; train them again")
 _PREFIX_OUT = ("versions 1 and 2 hold Res-Prefix tuners of an earlier form (a per-channel gate where it now has an "
@@ -70,8 +73,10 @@ def check_tensors(state: dict[str, torch.Tensor], name: str) -> None:
                                  "such a tuner would turn every image black")
 
 
-def save(unet, path: str | os.PathLike, name: str = DEFAULT_NAME, extra: dict[str, str] | None = None) -> Path:
-    """Write the tuner attached as `name` to `path` (written to a temporary name, then renamed)."""
+def save(model, path: str | os.PathLike, name: str = DEFAULT_NAME, extra: dict[str, str] | None = None) -> Path:
+    """Write the tuner attached as `name` to `model` (a U-Net or its pipeline) to `path` (written to
+    a temporary name, then renamed)."""
+    unet = getattr(model, "unet", model)
     table = attached(unet)
     if name not in table:
         raise TunerFileError(f"nothing to save: no tuner named {name!r} is attached")

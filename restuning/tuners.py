@@ -23,6 +23,10 @@ the logit scale of heads of width d, and Attn(Q, K, V) = softmax(s·Q Kᵀ) V pe
               at start, and Eq. 3's output projection W_o (C, C) + b_o, zero at start, which lets
               every head's values write to every channel. The query is x̂ itself, because a
               detached tuner may not borrow the OP's W_q. 2·L·C + C² + C parameters.
+- `Convpass`  φ(conv3x3(φ(x W_down))) W_up, the adapter made convolutional for a convolutional OP (a
+              ResNet block, whose input and output widths may differ): 1x1 convs down to `length`
+              channels and up to the OP's output width (W_up zero at start), a 3x3 conv between
+              for spatial reach at length² parameters (Convpass, Jie & Deng 2022, cited by the paper).
 - `ResPrompt` (L/64 · Attn(x̂ W_q, P W_k, P W_v)) W_o + b_o: the prompt half of Eq. 5, where
               K_pro = x_pro W_k and V_pro = x_pro W_v come from one set of `length` prompt tokens
               P (L, C) living in the input space. The detached tuner cannot use the OP's W_q, W_k,
@@ -61,6 +65,24 @@ class Adapter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(F.gelu(self.down(x)))
+
+
+class Convpass(nn.Module):
+    """The convolutional Res-Adapter (Convpass, Jie & Deng 2022): W_up GELU(conv3x3(GELU(W_down x)))
+    on a feature map, 1x1 W_down to `dim` channels and 1x1 W_up (zero at start) to `out_channels`;
+    beside a ResNet block, whose input and output widths may differ, it is Eq. 7 with that block
+    as the OP."""
+
+    def __init__(self, channels: int, dim: int, out_channels: int | None = None):
+        super().__init__()
+        self.down = nn.Conv2d(channels, dim, 1)
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.up = nn.Conv2d(dim, out_channels or channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(F.gelu(self.conv(F.gelu(self.down(x)))))
 
 
 def _heads_for(dim: int, heads: int) -> int:

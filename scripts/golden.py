@@ -65,6 +65,8 @@ CASES = {
                           "dim": 3, "heads": 2},
     "res-tuning-prefix": {"method": "res-tuning", "tuners": {"attn1": "prefix", "ff": "prefix"}, "blocks": ["mid", "up"], "dim": 3,
                           "heads": 2},
+    "res-tuning-resnet": {"method": "res-tuning", "tuners": {"attn1": "adapter", "block": "adapter", "resnet": "adapter"},
+                          "blocks": ["down", "mid", "up"], "dim": 4, "resnet_dim": 3, "identifier": ""},
     "bypass": {"method": "bypass"},
     "lora": {"method": "lora", "rank": 2, "alpha": 3, "blocks": ["down", "mid", "up"]},
     "lora-text-encoder": {"method": "lora", "rank": 2, "alpha": 4, "blocks": ["mid"], "text_encoder": "q_proj,out_proj"},
@@ -75,7 +77,7 @@ CASES = {
 }
 
 # The first format version whose library has a case (LoRA of the text encoder came with version 2).
-SINCE = {"lora-text-encoder": 2}
+SINCE = {"lora-text-encoder": 2, "res-tuning-resnet": 4}
 # Cases whose U-Net reads the golden text encoder's output (GOLDEN_TEXT_CONFIG) for GOLDEN_IDS.
 WITH_TEXT_ENCODER = ("lora-text-encoder",)
 
@@ -83,6 +85,7 @@ WITH_TEXT_ENCODER = ("lora-text-encoder",)
 WRITERS = {
     1: "6bb601da2a19572b3566ac75655f76483e6daf5f",
     2: "8f8ea8f6882cdbb9bc651877e8347286696f6d2f",
+    3: "0e8e01844096fb092ed5ff7ba186e614ef4931c9",
 }
 
 STRENGTHS = {"s1": 1.0, "s05": 0.5}

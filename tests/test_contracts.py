@@ -170,7 +170,13 @@ def test_full_fine_tuning_has_no_strength(tiny_unet):
 # mid_block at 1280 channels, three in each of up_blocks.1-3 at 1280, 640 and 320 channels (the
 # first up block has no attention). The text (cross-attention) width is 768.
 MID_UP_WIDTHS = [1280] + [1280] * 3 + [640] * 3 + [320] * 3
+DOWN_WIDTHS = [320, 320, 640, 640, 1280, 1280]  # 2 transformer blocks in each of the first three down blocks
 TEXT = 768
+# SD v1.5's ResNet blocks as (input, output) channels: down, mid, then up, whose inputs are the
+# previous block's output concatenated with the skip connection's
+RESNETS = ([(320, 320)] * 2 + [(320, 640), (640, 640), (640, 1280), (1280, 1280)] + [(1280, 1280)] * 2 + [(1280, 1280)] * 2
+           + [(2560, 1280)] * 3 + [(2560, 1280), (2560, 1280), (1920, 1280)] + [(1920, 640), (1280, 640), (960, 640)]
+           + [(960, 320), (640, 320), (640, 320)])
 
 
 def _linear(n_in, n_out, bias=True):
@@ -181,12 +187,17 @@ def _adapter(c, length=10):
     return _linear(c, length) + _linear(length, c)  # W_down, b_down, W_up, b_up
 
 
+def _convpass(n_in, n_out, width=16):
+    return n_in * width + width + width * width * 9 + width + width * n_out + n_out  # 1x1 down, 3x3, 1x1 up
+
+
 def _lora(n_in, n_out, rank=4):
     return rank * (n_in + n_out)  # A (rank x in), B (out x rank), no bias
 
 
 EXPECTED_SD15 = {
-    "res-tuning": sum(2 * _adapter(c) for c in MID_UP_WIDTHS),  # Dual: an adapter beside attn1 and beside ff
+    # Tri at 32 (adapters beside attn1, ff and the block) in every transformer block, Convpass 16 beside every ResNet
+    "res-tuning": sum(3 * _adapter(c, 32) for c in DOWN_WIDTHS + MID_UP_WIDTHS) + sum(_convpass(i, o) for i, o in RESNETS),
     "adapter": sum(_adapter(c) for c in MID_UP_WIDTHS),  # one after ff
     "prefix": sum(2 * 10 * c for c in MID_UP_WIDTHS),  # attn1: 10 keys and 10 values over all heads (heads x 10 x C/heads)
     "prompt": sum(10 * c for c in MID_UP_WIDTHS),  # attn1: 10 tokens of C channels
@@ -203,4 +214,5 @@ def test_default_parameter_counts_on_sd15_are_exact():
     assert result["unet_params"] == 859_520_964
     found = {row["method"]: row["trainable"] for row in result["methods"]}
     assert {m: found[m] for m in EXPECTED_SD15} == EXPECTED_SD15
-    assert EXPECTED_SD15["res-tuning"] == 336_200 and EXPECTED_SD15["lora"] == 509_440  # the README's table
+    assert EXPECTED_SD15["res-tuning"] == 3_305_408 and EXPECTED_SD15["lora"] == 509_440  # docs/library.md's table
+    assert EXPECTED_SD15["res-tuning"] <= 0.01 * 859_520_964  # a parameter-efficient tuner: at most 1% of the U-Net

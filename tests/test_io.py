@@ -52,7 +52,7 @@ def test_header_carries_config_version_and_architecture(tmp_path, tiny_unet):
     restuning.attach(tiny_unet, restuning.ResTuningConfig(dim=4))
     path = restuning.save(tiny_unet, tmp_path / "t.safetensors")
     header = restuning.read_header(path)
-    assert header["format"] == "restuning" and header["format_version"] == "3"
+    assert header["format"] == "restuning" and header["format_version"] == "4"
     assert json.loads(header["config"])["dim"] == 4
     assert json.loads(header["base_arch"])["block_out_channels"] == [32, 64]
     assert restuning.read_config(path) == restuning.ResTuningConfig(dim=4)
@@ -169,13 +169,14 @@ def test_saving_writes_atomically_and_needs_a_tuner(tmp_path, tiny_unet):
 
 
 def test_tuner_loads_into_a_stable_diffusion_pipeline(tmp_path, unet_inputs):
-    """The README's three lines: from_pretrained, restuning.load(pipe.unet, file), generate."""
+    """The README's three lines: from_pretrained, restuning.load(pipe, file), generate; the default
+    Res-Tuning config with its identifier's embedding, which the pipeline's text encoder carries."""
     from tests.tiny_pipeline import tiny_pipeline
 
     pipe = tiny_pipeline()
-    restuning.attach(pipe.unet, restuning.ResTuningConfig())
+    restuning.attach(pipe, restuning.ResTuningConfig(identifier="sks"))
     _perturb(restuning.attached(pipe.unet)["default"])
-    path = restuning.save(pipe.unet, tmp_path / "concept.safetensors")
+    path = restuning.save(pipe, tmp_path / "concept.safetensors")
     folder = tmp_path / "pipe"
     restuning.detach(pipe.unet)
     pipe.save_pretrained(folder)
@@ -183,7 +184,11 @@ def test_tuner_loads_into_a_stable_diffusion_pipeline(tmp_path, unet_inputs):
     from diffusers import StableDiffusionPipeline
 
     loaded = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    restuning.load(loaded.unet, path)
+    with pytest.raises(restuning.AttachError, match="pass the pipeline"):
+        restuning.load(loaded.unet, path)  # the identifier's rows need the text encoder
+    assert restuning.attached(loaded.unet) == {}
+    restuning.load(loaded, path)
+    assert "text_encoder.identifier" in restuning.attached(loaded.unet)["default"].modules
     kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
     tuned = loaded("a photo of sks", generator=torch.Generator().manual_seed(0), **kwargs).images
     restuning.set_scale(loaded.unet, 0)

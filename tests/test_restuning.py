@@ -8,7 +8,7 @@ import torch
 
 import restuning
 from restuning.arch import TINY_ARCHS
-from restuning.core import transformer_blocks
+from restuning.core import resnet_blocks, transformer_blocks
 from tests.conftest import cast, forward, frozen_run, run
 
 KINDS = ("adapter", "prefix", "prompt")
@@ -26,7 +26,7 @@ def _train_a_little(unet, inputs, steps=3):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize("kind,op", list(itertools.product(KINDS, OPS)))
+@pytest.mark.parametrize("kind,op", list(itertools.product(KINDS, OPS)) + [("adapter", "resnet")])
 def test_identity_at_attach_for_every_kind_and_op(tiny_unet, unet_inputs, kind, op):
     base = frozen_run(tiny_unet, unet_inputs)
     restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={op: kind}))
@@ -34,32 +34,37 @@ def test_identity_at_attach_for_every_kind_and_op(tiny_unet, unet_inputs, kind, 
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_tuners_go_to_mid_and_up_by_default_and_down_on_request(tiny_unet):
+def test_tuners_go_to_every_block_by_default_and_to_the_chosen_parts_on_request(tiny_unet):
     handle = restuning.attach(tiny_unet, restuning.ResTuningConfig())
-    keys = list(handle.modules)
-    assert keys and all(k.startswith(("mid_block.", "up_blocks.")) for k in keys)
-    n_blocks = len(transformer_blocks(tiny_unet, ("mid", "up")))
-    assert len(keys) == 2 * n_blocks  # Dual: attn1 + ff in each block
-    restuning.attach(tiny_unet, restuning.ResTuningConfig(blocks=("down",)), name="down")
-    assert all(k.startswith("down_blocks.") for k in restuning.attached(tiny_unet)["down"].modules)
+    everywhere = ("down", "mid", "up")
+    n_blocks, n_resnets = len(transformer_blocks(tiny_unet, everywhere)), len(resnet_blocks(tiny_unet, everywhere))
+    assert n_blocks and n_resnets
+    # Tri (attn1, ff, block) in each transformer block, a conv adapter beside each ResNet
+    assert len(handle.modules) == 3 * n_blocks + n_resnets
+    assert {k.split(".")[0] for k in handle.modules} == {"down_blocks", "mid_block", "up_blocks"}
+    restuning.attach(tiny_unet, restuning.ResTuningConfig(blocks=("mid", "up")), name="late")
+    late = restuning.attached(tiny_unet)["late"].modules
+    assert late and all(k.startswith(("mid_block.", "up_blocks.")) for k in late)
+    assert len(late) == 3 * len(transformer_blocks(tiny_unet, ("mid", "up"))) + len(resnet_blocks(tiny_unet, ("mid", "up")))
 
 
 @pytest.mark.parametrize(
     "layout",
     [
         {"ff": "prompt"},  # Single
-        {"attn1": "adapter", "ff": "adapter"},  # Dual, the default
+        {"attn1": "adapter", "ff": "adapter"},  # Dual, the paper's best for classification
         {"attn1": "adapter", "ff": "adapter", "block": "adapter"},  # Tri
         {"attn1": "prefix", "attn2": "prompt", "ff": "adapter", "block": "prefix"},
+        {"resnet": "adapter"},  # conv adapters beside the ResNet blocks alone
     ],
 )
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_mix_tuning_layouts_train_only_their_tuners(tiny_unet, unet_inputs, layout):
     base = run(tiny_unet, unet_inputs)
     backbone = {n: p.detach().clone() for n, p in tiny_unet.named_parameters()}
-    handle = restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners=layout))
-    n_blocks = len(transformer_blocks(tiny_unet, ("mid", "up")))
-    assert len(handle.modules) == len(layout) * n_blocks
+    handle = restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners=layout, blocks=("mid", "up")))
+    n_blocks, n_resnets = len(transformer_blocks(tiny_unet, ("mid", "up"))), len(resnet_blocks(tiny_unet, ("mid", "up")))
+    assert len(handle.modules) == sum(n_resnets if op == "resnet" else n_blocks for op in layout)
     trainable = {id(p) for p in restuning.trainable_parameters(tiny_unet)}
     assert trainable == {id(p) for p in handle.parameters()}
     _train_a_little(tiny_unet, unet_inputs)
@@ -69,9 +74,16 @@ def test_mix_tuning_layouts_train_only_their_tuners(tiny_unet, unet_inputs, layo
             assert torch.equal(p, backbone[n]), f"backbone weight {n} changed"
 
 
-def test_default_layout_is_the_papers_best_dual():
-    assert restuning.ResTuningConfig().tuners == {"attn1": "adapter", "ff": "adapter"}
-    assert restuning.ResTuningConfig().dim == 10
+def test_default_is_the_layout_that_learned_best():
+    config = restuning.ResTuningConfig()
+    assert config.tuners == {"attn1": "adapter", "ff": "adapter", "block": "adapter", "resnet": "adapter"}
+    assert (config.dim, config.resnet_dim, config.blocks) == (32, 16, ("down", "mid", "up"))
+    assert (config.identifier, config.off_concept_loss) == ("auto", 0.1)
+
+
+def test_resnet_adapters_take_their_own_width(tiny_unet):
+    handle = restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"resnet": "adapter"}, resnet_dim=5))
+    assert {m.down.out_channels for m in handle.modules.values()} == {5}
 
 
 def test_dim_sets_every_tuner_length(tiny_unet):

@@ -1,28 +1,10 @@
-"""The two convolutional and attention blocks the bypass network is built of (layer.py) and its
-ablation's variants reuse (variants.py)."""
+"""The text attention the bypass network (layer.py) and its ablation's variants (variants.py) are
+built of, beside Convpass (restuning.tuners)."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-class Convpass(nn.Module):
-    """A convolutional bypass (Convpass, Jie & Deng 2022, cited by the paper): 1x1 conv to `dim`
-    channels, 3x3 conv at that width, 1x1 conv back, GELU between. The 3x3 conv gives the chain
-    spatial reach at dim² instead of C² parameters; the last conv starts at zero."""
-
-    def __init__(self, channels: int, dim: int):
-        super().__init__()
-        self.down = nn.Conv2d(channels, dim, 1)
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
-        self.up = nn.Conv2d(dim, channels, 1)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(F.gelu(self.conv(F.gelu(self.down(x)))))
-
 
 
 class TextAttention(nn.Module):

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...tuners import Adapter, ResPrefix, ResPrompt, make_tuner
+from ...tuners import Adapter, Convpass, ResPrefix, ResPrompt, make_tuner
 from . import variants
-from .blocks import Convpass, TextAttention
+from .blocks import TextAttention
 
 OUTPUTS = ("zero-conv", "gate", "modulate", "rearrange")
 # Z is a 3x3 conv up to the width of SD's head input (320 channels: 0.92M parameters) and a 1x1

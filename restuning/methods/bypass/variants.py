@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import Convpass, TextAttention
+from ...tuners import Convpass
+from .blocks import TextAttention
 
 FILM_RANK = 64  # W_1's width: a full-rank map from SD's 1280-wide embedding would cost 2·1280·C per FiLM
 
