@@ -30,6 +30,7 @@ LIBRARY_TESTS = ("tests/test_tuner_math.py", "tests/test_equivalence.py", "tests
                  "tests/test_restuning.py", "tests/test_io.py", "tests/test_library.py", "tests/test_contracts.py",
                  "tests/test_golden.py")
 LOSS_TESTS = ("tests/test_loss_reference.py",)
+OFF_CONCEPT_TESTS = ("tests/test_off_concept.py",)
 LORA_TESTS = ("tests/test_lora_import.py",)
 BYPASS_TESTS = ("tests/test_bypass.py", "tests/test_bypass_contracts.py", "tests/test_bypass_designs.py")
 # One test of tests/test_bypass_contracts.py, by its name.
@@ -74,7 +75,7 @@ MUTATIONS = [
              "self.value = nn.Parameter(torch.zeros(length, dim))", "tests/test_tuner_math.py"),
     Mutation("res-prefix-one-head", "restuning/tuners.py", "self.heads = _heads_for(dim, heads)", "self.heads = 1",
              "tests/test_tuner_math.py"),
-    Mutation("adapter-relu", "restuning/tuners.py", "F.gelu(self.down(x))", "F.relu(self.down(x))", "tests/test_tuner_math.py"),
+    Mutation("adapter-relu", "restuning/tuners.py", "return self.up(F.gelu(self.down(x)))", "return self.up(F.relu(self.down(x)))", "tests/test_tuner_math.py"),
     Mutation("hook-reads-op-output", "restuning/methods/res_tuning/model.py", "tuner(x.to(dtype))", "tuner(output.to(dtype))",
              "tests/test_tuner_math.py"),
     Mutation("strength-squared", "restuning/core.py", "residual = residual * scale", "residual = residual * scale * scale",
@@ -147,8 +148,8 @@ MUTATIONS = [
              "tests/test_golden.py::test_a_fingerprint_missing_any_field_is_refused"),
     Mutation("io-version-2-res-prefix-accepted", "restuning/io.py", 'if "prefix" in kinds:\n        return 3, _PREFIX_OUT',
              'if "prefix" in kinds:\n        return 2, _PREFIX_OUT', "tests/test_io.py"),
-    Mutation("io-res-tuning-keys-renamed", "restuning/methods/res_tuning/model.py", 'handle.modules[f"{path}.{op_name}"] = tuner',
-             'handle.modules[f"{path}.{op_name}.tuner"] = tuner', GOLDEN_CASE.format("res-tuning-v1")),
+    Mutation("io-res-tuning-keys-renamed", "restuning/methods/res_tuning/model.py", 'handle.modules[key] = tuner',
+             'handle.modules[f"{key}.tuner"] = tuner', GOLDEN_CASE.format("res-tuning-v1")),
     Mutation("io-lora-text-encoder-keys-renamed", "restuning/methods/lora/model.py", 'TEXT_ENCODER_PREFIX = "text_encoder."',
              'TEXT_ENCODER_PREFIX = "text_encoder.lora."', GOLDEN_CASE.format("lora-text-encoder-v2")),
     # -- LoRA files from elsewhere (tests/test_lora_import.py)
@@ -174,8 +175,8 @@ MUTATIONS = [
              "/ snr", LOSS_CASE.format("v-prediction min-SNR"), LOSS_TESTS),
     Mutation("loss-min-snr-clamped-below", "trainers/dreambooth.py", "torch.clamp(snr, max=args.snr_gamma)",
              "torch.clamp(snr, min=args.snr_gamma)", LOSS_CASE.format("epsilon min-SNR"), LOSS_TESTS),
-    Mutation("loss-prior-weight-ignored", "trainers/dreambooth.py", "return instance + args.prior_loss_weight * prior,",
-             "return instance + prior,", LOSS_CASE.format("prior preservation"), LOSS_TESTS),
+    Mutation("loss-prior-weight-ignored", "trainers/dreambooth.py", "total = instance + args.prior_loss_weight * prior",
+             "total = instance + prior", LOSS_CASE.format("prior preservation"), LOSS_TESTS),
     Mutation("loss-instance-mean-over-class-images", "trainers/dreambooth.py", "instance = per_sample[:num_instance].mean()",
              "instance = per_sample.mean()", LOSS_CASE.format("prior preservation"), LOSS_TESTS),
     Mutation("loss-noise-offset-per-pixel", "trainers/dreambooth.py", "torch.randn((b, c, 1, 1), generator=generator)",
@@ -188,6 +189,14 @@ MUTATIONS = [
              "hash((seed, step, process))", LOSS_CASE.format("gradient accumulation"), LOSS_TESTS),
     Mutation("loss-tuners-in-half-precision", "trainers/dreambooth.py", "cast_training_params(model, dtype=torch.float32)",
              "pass", LOSS_CASE.format("bf16 autocast"), LOSS_TESTS),
+    Mutation("off-concept-first-rows", "trainers/dreambooth.py", "rows = slice(b - k, b)", "rows = slice(0, k)",
+             "tests/test_off_concept.py", OFF_CONCEPT_TESTS),
+    Mutation("off-concept-weight-ignored", "trainers/dreambooth.py", "total = total + off_concept.weight * F.mse_loss(",
+             "total = total + F.mse_loss(", "tests/test_off_concept.py", OFF_CONCEPT_TESTS),
+    Mutation("off-concept-teacher-tuned", "trainers/dreambooth.py", "restuning.set_scale(unet, 0.0, name=name)",
+             "restuning.set_scale(unet, 1.0, name=name)", "tests/test_off_concept.py", OFF_CONCEPT_TESTS),
+    Mutation("identifier-every-token", "restuning/identifier.py", "hits = (input_ids.unsqueeze(-1) == ids)",
+             "hits = (input_ids.unsqueeze(-1) >= 0)", "tests/test_identifier.py", ("tests/test_identifier.py",)),
 ]
 
 

@@ -1,6 +1,7 @@
 """trainers.data: decoded-once views give the pixels the image loader gives, the latent cache
 encodes each view once and returns the VAE's own posterior, class images split across processes."""
 
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,3 +114,60 @@ def test_class_images_are_shared_between_processes(tmp_path):
     assert [p.name for p in data.usable_images(folder)] == [f"{i:05d}.png" for i in range(5)]
     data.ensure_class_images(Pipe(), folder, **common)  # a full cache: nothing made again
     assert len(made) == 5
+
+
+# -- class images a model folder ships ------------------------------------------------------------
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+
+
+def _shipping_model(tmp_path: Path, count: int = 3) -> tuple[Path, dict]:
+    """A model folder with a U-Net weight file and `count` shipped class images made 'as' settings."""
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    shipped = model / data.SHIPPED_CLASS_IMAGES
+    shipped.mkdir()
+    for i in range(count):
+        Image.new("RGB", (64, 64), (10 * i, 0, 0)).save(shipped / f"{i:05d}.png")
+    settings = {"prompt": "a shape", "resolution": 64, "seed": 0, "precision": "float32", "num_inference_steps": 25,
+                "guidance_scale": 2.5}
+    (shipped / "class.json").write_text(json.dumps({**settings, "unet_sha256": data.weights_digest(model)}))
+    return model, settings
+
+
+def test_shipped_class_images_seed_the_cache_only_for_exactly_their_settings_and_weights(tmp_path):
+    model, settings = _shipping_model(tmp_path)
+    assert [p.name for p in data.shipped_class_images(model, settings)] == ["00000.png", "00001.png", "00002.png"]
+    for key, other in (("prompt", "a dog"), ("resolution", 128), ("seed", 1), ("precision", "float16"),
+                       ("num_inference_steps", 24), ("guidance_scale", 7.5)):
+        assert data.shipped_class_images(model, {**settings, key: other}) == [], key
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"rebuilt")  # another model now
+    assert data.shipped_class_images(model, settings) == []
+    assert data.shipped_class_images(tmp_path / "nowhere", settings) == []
+    (model / data.SHIPPED_CLASS_IMAGES / "class.json").write_text("{not json")
+    assert data.shipped_class_images(model, settings) == []
+
+
+def test_seeding_copies_only_the_images_asked_for_and_keeps_the_cache_s_own(tmp_path):
+    model, settings = _shipping_model(tmp_path, count=3)
+    shipped = data.shipped_class_images(model, settings)
+    cache = tmp_path / "runs" / "class-images" / "abc"
+    cache.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(cache / "00000.png")  # made by an earlier run
+    assert data.seed_class_cache(cache, shipped, 2) == 1  # image 0 kept, image 1 copied, image 2 not asked for
+    assert sorted(p.name for p in cache.iterdir()) == ["00000.png", "00001.png"]
+    assert Image.open(cache / "00000.png").getpixel((0, 0)) == (0, 255, 0)
+    assert (cache / "00001.png").read_bytes() == (model / data.SHIPPED_CLASS_IMAGES / "00001.png").read_bytes()
+    assert data.seed_class_cache(cache, shipped, 2) == 0
+
+
+def test_the_demo_model_ships_the_examples_class_images():
+    """What the studio's examples ask for (prior preservation on "a shape" at 64 px, seed 0, the
+    model's sampling settings) is shipped for the demo model's weights as they are."""
+    from trainers.dreambooth import sampling_settings
+    from trainers.models import check_source
+
+    sampling = sampling_settings(SimpleNamespace(num_inference_steps=None, guidance_scale=None), check_source(DEMO))
+    made_as = {"prompt": "a shape", "resolution": 64, "seed": 0, "precision": "float32", **sampling}
+    assert len(data.shipped_class_images(DEMO, made_as)) == 100

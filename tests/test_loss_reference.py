@@ -127,6 +127,8 @@ def train(model, instance, out, *extra):
     argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance), "--instance_prompt", PROMPT,
             "--resolution", "64", "--output_dir", str(out), "--learning_rate", "1e-2", "--max_train_steps", str(STEPS),
             "--seed", "7", "--checkpointing_steps", "100", *map(str, extra)]
+    if "--method" not in extra:  # diffusers' objective: Res-Tuning without its off-concept term and identifier
+        argv += ["--off_concept_loss", "0", "--identifier", ""]
     parsed = options.parse(argv)
     result = dreambooth.train(parsed, EventLog(parsed.args.output_dir), dreambooth.StopFlag(), on_attached=recorder)
     return parsed.args, result, recorder

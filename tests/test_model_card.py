@@ -62,7 +62,7 @@ def test_the_card_loads_the_tuner_by_its_download_name(tmp_path):
     assert artifacts.download_name(run.name, "res-tuning") == "20261203-120501-res-tuning-ab12.safetensors"
     assert artifacts.download_name("dog", "res-tuning") == "dog-res-tuning.safetensors"
     assert artifacts.download_name("my dog/../x", "lora") == "my-dog-..-x-lora.safetensors"
-    assert "restuning.load(pipe.unet, '20261203-120501-res-tuning-ab12.safetensors'" in python_blocks(text)[0]
+    assert "restuning.load(pipe, '20261203-120501-res-tuning-ab12.safetensors'" in python_blocks(text)[0]
     assert "`tuner.safetensors` in the run folder" in text
 
 

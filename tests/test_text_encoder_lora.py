@@ -91,9 +91,16 @@ def test_saved_files_render_as_the_sampler_renders_them(trained, tmp_path):
 
 def test_other_methods_refuse_it_and_the_rate_needs_it(tmp_path):
     base = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks dog"]
-    with pytest.raises(OptionError, match="--train_text_encoder is refused: res-tuning tunes the U-Net only .*--method lora"):
+    with pytest.raises(OptionError, match="--train_text_encoder is refused: res-tuning tunes the U-Net's blocks, .*--method lora"):
         options.parse(base + ["--method", "res-tuning", "--train_text_encoder"])
-    with pytest.raises(OptionError, match="--text_encoder_lr is for a LoRA that trains the text encoder"):
+    with pytest.raises(OptionError, match="--text_encoder_lr is for what trains in the text encoder: a LoRA with --train_text_encoder"):
         options.parse(base + ["--method", "lora", "--text_encoder_lr", "1e-5"])
+    for method in ("adapter", "bypass"):
+        with pytest.raises(OptionError, match="--text_encoder_lr is for what trains in the text encoder"):
+            options.parse(base + ["--method", method, "--text_encoder_lr", "1e-5"])
+    with pytest.raises(OptionError, match="--text_encoder_lr is for what trains in the text encoder"):
+        options.parse(base + ["--method", "res-tuning", "--identifier", "", "--text_encoder_lr", "1e-5"])
+    parsed = options.parse(base + ["--method", "res-tuning", "--identifier", "sks", "--text_encoder_lr", "1e-5"])
+    assert parsed.args.text_encoder_lr == 1e-5  # the identifier's embedding trains at it
     parsed = options.parse(base + ["--method", "lora", "--train_text_encoder", "--text_encoder", "q_proj,v_proj"])
     assert parsed.method_config.text_encoder == "q_proj,v_proj"

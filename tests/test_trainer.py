@@ -365,6 +365,30 @@ def test_prior_preservation_generates_then_reuses_class_images(tiny_model, insta
     assert len(list((runs / "class-images").iterdir())) == 2  # another class prompt, another cache
 
 
+def test_class_images_the_model_folder_ships_for_these_settings_are_copied_not_made(tiny_model, instance_dir, tmp_path):
+    import json
+    import shutil
+
+    from trainers import data
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    shipped = model / data.SHIPPED_CLASS_IMAGES
+    make_images(shipped, 3, size=(64, 64))
+    for i, path in enumerate(sorted(shipped.glob("*.png"))):
+        path.rename(shipped / f"{i:05d}.png")
+    made_as = {"prompt": "a photo of dog", "resolution": 64, "seed": 0, "precision": "float32", "num_inference_steps": 2,
+               "guidance_scale": 7.5}
+    (shipped / "class.json").write_text(json.dumps({**made_as, "unet_sha256": data.weights_digest(model)}))
+    common = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 3, "--max_train_steps", 1]
+    run_train(argv(model, instance_dir, tmp_path / "runs" / "a", *common))
+    cache = next((tmp_path / "runs" / "class-images").iterdir())
+    assert [(shipped / p.name).read_bytes() == p.read_bytes() for p in sorted(cache.glob("*.png"))] == [True] * 3
+    assert any("shipped" in e.get("message", "") for e in read_events(tmp_path / "runs" / "a") if e.get("phase") == "class-images")
+    run_train(argv(model, instance_dir, tmp_path / "runs" / "b", *common[:2], "a photo of cat", *common[3:]))
+    other = next(p for p in (tmp_path / "runs" / "class-images").iterdir() if p != cache)
+    assert all((shipped / p.name).read_bytes() != p.read_bytes() for p in other.glob("*.png"))  # made: not what was shipped
+
+
 def test_stop_during_class_images_keeps_the_finished_ones(tiny_model, instance_dir, tmp_path):
     import threading
 

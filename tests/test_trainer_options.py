@@ -35,7 +35,8 @@ def test_diffusers_names_and_every_method_field_are_options():
 def test_method_options_parse_into_the_method_config():
     o = options.parse(BASE + ["--method", "res-tuning", "--tuners", "attn1=adapter,ff=prompt", "--dim", "6", "--blocks", "up"])
     assert o.method_config.to_dict() == {"method": "res-tuning", "tuners": {"attn1": "adapter", "ff": "prompt"},
-                                         "blocks": ["up"], "dim": 6, "heads": 8}
+                                         "blocks": ["up"], "dim": 6, "resnet_dim": 16, "heads": 8, "identifier": "",
+                                         "off_concept_loss": 0.1}  # no class prompt: no word tells the concept's apart
     assert o.args.output_dir == "res-tuning-dreambooth-model"
     assert not hasattr(o.args, "dim")
     lora = options.parse(BASE + ["--method", "lora", "--rank", "8"]).method_config
@@ -46,7 +47,38 @@ def test_method_options_parse_into_the_method_config():
         own = recipes.get(name, {})
         fields = {f.name for f in dataclasses.fields(method.config)}
         from_model = {k: tuple(own[k]) if k == "blocks" else own[k] for k in ("blocks", "depth") if k in own and k in fields}
+        if name == "res-tuning":
+            from_model["identifier"] = ""  # 'auto' without a class prompt: none
         assert options.parse(BASE + ["--method", name]).method_config == dataclasses.replace(method.config(), **from_model)
+
+
+@pytest.mark.parametrize("instance, klass, word", [
+    ("a sks dog", "a dog", "sks"),
+    ("a photo of sks dog", "a photo of dog", "sks"),
+    ("a sks ohwx dog", "a dog", "sks ohwx"),  # every word the class prompt lacks
+    ("A SKS Dog", "a dog", "SKS"),  # the class prompt's words in any case
+    ("a dog", "a dog", ""),  # nothing names the concept apart
+    ("a sks dog", None, ""),  # no class prompt: no word can be told apart
+])
+def test_auto_identifier_is_the_instance_prompt_s_words_the_class_prompt_lacks(instance, klass, word):
+    argv = ["--instance_data_dir", "x", "--instance_prompt", instance, "--method", "res-tuning"]
+    parsed = options.parse(argv + (["--class_prompt", klass] if klass else []))
+    assert parsed.method_config.identifier == word
+    assert parsed.recipe["identifier"].startswith("auto: ")
+    given = options.parse(argv + ["--identifier", "ohwx"] + (["--class_prompt", klass] if klass else []))
+    assert given.method_config.identifier == "ohwx" and "identifier" not in given.recipe
+
+
+def test_the_identifier_s_rate_and_the_schedule_come_from_the_model_s_recipe_unless_given():
+    argv = ["--instance_data_dir", "x", "--instance_prompt", "a sks shape", "--class_prompt", "a shape", "--method", "res-tuning"]
+    demo = options.parse(argv).args
+    assert (demo.learning_rate, demo.text_encoder_lr, demo.lr_scheduler, demo.lr_warmup_steps) == (0.01, 0.005, "cosine", 30)
+    given = options.parse(argv + ["--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--text_encoder_lr", "0.001"]).args
+    assert (given.text_encoder_lr, given.lr_scheduler, given.lr_warmup_steps) == (0.001, "constant", 0)
+    plain = options.parse(argv + ["--identifier", ""]).args  # nothing trains in the text encoder: no rate for it
+    assert plain.text_encoder_lr is None
+    other = options.parse(["--instance_data_dir", "x", "--instance_prompt", "a sks shape", "--method", "adapter"]).args
+    assert (other.lr_scheduler, other.lr_warmup_steps) == ("constant", 0)  # no recipe sets them: diffusers' defaults
 
 
 def test_the_demo_models_bypass_joins_where_its_recipe_says(tmp_path):
@@ -67,7 +99,8 @@ def test_the_demo_models_bypass_joins_where_its_recipe_says(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "dora"], "--method 'dora' is not a method; choose from res-tuning"),
-    (["--method", "res-tuning", "--rank", "4"], "--rank not an option of res-tuning (its options: --blocks, --dim, --heads, --tuners)"),
+    (["--method", "res-tuning", "--rank", "4"], "--rank not an option of res-tuning (its options: --blocks, --dim, --heads, --identifier, --off_concept_loss, "
+                                         "--resnet_dim, --tuners)"),
     (["--tuners", "attn1=sideways"], "unknown tuner kind 'sideways'"),
     (["--tuners", "attn1"], "--tuners 'attn1': expected KEY=VALUE"),
     (["--dim", "ten"], "--dim 'ten'"),
@@ -184,7 +217,7 @@ def test_the_default_checkpoint_interval_fits_the_run():
     assert every("--max_train_steps", "10000", "--checkpointing_steps", "7") == 7
 
 
-@pytest.mark.parametrize("flag,why", [(["--train_text_encoder"], "tunes the U-Net only"),
+@pytest.mark.parametrize("flag,why", [(["--train_text_encoder"], "tunes the U-Net.s blocks, not the text encoder.s layers"),
                                       (["--tokenizer_name", "x"], "the base model's own"),
                                       (["--validation_images", "a.png"], "text-to-image"),
                                       (["--class_labels_conditioning", "timesteps"], "SD U-Nets have none")])

@@ -117,6 +117,26 @@ def test_pickles_and_foreign_files_are_refused_without_loading_them(tmp_path, ti
     assert str(tmp_path) not in _message(lambda: check_tuner_file(junk, tiny_unet))
 
 
+@pytest.mark.parametrize("low_bytes", [b"\x80\x02", b"PK"])
+def test_a_safetensors_file_whose_header_length_reads_like_a_pickle_is_not_refused_as_one(tmp_path, low_bytes):
+    """The 8-byte header length of a safetensors file may start with 0x80 or "PK" (pickle and zip
+    magic); the check reads past it ("{") instead of refusing a genuine file."""
+    from trainers.uploads import _check_file
+
+    wanted = int.from_bytes(low_bytes + b"\x00" * (8 - len(low_bytes)), "little")
+    path = tmp_path / "t.safetensors"
+    for pad in range(wanted + 1):  # the metadata's length steers the header's
+        save_file({"w": torch.zeros(1)}, path, metadata={"p": "x" * pad})
+        if path.read_bytes()[:8] == wanted.to_bytes(8, "little"):
+            break
+    assert path.read_bytes()[:len(low_bytes)] == low_bytes
+    assert _check_file(path, 10**9) == "t.safetensors"
+    forged = tmp_path / "forged.safetensors"  # the same opening bytes without a header after them
+    forged.write_bytes(low_bytes + b"\x00" * 20)
+    with pytest.raises(UploadError, match="pickle"):
+        _check_file(forged, 10**9)
+
+
 def _message(fn):
     try:
         fn()

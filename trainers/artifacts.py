@@ -23,15 +23,15 @@ from pathlib import Path
 from .options import DEMO_MODEL
 
 # How to use each kind of artefact; {base}, {file}, {prompt} are filled in as Python literals,
-# {loader} with the pipeline's constructor for the base model's kind, {pipeline} and {encoders}
-# with its family's pipeline class and text encoders (SDXL's two).
+# {loader} with the pipeline's constructor for the base model's kind, {pipeline} with its family's
+# pipeline class.
 LOADING = {
     "tuner": '''import restuning
 from diffusers import {pipeline}
 
 base_model = {base}
 pipe = {pipeline}.{loader}(base_model)
-restuning.load(pipe.unet, {file}, {encoders})  # config from the file's header
+restuning.load(pipe, {file})  # config from the file's header
 image = pipe({prompt}).images[0]''',
     "lora-diffusers": '''from diffusers import {pipeline}
 
@@ -172,11 +172,10 @@ def _card_loading(output_dir: Path, written, method, source, base: str, base_not
     loader = "from_single_file" if source.kind == "single-file" else "from_pretrained"
     xl = source.family == "sdxl"
     pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
-    encoders = "text_encoder=pipe.text_encoder" + (", text_encoder_2=pipe.text_encoder_2" if xl else "")
     for kind, _ in written:
         if kind in LOADING:
             code = LOADING[kind].format(base=repr(base), loader=loader, file=repr(names[kind]), prompt=repr(prompt),
-                                        pipeline=pipeline, encoders=encoders)
+                                        pipeline=pipeline)
             lines += [*code_block(code), ""]
         elif kind in NOTES:
             lines += [NOTES[kind].format(file=code_span(names[kind])), ""]

@@ -123,6 +123,7 @@ def unet_inputs(pipe, texts: list[Text], batch: dict, dataset, device) -> tuple[
 
 
 OFF_CONCEPT_PROMPTS = 256  # encoded once: 60 MB of SD v1.5 embeddings, 160 MB of SDXL's
+OFF_CONCEPT_ROWS = 2  # samples Res-Tuning's off-concept loss adds to each training step
 
 
 def concept_prompts(tokenizer, instance_prompt: str, class_prompt: str | None, count: int, seed: int) -> tuple[list[str], list[str]]:
@@ -133,8 +134,9 @@ def concept_prompts(tokenizer, instance_prompt: str, class_prompt: str | None, c
     kept_out = {w.lower() for w in instance} - ({w.lower() for w in class_prompt.split()} if class_prompt else set())
     words = sorted({t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>") and t[:-4].isalpha() and len(t) > 6}
                    - {w.lower() for w in instance})
-    if not words:
-        raise ValueError("the tokenizer's vocabulary has no whole words to build off-concept prompts from")
+    if not words:  # a vocabulary of pieces only (a test's): the empty and the class prompt are what it has
+        off = [""] + ([class_prompt] if class_prompt else [])
+        return [off[i % len(off)] for i in range(count)], [instance_prompt] * count
     rng = random.Random(seed)
 
     def salted(base: list[str], least: int = 0) -> str:

@@ -6,7 +6,9 @@ run therefore continues with exactly the batches an uninterrupted run would have
 processes share the data by position (no sampler state to save or shard).
 
 Class images are cached in the runs folder under a hash of base model + class prompt +
-resolution, and reused by every run that asks for the same ones.
+resolution, and reused by every run that asks for the same ones. A model folder may ship them
+(`class-images/`, as the demo model does): they seed the cache when they were made by exactly
+these weights and settings, so a fresh clone's first run does not spend half its time on them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,50 @@ CLASS_CACHE = "class-images"
 def class_cache_dir(runs_dir: Path, model_key: str, class_prompt: str, resolution: int) -> Path:
     digest = hashlib.sha256(json.dumps([model_key, class_prompt, resolution]).encode()).hexdigest()[:16]
     return Path(runs_dir) / CLASS_CACHE / digest
+
+
+SHIPPED_CLASS_IMAGES = "class-images"  # inside a model folder
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over the U-Net's weight files: what the shipped class images were made by."""
+    h = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("unet/*.safetensors")):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def shipped_class_images(model_dir: Path, settings: dict) -> list[Path]:
+    """The class images a model folder ships, if its class.json names exactly `settings` (prompt,
+    resolution, seed, sampling) and the folder's current U-Net weights; else []. Image i is the
+    one ensure_class_images would make from seed + i."""
+    shipped = Path(model_dir) / SHIPPED_CLASS_IMAGES
+    try:
+        recorded = json.loads((shipped / "class.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, dict) or {k: recorded.get(k) for k in settings} != settings:
+        return []
+    if recorded.get("unet_sha256") != weights_digest(model_dir):
+        return []
+    return usable_images(shipped)
+
+
+def seed_class_cache(folder: Path, shipped: list[Path], count: int) -> int:
+    """Copies the shipped images 0..count-1 the cache lacks into it (temporary name, then rename);
+    returns how many it copied."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for path in shipped:
+        if not path.stem.isdigit() or int(path.stem) >= count or (folder / path.name).exists():
+            continue
+        tmp = folder / f".{path.name}.tmp"
+        tmp.write_bytes(path.read_bytes())
+        os.replace(tmp, folder / path.name)
+        copied += 1
+    return copied
 
 
 def usable_images(folder: Path) -> list[Path]:

@@ -16,7 +16,9 @@ embedding; on SDXL both encoders' and the pooled text and each image's size and 
 
 Only the method's parameters train: `restuning.attach` freezes the rest (the paper's Eq. 7
 Res-Tuners, Eq. 8 Bypass, or a baseline, whichever the registry entry attaches). The text
-encoders are frozen (unless a LoRA tunes them), so the prompts' embeddings are computed once. Progress goes to
+encoders are frozen (unless a LoRA tunes them or Res-Tuning's identifier embedding trains), so the
+prompts' embeddings are computed once. With an off-concept loss (Res-Tuning's, a Bypass's) each
+step adds its term on prompts that do not name the concept (OffConcept, off_concept_energies). Progress goes to
 `<run>/events.jsonl` (trainers/events.py); SIGTERM saves a checkpoint and ends as `cancelled`.
 """
 
@@ -214,10 +216,13 @@ def trackers(wanted: str) -> tuple[list[str] | str | None, list[str]]:
 
 
 def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embeddings, num_instance: int, args,
-                   generator: torch.Generator, weight_dtype, added: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   generator: torch.Generator, weight_dtype, added: dict | None = None,
+                   off_concept: "OffConcept | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(total loss, instance loss, prior loss or None) of one batch whose VAE posterior is given
     (fresh or cached); every random draw comes from `generator`, the latent's first. `added`: an
-    SDXL U-Net's added_cond_kwargs (trainers.conditioning)."""
+    SDXL U-Net's added_cond_kwargs (trainers.conditioning). `off_concept`: the last rows' noisy
+    latents again with prompts that do not name the concept, their prediction held to the frozen
+    model's (weighted into the total; OffConcept)."""
     with torch.no_grad():
         latents = (posterior.sample(generator=generator) * scaling_factor).float()
     device = latents.device
@@ -229,9 +234,17 @@ def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embe
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = noise_scheduler.config.prediction_type
     target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-    extra = {"added_cond_kwargs": {k: v.to(weight_dtype) for k, v in added.items()}} if added else {}
-    model_pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), **extra).sample
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    inputs = (noisy, timesteps, embeddings, added)
+    if off_concept is not None:
+        teacher_inputs = off_concept.inputs(noisy, timesteps, added)
+        with torch.no_grad():
+            teacher = off_concept.frozen(*[x.to(weight_dtype) if x.is_floating_point() else x for x in teacher_inputs[:3]],
+                                         _cast(teacher_inputs[3], weight_dtype)).float()
+        inputs = tuple(_join(a, b) for a, b in zip(inputs, teacher_inputs))
+    noisy_in, timesteps_in, embeddings_in, added_in = inputs
+    extra = {"added_cond_kwargs": _cast(added_in, weight_dtype)} if added_in else {}
+    model_pred = unet(noisy_in.to(weight_dtype), timesteps_in, embeddings_in.to(weight_dtype), **extra).sample.float()
+    per_sample = F.mse_loss(model_pred[:b], target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 
@@ -239,10 +252,50 @@ def diffusion_loss(unet, posterior, scaling_factor: float, noise_scheduler, embe
         weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)
         per_sample = per_sample * weights
     instance = per_sample[:num_instance].mean()
-    if num_instance == b:
-        return instance, instance, None
-    prior = per_sample[num_instance:].mean()
-    return instance + args.prior_loss_weight * prior, instance, prior
+    total = instance
+    prior = None
+    if num_instance < b:
+        prior = per_sample[num_instance:].mean()
+        total = instance + args.prior_loss_weight * prior
+    if off_concept is not None:
+        total = total + off_concept.weight * F.mse_loss(model_pred[b:], teacher)
+    return total, instance, prior
+
+
+def _cast(added: dict | None, dtype) -> dict | None:
+    return {k: v.to(dtype) for k, v in added.items()} if added else None
+
+
+def _join(a, b):
+    if a is None:
+        return None
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+@dataclass
+class OffConcept:
+    """Res-Tuning's off-concept loss for one step: `prompts` (rows, tokens, width) that do not name
+    the concept (conditioning.concept_prompts; SDXL: with `pooled`) read the batch's last rows'
+    noisy latents (its class images with prior preservation) again, and the tuned U-Net's
+    prediction there is held to `frozen`'s, the same U-Net with the method at strength 0: MSE,
+    times `weight`. The frozen model's answer costs one no-grad pass of those rows; the tuned one's
+    rides in the step's own U-Net call."""
+
+    prompts: torch.Tensor
+    pooled: torch.Tensor | None
+    frozen: Callable
+    weight: float
+
+    def inputs(self, noisy, timesteps, added: dict | None):
+        """(noisy latents, timesteps, prompts, SDXL's added conditioning) of the off-concept rows:
+        the batch's last rows (as many as there are prompts, at most the batch)."""
+        b = noisy.shape[0]
+        k = min(self.prompts.shape[0], b)
+        rows = slice(b - k, b)
+        more = {"text_embeds": self.pooled[:k], "time_ids": added["time_ids"][rows]} if added else None
+        return noisy[rows], timesteps[rows], self.prompts[:k], more
 
 
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
@@ -402,7 +455,7 @@ class Training:
     latent_cache: data.LatentCache | None
     encoders: list[Callable[[], conditioning.Text]]  # the instance prompt's conditioning, then the class prompt's
     log_with: list[str] | str | None
-    off_concept: tuple | None = None  # a Bypass's prompts without and with the concept, embedded (off_concept_text)
+    off_concept: tuple | None = None  # prompts without and with the concept, embedded (off_concept_text)
 
 
 @dataclass
@@ -540,6 +593,13 @@ def make_class_images(args, source: models.ModelSource, base: Base, accelerator,
     prior_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.prior_generation_precision, base.weight_dtype)
     base.pipe.to(dtype=prior_dtype)
+    if source.kind == "folder" and accelerator.is_main_process:
+        made_as = {"prompt": args.class_prompt, "resolution": args.resolution, "seed": args.seed,
+                   "precision": str(prior_dtype).removeprefix("torch."), **base.sampling}
+        shipped = data.shipped_class_images(Path(source.location), made_as)
+        if shipped and data.seed_class_cache(class_dir, shipped, args.num_class_images):
+            events.phase("class-images", message=f"class images from the base model's folder ({len(shipped)} shipped)")
+    accelerator.wait_for_everyone()
     # Every process makes its share (image i on process i mod N); the main one reports its own.
     data.ensure_class_images(
         base.pipe, class_dir, args.class_prompt, args.num_class_images, args.resolution, args.seed,
@@ -561,8 +621,8 @@ def make_class_images(args, source: models.ModelSource, base: Base, accelerator,
 
 def attach_method(options: opts.Options, pipe, is_main: bool, on_attached=None) -> Tuning:
     """The method from the registry, attached to the pipeline's U-Net (and text encoders for LoRA with
-    --train_text_encoder: both of SDXL's, as diffusers' SDXL script trains them); `restuning.attach`
-    freezes everything else. Attention is chosen first: xformers set afterwards would replace the
+    --train_text_encoder: both of SDXL's, as diffusers' SDXL script trains them; Res-Tuning's
+    identifier embedding in each of them); `restuning.attach` freezes everything else. Attention is chosen first: xformers set afterwards would replace the
     prefix and prompt methods' own processors."""
     from diffusers.training_utils import cast_training_params
 
@@ -575,7 +635,7 @@ def attach_method(options: opts.Options, pipe, is_main: bool, on_attached=None) 
     if getattr(config, "text_encoder_2", "") and "text_encoder_2" not in encoders:
         raise opts.OptionError("--text_encoder_2 names layers of SDXL's second text encoder; this base model has one text encoder")
     attention = choose_attention(unet, args.enable_xformers_memory_efficient_attention)
-    handle = restuning.attach(unet, config, **encoders)
+    handle = restuning.attach(pipe, config)
     text_params = {id(p) for encoder in encoders.values() for p in encoder.parameters() if p.requires_grad}
     attention = attention_summary(unet, attention)
     if is_main:
@@ -678,18 +738,27 @@ def prepare_training(args, base: Base, tuning: Tuning, dataset, latent_cache, pr
                     latent_cache, encoders, log_with, off_concept_text(args, base, tuning, accelerator.device, events))
 
 
-def off_concept_text(args, base: Base, tuning: Tuning, device, events: EventLog) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The embeddings of prompts without and with the concept (conditioning.concept_prompts) when
-    the method is a Bypass whose off-concept loss is on, else None."""
+def off_concept_text(args, base: Base, tuning: Tuning, device, events: EventLog) -> tuple | None:
+    """The conditioning of prompts without and with the concept (conditioning.concept_prompts) when
+    the method's off-concept loss is on (a Bypass's or Res-Tuning's), else None: (without: hidden
+    states, without: SDXL's pooled embeddings or None, with: hidden states). Prompts without the
+    concept never hold the identifier, so they are encoded once even when its embedding trains."""
     if not getattr(tuning.handle.config, "off_concept_loss", 0):
         return None
     off, on = conditioning.concept_prompts(base.pipe.tokenizer, args.instance_prompt, args.class_prompt,
                                            conditioning.OFF_CONCEPT_PROMPTS, args.seed)
     events.emit("info", message=f"off-concept loss: {len(off)} prompts without the concept (e.g. {off[1]!r}, {off[2]!r}) "
                                 f"and {len(on)} with it (e.g. {on[0]!r})")
-    return tuple(torch.cat([encode().hidden for encode in conditioning.prompt_encoders(
-        base.pipe, prompts, device, max_length=args.tokenizer_max_length, use_attention_mask=args.text_encoder_use_attention_mask)
-    ]).to(base.weight_dtype) for prompts in (off, on))
+
+    def encoded(prompts):
+        with torch.no_grad():
+            return [encode() for encode in conditioning.prompt_encoders(
+                base.pipe, prompts, device, max_length=args.tokenizer_max_length, use_attention_mask=args.text_encoder_use_attention_mask)]
+
+    without, within = encoded(off), encoded(on)
+    pooled = torch.cat([t.pooled for t in without]).to(base.weight_dtype) if without[0].pooled is not None else None
+    return (torch.cat([t.hidden for t in without]).to(base.weight_dtype), pooled,
+            torch.cat([t.hidden for t in within]).to(base.weight_dtype))
 
 
 def save_tuner_state(handle, is_main: bool, models_, weights, folder) -> None:
@@ -787,11 +856,12 @@ def train_step(training: Training, step: int) -> torch.Tensor:
         with accelerator.accumulate(*training.trained):
             embeddings, added = conditioning.unet_inputs(base.pipe, [encode() for encode in training.encoders], batch,
                                                          training.dataset, accelerator.device)
-            with off_concept_energies(training, embeddings.shape[0], batch["num_instance"],
-                             step_generator(args.seed + 1, step, micro, rank)) as energies:
+            off_generator = step_generator(args.seed + 1, step, micro, rank)
+            with off_concept_energies(training, embeddings.shape[0], batch["num_instance"], off_generator) as energies:
                 loss, instance_loss, _ = diffusion_loss(training.unet, posterior, vae.config.scaling_factor, base.noise_scheduler,
                                                         embeddings, batch["num_instance"], args,
-                                                        step_generator(args.seed, step, micro, rank), base.weight_dtype, added)
+                                                        step_generator(args.seed, step, micro, rank), base.weight_dtype, added,
+                                                        off_concept_rows(training, off_generator))
             if energies:
                 loss = loss + training.tuning.handle.config.off_concept_loss * torch.stack(energies).mean()
             accelerator.backward(loss)
@@ -806,19 +876,42 @@ def train_step(training: Training, step: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def off_concept_energies(training: Training, rows: int, instances: int, generator: torch.Generator):
-    """restuning's off_concept around a step's U-Net call: `rows` prompts without the concept and
-    `instances` with it, drawn by `generator` (its own: the step's noise and timesteps stay as they
-    were); yields the energies to add to the loss (empty without the banks)."""
-    if training.off_concept is None:
+    """A Bypass's off-concept loss: restuning's off_concept around a step's U-Net call, `rows`
+    prompts without the concept and `instances` with it, drawn by `generator` (its own: the step's
+    noise and timesteps stay as they were); yields the energies to add to the loss (empty without
+    the banks, and for every other method)."""
+    if training.off_concept is None or training.tuning.handle.config.method != "bypass":
         yield []
         return
     from restuning.methods.bypass import off_concept
 
-    off, on = training.off_concept
+    off, _, on = training.off_concept
     pick_off = torch.randint(0, off.shape[0], (rows,), generator=generator).to(off.device)
     pick_on = torch.randint(0, on.shape[0], (instances,), generator=generator).to(on.device)
     with off_concept(off[pick_off], on[pick_on]) as energies:
         yield energies
+
+
+def off_concept_rows(training: Training, generator: torch.Generator) -> OffConcept | None:
+    """Res-Tuning's off-concept loss for one step (OffConcept): conditioning.OFF_CONCEPT_ROWS prompts without
+    the concept drawn by `generator`, the frozen model being the same U-Net at strength 0."""
+    if training.off_concept is None or training.tuning.handle.config.method != "res-tuning":
+        return None
+    import restuning
+
+    off, pooled, _ = training.off_concept
+    pick = torch.randint(0, off.shape[0], (conditioning.OFF_CONCEPT_ROWS,), generator=generator).to(off.device)
+    unet, name = training.base.pipe.unet, training.tuning.handle.name
+
+    def frozen(noisy, timesteps, embeddings, added):
+        restuning.set_scale(unet, 0.0, name=name)
+        try:
+            extra = {"added_cond_kwargs": added} if added else {}
+            return unet(noisy, timesteps, embeddings, **extra).sample
+        finally:
+            restuning.set_scale(unet, 1.0, name=name)
+
+    return OffConcept(off[pick], pooled[pick] if pooled is not None else None, frozen, training.tuning.handle.config.off_concept_loss)
 
 
 def after_step(training: Training, progress: Progress) -> None:

@@ -18,6 +18,8 @@ constant latent of 0.5 an epsilon model returns about the latent itself, a v mod
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import os
@@ -233,6 +235,32 @@ def load_vae(name_or_path: str, dtype=None, revision: str | None = None):
         raise ModelError(f"could not load the VAE {name_or_path} (--pretrained_vae_model_name_or_path): {reason}") from None
 
 
+# A U-Net this small (the demo model's is 17 MB) leaves each op little work to split across threads,
+# and a thread that has to wait for a core stalls the others at every barrier. On 2 cores, the
+# example's step (batch 8 + 8): quiet, 2 threads 0.17 s and 1 thread 0.24 s; beside a process busy
+# on both cores, 1 thread 0.41 s and 2 threads 0.91 s (docs/benchmarks.md, "First result").
+SMALL_UNET_BYTES = 64 * 2**20
+
+
+def cpu_threads_for(model: str, cores: int, others_busy: float | None = None) -> int:
+    """CPU threads to give a training run or a sampler of `model` on `cores` cores: for a folder
+    whose U-Net weights are under SMALL_UNET_BYTES, the cores other processes leave free
+    (`others_busy`: cores' worth of their use, measured over half a second when not given), at
+    least 1; else every core."""
+    path = Path(str(model))
+    try:
+        size = sum(f.stat().st_size for f in path.glob("unet/*.safetensors")) if path.is_dir() else 0
+    except OSError:
+        size = 0
+    if not 0 < size < SMALL_UNET_BYTES:
+        return cores
+    if others_busy is None:
+        import psutil
+
+        others_busy = psutil.cpu_percent(interval=0.5) / 100 * (psutil.cpu_count() or cores)
+    return max(1, min(cores, cores - round(others_busy)))
+
+
 def predicts_v(unet) -> bool:
     """Whether an SD 2.x U-Net predicts v: AUTOMATIC1111's test (modules/sd_models_config.py) on
     diffusers' U-Net. At t = 999 (ᾱ ≈ 0.005) on a latent of 0.5 everywhere, an epsilon model predicts
@@ -280,6 +308,10 @@ def _attach_problem(model: str, method_json: str) -> str | None:
     if folder is None:
         return None
     config = restuning.config_from_dict(json.loads(method_json))
+    if getattr(config, "identifier", ""):
+        # Res-Tuning's identifier fits any CLIP text encoder (a word always has tokens); the
+        # trainer's attach, with the real tokenizer, checks it again.
+        config = dataclasses.replace(config, identifier="")
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8")))

@@ -131,8 +131,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     a("--learning_rate", type=float,
       help="peak learning rate (default: the method's recipe: the base model folder's demo_settings.json if it has one, "
            "else the registry's, e.g. 1e-4 for the tuners as in the paper, 5e-6 for full fine-tuning)")
-    a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="learning-rate schedule (diffusers.optimization)")
-    a("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+    a("--lr_scheduler", choices=LR_SCHEDULERS, help="learning-rate schedule (diffusers.optimization; default: the method's "
+      "recipe, else constant)")
+    a("--lr_warmup_steps", type=int, help="warm-up steps of the schedule (default: the method's recipe, else 0)")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
@@ -234,8 +235,9 @@ def _compat(parser: argparse.ArgumentParser) -> None:
       help=f"LoRA only: LoRA on the text encoder's attention projections too ({TEXT_ENCODER_ATTENTION}), trained with the "
            "U-Net's, as diffusers' train_dreambooth_lora.py does (the lora option --text_encoder names other layers)")
     a("--text_encoder_lr", type=float,
-      help="learning rate of the text encoder's LoRA (default: --learning_rate, one rate for both as in diffusers' "
-           "train_dreambooth_lora.py; its SDXL and Flux scripts name this option)")
+      help="learning rate of what trains in the text encoder: a LoRA's layers, Res-Tuning's identifier embedding (default: "
+           "the method's recipe, else --learning_rate, one rate for both as in diffusers' train_dreambooth_lora.py; its SDXL "
+           "and Flux scripts name this option)")
     for name in ("push_to_hub", "pre_compute_text_embeddings", "set_grads_to_none", "skip_save_text_encoder"):
         a(f"--{name}", action="store_true", help=f"accepted for diffusers' command lines: {IGNORED.get(name) or 'refused: ' + REFUSED[name]}")
     for name, kind in (("hub_token", str), ("hub_model_id", str), ("dataloader_num_workers", int), ("local_rank", int),
@@ -608,23 +610,36 @@ def model_recipes(model: str) -> dict:
     return recipes if isinstance(recipes, dict) else {}
 
 
-def fill_recipe(args: argparse.Namespace) -> dict:
+def _recipe_value_fits(name: str, kind: type, value) -> bool:
+    if kind is str:
+        return name == "lr_scheduler" and value in LR_SCHEDULERS
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return kind is float or float(value).is_integer()
+
+
+def fill_recipe(args: argparse.Namespace, trains_text: bool = False) -> dict:
     """Each recipe option the user left unset, from the first that has it: the model folder's
-    recipe for this method, its default recipe, the registry's recipe for the method. Returns
-    {option: where its value came from}."""
+    recipe for this method, its default recipe, the registry's recipe for the method (the text
+    encoder's rate only for a method that trains in it: `trains_text`). Returns {option: where
+    its value came from}."""
     recipes = model_recipes(args.pretrained_model_name_or_path)
     sources = [(recipes.get(args.method), f"{MODEL_SETTINGS} of the base model, for {args.method}"),
                (recipes.get("default"), f"{MODEL_SETTINGS} of the base model"),
                (METHODS[args.method].recipe if args.method in METHODS else None, f"the {args.method} recipe (restuning.methods)")]
     filled = {}
-    for name in RECIPE_OPTIONS:
-        if getattr(args, name) is not None:
+    for name, kind in RECIPE_OPTIONS.items():
+        if getattr(args, name) is not None or (name == "text_encoder_lr" and not trains_text):
             continue
         for recipe, where in sources:
-            if isinstance(recipe, dict) and isinstance(recipe.get(name), (int, float)) and not isinstance(recipe.get(name), bool):
-                setattr(args, name, float(recipe[name]))
+            value = recipe.get(name) if isinstance(recipe, dict) else None
+            if _recipe_value_fits(name, kind, value):
+                setattr(args, name, kind(value))
                 filled[name] = where
                 break
+    for name, value in RECIPE_FALLBACKS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.checkpointing_steps is None and isinstance(args.max_train_steps, int) and args.max_train_steps > 0:
         # A crash should cost at most a quarter of the run, and a default run must checkpoint at all.
         args.checkpointing_steps = max(1, min(500, math.ceil(args.max_train_steps / 4)))
@@ -646,7 +661,10 @@ def native_resolution(model: str) -> tuple[int, str]:
         return 512, "512: the base model's configs cannot be read offline"
 
 
-RECIPE_OPTIONS = ("learning_rate",)
+# Trainer options a recipe (the model folder's, the registry's) may set, with the type of value.
+RECIPE_OPTIONS = {"learning_rate": float, "text_encoder_lr": float, "lr_scheduler": str, "lr_warmup_steps": int}
+# What an option no recipe sets is, where argparse leaves it unset.
+RECIPE_FALLBACKS = {"lr_scheduler": "constant", "lr_warmup_steps": 0}
 # Method options a model folder's recipe for that method may set, with the form of value each
 # takes (bench.quality --sweep records the U-Net blocks that trained best; the demo model names
 # the Bypass's depth its U-Net needs): used where the user gives none and the method has the option.
@@ -727,8 +745,9 @@ def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str])
         args.validation_steps = args.validation_epochs * per_epoch
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1
+    method_config, identified = _identifier(args, method_config)
     named = fill_named_recipe(args, given)
-    recipe = {**from_model, **named, **fill_recipe(args)}
+    recipe = {**from_model, **identified, **named, **fill_recipe(args, trains_text_encoder(method_config))}
     if args.resolution is None:
         args.resolution, recipe["resolution"] = native_resolution(args.pretrained_model_name_or_path)
     if args.scale_lr and args.learning_rate is not None:
@@ -744,8 +763,35 @@ def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str])
 
 
 # Why --train_text_encoder is refused for every method but LoRA.
-TEXT_ENCODER_REFUSED = ("tunes the U-Net only (the Res-Tuners, the Bypass and the bound baselines are defined on its "
-                        "blocks, as in the paper; full fine-tuning here is the U-Net's); LoRA trains the text encoder too: --method lora")
+TEXT_ENCODER_REFUSED = ("tunes the U-Net's blocks, not the text encoder's layers (the Res-Tuners, the Bypass and the bound "
+                        "baselines are defined on them, as in the paper; full fine-tuning here is the U-Net's; Res-Tuning "
+                        "trains its identifier word's embedding: --identifier); LoRA trains the text encoder too: --method lora")
+
+
+def concept_words(instance_prompt: str, class_prompt: str | None) -> list[str]:
+    """The instance prompt's words its class prompt lacks ("a photo of sks dog" against "a photo of
+    dog": ["sks"]): what names the concept. Without a class prompt, none can be told apart."""
+    if not class_prompt:
+        return []
+    known = {w.lower() for w in class_prompt.split()}
+    return [w for w in dict.fromkeys(instance_prompt.split()) if w.lower() not in known]
+
+
+def _identifier(args: argparse.Namespace, config: MethodConfig) -> tuple[MethodConfig, dict]:
+    """A config's identifier 'auto' made the concept's words (concept_words), or '' where the
+    prompts name none; returns (config, {option: why} for the recipe line)."""
+    if getattr(config, "identifier", "") != "auto":
+        return config, {}
+    words = " ".join(concept_words(args.instance_prompt or "", args.class_prompt))
+    why = ("the instance prompt's words the class prompt lacks" if words
+           else "none: without a class prompt the concept's word cannot be told from the rest (give --identifier)")
+    return dataclasses.replace(config, identifier=words), {"identifier": f"auto: {why}"}
+
+
+def trains_text_encoder(config: MethodConfig) -> bool:
+    """Whether the method trains something in the text encoder(s): a LoRA's layers there, or
+    Res-Tuning's identifier embedding."""
+    return bool(getattr(config, "text_encoder", "") or getattr(config, "text_encoder_2", "") or getattr(config, "identifier", ""))
 
 
 def _text_encoder(args: argparse.Namespace, config: MethodConfig) -> MethodConfig:
@@ -756,8 +802,9 @@ def _text_encoder(args: argparse.Namespace, config: MethodConfig) -> MethodConfi
         if not config.text_encoder:
             config = dataclasses.replace(config, text_encoder=TEXT_ENCODER_ATTENTION)
     if args.text_encoder_lr is not None:
-        if not getattr(config, "text_encoder", ""):
-            raise OptionError("--text_encoder_lr is for a LoRA that trains the text encoder: add --train_text_encoder")
+        if not getattr(config, "text_encoder", "") and not getattr(config, "identifier", ""):
+            raise OptionError("--text_encoder_lr is for what trains in the text encoder: a LoRA with --train_text_encoder, or "
+                              "Res-Tuning's identifier (--identifier)")
         if not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
             raise OptionError(f"--text_encoder_lr must be a positive number, got {args.text_encoder_lr}")
     return config

@@ -144,9 +144,9 @@ class Sampler:
             self._names.move_to_end(key)
             return self._names[key]
         name = "t" + hashlib.sha1(key.encode()).hexdigest()[:12]
-        # the text encoders for a LoRA that tunes them too (set_scale then switches all on and off)
-        restuning.load(self.pipe.unet, path, name=name, text_encoder=self.pipe.text_encoder,
-                       text_encoder_2=getattr(self.pipe, "text_encoder_2", None))
+        # the pipeline: its text encoders for a tuner that tunes them too (a LoRA's layers, an
+        # identifier's embedding); set_scale then switches all on and off
+        restuning.load(self.pipe, path, name=name)
         self._names[key] = name
         while len(self._names) > MAX_LOADED_TUNERS:
             _, old = self._names.popitem(last=False)

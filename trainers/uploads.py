@@ -121,8 +121,11 @@ def _check_file(path: Path, max_bytes: int) -> str:
     if path.stat().st_size > max_bytes:
         raise UploadError(f"{label}: {_size(path.stat().st_size)} is over the {_size(max_bytes)} limit")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # a safetensors file opens with its header's length (8 bytes, little-endian) and then "{": its
+    # first bytes can read b"PK" or 0x80 too (a header of 19,280 or 128 + 256k bytes)
+    safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    if not safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise UploadError(f"{label}: this is a pickle/PyTorch checkpoint; only .safetensors tuner files are accepted "
                           "(pickles can run code when loaded)")
     return label
