@@ -15,6 +15,24 @@ def write_results(out_dir: Path, stem: str, result, table: str) -> None:
 
 
 
+# What makes Res-Tuning learn a concept (issue 41), from the paper's form to the default, one step
+# a row: the paper's Dual layout on the mid and up blocks at a constant rate (the former default and
+# its swept recipe); the Tri layout on every block with a cosine schedule; + the identifier's
+# embedding trained with the tuners; + the off-concept loss; the default adds convolutional
+# Res-Adapters beside the ResNet blocks; and the default at a constant rate. Entries are (case,
+# label, options): ResTuningConfig fields or trainer options, which bench.quality passes on.
+TRI = {"attn1": "adapter", "ff": "adapter", "block": "adapter"}
+RES_TUNING_ABLATION = [
+    ("paper-dual", "Res-Tuning (paper's Dual on mid + up at a constant rate)",
+     {"tuners": {"attn1": "adapter", "ff": "adapter"}, "blocks": ["mid", "up"], "dim": 10, "identifier": "", "off_concept_loss": 0,
+      "learning_rate": 0.003, "lr_scheduler": "constant", "lr_warmup_steps": 0}),
+    ("tri-cosine", "Res-Tuning (Tri on all blocks with cosine)", {"tuners": TRI, "identifier": "", "off_concept_loss": 0}),
+    ("tri+identifier", "Res-Tuning (Tri + identifier)", {"tuners": TRI, "off_concept_loss": 0}),
+    ("tri+identifier+off", "Res-Tuning (Tri + identifier + off-concept loss)", {"tuners": TRI}),
+    ("default-constant", "Res-Tuning (default at a constant rate)", {"lr_scheduler": "constant", "lr_warmup_steps": 0}),
+]
+
+
 # The design ablation of Res-Tuning-Bypass (issues 11 and 25). The default's depth is the model's:
 # BypassConfig's 2 on SD v1.5, 3 on the demo model (its recipe); the depth rows name theirs.
 # From the first design (v1) to the chain every row shares: +1 zero-conv output, +2 Convpass

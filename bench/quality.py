@@ -240,7 +240,16 @@ def extra_variants() -> list[Variant]:
             *(Variant(f"Res-Tuning (Single: {op}=adapter)", "res-tuning", {"tuners": {op: "adapter"}}) for op in ("attn1", "ff", "attn2", "block")),
             Variant("Res-Tuning (Single: attn1=prefix)", "res-tuning", {"tuners": {"attn1": "prefix"}}),
             Variant("LoRA + text encoder", "lora", {"train_text_encoder": True}, recipe_of="lora"),
+            *res_tuning_ablation(),
+            Variant("Res-Tuning-Bypass (600 steps of batch 4)", "bypass", {"max_train_steps": 600, "train_batch_size": 4},
+                    recipe_of="bypass"),
             *bypass_ablation()]
+
+
+def res_tuning_ablation() -> list[Variant]:
+    from bench import RES_TUNING_ABLATION
+
+    return [Variant(label, "res-tuning", options, recipe_of="res-tuning") for _, label, options in RES_TUNING_ABLATION]
 
 
 def bypass_ablation() -> list[Variant]:

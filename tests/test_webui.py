@@ -42,6 +42,31 @@ def test_a_valid_form_gives_a_config_the_trainer_accepts(method):
     assert options.method_config.method == method
 
 
+def test_the_preselected_method_says_why_in_one_line_and_only_it():
+    from webui import wording
+
+    assert wording.PRESELECTED in forms.method_summary(forms.method_names()[0])
+    assert all(wording.PRESELECTED not in forms.method_summary(m) for m in forms.method_names()[1:])
+    assert "benchmarks.md" in wording.PRESELECTED and "\n" not in wording.PRESELECTED
+
+
+def test_the_layout_offers_only_a_convolutional_adapter_beside_the_resnets():
+    from restuning.methods.res_tuning.config import ResTuningConfig
+
+    dropdown = forms.component_for_field("res-tuning", next(f for f in forms.dataclasses.fields(ResTuningConfig) if f.name == "tuners"))
+    values = [v for _, v in dropdown.choices]
+    assert "resnet=adapter" in values and not any(v.startswith("resnet=") and v != "resnet=adapter" for v in values)
+    assert "resnet=adapter" in dropdown.value and "attn1=prefix" in values  # the default layout holds it
+
+
+def test_an_optional_choice_left_at_the_recipe_is_not_given():
+    actions = forms.trainer_actions()
+    dropdown = forms.component_for_action(actions["lr_scheduler"])
+    assert dropdown.value == "" and ("the method's recipe", "") in dropdown.choices
+    assert forms.trainer_value(actions["lr_scheduler"], "") is None
+    assert forms.trainer_value(actions["lr_scheduler"], "cosine") == "cosine"
+
+
 def test_the_layout_text_becomes_a_dict():
     assert config(m_tuners="attn1=prefix, ff=adapter")["tuners"] == {"attn1": "prefix", "ff": "adapter"}
 

@@ -25,7 +25,9 @@ from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_par
 
 from . import wording
 
-FIRST_METHODS = ("res-tuning", "bypass")  # the paper's two forms first, then the baselines
+# The paper's two forms first, then the baselines; the first is preselected: on the demo model it
+# learns the examples best for their time (docs/benchmarks.md, "Which method the studio preselects").
+FIRST_METHODS = ("res-tuning", "bypass")
 
 # Filled by the studio itself (paths of the run folder, the base model, resuming), never by the form.
 STUDIO_SET = {"help", "config", "method", "pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "overwrite_output_dir",
@@ -71,7 +73,8 @@ def method_choices() -> list[tuple[str, str]]:
 
 
 def method_summary(method: str) -> str:
-    return wording.SUMMARIES.get(method) or METHODS[method].summary
+    summary = wording.SUMMARIES.get(method) or METHODS[method].summary
+    return f"{summary}<br><small>{wording.PRESELECTED}</small>" if method == method_names()[0] else summary
 
 
 def trainer_actions() -> dict[str, argparse.Action]:
@@ -89,6 +92,9 @@ def component_for_action(action: argparse.Action, value=None):
     default = STUDIO_DEFAULTS.get(action.dest, action.default) if value is None else value
     if isinstance(action, argparse.BooleanOptionalAction):
         return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)
+    if action.choices and default is None:  # optional: "" is "not given", the method's recipe decides
+        choices = [("the method's recipe", "")] + [(str(c), c) for c in action.choices]
+        return gr.Dropdown(choices=choices, value="", label=label, info=info, elem_id=elem_id)
     if action.choices:
         return gr.Dropdown(choices=list(action.choices), value=default, label=label, info=info, elem_id=elem_id)
     if action.type in (int, float) and default is None:  # optional: an empty box means "not given"
@@ -146,7 +152,8 @@ def component_for_field(method: str, f: dataclasses.Field, recipe: dict | None =
         return gr.Dropdown(choices=[(wording.choice_label(c), c) for c in choices], value=default, label=label, info=info,
                            elem_id=elem_id)
     if "dict" in kind:  # the Res-Tuning layout: one (place, kind) pair per choice
-        return gr.Dropdown(choices=wording.layout_choices(OPS, TUNER_KINDS), value=[f"{k}={v}" for k, v in default.items()],
+        pairs = [(p, k) for p in OPS for k in TUNER_KINDS if p != "resnet" or k == "adapter"]  # beside a ResNet: conv adapter only
+        return gr.Dropdown(choices=wording.layout_choices(pairs), value=[f"{k}={v}" for k, v in default.items()],
                            multiselect=True, label=label, info=info, elem_id=elem_id)
     if "bool" in kind:
         return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=elem_id)

@@ -37,14 +37,15 @@ class StudioPipeline:
     def sampler(self) -> Sampler:
         with self._load_lock:
             if self._sampler is None:
-                from trainers.models import check_source, load_pipeline
+                from trainers.models import check_source, cpu_threads_for, load_pipeline
 
                 if self.device == "cpu":
                     import torch
 
                     # torch counts the machine's cores, not the ones this process may run on (a
-                    # container's share): more threads than cores spin against each other
-                    torch.set_num_threads(cpu_threads())
+                    # container's share): more threads than cores spin against each other; a
+                    # small U-Net gains nothing from a second thread and waits for its core
+                    torch.set_num_threads(cpu_threads_for(self.base.source, cpu_threads()))
                 pipe = load_pipeline(check_source(self.base.source), inference_dtype(self.device)).to(self.device)
                 pipe.set_progress_bar_config(disable=True)
                 self._sampler = Sampler(pipe)

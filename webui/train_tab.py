@@ -30,7 +30,9 @@ from .presets import PRESET_KEYS, PRESETS, preset_values
 log = logging.getLogger("restuning.studio")
 POLL_SECONDS = 1.0
 # The learning rate is not here: left empty, each method gets its own from the model's recipes.
-EXAMPLE_RECIPE = {"max_train_steps": 600, "snr_gamma": 5.0, "train_batch_size": 4}
+# 300 steps of batch 8 (+ 8 class images): the preselected Res-Tuning draws the examples in ~7 of 8
+# samples and finishes in about a minute on 2 cores (docs/benchmarks.md, "First result").
+EXAMPLE_RECIPE = {"max_train_steps": 300, "snr_gamma": 5.0, "train_batch_size": 8}
 
 
 def _pick_run(runner, who=None) -> str | None:
@@ -207,8 +209,9 @@ def _concept_inputs(base):
         gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
                 "a run first makes class images of ordinary shapes with the base model (its own progress bar), "
                 "then trains"
-                + (" with the demo model's recipe: 600 steps, batch 4, and each method's learning rate as measured "
-                   "on this model." if base.is_demo else "."), elem_id="examples-label")
+                + (f" with the demo model's recipe: {EXAMPLE_RECIPE['max_train_steps']} steps, batch "
+                   f"{EXAMPLE_RECIPE['train_batch_size']}, and each method's learning rate as measured on this model."
+                   if base.is_demo else "."), elem_id="examples-label")
         with gr.Row(elem_id="examples"):
             buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                        for name, paths in examples.items()}

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 # method -> what it is, for someone choosing one
 SUMMARIES = {
-    "res-tuning": "Small tuners beside the model's attention and feed-forward layers: learns a concept with few "
-                  "parameters and keeps what the model already draws. The paper's main method.",
+    "res-tuning": "Small tuners beside the model's attention, feed-forward and convolution layers, and the concept's "
+                  "word learned with them: learns a concept with few parameters and keeps what the model already "
+                  "draws. The paper's main method.",
     "bypass": "Tuners in a separate network beside the frozen model: no gradients through the model, so training "
               "needs less memory; learns the concept well on the demo model.",
     "lora": "Low-rank updates of the attention layers (the common LoRA): small files that other tools load too.",
@@ -19,8 +20,14 @@ SUMMARIES = {
             "model knew; the download is a whole U-Net.",
 }
 
+# Why the form starts on the first method (webui.forms.FIRST_METHODS); the table that decided it is
+# in docs/benchmarks.md.
+PRESELECTED = ("Preselected: of every method, it drew the example concepts most often for the training time the "
+               "examples take, and kept what the model knew (docs/benchmarks.md, \"Which method the studio preselects\").")
+
 # Where tuners go, and which kind: the choices' labels
-PLACES = {"attn1": "self-attention", "attn2": "cross-attention (reads the prompt)", "ff": "feed-forward", "block": "whole block"}
+PLACES = {"attn1": "self-attention", "attn2": "cross-attention (reads the prompt)", "ff": "feed-forward", "block": "whole block",
+          "resnet": "convolution (ResNet) blocks"}
 KINDS = {"adapter": "adapter", "prefix": "prefix", "prompt": "prompt tokens", "convpass": "convolution (Convpass)"}
 PARTS = {"down": "encoder (down blocks)", "mid": "middle block", "up": "decoder (up blocks)"}
 
@@ -78,8 +85,16 @@ METHOD = {
     ("*", "ops"): ("Beside which layers", "each place adds a few parameters; feed-forward learns fastest"),
     ("*", "dim"): ("Tuner size", "bigger learns more and sooner, with a bigger file and a little more memory"),
     ("*", "heads"): ("Attention heads", "of the prefix and prompt tuners; the default suits almost every run"),
-    ("res-tuning", "tuners"): ("Tuners", "which kind of tuner sits beside which layer; one per layer. Adapters beside "
-                                         "self-attention and feed-forward is the paper's best"),
+    ("res-tuning", "tuners"): ("Tuners", "which kind of tuner sits beside which layer; one per layer. The default "
+                                         "(adapters beside self-attention, feed-forward, the whole block and the "
+                                         "convolution blocks) learned the examples best"),
+    ("res-tuning", "resnet_dim"): ("Convolution tuner size", "of the tuners beside the convolution blocks: bigger "
+                                                             "learns more, with a bigger file"),
+    ("res-tuning", "identifier"): ("Concept word", "the word whose meaning trains with the tuners, so the concept "
+                                                   "appears when a prompt names it; 'auto' takes the instance prompt's "
+                                                   "word the class prompt lacks (sks); empty: the word stays as it was"),
+    ("res-tuning", "off_concept_loss"): ("Keep other prompts", "holds what prompts without the concept word draw to "
+                                                               "the original model's; 0 is off and forgets more"),
     ("bypass", "horizontal"): ("Tuner reading the model", "the tuner that reads the model's features at each tap; "
                                                           "convolution learns shapes best"),
     ("bypass", "vertical"): ("Tuner between taps", "the tuner that carries the bypass from one tap to the next"),
@@ -127,6 +142,6 @@ def choice_label(value: str) -> str:
     return PARTS.get(value) or PLACES.get(value) or KINDS.get(value) or value
 
 
-def layout_choices(places, kinds) -> list[tuple[str, str]]:
-    """Every (place, kind) pair of a Res-Tuning layout as "adapter beside feed-forward" -> "ff=adapter"."""
-    return [(f"{KINDS.get(k, k)} beside {PLACES.get(p, p)}", f"{p}={k}") for p in places for k in kinds]
+def layout_choices(pairs) -> list[tuple[str, str]]:
+    """(place, kind) pairs of a Res-Tuning layout as "adapter beside feed-forward" -> "ff=adapter"."""
+    return [(f"{KINDS.get(k, k)} beside {PLACES.get(p, p)}", f"{p}={k}") for p, k in pairs]
