@@ -143,3 +143,23 @@ def _message(fn):
     except UploadError as exc:
         return str(exc)
     raise AssertionError("no error")
+
+
+def test_a_res_tuning_tuner_with_its_identifier_is_checked_with_the_base_model_s_tokenizer(tmp_path):
+    """A tuner the studio trained (identifier rows in the text encoder) imports back: its rows are
+    found with the base model's tokenizer; without one the check says why."""
+    import copy
+
+    import restuning
+    from tests.tiny_pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    restuning.attach(pipe, restuning.ResTuningConfig(tuners={"ff": "adapter"}, dim=4, identifier="sks"))
+    path = restuning.save(pipe, tmp_path / "with-identifier.safetensors")
+    restuning.detach(pipe.unet)
+    with torch.device("meta"):
+        text_encoder = copy.deepcopy(pipe.text_encoder).to("meta")
+    config, _ = check_tuner_file(path, pipe.unet, base_text_encoder=text_encoder, tokenizers={"tokenizer": pipe.tokenizer})
+    assert config.identifier == "sks"
+    with pytest.raises(UploadError, match="cannot be attached.*tokenizer"):
+        check_tuner_file(path, pipe.unet, base_text_encoder=text_encoder)

@@ -154,13 +154,14 @@ def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, ba
 
 
 def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, base_text_encoder_2=None,
-                     max_bytes: int = MAX_TUNER_BYTES):
+                     tokenizers: dict | None = None, max_bytes: int = MAX_TUNER_BYTES):
     """An uploaded tuner: a restuning safetensors file (never a pickle) whose stored config is
     valid, whose architecture fingerprint matches `base_unet` (anything with a diffusers U-Net
     `.config`) and whose tensors are exactly the ones that config attaches, with their shapes: a
     header cannot announce a size its weights do not have (a copy of the U-Net on the meta device
     takes the tuner, so the check costs no memory; a copy of `base_text_encoder`, also weightless,
-    for a LoRA that tunes the text encoder too, and of SDXL's `base_text_encoder_2`). Returns
+    for a LoRA that tunes the text encoder too, and of SDXL's `base_text_encoder_2`; `tokenizers`,
+    {"tokenizer": ..., "tokenizer_2": ...}, find a Res-Tuning tuner's identifier). Returns
     (method config, header metadata)."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -191,7 +192,7 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
             probe = UNet2DConditionModel.from_config(base_unet.config)
             text_probes = {name: copy.deepcopy(model) if model is not None else None
                            for name, model in (("text_encoder", base_text_encoder), ("text_encoder_2", base_text_encoder_2))}
-            expected = {k: tuple(v.shape) for k, v in attach(probe, config, **text_probes).state_dict().items()}
+            expected = {k: tuple(v.shape) for k, v in attach(probe, config, **text_probes, **(tokenizers or {})).state_dict().items()}
     except (ConfigError, ValueError, TypeError, AttachError) as exc:
         raise UploadError(f"{label}: its config cannot be attached to this base model: {exc}") from None
     with safe_open(str(path), framework="pt") as f:

@@ -69,6 +69,15 @@ class BaseModel:
         return out
 
 
+    def tokenizers(self) -> dict:
+        """This model's tokenizers by pipeline attribute (SDXL has two): what finds an imported
+        Res-Tuning tuner's identifier among the tokens."""
+        from transformers import CLIPTokenizer
+
+        names = ["tokenizer"] + (["tokenizer_2"] if self.family == "sdxl" else [])
+        return {name: CLIPTokenizer.from_pretrained(self.config_source or self.source, subfolder=name) for name in names}
+
+
 def describe(source: str | None) -> BaseModel:
     """Read the configs of a diffusers folder or hub id; a single checkpoint file has its family's
     published configs (assets/sd-configs, as the trainer converts it). Raises ValueError with a

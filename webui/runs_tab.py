@@ -207,7 +207,7 @@ def checked_tuner(base, path, workdir):
         tuner = lora_as_tuner_file(path, base.unet_on_meta(), encoders["text_encoder"], encoders.get("text_encoder_2"),
                                    workdir=workdir)
         config, header = check_tuner_file(tuner, base.unet_on_meta(), base_text_encoder=encoders["text_encoder"],
-                                          base_text_encoder_2=encoders.get("text_encoder_2"))
+                                          base_text_encoder_2=encoders.get("text_encoder_2"), tokenizers=base.tokenizers())
     except UploadError as exc:
         raise UploadError(str(exc), refused=[path]) from None
     return tuner, config, header
