@@ -1,12 +1,14 @@
 """Screenshots of the studio, made from the real app, so the README's picture stays true.
 
-    python -m scripts.screenshots [--out docs/images] [--steps 30]
+    python -m scripts.screenshots [--out docs/images]     # the example as a newcomer trains it
+    python -m scripts.screenshots --steps 30                # a quick run, for pictures of the layout only
 
 Starts `python app.py` on the bundled demo model with a fresh runs folder, and in the system's
 Chromium (Debian's `chromium`, through Playwright; never `playwright install`) does what a newcomer
-does: the star example, a short training run with prior preservation, a Compare grid, a Generate
-click. It then photographs the Train, Compare and Generate tabs at 1280x800 and at 390x844 (a
-phone): docs/images/{train,compare,generate}-{desktop,phone}.png. About 3 minutes on 2 cores.
+does: the star example trained with every default (the preselected method), then the same with
+the Bypass, a Compare grid of the base model and both runs, a Generate click. It then photographs
+the Train, Compare and Generate tabs at 1280x800 and at 390x844 (a phone):
+docs/images/{train,compare,generate}-{desktop,phone}.png. About 4 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -54,23 +56,33 @@ def set_number(page, option: str, value) -> None:
     box.press("Tab")
 
 
-def train_example(page, steps: int) -> None:
-    """The star example, trained for `steps` steps with a few class images, watched to the end."""
+def train_example(page, steps: int | None, method: str | None = None) -> None:
+    """The star example trained with every default (`steps`: a short run with a few class images
+    instead), by `method` where given, else the preselected one, watched to the end."""
     page.click("#example-star")
     page.wait_for_selector("#concept-preview img", timeout=LONG)
-    set_number(page, "max_train_steps", steps)
-    page.click("#advanced .label-wrap")
-    for option, value in (("num_class_images", 8), ("validation_steps", max(1, steps // 3)), ("num_validation_images", 2),
-                          ("num_inference_steps", 10), ("checkpointing_steps", steps)):
-        set_number(page, option, value)
-    page.click("#advanced .label-wrap")
+    if method:
+        page.locator(f'#method input[value="{method}"]').check()
+    if steps:
+        set_number(page, "max_train_steps", steps)
+        page.click("#advanced .label-wrap")
+        for option, value in (("num_class_images", 8), ("validation_steps", max(1, steps // 3)), ("num_validation_images", 2),
+                              ("num_inference_steps", 10), ("checkpointing_steps", steps)):
+            set_number(page, option, value)
+        page.click("#advanced .label-wrap")
+    before = page.locator("#live-run input").first.input_value() if page.locator("#live-run input").count() else ""
     page.click("#train")
+    page.wait_for_function("(before) => { const i = document.querySelector('#live-run input'); return i && i.value && i.value !== before; }",
+                           arg=before, timeout=LONG)  # the live view follows the new run
     page.wait_for_selector("#live-progress [data-status=done], #live-progress [data-status=failed]", timeout=LONG)
 
 
 def render_compare(page) -> None:
     page.get_by_role("tab", name="Compare").click()
     page.wait_for_selector("#compare-runs input:checked", timeout=LONG)
+    for box in page.locator("#compare-runs input:not(:checked)").all():  # every run beside the base model
+        box.check()
+    page.fill("#compare-more textarea", "a green sks shape on a yellow background")
     page.click("#compare-render")
     page.wait_for_selector("#compare-grid img", timeout=LONG)
 
@@ -94,7 +106,7 @@ def shoot(page, tab: str, out: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO / "docs" / "images")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=None, help="a short run of this many steps instead of the example's recipe")
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -113,7 +125,8 @@ def main(argv=None) -> None:
                     page.goto(url)
                     page.wait_for_selector("#train", timeout=LONG)
                     if size == "desktop":
-                        train_example(page, args.steps)
+                        train_example(page, args.steps, "bypass")
+                        train_example(page, args.steps, "res-tuning")  # the preselected method last: the Train tab shows it
                     else:  # the phone re-attaches to the finished run
                         page.wait_for_selector("#live-progress [data-status=done]", timeout=LONG)
                     render_compare(page)

@@ -342,21 +342,15 @@ def _model_with_unet_of(tmp_path, size: int) -> Path:
     return model
 
 
-@pytest.mark.parametrize("others_busy, threads", [(0.0, 2), (0.49, 2), (0.51, 1), (1.0, 1), (2.0, 1), (5.0, 1)])
-def test_a_small_u_net_gets_the_cores_other_processes_leave_free(tmp_path, others_busy, threads):
+def test_a_small_u_net_gets_one_thread_and_a_big_or_unreadable_model_every_core(tmp_path):
     from trainers.models import SMALL_UNET_BYTES, cpu_threads_for
 
-    small = _model_with_unet_of(tmp_path, SMALL_UNET_BYTES - 1)
-    assert cpu_threads_for(str(small), 2, others_busy) == threads
-
-
-def test_a_big_or_unreadable_model_gets_every_core(tmp_path):
-    from trainers.models import SMALL_UNET_BYTES, cpu_threads_for
-
-    assert cpu_threads_for(str(_model_with_unet_of(tmp_path, SMALL_UNET_BYTES)), 4, 3.0) == 4  # at the limit: not small
-    assert cpu_threads_for(str(tmp_path / "missing"), 4, 3.0) == 4
-    assert cpu_threads_for("stable-diffusion-v1-5/stable-diffusion-v1-5", 4, 3.0) == 4  # a hub id
-    assert cpu_threads_for(str(_model_with_unet_of(tmp_path, 0)), 4, 3.0) == 4  # no weights to size
+    assert cpu_threads_for(str(_model_with_unet_of(tmp_path, SMALL_UNET_BYTES - 1)), 2) == 1
+    assert cpu_threads_for(str(_model_with_unet_of(tmp_path, SMALL_UNET_BYTES)), 4) == 4  # at the limit: not small
+    assert cpu_threads_for(str(tmp_path / "missing"), 4) == 4
+    assert cpu_threads_for("stable-diffusion-v1-5/stable-diffusion-v1-5", 4) == 4  # a hub id
+    assert cpu_threads_for(str(_model_with_unet_of(tmp_path, 0)), 4) == 4  # no weights to size
+    assert cpu_threads_for("assets/demo-model", 2) == 1
 
 
 def test_the_launch_command_carries_the_threads_and_the_runner_no_niceness(tmp_path, monkeypatch):
@@ -365,7 +359,7 @@ def test_the_launch_command_carries_the_threads_and_the_runner_no_niceness(tmp_p
     from trainers import jobs, models
 
     small = _model_with_unet_of(tmp_path, 1000)
-    monkeypatch.setattr(models, "cpu_threads_for", lambda model, cores, others_busy=None: 1 if model == str(small) else cores)
+    monkeypatch.setattr(models, "cpu_threads_for", lambda model, cores: 1 if model == str(small) else cores)
     cmd = jobs.default_command(tmp_path / "config.json", {"pretrained_model_name_or_path": str(small)}, "cpu")
     assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "1"
     cmd = jobs.default_command(tmp_path / "config.json", {"pretrained_model_name_or_path": str(small)}, "cpu", threads=3)

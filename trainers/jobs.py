@@ -94,8 +94,8 @@ class JobError(ValueError):
 
 def default_command(config_path: Path, config: dict, device: str, threads: int | None = None) -> list[str]:
     """`accelerate launch` with explicit settings, so no `accelerate config` file is needed;
-    on the CPU with `threads` threads (default: every core of this machine; for a small U-Net the
-    cores other processes leave free: trainers.models.cpu_threads_for)."""
+    on the CPU with `threads` threads (default: every core of this machine, one for a small U-Net:
+    trainers.models.cpu_threads_for)."""
     from .models import cpu_threads_for
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",

@@ -236,29 +236,23 @@ def load_vae(name_or_path: str, dtype=None, revision: str | None = None):
 
 
 # A U-Net this small (the demo model's is 17 MB) leaves each op little work to split across threads,
-# and a thread that has to wait for a core stalls the others at every barrier. On 2 cores, the
-# example's step (batch 8 + 8): quiet, 2 threads 0.17 s and 1 thread 0.24 s; beside a process busy
-# on both cores, 1 thread 0.41 s and 2 threads 0.91 s (docs/benchmarks.md, "First result").
+# and a thread that waits for its core stalls the others at every barrier. The example's step
+# (batch 8 + 8) on 2 cores: with nothing else running, 2 threads 0.17 s and 1 thread 0.24 s; beside
+# a process using half a core (a browser watching the run), 0.41 s and 0.29 s; beside a process
+# busy on both cores, 0.91 s and 0.41 s (docs/benchmarks.md, "First result"). A studio always has
+# something beside its runs, so such a U-Net gets one thread.
 SMALL_UNET_BYTES = 64 * 2**20
 
 
-def cpu_threads_for(model: str, cores: int, others_busy: float | None = None) -> int:
-    """CPU threads to give a training run or a sampler of `model` on `cores` cores: for a folder
-    whose U-Net weights are under SMALL_UNET_BYTES, the cores other processes leave free
-    (`others_busy`: cores' worth of their use, measured over half a second when not given), at
-    least 1; else every core."""
+def cpu_threads_for(model: str, cores: int) -> int:
+    """CPU threads to give a training run or a sampler of `model` on `cores` cores: 1 for a folder
+    whose U-Net weights are under SMALL_UNET_BYTES, else every core."""
     path = Path(str(model))
     try:
         size = sum(f.stat().st_size for f in path.glob("unet/*.safetensors")) if path.is_dir() else 0
     except OSError:
         size = 0
-    if not 0 < size < SMALL_UNET_BYTES:
-        return cores
-    if others_busy is None:
-        import psutil
-
-        others_busy = psutil.cpu_percent(interval=0.5) / 100 * (psutil.cpu_count() or cores)
-    return max(1, min(cores, cores - round(others_busy)))
+    return 1 if 0 < size < SMALL_UNET_BYTES else cores
 
 
 def predicts_v(unet) -> bool:

@@ -32,7 +32,16 @@ POLL_SECONDS = 1.0
 # The learning rate is not here: left empty, each method gets its own from the model's recipes.
 # 300 steps of batch 8 (+ 8 class images): the preselected Res-Tuning draws the examples in ~7 of 8
 # samples and finishes in about a minute on 2 cores (docs/benchmarks.md, "First result").
-EXAMPLE_RECIPE = {"max_train_steps": 300, "snr_gamma": 5.0, "train_batch_size": 8}
+EXAMPLE_RECIPE = {"max_train_steps": 300, "snr_gamma": 5.0, "train_batch_size": 8, "validation_steps": 100}
+EXAMPLE_PROMPT = "a sks shape"
+# Methods that learn the example better with other steps and batch: the Bypass drew the star in
+# 0.59 of its samples at 600 steps of batch 4 and 0.40 at 300 of batch 8 (bench/results/quality_res_tuning).
+EXAMPLE_METHOD_RECIPES = {"bypass": {"max_train_steps": 600, "train_batch_size": 4}}
+
+
+def example_recipe(method: str) -> dict:
+    """The example's trainer options for `method` on the demo model."""
+    return {**EXAMPLE_RECIPE, **EXAMPLE_METHOD_RECIPES.get(method, {})}
 
 
 def _pick_run(runner, who=None) -> str | None:
@@ -209,9 +218,9 @@ def _concept_inputs(base):
         gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
                 "a run first makes class images of ordinary shapes with the base model (its own progress bar), "
                 "then trains"
-                + (f" with the demo model's recipe: {EXAMPLE_RECIPE['max_train_steps']} steps, batch "
-                   f"{EXAMPLE_RECIPE['train_batch_size']}, and each method's learning rate as measured on this model."
-                   if base.is_demo else "."), elem_id="examples-label")
+                + (f" with the demo model's recipe: {EXAMPLE_RECIPE['max_train_steps']} steps of batch "
+                   f"{EXAMPLE_RECIPE['train_batch_size']} (the Bypass: 600 of batch 4), and each method's learning rate as "
+                   "measured on this model." if base.is_demo else "."), elem_id="examples-label")
         with gr.Row(elem_id="examples"):
             buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                        for name, paths in examples.items()}
@@ -295,18 +304,23 @@ def _wire_form(form: Form, base) -> None:
         # keeps "a shape" meaning the shapes it already draws. On the demo model the example also
         # brings the recipe bench/quality.py measured for the tuners there (README): at the
         # form's 1e-4 a tuner leaves the demo model's samples unchanged.
-        recipe = EXAMPLE_RECIPE if base.is_demo else {}
+        keys = list(EXAMPLE_RECIPE) if base.is_demo else []
         trainer = form.trainer
         example_outputs = [form.files, form.preview, trainer["instance_prompt"], trainer["class_prompt"],
-                           trainer["with_prior_preservation"], *(trainer[k] for k in recipe)]
+                           trainer["with_prior_preservation"], *(trainer[k] for k in keys)]
         for name, button in form.example_buttons.items():
-            button.click(lambda paths=form.examples[name]: (paths, gr.Gallery(value=paths, visible=True), "a sks shape",
-                                                            "a shape", True, *recipe.values()),
-                         None, example_outputs, show_progress="hidden")
+            button.click(lambda method, paths=form.examples[name]: (paths, gr.Gallery(value=paths, visible=True), EXAMPLE_PROMPT,
+                                                                    "a shape", True, *(example_recipe(method)[k] for k in keys)),
+                         form.method, example_outputs, show_progress="hidden")
     form.files.clear(lambda: gr.Gallery(value=None, visible=False), None, form.preview)
     groups = form.method_groups
     form.method.change(lambda m: [gr.HTML(forms.method_summary(m))] + [gr.Group(visible=n == m) for n in groups],
                        form.method, [form.summary, *groups.values()], show_progress="hidden")
+    if form.examples and base.is_demo:
+        # a method chosen after an example was loaded gets the example's steps and batch for it
+        sized = ["max_train_steps", "train_batch_size"]
+        form.method.change(lambda m, prompt: [example_recipe(m)[k] if prompt == EXAMPLE_PROMPT else gr.update() for k in sized],
+                           [form.method, form.trainer["instance_prompt"]], [form.trainer[k] for k in sized], show_progress="hidden")
     form.preset.change(lambda p: [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS], form.preset,
                        [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
