@@ -74,6 +74,7 @@ def train_example(page, steps: int | None, method: str | None = None) -> None:
     page.click("#train")
     page.wait_for_function("(before) => { const i = document.querySelector('#live-run input'); return i && i.value && i.value !== before; }",
                            arg=before, timeout=LONG)  # the live view follows the new run
+    page.wait_for_selector("#live-progress [data-status=queued], #live-progress [data-status=running]", timeout=LONG)
     page.wait_for_selector("#live-progress [data-status=done], #live-progress [data-status=failed]", timeout=LONG)
 
 

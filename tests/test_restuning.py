@@ -39,13 +39,14 @@ def test_tuners_go_to_every_block_by_default_and_to_the_chosen_parts_on_request(
     everywhere = ("down", "mid", "up")
     n_blocks, n_resnets = len(transformer_blocks(tiny_unet, everywhere)), len(resnet_blocks(tiny_unet, everywhere))
     assert n_blocks and n_resnets
-    # Tri (attn1, ff, block) in each transformer block, a conv adapter beside each ResNet
-    assert len(handle.modules) == 3 * n_blocks + n_resnets
+    assert len(handle.modules) == 3 * n_blocks  # Tri: attn1, ff, block in each transformer block
     assert {k.split(".")[0] for k in handle.modules} == {"down_blocks", "mid_block", "up_blocks"}
     restuning.attach(tiny_unet, restuning.ResTuningConfig(blocks=("mid", "up")), name="late")
     late = restuning.attached(tiny_unet)["late"].modules
     assert late and all(k.startswith(("mid_block.", "up_blocks.")) for k in late)
-    assert len(late) == 3 * len(transformer_blocks(tiny_unet, ("mid", "up"))) + len(resnet_blocks(tiny_unet, ("mid", "up")))
+    assert len(late) == 3 * len(transformer_blocks(tiny_unet, ("mid", "up")))
+    restuning.attach(tiny_unet, restuning.ResTuningConfig(tuners={"resnet": "adapter"}), name="conv")
+    assert len(restuning.attached(tiny_unet)["conv"].modules) == n_resnets  # beside every ResNet on request
 
 
 @pytest.mark.parametrize(
@@ -76,7 +77,7 @@ def test_mix_tuning_layouts_train_only_their_tuners(tiny_unet, unet_inputs, layo
 
 def test_default_is_the_layout_that_learned_best():
     config = restuning.ResTuningConfig()
-    assert config.tuners == {"attn1": "adapter", "ff": "adapter", "block": "adapter", "resnet": "adapter"}
+    assert config.tuners == {"attn1": "adapter", "ff": "adapter", "block": "adapter"}
     assert (config.dim, config.resnet_dim, config.blocks) == (32, 16, ("down", "mid", "up"))
     assert (config.identifier, config.off_concept_loss) == ("auto", 0.1)
 

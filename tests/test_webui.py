@@ -56,7 +56,7 @@ def test_the_layout_offers_only_a_convolutional_adapter_beside_the_resnets():
     dropdown = forms.component_for_field("res-tuning", next(f for f in forms.dataclasses.fields(ResTuningConfig) if f.name == "tuners"))
     values = [v for _, v in dropdown.choices]
     assert "resnet=adapter" in values and not any(v.startswith("resnet=") and v != "resnet=adapter" for v in values)
-    assert "resnet=adapter" in dropdown.value and "attn1=prefix" in values  # the default layout holds it
+    assert "resnet=adapter" not in dropdown.value and "block=adapter" in dropdown.value and "attn1=prefix" in values
 
 
 def test_an_optional_choice_left_at_the_recipe_is_not_given():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # method -> what it is, for someone choosing one
 SUMMARIES = {
-    "res-tuning": "Small tuners beside the model's attention, feed-forward and convolution layers, and the concept's "
+    "res-tuning": "Small tuners beside the model's attention and feed-forward layers, and the concept's "
                   "word learned with them: learns a concept with few parameters and keeps what the model already "
                   "draws. The paper's main method.",
     "bypass": "Tuners in a separate network beside the frozen model: no gradients through the model, so training "
@@ -86,8 +86,8 @@ METHOD = {
     ("*", "dim"): ("Tuner size", "bigger learns more and sooner, with a bigger file and a little more memory"),
     ("*", "heads"): ("Attention heads", "of the prefix and prompt tuners; the default suits almost every run"),
     ("res-tuning", "tuners"): ("Tuners", "which kind of tuner sits beside which layer; one per layer. The default "
-                                         "(adapters beside self-attention, feed-forward, the whole block and the "
-                                         "convolution blocks) learned the examples best"),
+                                         "(adapters beside self-attention, feed-forward and the whole block) learned "
+                                         "the examples best"),
     ("res-tuning", "resnet_dim"): ("Convolution tuner size", "of the tuners beside the convolution blocks: bigger "
                                                              "learns more, with a bigger file"),
     ("res-tuning", "identifier"): ("Concept word", "the word whose meaning trains with the tuners, so the concept "
