@@ -143,7 +143,10 @@ def test_train_for_comparison_queues_one_run_per_method_with_places(page, studio
     assert len({json.loads((p / "job.json").read_text())["group"] for p in new}) == 1
     config = json.loads((new[0] / "config.json").read_text())
     assert (config["instance_prompt"], config["class_prompt"], config["with_prior_preservation"]) == ("a sks shape", "a shape", True)
-    assert (config["snr_gamma"], config["train_batch_size"]) == (5.0, 4) and "learning_rate" not in config
+    from webui.train_tab import EXAMPLE_RECIPE
+
+    # one batch for every method of a comparison: the preselected method's example recipe
+    assert (config["snr_gamma"], config["train_batch_size"]) == (5.0, EXAMPLE_RECIPE["train_batch_size"]) and "learning_rate" not in config
     # The trainer fills each method's learning rate from the demo model's recipes.
     from trainers.options import from_dict, model_recipes
 
