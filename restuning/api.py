@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from . import arch
 from .core import DEFAULT_NAME, AttachError, Attached, attached, detach, keep_tuners_out_of_state
+from .identifier import ENCODERS
 from .io import TunerFileError, check_tensors, read_header
 from .methods import config_from_dict, method_for_config
 
@@ -63,7 +64,7 @@ def attach(model, config, name: str = DEFAULT_NAME, *, replace: bool = False, te
     takes = inspect.signature(method.attach).parameters
     extra = {k: v for k, v in encoders.items() if k in takes}
     if "text_encoders" in takes:
-        extra["text_encoders"] = {k: (v, tokenizers["tokenizer" + k.removeprefix("text_encoder")]) for k, v in encoders.items()}
+        extra["text_encoders"] = {k: (v, tokenizers[dict(ENCODERS)[k]]) for k, v in encoders.items()}
     try:
         handle = method.attach(unet, config, name, **extra)
     finally:
