@@ -1,13 +1,31 @@
 import os
+import shutil
+import tempfile
 import warnings
 
-import pytest
-import torch
+# One OpenMP thread, before torch loads: the tests' models are tiny, and on a busy 2-core machine a
+# second thread only waits on the first (tests/test_bypass_designs.py: 8.6 s with one, 284 s with the
+# default at load 2-4). Trainer subprocesses the tests start inherit it, as the job launcher sets it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*xFormers.*")
+
+# Everything the tests and the processes they start put in "the system temp folder" (tempfile,
+# Gradio's upload cache, torch's elastic launcher) goes into one folder that goes when the run ends.
+_TEMP_ROOT = tempfile.mkdtemp(prefix="restuning-tests-")
+os.environ["TMPDIR"] = os.environ["GRADIO_TEMP_DIR"] = tempfile.tempdir = _TEMP_ROOT
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_TEMP_ROOT, ignore_errors=True)
 
 
 @pytest.fixture

@@ -59,7 +59,8 @@ def tiny_components(family: str = "sd1", seed: int = 0, *, f8: bool = False, pre
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer(Path(tempfile.mkdtemp(prefix="tiny-tokenizer-")))
+    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as folder:  # read into memory; the files can go
+        tokenizer = tiny_tokenizer(Path(folder))
     parts = {"tokenizer": tokenizer}
     if family == "sdxl":
         parts["text_encoder"] = _text_encoder(len(tokenizer), TINY_SDXL_TEXT_WIDTHS[0], layers=2)
