@@ -8,10 +8,10 @@ Defaults come from webui/space.py: on a local machine 127.0.0.1:7860 and ./runs,
 Hugging Face Space (SPACE_ID set) 0.0.0.0 at $PORT (or 7860), runs on the persistent storage
 mount /data when one is attached, and many visitors, each seeing only their own runs.
 RESTUNING_RUNS_DIR / RESTUNING_HOST / RESTUNING_PORT override them; a shared studio's caps come
-from RESTUNING_* variables too (trainers/limits.py, docs/space.md). Only wiring lives here: the
-UI is webui/, the job runner trainers/jobs.py, training trainers/dreambooth.py. With --cluster
+from RESTUNING_* variables too (trainers/service/limits.py, docs/space.md). Only wiring lives here: the
+UI is webui/, the job runner trainers/service/jobs.py, training trainers/dreambooth.py. With --cluster
 (or RAY_ADDRESS) each run is a Ray job on that cluster instead of a process here
-(trainers/cluster.py, docs/cluster.md).
+(trainers/service/cluster.py, docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Compare and Generate sample in this process: the same OpenMP spin limit the trainer's processes
-# get (trainers.jobs.LocalLauncher), read by libgomp once, when torch first loads it, so before any
+# get (trainers.service.jobs.LocalLauncher), read by libgomp once, when torch first loads it, so before any
 # import below. On a busy CPU a 20-step render took 43-76 s with libgomp's default, 18-19 s with it.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def parse_args(argv=None, env=None) -> argparse.Namespace:
-    from trainers import limits
+    from trainers.service import limits
     from webui.files import PROXY_HOPS_ENV
     from webui.space import detect
 
@@ -87,7 +87,7 @@ def cluster_preset(launcher) -> tuple[str, str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import webui
-    from trainers.jobs import JobRunner, detect_devices
+    from trainers.service.jobs import JobRunner, detect_devices
     from webui.model import describe
     from webui.presets import detect_preset
 
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     preset, detected = detect_preset()
     launcher = None
     if args.cluster:
-        from trainers.cluster import ClusterError, RayLauncher
+        from trainers.service.cluster import ClusterError, RayLauncher
 
         try:
             launcher = RayLauncher(args.cluster, cpus_per_run=args.cluster_cpus,

@@ -1,11 +1,11 @@
 """A 3-method comparison on the local runner with one slot against the same comparison on a local
-Ray cluster of two worker nodes (trainers.local_ray: a head and two `ray start` workers on
+Ray cluster of two worker nodes (trainers.service.local_ray: a head and two `ray start` workers on
 loopback addresses), and whether the tuners are the same.
 
     python -m bench.cluster_compare [--steps 200] [--threads 1] [--methods res-tuning,bypass,lora]
 
 Both sides train the same configs (demo model, the star concept, 64 px, seed 0) through the same
-job runner (trainers.jobs) and the same `accelerate launch` command with `--threads` CPU threads
+job runner (trainers.service.jobs) and the same `accelerate launch` command with `--threads` CPU threads
 per run, so the arithmetic is the same and so should be the weights: each method's saved files
 are compared byte for byte (tensor data; the header as JSON) and tensor by tensor. The wall time of each side runs from the first
 submission to the last run's end; the cluster's start-up is reported apart (a cluster is started
@@ -114,9 +114,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from trainers.cluster import RayLauncher
-    from trainers.jobs import JobRunner, default_command
-    from trainers.local_ray import LocalRayCluster
+    from trainers.service.cluster import RayLauncher
+    from trainers.service.jobs import JobRunner, default_command
+    from trainers.service.local_ray import LocalRayCluster
 
     work = Path(tempfile.mkdtemp(prefix="cluster-compare-"))
     load_before = os.getloadavg()

@@ -88,7 +88,7 @@ def run_figures(runs: Path) -> dict:
 def count_stars(tuner: Path, seeds: int) -> dict:
     """{prompt: stars among seeds 0..seeds-1}, rendered as the studio renders."""
     from scripts.evaluator import Evaluator
-    from trainers.sampling import Column, Sampler, Settings
+    from trainers.sampling import Column, Settings
     from webui.model import describe
     from webui.pipeline import StudioPipeline
 

@@ -96,9 +96,10 @@ def measure(method: str, resolution: int, batch: int, precision: str, checkpoint
 
 def estimate_row(method, resolution, batch, precision, checkpointing, adam8) -> float:
     from trainers import memory
+    from trainers.models import CONFIGS
 
-    facts = memory.model_facts(str(memory.SD1_CONFIGS))
-    trainable, kind, rendered = memory._trainable(str(memory.SD1_CONFIGS), method, "{}")
+    facts = memory.model_facts(str(CONFIGS["sd1"]))
+    trainable, kind, rendered = memory.trainable_weights(str(CONFIGS["sd1"]), method, "{}")
     est = memory.estimate_parts(facts, trainable, kind, device="cuda", resolution=resolution, batch=batch,
                                 precision=precision.replace("fp32", "no"), checkpointing=checkpointing, adam8=adam8,
                                 unet_only=True, rendered=rendered)
@@ -107,7 +108,7 @@ def estimate_row(method, resolution, batch, precision, checkpointing, adam8) -> 
 
 def cap_check() -> dict:
     """The studio's cap on the card, end to end through accelerate and the real trainer."""
-    from trainers.jobs import JobRunner
+    from trainers.service.jobs import JobRunner
 
     concept = ROOT / "assets" / "concepts" / "heart"
     images = [(p, p.name) for p in sorted(concept.glob("*.png"))]

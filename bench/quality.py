@@ -48,7 +48,7 @@ would not finish in time.
     python -m bench.quality --sweep --jobs 2 --budget-min 240      # CPU: hours
     bench/gpu_quality.sh                                           # one GPU: ~7 min
 
-`--cluster ADDRESS` trains the cells as Ray jobs on that cluster instead (trainers.cluster;
+`--cluster ADDRESS` trains the cells as Ray jobs on that cluster instead (trainers.service.cluster;
 docs/cluster.md), `--jobs` of them handed over at once (Ray starts each where a node has room),
 each asking for `--threads` CPUs (default 1) and running that many threads, or one GPU with
 `--device cuda`. The same command, config and thread count as a local cell: the same weights.
@@ -369,7 +369,7 @@ def train(cell: Cell, args, work: Path, started_training: threading.Event | None
 def train_on_cluster(cell: Cell, args, run: Path, config: dict, started: float, started_training) -> dict:
     """`train` as a Ray job: the same command and environment, `cell_threads` CPUs (or one GPU)
     asked of the cluster. Peak memory is not measured there (no wait4 across machines)."""
-    from trainers.cluster import entrypoint, submit, wait
+    from trainers.service.cluster import entrypoint, submit, wait
     from trainers.events import read_events
 
     env = {k: v for k, v in child_env(args).items()
@@ -800,7 +800,7 @@ def parse_args(argv=None):
         parser.error("--jobs must be at least 1")
     args.ray = None
     if args.cluster:
-        from trainers.cluster import ClusterError, connect
+        from trainers.service.cluster import ClusterError, connect
 
         try:
             args.ray = connect(args.cluster)

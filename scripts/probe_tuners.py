@@ -117,7 +117,7 @@ def output_ratio(state) -> dict:
     unet = pipe.unet
     ratios = defaultdict(list)
     hooks = []
-    from restuning.core import op_module, transformer_blocks
+    from restuning.core import op_module
 
     for path, tuner in handle.modules.items():
         block_path, op_name = path.rsplit(".", 1)

@@ -1,5 +1,5 @@
-"""The job runner on a real Ray cluster (trainers.cluster.RayLauncher): a head and two worker
-nodes started on loopback addresses by trainers.local_ray (CPU only, small object stores), one
+"""The job runner on a real Ray cluster (trainers.service.cluster.RayLauncher): a head and two worker
+nodes started on loopback addresses by trainers.service.local_ray (CPU only, small object stores), one
 cluster for the module. Runs fan out, cancel keeps the checkpoint, a studio started anew adopts
 running jobs, a killed worker leaves a failed run with its log that resume completes elsewhere,
 a run Ray cannot place in time waits in the queue again, and the CLI submits a comparison.
@@ -16,10 +16,10 @@ import pytest
 pytest.importorskip("ray")
 
 from tests.test_jobs import FAKE, wait_for, wait_step
-from trainers.cluster import ClusterError, RayLauncher
+from trainers.service.cluster import ClusterError, RayLauncher
 from trainers.events import read_events
-from trainers.jobs import PROCESS_FILE, JobError, JobRunner
-from trainers.local_ray import LocalRayCluster
+from trainers.service.jobs import PROCESS_FILE, JobError, JobRunner
+from trainers.service.local_ray import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def test_the_cli_trains_a_comparison_on_the_cluster(tmp_path, cluster):
             "num_validation_images": 1, "validation_steps": 100, "checkpointing_steps": 100}
     (tmp_path / "base.json").write_text(json.dumps(base))
     runs = tmp_path / "runs"
-    out = subprocess.run([sys.executable, "-m", "trainers.runs", "compare", "--cluster", cluster.address,
+    out = subprocess.run([sys.executable, "-m", "trainers.service.runs", "compare", "--cluster", cluster.address,
                           "--runs-dir", str(runs), "--images", str(ROOT / "assets" / "concepts" / "star"),
                           "--config", str(tmp_path / "base.json"), "--methods", "res-tuning,lora"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)

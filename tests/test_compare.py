@@ -11,7 +11,7 @@ from PIL import Image
 
 import restuning
 from tests.tiny_pipeline import tiny_pipeline
-from trainers.jobs import JobError, JobRunner
+from trainers.service.jobs import JobError, JobRunner
 from trainers.sampling import Settings, read_png_settings
 from webui import compare_tab, generate_tab, pipeline, visitors
 from webui.model import describe

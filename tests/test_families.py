@@ -268,7 +268,7 @@ def test_the_studio_imports_an_sdxl_lora_against_both_encoders(sdxl_lora, tmp_pa
     on weightless copies of the U-Net and both text encoders; on an SD 2.x base it is refused."""
     import shutil
 
-    from trainers.uploads import UploadError, check_tuner_file, lora_as_tuner_file
+    from trainers.service.uploads import UploadError, check_tuner_file, lora_as_tuner_file
     from webui.model import describe
 
     written, _, config = sdxl_lora

@@ -226,7 +226,7 @@ def test_the_studio_trains_each_method_and_compares_them_at_the_familys_resoluti
     Res-Tuning, the Bypass and LoRA on the family's model; its Compare grid renders the three beside
     the base model at the model's own resolution."""
     from tests.test_jobs import wait_for
-    from trainers.jobs import JobRunner
+    from trainers.service.jobs import JobRunner
     from trainers.sampling import Settings
     from webui import pipeline
     from webui.model import describe

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainers.events import read_events
-from trainers.jobs import PROCESS_FILE, JobError, JobRunner
+from trainers.service.jobs import PROCESS_FILE, JobError, JobRunner
 
 FAKE = Path(__file__).with_name("fake_trainer.py")
 
@@ -356,7 +356,8 @@ def test_a_small_u_net_gets_one_thread_and_a_big_or_unreadable_model_every_core(
 def test_the_launch_command_carries_the_threads_and_the_runner_no_niceness(tmp_path, monkeypatch):
     import inspect
 
-    from trainers import jobs, models
+    from trainers import models
+    from trainers.service import jobs
 
     small = _model_with_unet_of(tmp_path, 1000)
     monkeypatch.setattr(models, "cpu_threads_for", lambda model, cores: 1 if model == str(small) else cores)

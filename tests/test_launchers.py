@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from trainers.cluster import RayLauncher, entrypoint
+from trainers.service.cluster import RayLauncher, entrypoint
 
 
 def test_the_entrypoint_runs_in_the_checkout_and_appends_to_the_log_whatever_the_paths(tmp_path):

@@ -14,7 +14,7 @@ from restuning.methods.lora import convert
 from restuning.methods.lora import export as lora_export
 from tests.tiny_pipeline import tiny_pipeline
 from trainers.sampling import Column, Sampler, Settings
-from trainers.uploads import UploadError, check_tuner_file, lora_as_tuner_file
+from trainers.service.uploads import UploadError, check_tuner_file, lora_as_tuner_file
 
 PROMPT = "a photo of sks dog"
 pytestmark = pytest.mark.slow  # each renders the tiny pipeline several times (~10 s on 2 cores)

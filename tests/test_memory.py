@@ -7,15 +7,18 @@ import json
 import gradio as gr
 import pytest
 
+from bench import memory_estimate
 from tests.test_jobs import images, make_runner, wait_for  # noqa: F401 (images is a fixture)
 from tests.test_webui import config as form_config
 from trainers import memory
 from trainers.events import read_events
-from trainers.jobs import JobError
+from trainers.models import CONFIGS
+from trainers.service.jobs import JobError
 from webui import live, runs_tab, train_tab
 from webui.errors import friendly
 
 GIB = 2**30
+SD1_CONFIGS = CONFIGS["sd1"]
 # The estimate may lean high, never far low: a run it lets through must not find less than it said.
 LOW, HIGH = 0.90, 1.20
 CONCEPT = "assets/concepts/heart"
@@ -24,9 +27,9 @@ CONCEPT = "assets/concepts/heart"
 def test_the_estimate_is_within_tolerance_of_every_measurement():
     """The table of estimate against measurement (bench results on SD v1.5 at 256 px b1 and 512 px
     b2 on CPU, 512 px b8 fp16 on an H200 with its variants, and the demo model's own CLI runs)."""
-    rows = memory.calibration_table() + memory.demo_rows()
+    rows = memory_estimate.calibration_table() + memory_estimate.demo_rows()
     assert len(rows) >= 25
-    print("\n" + memory.markdown(rows))
+    print("\n" + memory_estimate.markdown(rows))
     off = [r for r in rows if not LOW <= r["estimate_gib"] / r["measured_gib"] <= HIGH]
     assert not off, off
     sources = {r["source"] for r in rows}
@@ -35,12 +38,12 @@ def test_the_estimate_is_within_tolerance_of_every_measurement():
 
 
 def test_the_bench_result_table_is_the_one_the_estimator_makes():
-    written = (memory.REPO_ROOT / "bench" / "results" / "memory_estimate.md").read_text()
-    assert memory.markdown(memory.calibration_table() + memory.demo_rows()) in written
+    written = memory_estimate.RESULT.read_text()
+    assert memory_estimate.markdown(memory_estimate.calibration_table() + memory_estimate.demo_rows()) in written
 
 
 def test_model_facts_come_from_the_configs():
-    sd = memory.model_facts(str(memory.SD1_CONFIGS))
+    sd = memory.model_facts(str(SD1_CONFIGS))
     assert (sd.unet_params, sd.vae_params, sd.text_params) == (859_520_964, 83_653_863, 123_060_480)
     assert sd.vae_scale == 8 and sd.arch == pytest.approx(1.0)
     demo = memory.model_facts(str(memory.DEMO_MODEL))
@@ -49,7 +52,7 @@ def test_model_facts_come_from_the_configs():
 
 
 def test_each_option_moves_the_estimate_the_way_it_should():
-    sd = memory.model_facts(str(memory.SD1_CONFIGS))
+    sd = memory.model_facts(str(SD1_CONFIGS))
     base = dict(device="cpu", resolution=512, batch=2)
     full = memory.estimate_parts(sd, sd.unet_params, "whole", **base)
     assert full.parts["optimizer"] == sd.unet_params * 8 and full.parts["grads"] == sd.unet_params * 4
@@ -75,8 +78,8 @@ def test_a_bypass_that_injects_deeper_keeps_the_activations_of_the_blocks_after_
 
     shares = [memory.rendered_share(SD15_UNET_CONFIG, depth) for depth in range(5)]
     assert shares[0] == 0 and all(a < b for a, b in zip(shares, shares[1:])) and 0.95 < shares[4] < 1
-    sd = memory.model_facts(str(memory.SD1_CONFIGS))
-    found = {depth: memory._trainable(str(memory.SD1_CONFIGS), "bypass", json.dumps({"depth": depth})) for depth in (0, 1, 2)}
+    sd = memory.model_facts(str(SD1_CONFIGS))
+    found = {depth: memory.trainable_weights(str(SD1_CONFIGS), "bypass", json.dumps({"depth": depth})) for depth in (0, 1, 2)}
     assert [found[d][1] for d in found] == ["beside"] * 3 and [found[d][2] for d in found] == shares[:3]
     base = dict(device="cuda", resolution=512, batch=2, unet_only=True)
     est = {d: memory.estimate_parts(sd, found[d][0], "beside", rendered=found[d][2], **base).parts["activations"] for d in found}
@@ -91,14 +94,14 @@ def test_a_bypass_that_injects_deeper_keeps_the_activations_of_the_blocks_after_
 def test_the_default_bypass_is_among_the_measured_rows():
     """The default Bypass (depth 2) at 512 px batch 2, measured on CUDA and on this CPU, is in the
     table the tolerance test holds."""
-    rows = memory.calibration_table()
+    rows = memory_estimate.calibration_table()
     cases = {(r["source"], r["case"]) for r in rows}
     assert ("train_cost_sd15_cuda_512px_b2_fp32.json", "bypass") in cases
     assert ("bypass_ablation_cost_cpu_512px_b2.json", "bypass") in cases
 
 
 def test_the_verdict_names_the_room_and_what_to_lower():
-    sd = memory.model_facts(str(memory.SD1_CONFIGS))
+    sd = memory.model_facts(str(SD1_CONFIGS))
     est = memory.estimate_parts(sd, 509_440, "lora", device="cpu", resolution=512, batch=8)
     room = memory.Room("cpu", limit=int(est.total * 0.6), free=64 * GIB, total=64 * GIB, where="test room")
     verdict = memory.judge(est, room, sd, queued=True)

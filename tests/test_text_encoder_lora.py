@@ -13,7 +13,7 @@ from tests.test_trainer import argv, build_tiny, fresh_accelerate_state, load_ba
 from trainers import options
 from trainers.options import OptionError
 from trainers.sampling import Column, Sampler, Settings
-from trainers.uploads import check_tuner_file, lora_as_tuner_file
+from trainers.service.uploads import check_tuner_file, lora_as_tuner_file
 from webui.model import describe
 
 SETTINGS = Settings("a photo of sks dog", seed=0, steps=3, guidance=3.0, scheduler="DDIM", height=64, width=64)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import restuning
 from restuning.arch import build_unet
-from trainers.uploads import UploadError, check_images, check_name, check_tuner_file
+from trainers.service.uploads import UploadError, check_images, check_name, check_tuner_file
 
 
 def png(path, size=(64, 64), color="red", fmt="PNG"):
@@ -121,7 +121,7 @@ def test_pickles_and_foreign_files_are_refused_without_loading_them(tmp_path, ti
 def test_a_safetensors_file_whose_header_length_reads_like_a_pickle_is_not_refused_as_one(tmp_path, low_bytes):
     """The 8-byte header length of a safetensors file may start with 0x80 or "PK" (pickle and zip
     magic); the check reads past it ("{") instead of refusing a genuine file."""
-    from trainers.uploads import _check_file
+    from trainers.service.uploads import _check_file
 
     wanted = int.from_bytes(low_bytes + b"\x00" * (8 - len(low_bytes)), "little")
     path = tmp_path / "t.safetensors"

@@ -4,7 +4,7 @@ never control them, and one visitor cannot fill the queue."""
 import pytest
 
 from tests.test_jobs import images, make_runner, wait_for  # noqa: F401 (images is a fixture)
-from trainers.jobs import JobError
+from trainers.service.jobs import JobError
 from webui import visitors
 
 ALICE, BOB = (visitors.owner_id(visitors.new_secret()) for _ in range(2))

@@ -9,7 +9,7 @@ import torch
 
 from restuning.methods import METHODS
 from trainers.events import EventLog
-from trainers.jobs import JobRunner
+from trainers.service.jobs import JobRunner
 from trainers.options import OptionError, from_dict, method_recipe
 from webui import forms, live
 from webui.presets import PRESETS, preset_values
@@ -293,7 +293,7 @@ def test_the_loss_plot_draws_a_smoothed_line_over_the_steps(tmp_path):
 
 
 def test_the_log_never_shows_the_launchers_command_line(tmp_path):
-    from trainers.jobs import log_tail
+    from trainers.service.jobs import log_tail
 
     info = _info(tmp_path, [("phase", {"phase": "cancelled"})])
     (info.dir / "train.log").write_text("$ /usr/bin/python -m accelerate.commands.launch /srv/runs/x/config.json\nstep 1\n")
@@ -302,7 +302,7 @@ def test_the_log_never_shows_the_launchers_command_line(tmp_path):
 
 def test_a_shared_studio_says_so_with_its_limits_and_ticks_no_more_than_a_visitor_may_queue(tmp_path):
     import webui
-    from trainers.limits import SHARED
+    from trainers.service.limits import SHARED
     from webui.model import describe
 
     runner = JobRunner(tmp_path / "runs", devices=["cpu"], limits=SHARED)

@@ -1051,7 +1051,7 @@ def disk_full(exc: BaseException, output_dir: str | Path) -> bool:
 
 def _end(events: EventLog | None, phase: str, **fields) -> None:
     """The run's final event; with a full disk it may not be written, and the studio then shows
-    the run as failed from its files alone (trainers.jobs)."""
+    the run as failed from its files alone (trainers.service.jobs)."""
     if events is None:
         return
     try:

@@ -52,7 +52,7 @@ measured); the arch scale is computed from the config, not fitted. A single-file
 estimated from its family's bundled configs (trainers.models.CONFIGS). bf16
 on a CPU takes half the fp32 figure, fp32 on CUDA twice the half one. Where each constant comes
 from, what was measured and what was not: docs/benchmarks.md, "Memory estimate". The estimate
-against every measurement (`python -m trainers.memory`, `--write` into
+against every measurement (`python -m bench.memory_estimate`, `--write` into
 bench/results/memory_estimate.md) stays within 0.90-1.20x (tests/test_memory.py holds it).
 """
 
@@ -66,11 +66,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .options import DEMO_MODEL, OptionError  # noqa: F401 - DEMO_MODEL for callers
+from .models import config_folder
+from .options import DEMO_MODEL, OptionError, check_method_fits, from_dict  # noqa: F401 - DEMO_MODEL for callers
 
 GIB = 2**30
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SD1_CONFIGS = REPO_ROOT / "assets" / "sd-configs" / "sd-v1"
 
 # GiB per 1024 latent pixels x sample on the SD v1.5 U-Net (see the docstring)
 ACTIVATION_K = {
@@ -92,7 +92,7 @@ CLOSE = 0.85
 # Environment
 SHARE_ENV = "RESTUNING_RUN_MEMORY_SHARE"  # the most of the machine's memory one run may take (0..1)
 CHECK_ENV = "RESTUNING_MEMORY_CHECK"  # "off": no refusal (the estimate is still shown and logged)
-CUDA_CAP_ENV = "RESTUNING_CUDA_MEMORY_CAP"  # bytes of the card a studio run may allocate (set by trainers.jobs)
+CUDA_CAP_ENV = "RESTUNING_CUDA_MEMORY_CAP"  # bytes of the card a studio run may allocate (set by trainers.service.jobs)
 DEFAULT_SHARE = 0.8
 
 
@@ -113,29 +113,6 @@ class ModelFacts:
     vae_channels: int  # the VAE decoder's channels at full resolution
     arch: float  # activations per latent pixel, relative to SD v1.5's U-Net
     unet_config: dict = field(hash=False, compare=False)
-
-
-def config_folder(model: str) -> Path | None:
-    """Where the model's component configs are: its folder, its family's bundled configs for a
-    single checkpoint file (trainers.models.CONFIGS), the local hub cache for a hub id; None if
-    nowhere offline."""
-    path = Path(str(model)).expanduser()
-    if path.is_dir():
-        return path
-    if path.suffix.lower() in (".safetensors", ".ckpt"):
-        from .models import CONFIGS, ModelError, single_file_family
-
-        try:
-            return CONFIGS.get(single_file_family(path)) if path.is_file() else None
-        except ModelError:
-            return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        found = Path(snapshot_download(str(model), local_files_only=True, allow_patterns=["*/config.json", "model_index.json"]))
-        return found if (found / "unet" / "config.json").is_file() else None
-    except Exception:  # noqa: BLE001 - not in the cache, not a repo id: no estimate
-        return None
 
 
 def _level_sizes(cfg: dict, attention: bool = True) -> tuple[list[float], list[float], float]:
@@ -217,7 +194,7 @@ def model_facts(model: str) -> ModelFacts | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _trainable(model: str, method: str, method_json: str) -> tuple[int, str, float] | None:
+def trainable_weights(model: str, method: str, method_json: str) -> tuple[int, str, float] | None:
     """(trainable parameters, activation kind, rendered share) of a method on the model's U-Net,
     attached on the meta device. The kind: 'beside' (nothing trains inside the backbone: no
     gradient through its weights), 'decoder' (only the middle and up blocks), 'whole' (anything
@@ -246,7 +223,7 @@ def _trainable(model: str, method: str, method_json: str) -> tuple[int, str, flo
     try:
         handle = restuning.attach(unet, config)
     except (restuning.AttachError, ValueError, TypeError):
-        return None  # options that do not fit the model: no estimate (trainers.models.check_method_fits says why)
+        return None  # options that do not fit the model: no estimate (trainers.options.check_method_fits says why)
     trainable = sum(p.numel() for p in handle.parameters())
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     inside = [n for n in names if n.split(".", 1)[0] in dict(unet.named_children()) and not n.startswith("restuning")]
@@ -344,7 +321,7 @@ def estimate(options, device: str = "cpu") -> Estimate | None:
     model = str(args.pretrained_model_name_or_path)
     method_json = json.dumps({k: v for k, v in method_config.to_dict().items() if k != "method"}, sort_keys=True)
     facts = model_facts(model)
-    found = _trainable(model, method_config.method, method_json) if facts is not None else None
+    found = trainable_weights(model, method_config.method, method_json) if facts is not None else None
     if found is None:
         return None
     trainable, kind, rendered = found
@@ -363,8 +340,6 @@ def estimate(options, device: str = "cpu") -> Estimate | None:
 def estimate_config(config: dict, device: str = "cpu") -> Estimate | None:
     """The estimate from a run's config dict (config.json, the studio's form); None if the
     options do not parse (the form says why) or the model's configs cannot be read."""
-    from .options import from_dict
-
     values = {k: v for k, v in dict(config).items() if k not in ("instance_data_dir", "output_dir", "resume_from_checkpoint")}
     try:
         options = from_dict({"instance_prompt": "x", **values, "instance_data_dir": "instance",
@@ -559,10 +534,8 @@ def run_device() -> str:
 def check(options, device: str, *, queued: bool = False) -> Verdict:
     """The trainer's check before it loads anything: MemoryRefused for a run that cannot fit
     (unless RESTUNING_MEMORY_CHECK=off), else the verdict (its message: a warning when close).
-    The method's options are checked against the model first (trainers.models.check_method_fits:
+    The method's options are checked against the model first (trainers.options.check_method_fits:
     the form's check too): an OptionError names what does not fit."""
-    from .models import check_method_fits
-
     check_method_fits(options.method_config, str(options.args.pretrained_model_name_or_path))
     est = estimate(options, device)
     facts = model_facts(str(options.args.pretrained_model_name_or_path))
@@ -611,141 +584,3 @@ def line(verdict: Verdict) -> str:
     elif verdict.level == "close":
         text += " — close: a lower batch size or resolution is safer"
     return text
-
-
-# The bench results the estimate is checked against: (file, device). The SD v1.5 U-Net's training
-# step alone (bench.train_cost and bench.gpu_check; the Bypass's designs from bench.bypass_ablation).
-CALIBRATION_FILES = (
-    ("train_cost_sd15_cpu_256px_b1_fp32.json", "cpu"), ("train_cost_sd15_cpu_512px_b2_fp32.json", "cpu"),
-    ("gpu_check_h200.json", "cuda"), ("train_cost_sd15_cuda_256px_b1_fp32.json", "cuda"),
-    ("train_cost_sd15_cuda_512px_b2_fp32.json", "cuda"),
-    ("bypass_ablation_cost_cpu_256px_b1.json", "cpu"), ("bypass_ablation_cost_cpu_512px_b2.json", "cpu"),
-)
-
-
-# Res-Tuning's defaults when the bench results without a recorded config and DEMO_RUNS were measured:
-# the paper's Dual layout on the mid and up blocks.
-MEASURED_RES_TUNING = {"tuners": {"attn1": "adapter", "ff": "adapter"}, "blocks": ["mid", "up"], "dim": 10, "identifier": "",
-                       "off_concept_loss": 0.0}
-
-
-def _design(row: dict) -> tuple[str, str]:
-    """(method, config JSON) a bench row was measured with: its recorded config; else an ablation
-    case's; else, for a Bypass row written before configs were recorded, the design (default or
-    ablation) with its trainable count on SD v1.5; else the method's defaults."""
-    from bench import BYPASS_ABLATION, bypass_config_options  # the designs the bench results name
-
-    if isinstance(row.get("config"), dict):
-        config = dict(row["config"])
-        return config.pop("method"), json.dumps(config, sort_keys=True)
-    designs = {case: bypass_config_options(options) for case, _, options in BYPASS_ABLATION}
-    if row["case"] in designs:
-        return "bypass", json.dumps(designs[row["case"]], sort_keys=True)
-    if row["case"] == "bypass" and row.get("trainable"):
-        for options in [{}, *designs.values()]:
-            text = json.dumps(options, sort_keys=True)
-            if _trainable(str(SD1_CONFIGS), "bypass", text)[0] == row["trainable"]:
-                return "bypass", text
-    if row["case"] == "res-tuning":
-        return "res-tuning", json.dumps(MEASURED_RES_TUNING, sort_keys=True)
-    return row["case"], "{}"
-
-
-@functools.lru_cache(maxsize=64)
-def calibration_table() -> list[dict]:
-    """Estimate against measurement for the settings of the bench results (U-Net training step
-    alone) and of the demo model's CLI runs (whole process): what tests/test_memory.py checks.
-    SD 2.x and SDXL rows join from any bench.train_cost results of those U-Nets in bench/results."""
-    from .models import CONFIGS
-
-    rows = []
-    root = REPO_ROOT / "bench" / "results"
-    files = [(name, device, "sd1") for name, device in CALIBRATION_FILES]
-    files += [(p.name, None, family) for arch, family in (("sd2", "sd2"), ("sdxl", "sdxl"))
-              for p in sorted(root.glob(f"train_cost_{arch}_*.json"))]
-    for name, device, family in files:
-        if (root / name).is_file():
-            rows += _calibration_rows(name, json.loads((root / name).read_text()), str(CONFIGS[family]), device)
-    return rows
-
-
-def _calibration_rows(name: str, data: dict, configs: str, device: str | None) -> list[dict]:
-    facts, s = model_facts(configs), data["settings"]
-    device = device or ("cuda" if s.get("device") == "cuda" else "cpu")
-    rows = []
-    for row in (data.get("rows") or data.get("table6") or []) + data.get("variants", []):
-        if row["case"] == "inference" or not row.get("peak_bytes"):
-            continue
-        method, config = _design(row) if configs == str(SD1_CONFIGS) else (
-            row["case"], json.dumps(MEASURED_RES_TUNING, sort_keys=True) if row["case"] == "res-tuning" else "{}")
-        trainable, kind, rendered = _trainable(configs, method, config)
-        precision = row.get("precision") or s["precision"]
-        est = estimate_parts(facts, trainable, kind, device=device, resolution=s["resolution"], batch=s["batch"],
-                             precision=precision.replace("fp32", "no"), checkpointing=bool(row.get("gradient_checkpointing")),
-                             adam8=row.get("optimizer") == "AdamW8bit", unet_only=True, rendered=rendered)
-        # the bench's CUDA figure is torch's allocated memory: no context, no allocator slack
-        value = est.total - (est.parts["overhead"] if device == "cuda" else 0)
-        case = row["case"] + (f" ({row['key']})" if row in data.get("variants", []) else "")
-        rows.append({"source": name, "case": case, "device": device, "resolution": s["resolution"], "batch": s["batch"],
-                     "precision": precision, "estimate_gib": round(value / GIB, 2),
-                     "measured_gib": round(row["peak_bytes"] / GIB, 2)})
-    return rows
-
-
-# The demo model's own runs: `python -m trainers.dreambooth` on assets/concepts/heart, 10 steps,
-# validation at the end, peak RSS of the process (/usr/bin/time -v), this CPU, 2026-11-27.
-# Res-Tuning then defaulted to the paper's Dual (MEASURED_RES_TUNING).
-DEMO_RUNS = [
-    ({"method": "res-tuning", **MEASURED_RES_TUNING, "resolution": 64, "train_batch_size": 1, "num_validation_images": 2}, 0.475),
-    ({"method": "res-tuning", **MEASURED_RES_TUNING, "resolution": 64, "train_batch_size": 4, "num_validation_images": 4,
-      "with_prior_preservation": True, "class_prompt": "a shape", "num_class_images": 8}, 0.519),
-    ({"method": "full", "resolution": 64, "train_batch_size": 4, "num_validation_images": 2}, 0.540),
-    ({"method": "lora", "resolution": 256, "train_batch_size": 16, "num_validation_images": 4}, 1.877),
-]
-
-
-def demo_rows() -> list[dict]:
-    rows = []
-    for config, measured in DEMO_RUNS:
-        est = estimate_config({**config, "instance_prompt": "a sks shape", "validation_prompt": ["a sks shape"]}, "cpu")
-        rows.append({"source": "demo model CLI run", "case": config["method"], "device": "cpu",
-                     "resolution": config["resolution"], "batch": config["train_batch_size"], "precision": "fp32",
-                     "estimate_gib": round(est.gib(), 2), "measured_gib": measured, "settings": config})
-    return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| measured in | case | device | px | batch | precision | estimate (GiB) | measured (GiB) | estimate / measured |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['source']} | {r['case']} | {r['device']} | {r['resolution']} | {r['batch']} | {r['precision']} "
-                     f"| {r['estimate_gib']:.2f} | {r['measured_gib']:.2f} | {r['estimate_gib'] / r['measured_gib']:.2f} |")
-    return "\n".join(lines)
-
-
-RESULT = REPO_ROOT / "bench" / "results" / "memory_estimate.md"
-
-
-def main(argv=None) -> None:
-    """`python -m trainers.memory [--write]`: the table of estimate against measurement; --write
-    also puts it in bench/results/memory_estimate.md."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help=f"write {RESULT.relative_to(REPO_ROOT)}")
-    args = parser.parse_args(argv)
-    table = markdown(calibration_table() + demo_rows())
-    print(table)
-    if args.write:
-        RESULT.write_text(
-            "### Memory estimate (trainers/memory.py) against measured peaks\n\n"
-            "SD v1.5 rows: the U-Net's training step alone, as bench/train_cost measured it (CPU: peak RSS of the process; "
-            "CUDA: torch.cuda.max_memory_allocated, so the estimate's 1 GiB for the CUDA context is left out). Demo model rows: "
-            "`python -m trainers.dreambooth` on assets/concepts/heart, 10 steps and validation samples, peak RSS of the whole "
-            "process (/usr/bin/time), 2 CPU cores, 2026-11-27. The coefficients were fitted to these same measurements "
-            "(the module's docstring), so the table shows the fit and the demo rows the transfer to another architecture; "
-            "tests/test_memory.py holds every row within 0.90-1.20 x.\n\n" + table + "\n", encoding="utf-8")
-
-
-if __name__ == "__main__":
-    main()

@@ -18,9 +18,6 @@ constant latent of 0.5 an epsilon model returns about the latent itself, a v mod
 
 from __future__ import annotations
 
-import dataclasses
-
-import functools
 import json
 import os
 import re
@@ -270,58 +267,22 @@ def predicts_v(unet) -> bool:
     return float((out.float() - latent.float()).mean()) < -1
 
 
-def check_method_fits(method_config, model: str) -> None:
-    """OptionError when the method's options cannot be attached to this base model (a Bypass
-    deeper than the U-Net, LoRA layer names that match nothing): the check the trainer's attach
-    would make after loading, made on a weightless copy built from the model's configs, so the
-    form, the runner and the trainer refuse the same options before anything is queued or
-    loaded. Nothing is checked when the model's configs cannot be read offline (the trainer's
-    own attach still is)."""
-    problem = _attach_problem(str(model), method_config.to_json())
-    if problem:
-        raise _option_error(f"{method_config.method}: its options do not fit this base model: {problem}")
+def config_folder(model: str) -> Path | None:
+    """Where the model's component configs are: its folder, its family's bundled configs for a
+    single checkpoint file (CONFIGS), the local hub cache for a hub id; None if
+    nowhere offline."""
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        try:
+            return CONFIGS.get(single_file_family(path)) if path.is_file() else None
+        except ModelError:
+            return None
+    try:
+        from huggingface_hub import snapshot_download
 
-
-def _option_error(message: str):
-    from .options import OptionError
-
-    return OptionError(message)
-
-
-@functools.lru_cache(maxsize=64)
-def _attach_problem(model: str, method_json: str) -> str | None:
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    import restuning
-    from restuning import AttachError, ConfigError
-
-    from .memory import config_folder
-
-    folder = config_folder(model)
-    if folder is None:
+        found = Path(snapshot_download(str(model), local_files_only=True, allow_patterns=["*/config.json", "model_index.json"]))
+        return found if (found / "unet" / "config.json").is_file() else None
+    except Exception:  # noqa: BLE001 - not in the cache, not a repo id: no estimate
         return None
-    config = restuning.config_from_dict(json.loads(method_json))
-    if getattr(config, "identifier", ""):
-        # Res-Tuning's identifier fits any CLIP text encoder (a word always has tokens); the
-        # trainer's attach, with the real tokenizer, checks it again.
-        config = dataclasses.replace(config, identifier="")
-    try:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8")))
-            text = _meta_text_encoder(folder, "text_encoder") if getattr(config, "text_encoder", "") else None
-            text_2 = _meta_text_encoder(folder, "text_encoder_2") if getattr(config, "text_encoder_2", "") else None
-    except (OSError, ValueError, TypeError):
-        return None  # configs unreadable here: the trainer's own attach decides
-    try:
-        restuning.attach(unet, config, text_encoder=text, text_encoder_2=text_2)
-    except (AttachError, ConfigError, ValueError, TypeError) as exc:
-        return str(exc)
-    return None
-
-
-def _meta_text_encoder(folder: Path, part: str):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    kind = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
-    return kind(CLIPTextConfig.from_pretrained(str(folder / part)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from pathlib import Path
 from restuning.config import MethodConfig
 from restuning.methods import METHODS
 from restuning.methods.lora.config import TEXT_ENCODER_ATTENTION
+
+from .models import config_folder
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -650,8 +653,6 @@ def fill_recipe(args: argparse.Namespace, trains_text: bool = False) -> dict:
 def native_resolution(model: str) -> tuple[int, str]:
     """(the base model's own resolution, where it came from): its U-Net's sample size x the VAE's
     factor, from its configs (a folder's, a single file's bundled ones, the hub cache's); 512 without."""
-    from .memory import config_folder
-
     folder = config_folder(model)
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
@@ -865,3 +866,52 @@ def method_options_markdown() -> str:
             meaning = f.metadata.get("help", "") + (f" (from {', '.join(map(str, choices))})" if choices else "")
             rows.append(f"| `--{name}` | {method} | {meaning.replace('|', '/')} | `{_show(default)}` |")
     return "\n".join(rows)
+
+
+def check_method_fits(method_config, model: str) -> None:
+    """OptionError when the method's options cannot be attached to this base model (a Bypass
+    deeper than the U-Net, LoRA layer names that match nothing): the check the trainer's attach
+    would make after loading, made on a weightless copy built from the model's configs, so the
+    form, the runner and the trainer refuse the same options before anything is queued or
+    loaded. Nothing is checked when the model's configs cannot be read offline (the trainer's
+    own attach still is)."""
+    problem = _attach_problem(str(model), method_config.to_json())
+    if problem:
+        raise OptionError(f"{method_config.method}: its options do not fit this base model: {problem}")
+
+
+@functools.lru_cache(maxsize=64)
+def _attach_problem(model: str, method_json: str) -> str | None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    import restuning
+    from restuning import AttachError, ConfigError
+
+    folder = config_folder(model)
+    if folder is None:
+        return None
+    config = restuning.config_from_dict(json.loads(method_json))
+    if getattr(config, "identifier", ""):
+        # Res-Tuning's identifier fits any CLIP text encoder (a word always has tokens); the
+        # trainer's attach, with the real tokenizer, checks it again.
+        config = dataclasses.replace(config, identifier="")
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8")))
+            text = _meta_text_encoder(folder, "text_encoder") if getattr(config, "text_encoder", "") else None
+            text_2 = _meta_text_encoder(folder, "text_encoder_2") if getattr(config, "text_encoder_2", "") else None
+    except (OSError, ValueError, TypeError):
+        return None  # configs unreadable here: the trainer's own attach decides
+    try:
+        restuning.attach(unet, config, text_encoder=text, text_encoder_2=text_2)
+    except (AttachError, ConfigError, ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def _meta_text_encoder(folder: Path, part: str):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    kind = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+    return kind(CLIPTextConfig.from_pretrained(str(folder / part)))

@@ -10,7 +10,7 @@ import html
 
 import gradio as gr
 
-from trainers.uploads import MAX_TUNER_BYTES, SHARED_MAX_UPLOAD_BYTES
+from trainers.service.uploads import MAX_TUNER_BYTES, SHARED_MAX_UPLOAD_BYTES
 
 from . import compare_tab, files, generate_tab, pipeline, runs_tab, train_tab, visitors
 from .model import EXAMPLE_CONCEPTS
@@ -77,7 +77,7 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
 
 def shared_banner(limits, persistent: bool) -> str:
     """What a visitor of a shared studio needs to know before training: it is shared, what one
-    visitor may take (trainers.limits), and how long what they make is kept."""
+    visitor may take (trainers.service.limits), and how long what they make is kept."""
     caps = []
     if limits.runs_per_owner:
         caps.append(f"{limits.runs_per_owner} runs queued or running at once")

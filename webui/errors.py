@@ -13,10 +13,10 @@ import gradio as gr
 
 from restuning import ConfigError, TunerFileError
 from trainers.images import ImageError
-from trainers.jobs import JobError
+from trainers.service.jobs import JobError
 from trainers.options import OptionError
 from trainers.sampling import SamplingError
-from trainers.uploads import UploadError
+from trainers.service.uploads import UploadError
 
 USER_ERRORS = (UploadError, ImageError, JobError, OptionError, ConfigError, TunerFileError, SamplingError)
 log = logging.getLogger("restuning.studio")

@@ -18,7 +18,7 @@ matching the request against the app's own route table:
   app's routes and fails on one that is not).
 
 `UploadQuota` bounds what one client (by address) and all clients together may send to the
-upload route per hour (trainers.limits: RESTUNING_UPLOAD_MB_PER_CLIENT / _TOTAL); Gradio's
+upload route per hour (trainers.service.limits: RESTUNING_UPLOAD_MB_PER_CLIENT / _TOTAL); Gradio's
 `max_file_size` bounds each file.
 """
 

@@ -20,7 +20,7 @@ import gradio as gr
 from restuning.core import OPS
 from restuning.methods import METHODS
 from restuning.tuners import TUNER_KINDS
-from trainers.models import check_method_fits
+from trainers.options import check_method_fits
 from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
 
 from . import wording
@@ -186,7 +186,7 @@ def method_value(method: str, name: str, value):
 def build_config(method: str, trainer_values: dict, method_values: dict, *, model: str, device: str) -> dict:
     """The config.json of a run: trainer options + the method's own, checked by the trainer's
     own `from_dict` (its errors name the option) and against the base model as the trainer
-    checks it before loading (trainers.models.check_method_fits). Raises OptionError."""
+    checks it before loading (trainers.options.check_method_fits). Raises OptionError."""
     actions = trainer_actions()
     config = {"method": method, "pretrained_model_name_or_path": model}
     for name, value in trainer_values.items():

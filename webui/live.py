@@ -1,4 +1,4 @@
-"""What the studio shows of a run, derived only from its files (trainers.jobs.RunInfo, which
+"""What the studio shows of a run, derived only from its files (trainers.service.jobs.RunInfo, which
 reads events.jsonl and train.log): progress, loss curve, samples, artifacts, one-line status.
 Plain functions without Gradio, so the tests can check them and every view agrees."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from trainers.events import FINAL_PHASES
-from trainers.jobs import RunInfo, log_tail, redact
+from trainers.service.jobs import RunInfo, log_tail, redact
 
 
 def _inside(run_dir: Path, rel: str) -> Path | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from restuning.methods import METHODS
 from trainers.sampling import SCHEDULERS, Column, Sampler, inference_dtype
-from trainers.jobs import RunInfo
+from trainers.service.jobs import RunInfo
 
 from . import live
 

@@ -14,7 +14,7 @@ from gradio.utils import get_upload_folder
 
 from trainers import artifacts
 from trainers.options import MAX_PROMPT_CHARS
-from trainers.uploads import UploadError, check_name, check_tuner_file, discard, lora_as_tuner_file
+from trainers.service.uploads import UploadError, check_name, check_tuner_file, discard, lora_as_tuner_file
 
 from . import live, visitors
 from .errors import friendly

@@ -18,9 +18,9 @@ from gradio.utils import get_upload_folder
 
 from restuning.methods import METHODS
 from trainers import memory
-from trainers.models import check_method_fits
+from trainers.options import check_method_fits
 from trainers.options import OptionError, from_dict, method_recipe
-from trainers.uploads import UploadError, check_images, discard
+from trainers.service.uploads import UploadError, check_images, discard
 
 from . import forms, live, visitors
 from .errors import as_html, friendly

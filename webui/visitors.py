@@ -22,7 +22,7 @@ import secrets
 import time
 from pathlib import Path
 
-from trainers.jobs import JobError, RunInfo
+from trainers.service.jobs import JobError, RunInfo
 
 SECRET = re.compile(r"^[0-9a-f]{32}$")  # what the browser remembers
 OWNER = re.compile(r"^[0-9a-f]{64}$")  # what runs store: sha256 of the secret

@@ -17,7 +17,7 @@ from playwright.sync_api import expect
 
 from tests.e2e.conftest import DEMO_MODEL, free_port, serve
 from tests.e2e.test_studio import STARS, error_toast, fill, upload, wait_text
-from trainers.jobs import JOB_FILE, JobRunner
+from trainers.service.jobs import JOB_FILE, JobRunner
 from trainers.sampling import PNG_KEY, read_png_settings
 
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def test_as_a_space_it_binds_all_interfaces_and_keeps_visitors_apart(browser, sp
 
         # Alice, after a reload (her id is remembered by the browser), still has her run and controls it
         alice.reload()
-        alice.wait_for_selector(f"#live-progress [data-status]", timeout=30_000)
+        alice.wait_for_selector("#live-progress [data-status]", timeout=30_000)
         alice.get_by_role("tab", name="Runs / tuners").click()
         wait_text(alice, "#runs-table", mine[0])
         alice.get_by_role("tab", name="Train").click()

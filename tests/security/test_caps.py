@@ -1,5 +1,5 @@
 """Issue 26, items 3 and 4: identities are free on a shared studio, so every per-visitor cap has a
-global twin (trainers.limits): runs queued, steps and run time per run, disk per visitor and in
+global twin (trainers.service.limits): runs queued, steps and run time per run, disk per visitor and in
 all with checkpoints rotated by default, imports, prompt length, the upload route per client; and
 sampling shares the device: one visitor's grid does not hold another's Generate for its length."""
 
@@ -12,8 +12,8 @@ import pytest
 
 import webui
 from tests.test_jobs import make_runner, wait_for, wait_step
-from trainers import limits
-from trainers.jobs import JobError
+from trainers.service import limits
+from trainers.service.jobs import JobError
 from trainers.sampling import Column, Sampler, Settings
 from webui import files
 

@@ -9,7 +9,7 @@ import pytest
 from tests.test_jobs import make_runner, wait_for
 from trainers import dreambooth
 from trainers.events import EVENTS_FILE, scan_events
-from trainers.jobs import JobError
+from trainers.service.jobs import JobError
 from webui import live, runs_tab
 
 DEEP = b"[" * 200_000 + b"]" * 200_000 + b"\n"

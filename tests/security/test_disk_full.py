@@ -12,10 +12,11 @@ import subprocess
 import pytest
 
 from tests.test_jobs import make_runner, wait_for, wait_step
-from trainers import dreambooth, jobs
+from trainers import dreambooth
+from trainers.service import jobs
 from trainers.events import EventLog
-from trainers.jobs import JobError
-from trainers.limits import Limits
+from trainers.service.jobs import JobError
+from trainers.service.limits import Limits
 from webui import live
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -10,7 +10,7 @@ import time
 
 from tests.test_jobs import FAKE, make_runner, wait_for
 from trainers.events import last_phase
-from trainers.jobs import JobRunner, default_memory_limit
+from trainers.service.jobs import JobRunner, default_memory_limit
 from webui import live, runs_tab
 
 # what `accelerate launch` does with its trainer: run it, and re-raise a failure as CalledProcessError

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import restuning
 from restuning.methods import METHODS
-from trainers.uploads import UploadError, check_tuner_file
+from trainers.service.uploads import UploadError, check_tuner_file
 
 SMALL = {"res-tuning": {"dim": 4}, "bypass": {"dim": 8}, "lora": {"rank": 2}, "adapter": {"dim": 4},
          "prefix": {"dim": 4}, "prompt": {"dim": 4}}

@@ -8,9 +8,10 @@ import pytest
 
 from tests.test_jobs import make_runner, wait_for
 from tests.test_webui import config as form_config
-from trainers import dreambooth, jobs
+from trainers import dreambooth
+from trainers.service import jobs
 from trainers.options import OptionError
-from trainers.uploads import UploadError, lora_as_tuner_file
+from trainers.service.uploads import UploadError, lora_as_tuner_file
 from webui import live, runs_tab
 from webui.model import describe
 from webui.train_tab import memory_line, queue_runs

@@ -12,7 +12,7 @@ import restuning
 from restuning.io import TunerFileError
 from tests.tiny_pipeline import tiny_pipeline
 from trainers.sampling import Column, Sampler, Settings
-from trainers.uploads import UploadError, check_tuner_file, lora_as_tuner_file
+from trainers.service.uploads import UploadError, check_tuner_file, lora_as_tuner_file
 
 ROW = [Settings("a photo of sks dog", seed=0, steps=2, guidance=3.0, scheduler="DDIM", height=32, width=32)]
 

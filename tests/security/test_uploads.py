@@ -8,7 +8,7 @@ from pathlib import Path
 from gradio.utils import get_upload_folder
 
 import webui
-from trainers.uploads import MAX_TUNER_BYTES, SHARED_MAX_UPLOAD_BYTES, discard
+from trainers.service.uploads import MAX_TUNER_BYTES, SHARED_MAX_UPLOAD_BYTES, discard
 
 
 def stored(name: str) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 
 import webui
 from tests.test_jobs import make_runner, wait_for
-from trainers.jobs import JobError
+from trainers.service.jobs import JobError
 from webui import visitors
 
 SLOW = {"method": "res-tuning", "max_train_steps": 400, "fake_step_seconds": 0.05}

@@ -1,11 +1,11 @@
-"""The studio's runs from the command line: the same job runner (trainers.jobs) and run folders,
-on this machine or on a Ray cluster (trainers.cluster, docs/cluster.md).
+"""The studio's runs from the command line: the same job runner (trainers.service.jobs) and run folders,
+on this machine or on a Ray cluster (trainers.service.cluster, docs/cluster.md).
 
     # "Train for comparison": one run per method, same images and options; waits and reports
-    python -m trainers.runs compare --images assets/concepts/star --methods res-tuning,bypass,lora \\
+    python -m trainers.service.runs compare --images assets/concepts/star --methods res-tuning,bypass,lora \\
         --config base.json [--set max_train_steps=300] [--runs-dir runs] [--cluster http://HEAD:8265]
-    python -m trainers.runs list [--runs-dir runs] [--cluster ...]
-    python -m trainers.runs cancel RUN | resume RUN [--wait] [--runs-dir runs] [--cluster ...]
+    python -m trainers.service.runs list [--runs-dir runs] [--cluster ...]
+    python -m trainers.service.runs cancel RUN | resume RUN [--wait] [--runs-dir runs] [--cluster ...]
 
 `--config` is a JSON object of trainer options as a run's config.json holds them (docs/trainer.md);
 `--set NAME=VALUE` adds or replaces one (VALUE is JSON, or else a string). Every method's config is
@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..options import OptionError, from_dict, read_config
 from .jobs import JobError, JobRunner
-from .options import OptionError, from_dict, read_config
 from .uploads import UploadError, check_images
 
 FINAL = ("done", "failed", "cancelled")
@@ -56,7 +56,7 @@ def base_config(args) -> dict:
 
 
 def images_of(folder: str) -> list[tuple[Path, str]]:
-    """The folder's files, checked by content as the studio checks uploads (trainers.uploads)."""
+    """The folder's files, checked by content as the studio checks uploads (trainers.service.uploads)."""
     path = Path(folder)
     if not path.is_dir():
         raise OptionError(f"--images {folder}: not a folder")
@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--runs-dir", default=os.environ.get("RESTUNING_RUNS_DIR", "runs"))
     common.add_argument("--cluster", help="a Ray cluster's address (http://HEAD:8265, ray://HEAD:10001; env RAY_ADDRESS)")
     common.add_argument("--cluster-cpus", type=int, help="CPUs (threads) each run asks the cluster for")
-    parser = argparse.ArgumentParser(prog="python -m trainers.runs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m trainers.service.runs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", parents=[common], help="one run per method, same images and options")
     c.add_argument("--images", required=True, help="a folder of the concept's images")
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         print(f"{args.run}: {message}", flush=True)
         return 0 if not args.wait or follow(runner, [args.run]) else 1
     except (JobError, OptionError, UploadError, OSError, RuntimeError) as exc:
-        print(f"trainers.runs: {exc}", file=sys.stderr)
+        print(f"trainers.service.runs: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stopped following; started runs go on, queued ones wait for a studio on this runs folder", file=sys.stderr)

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import memory
+from .. import memory
 from .jobs import (
     CONFIG_FILE,
     LOG_FILE,
@@ -236,7 +236,7 @@ class RayLauncher(Launcher):
         env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
         env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(self.repo))
         if device == "cpu":
-            env.setdefault("GOMP_SPINCOUNT", "10000")  # as a local run (trainers.jobs.LocalLauncher.launch)
+            env.setdefault("GOMP_SPINCOUNT", "10000")  # as a local run (trainers.service.jobs.LocalLauncher.launch)
         elif cap:
             env[memory.CUDA_CAP_ENV] = str(cap)
         command = self.entrypoint(path, device)

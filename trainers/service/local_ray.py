@@ -200,7 +200,7 @@ class LocalRayCluster:
 
 
 def main(argv=None) -> None:
-    """`python -m trainers.local_ray [--workers 2] [--cpus 1]`: a local cluster until Ctrl-C."""
+    """`python -m trainers.service.local_ray [--workers 2] [--cpus 1]`: a local cluster until Ctrl-C."""
     import argparse
 
     parser = argparse.ArgumentParser(description="A Ray cluster of this machine's processes, on loopback addresses.")

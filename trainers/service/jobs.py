@@ -23,7 +23,7 @@ process per device at a time by default (`per_device`). No file is written outsi
 folder, and run ids are checked before any path is built from them.
 
 Where the process runs is a launcher's business (`Launcher`): `LocalLauncher`, the default, runs it
-on this machine as above; `trainers.cluster.RayLauncher` submits it as a Ray job to a cluster that
+on this machine as above; `trainers.service.cluster.RayLauncher` submits it as a Ray job to a cluster that
 shares the runs folder (docs/cluster.md). The queue, the folders and everything derived from them
 are the same for both.
 """
@@ -50,14 +50,14 @@ from pathlib import Path
 
 import psutil
 
-from . import checkpoints
+from .. import checkpoints, memory
 from . import limits as caps
-from . import memory
-from .events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events, scan_events
-from .options import RUN_MARKERS
-from .safe_json import Unreadable, read_object, write_atomic
+from .limits import JobError
+from ..events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events, scan_events
+from ..options import RUN_MARKERS
+from ..safe_json import Unreadable, read_object, write_atomic
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = "config.json"
 JOB_FILE = "job.json"
 PROCESS_FILE = "process.json"
@@ -88,15 +88,11 @@ def memory_cap_message(cap: int) -> str:
     return f"ran out of the memory allowed for a run: {cap / 2**30:.1f} GiB"
 
 
-class JobError(ValueError):
-    """A request the runner refuses (unknown run, wrong state); the message is for the user."""
-
-
 def default_command(config_path: Path, config: dict, device: str, threads: int | None = None) -> list[str]:
     """`accelerate launch` with explicit settings, so no `accelerate config` file is needed;
     on the CPU with `threads` threads (default: every core of this machine, one for a small U-Net:
     trainers.models.cpu_threads_for)."""
-    from .models import cpu_threads_for
+    from ..models import cpu_threads_for
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--dynamo_backend", "no", "--mixed_precision", str(config.get("mixed_precision") or "no")]
@@ -350,7 +346,7 @@ class Launcher:
     `launch` returns, kept in process.json) is all a launcher made anew needs to find the run
     again after the studio restarts.
 
-    LocalLauncher: a process group on this machine (the default). trainers.cluster.RayLauncher:
+    LocalLauncher: a process group on this machine (the default). trainers.service.cluster.RayLauncher:
     a Ray job on a cluster whose nodes see the runs folder at the same path."""
 
     devices: list[str]  # where runs go ("cpu", "cuda:0", ...); the first is what the form and the memory estimate assume
@@ -570,7 +566,7 @@ class JobRunner:
         `launcher`: where runs go (default: LocalLauncher on this machine, built from `devices`,
         `per_device`, `command`, `niceness` and `memory_limit`, which only it uses).
 
-        `limits` (trainers.limits): the caps of a shared studio, per visitor and in all (runs,
+        `limits` (trainers.service.limits): the caps of a shared studio, per visitor and in all (runs,
         steps, run time, disk, imports); `max_active_per_owner` sets its runs per visitor. Disk
         and run time are checked every `disk_check_seconds`."""
         self.runs_dir = Path(runs_dir).resolve()
@@ -731,7 +727,7 @@ class JobRunner:
         return config
 
     def import_tuner(self, src: str | os.PathLike, config: dict, *, label: str = "", owner: str = "") -> str:
-        """A finished run holding an uploaded tuner file (already checked by trainers.uploads), so
+        """A finished run holding an uploaded tuner file (already checked by trainers.service.uploads), so
         it is listed, downloaded and sampled like a trained one."""
         from safetensors import safe_open
 
@@ -903,7 +899,7 @@ class JobRunner:
 
     def check_owner_limit(self, owner: str, batch: int = 1) -> None:
         """JobError when `batch` more runs would take this visitor, or all visitors together, past
-        this studio's caps (trainers.limits: runs queued or running, disk held)."""
+        this studio's caps (trainers.service.limits: runs queued or running, disk held)."""
         self.check_owner(owner)
         caps.check_new_runs(self, owner, batch)
 

@@ -15,7 +15,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from .images import ImageError, check_image
+from ..images import ImageError, check_image
 
 MAX_FILES = 50
 MAX_FILE_BYTES = 20 * 1024 * 1024

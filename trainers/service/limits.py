@@ -129,12 +129,14 @@ def folder_bytes(path) -> int:
     return total
 
 
-# -- the checks the job runner makes (trainers.jobs.JobRunner: `runner`) --------------------------
+# -- the checks the job runner makes (trainers.service.jobs.JobRunner: `runner`) --------------------------
+
+
+class JobError(ValueError):
+    """A request the run service refuses (unknown run, wrong state, a cap); the message is for the user."""
 
 
 def _refuse(message: str):
-    from .jobs import JobError
-
     raise JobError(message)
 
 
