@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-quick count gpu-check gpu-check-wheels
+.PHONY: run test test-slow test-all count gpu-check gpu-check-wheels
 
 $(STAMP): requirements.txt requirements-base.txt requirements-cluster.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,16 @@ $(STAMP): requirements.txt requirements-base.txt requirements-cluster.txt requir
 run: $(STAMP)
 	$(PY) app.py
 
+# The suite a change is checked with, within about 10 minutes here; CI (.ci/run) runs test-slow too:
+# the tests marked slow (trainings of every family, every browser path, the mutation samples).
 test: $(STAMP)
-	$(PY) -m pytest
-
-test-quick: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest
 
 count: $(STAMP)
 	$(PY) -m restuning.count --arch sd15
