@@ -18,7 +18,7 @@ from trainers.events import read_events
 
 FAMILIES = ("sd2", "sdxl")
 METHODS = ("res-tuning", "bypass", "lora")
-# Two of the six in make test-quick; all six in make test and CI.
+# Two of the six in make test; all six in make test-slow and CI.
 QUICK = {("sdxl", "res-tuning"), ("sd2", "lora")}
 PROMPT = "a photo of sks dog"
 
