@@ -21,7 +21,8 @@ warnings.filterwarnings("ignore", message=".*xFormers.*")
 # Everything the tests and the processes they start put in "the system temp folder" (tempfile,
 # Gradio's upload cache, torch's elastic launcher) goes into one folder that goes when the run ends.
 _TEMP_ROOT = tempfile.mkdtemp(prefix="restuning-tests-")
-os.environ["TMPDIR"] = os.environ["GRADIO_TEMP_DIR"] = tempfile.tempdir = _TEMP_ROOT
+os.environ["TMPDIR"] = tempfile.tempdir = _TEMP_ROOT
+os.environ["GRADIO_TEMP_DIR"] = os.path.join(_TEMP_ROOT, "gradio")  # its own folder, as /tmp/gradio is
 
 
 def pytest_unconfigure(config):
