@@ -58,11 +58,17 @@ class TunerFileError(ValueError):
 # What a tuner's weights may be stored as: the floating-point types training writes. An integer or
 # boolean tensor would be cast silently on load into weights nobody trained.
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The largest weight a tuner may hold: fp16's largest number. A GPU without bf16 renders in fp16
+# (trainers.sampling.inference_dtype), where a larger weight becomes inf, so the tuner cannot
+# render there at all; on any device one near it sends activations to inf (3e38 turns a CPU's
+# fp32 picture black too). Nothing trained comes near: SD's own weights ship in fp16.
+MAX_WEIGHT = torch.finfo(torch.float16).max  # 65,504
 
 
 def check_tensors(state: dict[str, torch.Tensor], name: str) -> None:
-    """TunerFileError unless every tensor is of a WEIGHT_DTYPES type and finite: one NaN or inf
-    weight turns every image it touches black, and 0 x NaN is NaN, so a tuner at strength 0 too."""
+    """TunerFileError unless every tensor is of a WEIGHT_DTYPES type, finite and at most
+    MAX_WEIGHT in magnitude: one NaN or inf weight turns every image it touches black, and 0 x NaN
+    is NaN, so a tuner at strength 0 too."""
     for key, tensor in state.items():
         if tensor.dtype not in WEIGHT_DTYPES:
             raise TunerFileError(f"{name}: {key} holds {str(tensor.dtype).removeprefix('torch.')} values; "
@@ -71,6 +77,11 @@ def check_tensors(state: dict[str, torch.Tensor], name: str) -> None:
             bad = int((~torch.isfinite(tensor)).sum())
             raise TunerFileError(f"{name}: {key} holds {bad} value(s) that are not finite (NaN or infinity); "
                                  "such a tuner would turn every image black")
+        # compared in at least fp32: bf16 would round the bound itself up to 65,536
+        huge = int((tensor.abs().to(torch.promote_types(tensor.dtype, torch.float32)) > MAX_WEIGHT).sum())
+        if huge:
+            raise TunerFileError(f"{name}: {key} holds {huge} value(s) beyond ±{MAX_WEIGHT:,.0f}, the largest number half "
+                                 "precision holds (what a GPU renders in); such a tuner would turn images black")
 
 
 def save(model, path: str | os.PathLike, name: str = DEFAULT_NAME, extra: dict[str, str] | None = None) -> Path:

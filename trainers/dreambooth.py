@@ -1064,6 +1064,8 @@ def _refused(argv, exc: opts.OptionError, is_main: bool) -> int:
     """Options refused before training: reported in the run folder's events only when that
     folder is a run this trainer (or the studio) made; never into a folder of someone else's files."""
     run_dir, config = _run_dir(argv)
+    if run_dir is not None and opts.ANY_CONTROL.search(str(run_dir)):  # a name refused as it is: not made to report in
+        run_dir = None
     allowed = {config.name} if config is not None and run_dir is not None and config.absolute().parent == run_dir.absolute() else set()
     if run_dir is not None and is_main and (not run_dir.exists() or opts.is_run_folder(run_dir, allowed)):
         try:  # a folder it creates, or one holding nothing but its --config file, is its own

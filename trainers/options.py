@@ -47,7 +47,12 @@ UPPER = {"resolution": 2048, "train_batch_size": 64, "gradient_accumulation_step
 # keeps a pasted book out of config.json, the model card and every visitor's page.
 MAX_PROMPT_CHARS = 1000
 MAX_OPTION_CHARS = 1000  # other free text: a method's layer names, paths
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # in a prompt: anything but tab and newline
+# Control characters (C0, DEL and C1, whose 0x9b opens an escape sequence too) in a value would
+# reach the terminal through every message and log line that echoes it. A prompt may hold tabs and
+# newlines; no other text option (a path, a name, a layer list) holds any.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+PROMPTS = ("instance_prompt", "class_prompt", "validation_prompt")
 STEPS = 1_000_000
 BOUNDS = {
     "num_class_images": (1, UPPER["num_class_images"], True), "sample_batch_size": (1, UPPER["sample_batch_size"], True),
@@ -226,7 +231,7 @@ def _compat(parser: argparse.ArgumentParser) -> None:
       help="precision of class-image generation (default: the run's; fp16 needs a GPU)")
     a("--report_to", default="none", choices=REPORT_TO,
       help="trackers for the loss and learning rate, through accelerate (tensorboard writes to <output_dir>/<logging_dir>)")
-    a("--logging_dir", default="logs", help="the trackers' folder inside the run folder")
+    a("--logging_dir", default="logs", help="the trackers' folder inside the run folder (one that resolves outside is refused)")
     a("--allow_tf32", action="store_true", help="TF32 matrix products on Ampere or newer GPUs (faster, slightly less exact)")
     a("--tokenizer_max_length", type=int, help="cut prompts at this many tokens (default: the tokenizer's own maximum; at most "
       "the text encoder's positions)")
@@ -441,6 +446,7 @@ def check(args: argparse.Namespace) -> None:
     need(len(args.validation_prompt or []) <= UPPER["validation_prompts"],
          f"--validation_prompt: at most {UPPER['validation_prompts']} prompts")
     _check_output_dir(args.output_dir, need)
+    _check_logging_dir(args, need)
     need(args.checkpoints_total_limit is None or args.checkpoints_total_limit > 0,
          f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}")
     need(args.num_inference_steps is None or args.num_inference_steps > 0, "--num_inference_steps must be positive")
@@ -489,17 +495,36 @@ def _check_text(args: argparse.Namespace, need) -> None:
         need(text is None or len(text) <= MAX_PROMPT_CHARS,
              f"--{name} is {len(text or ''):,} characters long; at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
              "77 tokens, about 300 characters)")
-        need(text is None or not CONTROL.search(text), f"--{name} holds control characters (a NUL byte, ...); use plain text")
     for name in ("instance_data_dir", "class_data_dir", "output_dir", "logging_dir", "revision", "variant"):
         value = getattr(args, name, None)
-        need(not isinstance(value, str) or (len(value) <= MAX_OPTION_CHARS and "\0" not in value),
-             f"--{name} is not a usable value (over {MAX_OPTION_CHARS} characters, or a NUL byte)")
+        need(not isinstance(value, str) or len(value) <= MAX_OPTION_CHARS, f"--{name} is over {MAX_OPTION_CHARS} characters long")
     if args.class_data_dir is not None:
         folder = Path(args.class_data_dir)
         need(bool(args.class_data_dir.strip()), "--class_data_dir is empty: give a folder, or leave it out")
         need(not folder.exists() or folder.is_dir(), f"--class_data_dir {folder} is a file, not a folder")
         nearest = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
         need(nearest.is_dir(), f"--class_data_dir {folder}: {nearest} is not a folder")
+
+
+def _check_control(values: dict) -> None:
+    """OptionError for a control character in any text value of `values` (option name -> value or
+    list of values), before any message echoes it: the prompts' tabs and newlines aside."""
+    for name, value in values.items():
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str) and (CONTROL if name in PROMPTS else ANY_CONTROL).search(text):
+                raise OptionError(f"--{name} holds control characters (an escape sequence, a NUL byte, ...); use plain text")
+
+
+def _check_logging_dir(args: argparse.Namespace, need) -> None:
+    """--logging_dir resolves inside --output_dir (`..`, an absolute path elsewhere or a symlink
+    out would have the trackers write outside the run folder)."""
+    need(isinstance(args.logging_dir, str), "--logging_dir must be a folder inside the run folder, e.g. logs")
+    out = Path(args.output_dir)
+    try:
+        inside = (out / args.logging_dir).resolve().is_relative_to(out.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    need(inside, f"--logging_dir {args.logging_dir}: outside the run folder {out}; give a folder inside it, e.g. logs")
 
 
 def _check_output_dir(output_dir, need) -> None:
@@ -720,6 +745,7 @@ def lora_alpha_follows_rank(args: argparse.Namespace) -> dict:
 
 
 def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str]) -> Options:
+    _check_control(vars(args))
     if isinstance(args.validation_prompt, str):
         args.validation_prompt = [args.validation_prompt]
     if args.output_dir is None:
@@ -816,6 +842,7 @@ def parse(argv: list[str] | None = None) -> Options:
     cannot work; argparse itself exits with status 2 on malformed flags."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
+    _check_control(vars(first))  # before --config's path is echoed in a message
     config, config_path = None, None
     if first.config:
         config_path = Path(first.config)

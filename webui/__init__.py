@@ -20,6 +20,8 @@ CSS = """
 .rt-progress-bar { height: 100%; background: var(--color-accent); transition: width 0.5s; }
 .rt-progress-text { margin-top: 4px; font-size: 0.9em; }
 .rt-banner { padding: 8px 12px; border-radius: 6px; background: var(--color-accent-soft); margin-bottom: 4px; }
+/* a message's lines (webui.errors.as_html): one problem per line */
+.toast-message-text { white-space: pre-line; }
 /* gallery captions wrap instead of being cut at one line */
 #live-samples .caption-label, #runs-samples .caption-label { white-space: normal; overflow: visible; text-overflow: clip;
   font-size: 0.75em; }

@@ -7,7 +7,9 @@ import errno
 import functools
 import html
 import logging
+import re
 import traceback
+from html.entities import html5
 
 import gradio as gr
 
@@ -22,9 +24,17 @@ USER_ERRORS = (UploadError, ImageError, JobError, OptionError, ConfigError, Tune
 log = logging.getLogger("restuning.studio")
 
 
+# A toast renders its message as (sanitised) HTML and an API client reads the very same text, so
+# a message stays plain text but for what a browser would read as markup: "<" opening a tag or
+# comment, "&" opening a character reference (HTML's own table of names), so that a crafted file
+# name does not become an image that fetches an outside address. Lines stay lines through the
+# toast's CSS (webui.CSS), not <br>.
+MARKUP = re.compile("<(?=[A-Za-z/!?])|&(?=#|" + "|".join(map(re.escape, html5)) + ")")
+
+
 def as_html(message: str) -> str:
-    """Toasts render HTML: escape the message, keep its one-problem-per-line layout."""
-    return "<br>".join(html.escape(line) for line in message.splitlines())
+    """The message as plain text that a toast shows as it reads: one problem per line."""
+    return MARKUP.sub(lambda m: html.escape(m.group()), message)
 
 
 def friendly(fn):

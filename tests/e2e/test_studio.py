@@ -45,6 +45,7 @@ def test_bad_input_gets_a_message_not_a_stack_trace(page, tmp_path):
     upload(page, [fake])
     message = error_toast(page)
     assert "holiday.png" in message and "not an image" in message
+    assert "cannot be used:\nholiday.png" in message, "one problem per line (plain text, the toast's CSS)"
     assert "Traceback" not in page.content()
     page.reload()
     page.wait_for_selector("#train")

@@ -114,3 +114,72 @@ def test_text_is_bounded_too(tmp_path):
         parse(base_args("x", tmp_path / "r") + ["--validation_prompt", "ok", "y" * 5000])
     with pytest.raises(OptionError, match="--targets is longer than"):
         parse(base_args("x", tmp_path / "r") + ["--method", "lora", "--targets", ",".join(["to_q"] * 1000)])
+
+
+def text_options() -> list[str]:
+    """Every option that takes free text (a path, a name, a layer list): not a number, a flag or a choice."""
+    return sorted(a.dest for a in options.build_parser()._actions
+                  if a.option_strings and a.type in (None, str) and a.nargs != 0 and not a.choices and a.dest != "help")
+
+
+ESCAPES = ["\x1b[2J\x1b[31mred", "a\x9b31mb", "a\x00b", "a\x7fb", "a\rb"]
+
+
+@pytest.mark.parametrize("name", text_options())
+def test_control_characters_are_refused_in_every_text_option(name, tmp_path):
+    """Issue 39, item 12: an escape sequence in --output_dir reached the terminal; every text
+    option refuses control characters now, and the message does not echo them."""
+    assert len(text_options()) > 20
+    for value in ESCAPES + ([] if name in options.PROMPTS else ["a\nb", "a\tb"]):
+        with pytest.raises(OptionError, match=f"^--{name} holds control characters") as refused:
+            parse(base_args("x", tmp_path / "run") + [f"--{name}", value])
+        assert value not in str(refused.value)
+
+
+def test_a_prompt_may_hold_tabs_and_newlines_and_a_config_file_is_checked_too(tmp_path):
+    assert parse(base_args("x", tmp_path / "run") + ["--instance_prompt", "a sks\tstar\non white"]).args.instance_prompt
+    config = tmp_path / "config.json"
+    config.write_text('{"logging_dir": "logs\\u001b[2J"}')
+    with pytest.raises(OptionError, match="^--logging_dir holds control characters"):
+        parse(base_args("x", tmp_path / "run") + ["--config", str(config)])
+    with pytest.raises(OptionError, match="^--config holds control characters"):
+        parse(base_args("x", tmp_path / "run") + ["--config", str(tmp_path / "\x1b[2Jconfig.json")])
+
+
+def test_an_escape_sequence_in_the_output_dir_never_reaches_the_terminal(tmp_path, empty_images, capsys):
+    out = tmp_path / "\x1b[2J\x1b]0;owned\x07run"
+    assert dreambooth.main(base_args(empty_images, out)) == 2
+    captured = capsys.readouterr()
+    assert "--output_dir holds control characters" in captured.err
+    assert "\x1b" not in captured.err + captured.out and not out.exists()
+
+
+@pytest.mark.parametrize("logging_dir, inside", [
+    ("logs", True), ("./logs", True), ("a/../logs", True), (".", True), ("", True), ("deep/er/logs", True),
+    ("..", False), ("../x", False), ("../../..", False), ("logs/../../x", False), ("/", False),
+])
+def test_the_logging_dir_stays_inside_the_run_folder(logging_dir, inside, tmp_path):
+    """Issue 39, item 12: `--logging_dir ../../..` had the trackers write outside the run folder."""
+    args = base_args("x", tmp_path / "run") + ["--logging_dir", logging_dir]
+    if inside:
+        assert parse(args).args.logging_dir == logging_dir
+    else:
+        with pytest.raises(OptionError, match=f"--logging_dir {logging_dir}: outside the run folder"):
+            parse(args)
+
+
+def test_an_absolute_or_symlinked_logging_dir_is_judged_by_where_it_resolves(tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    assert parse(base_args("x", run) + ["--logging_dir", str(run / "logs")]).args.logging_dir == str(run / "logs")
+    for outside in (str(elsewhere), str(run) + "-logs", str(run / ".." / "x")):
+        with pytest.raises(OptionError, match="outside the run folder"):
+            parse(base_args("x", run) + ["--logging_dir", outside])
+    (run / "out").symlink_to(elsewhere)
+    (run / "in").symlink_to(run / "logs")
+    (run / "loop").symlink_to(run / "loop")
+    assert parse(base_args("x", run) + ["--logging_dir", "in"]).args.logging_dir == "in"
+    for link in ("out", "out/logs", "loop/x"):
+        with pytest.raises(OptionError, match="outside the run folder"):
+            parse(base_args("x", run) + ["--logging_dir", link])

@@ -1,16 +1,19 @@
 """Crafted tuner files (issue 13, items 4 and 10): a header that lies about its tensors, or holds
-JSON of the wrong type, is refused with a message before anything is attached for real."""
+JSON of the wrong type, is refused with a message before anything is attached for real; and
+(issue 39, items 8 and 10) a LoRA's alpha that is not finite, and weights too large to render."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import restuning
+from restuning.io import MAX_WEIGHT, TunerFileError
 from restuning.methods import METHODS
-from trainers.service.uploads import UploadError, check_tuner_file
+from trainers.service.uploads import UploadError, check_tuner_file, lora_as_tuner_file
 
 SMALL = {"res-tuning": {"dim": 4}, "bypass": {"dim": 8}, "lora": {"rank": 2}, "adapter": {"dim": 4},
          "prefix": {"dim": 4}, "prompt": {"dim": 4}}
@@ -64,3 +67,119 @@ def test_header_fields_of_the_wrong_type_get_a_message(header, message, tmp_path
     path = saved(tmp_path, tiny_unet, restuning.ResTuningConfig(dim=4))
     with pytest.raises(UploadError, match=message):
         check_tuner_file(rewritten(tmp_path, path, **header), tiny_unet)
+
+
+def kohya_lora(path, layer: str, features: int, alpha: float, weight: float = 0.0):
+    """A kohya LoRA of rank 2 on one U-Net layer (kohya's underscored name)."""
+    save_file({f"lora_unet_{layer}.lora_down.weight": torch.full((2, features), weight),
+               f"lora_unet_{layer}.lora_up.weight": torch.zeros(features, 2), f"lora_unet_{layer}.alpha": torch.tensor(alpha)},
+              str(path))
+    return path
+
+
+TINY_LAYER = "mid_block_attentions_0_transformer_blocks_0_attn1_to_q"  # 64 features in the tiny U-Net
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("-inf"), float("nan")])
+def test_a_lora_whose_alpha_is_not_finite_is_refused_in_plain_words(alpha, tmp_path, tiny_unet):
+    """Issue 39, item 8: an inf alpha was an OverflowError ("Something went wrong"), a NaN one a
+    ValueError from diffusers' loader."""
+    path = kohya_lora(tmp_path / "style.safetensors", TINY_LAYER, 64, alpha)
+    with pytest.raises(UploadError, match=r"^style.safetensors: its alpha is (-?inf|nan), not a finite number"):
+        lora_as_tuner_file(path, tiny_unet, None, workdir=tmp_path / "work")
+
+
+@pytest.mark.parametrize("peft, message", [({"r": float("inf"), "lora_alpha": 4}, "OverflowError"),
+                                           ({"r": 2, "lora_alpha": float("inf")}, "its alpha is inf, not a finite number")])
+def test_a_diffusers_lora_whose_header_says_an_infinite_rank_or_alpha_is_refused(peft, message, tmp_path, tiny_unet):
+    """The peft config diffusers writes into a LoRA's header is used as it is: JSON's Infinity too."""
+    layer = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({f"{layer}.lora_A.weight": torch.zeros(2, 64), f"{layer}.lora_B.weight": torch.zeros(64, 2)}, str(path),
+              metadata={"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in peft.items()})})
+    with pytest.raises(UploadError, match=f"^pytorch_lora_weights.safetensors: .*{message}"):
+        lora_as_tuner_file(path, tiny_unet, None, workdir=tmp_path / "work")
+
+
+def test_a_lora_for_another_model_is_told_so_before_its_alpha_is_read(tmp_path, tiny_unet):
+    """Issue 39, item 8: its layers are not in this model, and its alpha is inf besides."""
+    path = kohya_lora(tmp_path / "sdxl-style.safetensors", "input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640,
+                      float("inf"))
+    with pytest.raises(UploadError, match="sdxl-style.safetensors was made for another model"):
+        lora_as_tuner_file(path, tiny_unet, None, workdir=tmp_path / "work")
+
+
+def test_the_runs_tab_refuses_such_a_lora_with_its_reason_and_deletes_the_upload(tmp_path, monkeypatch):
+    """The Runs tab's import, as a visitor's click runs it: the message is the reason, not
+    "Something went wrong (OverflowError)", and the upload is gone from the upload folder."""
+    import gradio as gr
+
+    from tests.test_jobs import make_runner
+    from webui import runs_tab
+    from webui.model import describe
+
+    runner = make_runner(tmp_path / "runs")
+    with gr.Blocks() as demo, gr.Tab("Runs") as tab:
+        runs_tab.build(runner, describe(None), tab, gr.State(None))
+    try_import = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "try_import")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setattr(runs_tab, "get_upload_folder", lambda: str(uploads))
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: warnings.append(message))
+    demo_layer = "mid_block_attentions_0_transformer_blocks_0_attn1_to_q"  # 128 features in the demo model
+    for name, layer, features, reason in [("inf-alpha.safetensors", demo_layer, 128, "its alpha is inf, not a finite number"),
+                                          ("other-model.safetensors", "input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640,
+                                           "was made for another model")]:
+        (uploads / name).parent.mkdir(parents=True, exist_ok=True)
+        upload = kohya_lora(uploads / name, layer, features, float("inf"))
+        assert try_import(str(upload), "", None)[2] is None, "the box is cleared"
+        assert warnings[-1].startswith(name) and reason in warnings[-1], warnings[-1]
+        assert not upload.exists(), "the refused upload is deleted"
+    assert runner.run_ids() == []
+
+
+def with_weight(tmp_path, path, value, dtype=torch.float32):
+    """The tuner file with its first weight set to `value` (in `dtype`)."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k).to(dtype) for k in f.keys()}, f.metadata()
+    first = next(iter(tensors))
+    tensors[first].view(-1)[0] = value
+    out = tmp_path / f"weight-{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+ABOVE = float(np.nextafter(np.float32(MAX_WEIGHT), np.float32(np.inf)))  # the next float32 past fp16's largest number
+
+
+@pytest.mark.parametrize("value, dtype, refused", [
+    (1000.0, torch.float32, False), (MAX_WEIGHT, torch.float32, False), (-MAX_WEIGHT, torch.float32, False),
+    (MAX_WEIGHT, torch.float16, False), (ABOVE, torch.float32, True), (-ABOVE, torch.float32, True),
+    (65536.0, torch.bfloat16, True), (3e38, torch.float32, True), (1e300, torch.float64, True),
+])
+def test_weights_beyond_half_precision_are_refused(value, dtype, refused, tmp_path, tiny_unet):
+    """Issue 39, item 10: 3e38 is finite, and renders black; the bound is fp16's largest number
+    (restuning.io.MAX_WEIGHT), checked below, at and above it, for the studio and the library."""
+    path = with_weight(tmp_path, saved(tmp_path, tiny_unet, restuning.LoraConfig(rank=2)), value, dtype)
+    if not refused:
+        check_tuner_file(path, tiny_unet)
+        restuning.load(tiny_unet, path, name="ok")
+        restuning.detach(tiny_unet, "ok")
+        return
+    with pytest.raises(UploadError, match=f"^{path.name}: .* holds 1 value\\(s\\) beyond ±65,504"):
+        check_tuner_file(path, tiny_unet)
+    with pytest.raises(TunerFileError, match="beyond ±65,504"):
+        restuning.load(tiny_unet, path, name="huge")
+    assert "huge" not in restuning.attached(tiny_unet)
+
+
+def test_a_lora_with_huge_weights_is_refused_naming_the_users_file(tmp_path, tiny_unet):
+    """Issue 39, items 10 and 11: the refusal names the file the visitor chose, not the studio's
+    converted copy of it."""
+    path = kohya_lora(tmp_path / "my-style.safetensors", TINY_LAYER, 64, 2.0, weight=3e38)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(UploadError) as refused:
+        lora_as_tuner_file(path, tiny_unet, None, workdir=work)
+    assert str(refused.value).startswith("my-style.safetensors: ") and "beyond ±65,504" in str(refused.value)
+    assert "restuning" not in str(refused.value) and list(work.iterdir()) == []

@@ -1,6 +1,7 @@
 """Issue 26, item 9: the form refuses what the trainer would, before anything is queued, with the
 trainer's own check; no traceback or server path reaches a visitor; and each message the issue
-lists says what is true."""
+lists says what is true. Issue 39, item 11: messages reach API clients as plain text, and say
+nothing of which run ids exist."""
 
 import json
 
@@ -107,3 +108,50 @@ def test_crafted_lora_files_get_a_message(tmp_path, tiny_unet):
     for path in cases:
         with pytest.raises(UploadError, match=path.name):
             lora_as_tuner_file(path, tiny_unet, None, workdir=tmp_path)
+
+
+def raised_message(fn) -> str:
+    """The message a handler wrapped in webui.errors.friendly sends (to the page and API clients alike)."""
+    import gradio as gr
+    from gradio.utils import error_payload
+
+    from webui.errors import friendly
+
+    with pytest.raises(gr.Error) as raised:
+        friendly(fn)()
+    return error_payload(raised.value, False)["error"]
+
+
+def test_an_api_client_reads_a_message_as_plain_text():
+    """Issue 39, item 11: no `studio&#x27;s`, no `<br>`; what a browser would take for markup
+    (a crafted file name) is all that is escaped."""
+    def refuse(message):
+        def handler():
+            raise jobs.JobError(message)
+        return handler
+
+    plain = "the studio's queue is full: 8 runs are queued or running\na run -> 2 < 3 & \"quoted\"; R&D 100%"
+    assert raised_message(refuse(plain)) == plain
+    crafted = "x<img src=//example.com/a>.safetensors: not a safetensors file\n&amp;</b><!-- &#60; &copy &lt"
+    assert raised_message(refuse(crafted)) == ("x&lt;img src=//example.com/a>.safetensors: not a safetensors file\n"
+                                               "&amp;amp;&lt;/b>&lt;!-- &amp;#60; &amp;copy &amp;lt")
+
+
+def test_another_visitors_run_and_a_run_that_does_not_exist_read_the_same(tmp_path):
+    """Issue 39, item 11: the message for a run a visitor may not see, and for the same id once no
+    run has it, are one and the same and name no server path: an id cannot be probed."""
+    import torch
+    from safetensors.torch import save_file
+
+    from webui import visitors
+
+    runner = make_runner(tmp_path / "runs", max_active_per_owner=2, unguessable_ids=True)
+    alice, bob = "a" * 64, "b" * 64
+    tuner = tmp_path / "t.safetensors"
+    save_file({"w": torch.zeros(1)}, str(tuner))
+    run_id = runner.import_tuner(tuner, {"method": "lora"}, owner=alice)
+    hidden = raised_message(lambda: visitors.seen(runner, run_id, bob))
+    runner.delete(run_id)
+    for who in (bob, alice):
+        assert raised_message(lambda: visitors.seen(runner, run_id, who)) == hidden
+    assert hidden == f"no run {run_id!r}" and "/" not in hidden

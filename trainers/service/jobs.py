@@ -605,12 +605,14 @@ class JobRunner:
     # ---- paths -------------------------------------------------------------------------------
 
     def run_dir(self, run_id: str) -> Path:
-        """The folder of an existing run; refuses anything that is not a plain child of runs_dir."""
+        """The folder of an existing run; refuses anything that is not a plain child of runs_dir
+        with the words webui.visitors uses for a run a visitor may not see (and no server path),
+        so a visitor cannot tell another's run from none."""
         if not isinstance(run_id, str) or not RUN_ID.match(run_id):
             raise JobError(f"not a run id: {run_id!r}")
         path = self.runs_dir / run_id
         if path.is_symlink() or not path.is_dir() or path.resolve().parent != self.runs_dir:
-            raise JobError(f"no run {run_id!r} in {self.runs_dir}")
+            raise JobError(f"no run {run_id!r}")
         return path
 
     @property

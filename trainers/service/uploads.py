@@ -134,11 +134,12 @@ def _check_file(path: Path, max_bytes: int) -> str:
 def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, base_text_encoder_2=None, *,
                        max_bytes: int = MAX_TUNER_BYTES, workdir: str | os.PathLike | None = None) -> Path:
     """An uploaded LoRA file in diffusers' or kohya's format, converted to a restuning tuner file
-    (`<name>-restuning.safetensors` in `workdir`, else beside it: an upload folder is shared by
-    every visitor who sent the same bytes, so the studio passes a folder of its own) after the
-    same file checks as check_tuner_file and
-    a check of every layer it changes against the base model (weightless models will do); any
-    other file is returned as it is, for check_tuner_file to judge."""
+    (in `workdir` under the upload's own name, so that a refusal or the run's "imported from"
+    names the user's file; else `<name>-restuning.safetensors` beside it: an upload folder is
+    shared by every visitor who sent the same bytes, so the studio passes a folder of its own)
+    after the same file checks as check_tuner_file and a check of every layer it changes against
+    the base model (weightless models will do); any other file is returned as it is, for
+    check_tuner_file to judge."""
     from restuning import TunerFileError
     from restuning.methods.lora import convert
 
@@ -146,11 +147,13 @@ def lora_as_tuner_file(path: str | os.PathLike, base_unet, base_text_encoder, ba
     label = _check_file(path, max_bytes)
     if not convert.is_foreign_lora(path):
         return path
+    target = Path(workdir) / path.name if workdir is not None else path.parent / f"{path.stem}-restuning.safetensors"
+    if target.resolve() == path.resolve():  # never written over the upload
+        target = path.parent / f"{path.stem}-restuning.safetensors"
     try:
-        target = (Path(workdir) if workdir is not None else path.parent) / f"{path.stem}-restuning.safetensors"
         return convert.write_tuner(path, target, base_unet, base_text_encoder, base_text_encoder_2)
-    except TunerFileError as exc:
-        raise UploadError(str(exc).replace(str(path), label)) from None
+    except TunerFileError as exc:  # its weights are checked as the converted file is written
+        raise UploadError(str(exc).replace(str(path), label).replace(target.name, label)) from None
 
 
 def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=None, base_text_encoder_2=None,

@@ -13,6 +13,7 @@ the file against the base model before anything is attached. Only safetensors fi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -103,7 +104,7 @@ def read(path, unet, text_encoder=None, text_encoder_2=None) -> tuple[LoraConfig
         return _read(path, unet, text_encoder, text_encoder_2)
     except TunerFileError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, RecursionError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError, IndexError, AttributeError, RuntimeError, RecursionError) as exc:
         raise TunerFileError(f"{path.name}: not a LoRA file diffusers' loader can read "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
 
@@ -137,9 +138,9 @@ def _read(path: Path, unet, text_encoder=None, text_encoder_2=None) -> tuple[Lor
     unet_state, unet_kwargs = _unet_part(state, alphas, metadata)
     if not unet_state:
         raise TunerFileError(f"{path.name} has no U-Net weights: a LoRA of the text encoder alone cannot be imported")
-    rank, alpha = _rank_and_alpha(path, unet_kwargs, "U-Net")
     targets = _layers(unet_state)
-    _check_fit(path, unet, unet_state, targets, "U-Net")
+    _check_fit(path, unet, unet_state, targets, "U-Net")  # first: a file for another model is told so, whatever else is odd
+    rank, alpha = _rank_and_alpha(path, unet_kwargs, "U-Net")
     blocks = tuple(g for g, prefix in BLOCK_GROUPS.items() if any(t.startswith(prefix) for t in targets))
     outside = [t for t in targets if not t.startswith(tuple(BLOCK_GROUPS.values()))]
     if outside:
@@ -155,11 +156,11 @@ def _read(path: Path, unet, text_encoder=None, text_encoder_2=None) -> tuple[Lor
             example = next((k for k in keys if k.startswith((prefix, "lora_te2_" if prefix == TEXT_ENCODER_2_PREFIX else "lora_te"))), prefix)
             raise TunerFileError(f"{path.name} tunes the {name.replace('_', ' ')} too ({len(part)} weights, e.g. {example}): "
                                  f"load it with {name}=pipe.{name}")
+        layers = _layers(part)
+        _check_fit(path, model, part, layers, name.replace("_", " "))
         if _rank_and_alpha(path, kwargs, name.replace("_", " ")) != (rank, alpha):
             raise TunerFileError(f"{path.name}: its {name.replace('_', ' ')} LoRA has another rank or alpha than its U-Net LoRA; "
                                  "a restuning LoRA has one of each")
-        layers = _layers(part)
-        _check_fit(path, model, part, layers, name.replace("_", " "))
         texts[name] = _compact(model, layers, split_names(TEXT_ENCODER_ATTENTION), TEXT_ENCODER_ATTENTION)
         text_state.update({prefix + k: v for k, v in part.items()})
 
@@ -234,6 +235,9 @@ def _rank_and_alpha(path: Path, kwargs: dict, part: str) -> tuple[int, int]:
         raise TunerFileError(f"{path.name}: the rank or alpha of its {part} LoRA differs between layers "
                              f"({len(patterns)} layers differ from rank {rank}, alpha {alpha:g}); a restuning LoRA has one "
                              "rank and one alpha: load it with diffusers' pipe.load_lora_weights instead")
+    if not math.isfinite(float(alpha)):
+        raise TunerFileError(f"{path.name}: its alpha is {float(alpha)}, not a finite number; a LoRA's alpha is a positive "
+                             "whole number (often its rank)")
     if float(alpha) != int(alpha) or alpha <= 0:
         raise TunerFileError(f"{path.name}: its alpha is {alpha:g}; a restuning LoRA's alpha is a positive whole number")
     return int(rank), int(alpha)
