@@ -256,3 +256,13 @@ def test_a_run_whose_base_model_is_gone_is_refused_without_its_path(two_bases, t
     monkeypatch.setattr(runner, "info", lambda run_id, **kw: info)  # the run as Generate reads it
     with pytest.raises(gr.Error, match="deleted-model cannot be read"):
         generate_tab.generate(runner, sd1, studio, None, ids["sd2"], [Settings("a photo of sks dog", steps=1)])
+
+
+def test_an_imported_tuner_is_a_run_on_the_model_it_was_checked_against(two_bases, tmp_path):
+    from webui import runs_tab
+
+    runner, _, sd2, studio, ids = two_bases
+    tuner = runner.info(ids["sd2"]).dir / "tuner.safetensors"
+    run_id, _, _ = runs_tab.import_tuner(runner, sd2, str(tuner), "again", None)
+    info = runner.info(run_id)
+    assert info.config["pretrained_model_name_or_path"] == sd2.source and studio.base_of(info).source == sd2.source
