@@ -1,6 +1,7 @@
 """A second base model picked and trained in the page (issue 39, item 7): the studio started on the
 demo model with a models folder holding a tiny SD 2.x model; the newcomer picks it in the Train
-form's list, trains a short real run, and the run records that base and samples on it in Compare.
+form's list, trains a short real run, and the run records that base (its config and model card) and samples
+on it in Compare.
 No page shows the model's server path."""
 
 import json
@@ -57,6 +58,7 @@ def test_a_second_base_model_is_picked_and_trained_in_the_page(browser, two_mode
     assert page.get_attribute("#live-progress .rt-progress", "data-status") == "done", page.input_value("#live-log textarea")
     (run,) = [p for p in runs.iterdir() if (p / "job.json").is_file()]
     assert json.loads((run / "config.json").read_text())["pretrained_model_name_or_path"] == str(model)
+    assert f"`{model}`" in (run / "README.md").read_text()  # the model card names the run's own base
 
     # Compare renders the run on its own base: the base column is the tiny model
     page.get_by_role("tab", name="Compare").click()
