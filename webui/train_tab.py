@@ -166,10 +166,10 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
             form.model = model
         with gr.Column(scale=4, elem_id="train-live"):
             view = _live_view()
-    _wire_form(form, base, models)
+    _wire_form(form, models)
     _wire_model(models, form)
-    _wire_submit(runner, base, device, form, owner, [watch, view.run_pick, shown], models)
-    _wire_estimate(runner, base, form, models)
+    _wire_submit(runner, models, device, form, owner, [watch, view.run_pick, shown])
+    _wire_estimate(runner, models, form)
     return _wire_live(runner, view, watch, shown, owner)
 
 
@@ -348,7 +348,7 @@ def on_upload(paths):
         return kept, gr.Gallery(value=kept, visible=True)
 
 
-def _wire_form(form: Form, base, models) -> None:
+def _wire_form(form: Form, models) -> None:
     """Uploads, the example buttons, the method's options and the hardware preset."""
     form.files.upload(on_upload, form.files, [form.files, form.preview], show_progress="hidden")
     if form.examples:
@@ -373,12 +373,14 @@ def _wire_form(form: Form, base, models) -> None:
         sized = ["max_train_steps", "train_batch_size"]
         form.method.change(lambda m, prompt: [example_recipe(m)[k] if prompt == EXAMPLE_PROMPT else gr.update() for k in sized],
                            [form.method, form.trainer["instance_prompt"]], [form.trainer[k] for k in sized], show_progress="hidden")
-    form.preset.change(lambda p, key: [preset_values(p, chosen(models, key).resolution, chosen(models, key).family)[k]
-                                       for k in PRESET_KEYS], [form.preset, form.model],
-                       [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
+    def preset_for(p, key):
+        base = chosen(models, key)
+        return [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS]
+
+    form.preset.change(preset_for, [form.preset, form.model], [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
 
-def _wire_submit(runner, base, device: str, form: Form, owner: gr.State, outputs: list, models=None) -> None:
+def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outputs: list) -> None:
     """Train and Train for comparison: every config checked, then queued all or none; `outputs`
     (watched run, its dropdown, the live view's state) then follow the first run queued."""
     all_inputs = {form.files, form.method, form.compare_methods, owner, form.model, *form.trainer.values(),
@@ -414,7 +416,7 @@ def form_config(form: Form, values: dict, method: str, base, device: str) -> dic
                               {k: values[c] for k, c in form.methods[method].items()}, model=base.source, device=device)
 
 
-def _wire_estimate(runner, base, form: Form, models) -> None:
+def _wire_estimate(runner, models, form: Form) -> None:
     """The memory line beside Train follows every option it reads, and the base model."""
     trainer = {k: form.trainer[k] for k in MEMORY_OPTIONS if k in form.trainer}
     memory_inputs = {form.method, form.model, *trainer.values(), *(c for comps in form.methods.values() for c in comps.values())}
