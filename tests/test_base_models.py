@@ -266,3 +266,5 @@ def test_an_imported_tuner_is_a_run_on_the_model_it_was_checked_against(two_base
     run_id, _, _ = runs_tab.import_tuner(runner, sd2, str(tuner), "again", None)
     info = runner.info(run_id)
     assert info.config["pretrained_model_name_or_path"] == sd2.source and studio.base_of(info).source == sd2.source
+    details = runs_tab._details(info)  # the Runs tab names it, not its path
+    assert "<b>base model</b>: tiny-sd2</li>" in details and sd2.source not in details

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model import DEMO_MODEL, BaseModel, describe, model_label
+from .model import DEMO_MODEL, BaseModel, describe, model_label, source_name
 
 log = logging.getLogger("restuning.studio")
 MODELS_DIR_ENV = "RESTUNING_MODELS_DIR"
@@ -64,8 +64,7 @@ class Catalog:
                 try:
                     self._bases[source] = describe(source)
                 except ValueError:
-                    name = source if not Path(source).is_absolute() else Path(source).name
-                    raise ValueError(f"the base model {name} cannot be read on this server (moved, deleted, or "
+                    raise ValueError(f"the base model {source_name(source)} cannot be read on this server (moved, deleted, or "
                                      "not downloaded)") from None
             return self._bases[source]
 

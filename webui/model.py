@@ -42,10 +42,7 @@ class BaseModel:
 
     @property
     def name(self) -> str:
-        """What a page calls it: never a server path, only a folder's or file's own name, or the hub id."""
-        if self.is_demo:
-            return "the bundled demo model"
-        return self.source if not Path(self.source).is_absolute() else Path(self.source).name
+        return source_name(self.source)
 
     @property
     def label(self) -> str:
@@ -84,6 +81,13 @@ class BaseModel:
 
         names = ["tokenizer"] + (["tokenizer_2"] if self.family == "sdxl" else [])
         return {name: CLIPTokenizer.from_pretrained(self.config_source or self.source, subfolder=name) for name in names}
+
+
+def source_name(source: str) -> str:
+    """What a page calls a base model: never a server path, only a folder's or file's own name, or the hub id."""
+    if Path(source).resolve() == DEMO_MODEL:
+        return "the bundled demo model"
+    return Path(source).name if Path(source).is_absolute() else source
 
 
 def model_label(name: str, family_name: str) -> str:

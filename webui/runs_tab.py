@@ -18,6 +18,7 @@ from trainers.uploads import UploadError, check_name, check_tuner_file, discard,
 
 from . import live, visitors
 from .errors import friendly
+from .model import source_name
 
 DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tuner and samples (.zip)"),
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
@@ -35,6 +36,9 @@ def _details(info) -> str:
              ("trainable parameters", f"{params:,}" if isinstance(params, int) else "not reported yet"),
              ("weights file", f"{tuner.name}, {live.human_size(tuner.stat().st_size)}" if tuner else "not saved yet"),
              ("prompt", info.prompt or "(none)")]
+    base = info.config.get("pretrained_model_name_or_path")
+    if isinstance(base, str) and base:
+        items.insert(2, ("base model", source_name(base)))
     step = live.last_step(info)
     if step:
         items.append(("steps", f"{step['step']}/{step['total']}, last loss {step['loss']:.4f}"))
