@@ -94,8 +94,10 @@ def test_the_studio_offers_its_own_model_first_then_the_demo_then_the_rest(tmp_p
     on_demo = catalog.discover(demo, models, cache_dir=tmp_path / "no-cache")
     assert on_demo.choices() == [("the bundled demo model (SD 1.x)", "demo"), ("v1-5.safetensors (SD 1.x)", "file:v1-5.safetensors")]
     assert on_demo.base("demo") is demo and on_demo.base("file:v1-5.safetensors").family == "sd1"
-    with pytest.raises(ValueError, match="choose a base model from the list"):
-        on_demo.base(str(models / "v1-5.safetensors"))  # a path is never a key
+    for forged in (str(models / "v1-5.safetensors"), "v1-5.safetensors", "file:../models/v1-5.safetensors",
+                   "file:v1-5.safetensors/", "hub:someone/not-listed", "default", "", None):
+        with pytest.raises(ValueError, match="choose a base model from the list"):
+            on_demo.base(forged)  # only a listed key names a model, never a path
 
     # --model naming a file of the folder: listed once, first
     own = describe(str(models / "v1-5.safetensors"))
