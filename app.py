@@ -121,7 +121,8 @@ def main(argv=None) -> None:
     demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected,
                        shared=args.shared, sample_device=args.sample_device,
                        persistent=args.where.persistent, models=models)
-    print(f"Res-Tuning Studio: base model {base.label} ({len(models.entries)} to pick from), runs in {runner.runs_dir}, runs on {runner.launcher.describe()}; "
+    print(f"Res-Tuning Studio: base model {base.label} ({len(models.entries)} to pick from), runs in {runner.runs_dir}, "
+          f"runs on {runner.launcher.describe()}; "
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     if args.where.space_id and not args.where.persistent:
         print("Res-Tuning Studio: no persistent storage at /data: runs vanish when the Space restarts (docs/space.md)")

@@ -92,7 +92,8 @@ def test_the_studio_offers_its_own_model_first_then_the_demo_then_the_rest(tmp_p
     assert catalog.models_dir() == catalog.DEFAULT_MODELS_DIR
 
     on_demo = catalog.discover(demo, models, cache_dir=tmp_path / "no-cache")
-    assert on_demo.choices() == [("the bundled demo model (SD 1.x)", "demo"), ("v1-5.safetensors (SD 1.x)", "file:v1-5.safetensors")]
+    assert on_demo.choices() == [("the bundled demo model (SD 1.x)", "demo"),
+                                 ("v1-5.safetensors (SD 1.x)", "file:v1-5.safetensors")]
     assert on_demo.base("demo") is demo and on_demo.base("file:v1-5.safetensors").family == "sd1"
     for forged in (str(models / "v1-5.safetensors"), "v1-5.safetensors", "file:../models/v1-5.safetensors",
                    "file:v1-5.safetensors/", "hub:someone/not-listed", "default", "", None):

@@ -394,7 +394,8 @@ def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outpu
             chosen_base = models.base(values[form.model])
         except ValueError as exc:
             raise forms.OptionError(str(exc)) from None
-        configs = [(m, form_config(form, values, m, chosen_base, device)) for m in methods]  # every config checked before any run exists
+        # every config checked before any run exists
+        configs = [(m, form_config(form, values, m, chosen_base, device)) for m in methods]
         who = values[owner]
         group = secrets.token_hex(3) if len(configs) > 1 else ""
         ids, warnings = queue_runs(runner, configs, checked, who, group=group)
