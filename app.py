@@ -1,6 +1,6 @@
 """Res-Tuning Studio: `python app.py` serves http://127.0.0.1:7860 on the bundled demo model.
 
-    python app.py [--model HUB_ID|FOLDER|FILE.safetensors] [--runs-dir DIR] [--host H] [--port P]
+    python app.py [--model HUB_ID|FOLDER|FILE.safetensors] [--models-dir DIR] [--runs-dir DIR] [--host H] [--port P]
                   [--jobs-per-device N] [--shared | --no-shared] [--runs-per-visitor N] [--proxy-hops N]
                   [--cluster http://HEAD:8265 | ray://HEAD:10001] [--cluster-cpus N] [--cluster-gpu-memory GIB]
 
@@ -29,6 +29,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 def parse_args(argv=None, env=None) -> argparse.Namespace:
     from trainers.service import limits
+    from webui.catalog import MODELS_DIR_ENV
     from webui.files import PROXY_HOPS_ENV
     from webui.space import detect
 
@@ -38,8 +39,12 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
         sys.exit(f"app.py: {exc}")
     p = argparse.ArgumentParser(description="Res-Tuning Studio: train concept tuners for Stable Diffusion in the browser.")
     p.add_argument("--model", default=os.environ.get("RESTUNING_MODEL") or None,
-                   help="base model: a hub id, a diffusers folder or an SD 1.x .safetensors file "
-                        "(env RESTUNING_MODEL; default: assets/demo-model)")
+                   help="the base model the Train form starts on: a hub id, a diffusers folder or a .safetensors "
+                        "file, of SD 1.x, 2.x or XL (env RESTUNING_MODEL; default: assets/demo-model)")
+    p.add_argument("--models-dir", default=None,
+                   help="more base models to pick in the Train form: the diffusers folders and .safetensors files "
+                        f"of SD 1.x, 2.x or XL directly in this folder (env {MODELS_DIR_ENV}; default: models/ beside "
+                        "app.py); hub models already in the local Hugging Face cache are offered too, never downloaded")
     p.add_argument("--runs-dir", default=str(here.runs_dir),
                    help="where runs live (env RESTUNING_RUNS_DIR; default ./runs, on a Space /data/restuning-runs if /data is writable)")
     p.add_argument("--host", default=here.host, help="address to serve on (127.0.0.1; 0.0.0.0 on a Space)")
@@ -88,6 +93,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import webui
     from trainers.service.jobs import JobRunner, detect_devices
+    from webui.catalog import discover, models_dir
     from webui.model import describe
     from webui.presets import detect_preset
 
@@ -95,6 +101,7 @@ def main(argv=None) -> None:
         base = describe(args.model)
     except ValueError as exc:
         sys.exit(f"app.py: {exc}")
+    models = discover(base, models_dir(args.models_dir))
     preset, detected = detect_preset()
     launcher = None
     if args.cluster:
@@ -113,8 +120,9 @@ def main(argv=None) -> None:
         preset, detected = cluster_preset(launcher)
     demo = webui.build(runner, base, device=devices[0].split(":")[0], preset=preset, detected=detected,
                        shared=args.shared, sample_device=args.sample_device,
-                       persistent=args.where.persistent)
-    print(f"Res-Tuning Studio: base model {base.name}, runs in {runner.runs_dir}, runs on {runner.launcher.describe()}; "
+                       persistent=args.where.persistent, models=models)
+    print(f"Res-Tuning Studio: base model {base.label} ({len(models.entries)} to pick from), runs in {runner.runs_dir}, "
+          f"runs on {runner.launcher.describe()}; "
           f"{args.where.summary().split(';')[0]}" + ("; shared: each visitor sees their own runs" if args.shared else ""))
     if args.where.space_id and not args.where.persistent:
         print("Res-Tuning Studio: no persistent storage at /data: runs vanish when the Space restarts (docs/space.md)")

@@ -194,7 +194,30 @@ def load_pipeline(source: ModelSource, dtype=None, revision: str | None = None, 
     return pipe
 
 
+def hub_offline(repo_id: str, exc: BaseException | None = None) -> str | None:
+    """The plain reason a hub id cannot load when it is not in the local Hugging Face cache and
+    the hub cannot be reached (HF_HUB_OFFLINE set, or `exc` a failed connection); None when its
+    model_index.json is cached or the hub may be asked. diffusers' own words for it ("does not
+    appear to have a file named config.json") read as if the model were broken."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in constants.ENV_VARS_TRUE_VALUES or constants.HF_HUB_OFFLINE
+    unreachable = exc is not None and re.search(r"couldn't connect|local_files_only|offline", str(exc), re.I)
+    if not (offline or unreachable):
+        return None
+    why = "this machine is offline (HF_HUB_OFFLINE is set)" if offline else "the hub cannot be reached from this machine"
+    return (f"the hub model {repo_id} is not downloaded (it is not in this machine's Hugging Face cache) and {why}: "
+            f"download it where the hub can be reached (hf download {repo_id}), or use a diffusers folder or a "
+            ".safetensors file")
+
+
 def _load_failure(source: ModelSource, exc: BaseException) -> str:
+    if source.kind == "hub":
+        offline = hub_offline(source.location, exc)
+        if offline:
+            return f"could not load the base model: {offline}"
     if source.kind == "folder":
         pickles = sorted(str(p.relative_to(source.location)) for p in Path(source.location).glob("*/*") if p.suffix in PICKLE_SUFFIXES)
         if pickles:

@@ -12,7 +12,7 @@ import gradio as gr
 
 from trainers.service.uploads import MAX_TUNER_BYTES, SHARED_MAX_UPLOAD_BYTES
 
-from . import compare_tab, files, generate_tab, pipeline, runs_tab, train_tab, visitors
+from . import catalog, compare_tab, files, generate_tab, pipeline, runs_tab, train_tab, visitors
 from .model import EXAMPLE_CONCEPTS
 
 CSS = """
@@ -39,10 +39,13 @@ THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_m
 
 
 def build(runner, base, *, device: str, preset: str, detected: str, shared: bool = False,
-          sample_device: str = "cpu", persistent: bool = True) -> gr.Blocks:
-    """`shared`: many visitors (a Space), each sees only their own and published runs;
-    `persistent`: the runs folder outlives a restart."""
-    studio = pipeline.StudioPipeline(base, sample_device)
+          sample_device: str = "cpu", persistent: bool = True, models=None) -> gr.Blocks:
+    """`base`: the studio's own model; `models`: the base models the Train form offers
+    (webui.catalog.Catalog, `base` first; default `base` alone); `shared`: many visitors (a
+    Space), each sees only their own and published runs; `persistent`: the runs folder outlives
+    a restart."""
+    models = models or catalog.single(base)
+    studio = pipeline.StudioPipeline(base, sample_device, models)
     # uploads and cached copies older than a day go, checked hourly: a visitor who uploads and
     # leaves does not fill the disk (a copy handed out again is touched, so it stays)
     with gr.Blocks(title="Res-Tuning Studio", delete_cache=(3600, 86400)) as demo:
@@ -52,15 +55,16 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
         remembered = gr.BrowserState(None, storage_key="restuning-visitor",
                                      secret=visitors.browser_state_key(runner.runs_dir) if shared else None)
         owner = gr.State("" if shared else None)
+        others = " or another base model of the list below" if len(models.entries) > 1 else ""
         gr.HTML(f"<h1>Res-Tuning Studio</h1><p>Teach <b>{html.escape(base.name)}</b> "
-                f"(<span id='base-family'>{html.escape(base.family_label)}, {base.resolution} px</span>) a new concept from a few images; "
-                "a run keeps going when this page closes.</p>")
+                f"(<span id='base-family'>{html.escape(base.family_label)}, {base.resolution} px</span>){others} "
+                "a new concept from a few images; a run keeps going when this page closes.</p>")
         if shared:
             gr.HTML(shared_banner(runner.limits, persistent), elem_id="shared-banner")
         # "wrap": on a phone the four tabs take two lines rather than hiding behind a "⋯" menu
         with gr.Tabs(overflow_behavior="wrap"):
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected, owner)
+                attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected, owner, models)
             with gr.Tab("Runs / tuners", id="runs", elem_id="tab-runs") as runs:
                 on_first_visit(runs, owner, lambda who: runs_tab.build(runner, base, runs, owner, who, shared))
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare:

@@ -6,6 +6,7 @@ is fed by the sampler's per-step callback, so it shows denoising steps actually 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import secrets
 import time
@@ -74,20 +75,44 @@ def plan_rows(prompt: str, more_prompts: str, negative: str, seeds: str, steps, 
     return rows
 
 
+def grid_base(studio, infos, base):
+    """The base model the runs `infos` were trained on (`base` for none); gr.Error for runs of
+    different base models: a grid is rendered by one U-Net, its base column is their base, and
+    each model has its own resolution."""
+    found = {}
+    for info in infos:
+        try:
+            model = studio.base_of(info)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        found.setdefault(model.source, (model, []))[1].append(info.label or info.id)
+    if len(found) > 1:
+        raise gr.Error("these runs were trained on different base models (" +
+                       "; ".join(f"{model.label}: {', '.join(names)}" for model, names in found.values()) +
+                       "): a grid compares runs of one base model, so pick runs of one")
+    return next(iter(found.values()))[0] if found else base
+
+
 def render_grid(runner, base, studio, who, ids: list[str], base_too: bool, rows: list[Settings], scales,
                 progress=None) -> tuple:
     """Render and save the grid PNG (its metadata lists rows and columns); returns (path,
-    seconds, (rows, columns)). Only runs this visitor may see are sampled."""
+    seconds, (rows, columns)). Only runs this visitor may see are sampled, all of one base model,
+    which the base column shows (`base`, the studio's, when no run is chosen); a row of no size
+    renders at that model's own."""
     if len(ids) > MAX_TUNERS:
         raise gr.Error(f"{len(ids)} runs chosen: at most {MAX_TUNERS} per grid")
     if not ids and not base_too:
         raise gr.Error("choose at least one run, or include the base model")
     scales = list(scales) + [1.0] * (len(ids) - len(scales))
+    infos = [visitors.seen(runner, run_id, who) for run_id in ids]
+    base = grid_base(studio, infos, base)
+    size = studio.defaults(base)
+    rows = [dataclasses.replace(r, height=r.height or size["height"], width=r.width or size["width"]) for r in rows]
     columns = ([pipeline.base_column(base)] if base_too else []) + [
-        pipeline.column(visitors.seen(runner, run_id, who), scale) for run_id, scale in zip(ids, scales)]
+        pipeline.column(info, scale) for info, scale in zip(infos, scales)]
     if progress is not None:
-        progress(0.0, "loading the base model" if not studio.loaded else "starting")
-    sampler = studio.sampler()
+        progress(0.0, "loading the base model" if not studio.is_loaded(base) else "starting")
+    sampler = studio.sampler(base)
     started = time.perf_counter()
     images = sampler.render(columns, rows, progress=progress)
     seconds = time.perf_counter() - started
@@ -95,7 +120,7 @@ def render_grid(runner, base, studio, who, ids: list[str], base_too: bool, rows:
     row_labels = [f"seed {r.seed}" if one_prompt else f"{r.prompt} · seed {r.seed}" for r in rows]
     picture = compose_grid(images, [c.caption for c in columns], row_labels,
                            scale=max(1, 256 // max(images[0][0].width, 1)))
-    settings = {"kind": "compare-grid", "rows": [r.to_dict() for r in rows],
+    settings = {"kind": "compare-grid", "base_model": base.label, "rows": [r.to_dict() for r in rows],
                 "columns": [{"run": c.label, "scale": c.scale, "caption": c.caption} for c in columns]}
     name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}.png"
     path = save_png(picture, visitors.scratch_dir(runner, who, "compare") / name, settings)
@@ -177,7 +202,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
                 for i in range(MAX_TUNERS)]
 
     def do_render(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=gr.Progress()):
-        rows = plan_rows(p, m, n, s, k, g, sch, d["height"], d["width"])
+        rows = plan_rows(p, m, n, s, k, g, sch, None, None)  # at the runs' base model's own size
         path, seconds, shape = render_grid(runner, base, studio, who, list(ids or []), base_too, rows, scale_values,
                                            progress=lambda f, label: progress(f, desc=label))
         return (str(path), gr.DownloadButton(value=str(path), visible=True),

@@ -5,6 +5,7 @@ settings from a PNG" reads such a file back into the form, so a picture can be m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -41,22 +42,29 @@ def tuner_choices(runner, who) -> list[tuple[str, str]]:
 
 def generate(runner, base, studio, who, run_id: str | None, rows: list[Settings], scale: float = 1.0,
              progress=None) -> list[tuple[str, str]]:
-    """Render one image per row with the chosen tuner (or the base) and save each as a PNG whose
-    metadata regenerates it; returns [(path, caption)]."""
+    """Render one image per row with the chosen tuner on the base model it was trained on (or
+    `base`, the studio's, alone) and save each as a PNG whose metadata regenerates it; a row of
+    no size renders at that model's own. Returns [(path, caption)]."""
     if run_id in (None, "", BASE):
         column, tuner_name = pipeline.base_column(base), None
     else:
         info = visitors.seen(runner, run_id, who)
         column, tuner_name = pipeline.column(info, scale), info.id
+        try:
+            base = studio.base_of(info)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+    size = studio.defaults(base)
+    rows = [dataclasses.replace(r, height=r.height or size["height"], width=r.width or size["width"]) for r in rows]
     if progress is not None:
-        progress(0.0, "loading the base model" if not studio.loaded else "starting")
-    images = studio.sampler().render([column], rows, progress=progress)
+        progress(0.0, "loading the base model" if not studio.is_loaded(base) else "starting")
+    images = studio.sampler(base).render([column], rows, progress=progress)
     folder = visitors.scratch_dir(runner, who, "generate")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     made = []
     for row, (image,) in zip(rows, images):
         settings = {**row.to_dict(), "tuner": tuner_name, "scale": column.scale if tuner_name else None,
-                    "base_model": base.name}
+                    "base_model": base.label}
         path = save_png(image, folder / f"{stamp}-{row.seed}-{secrets.token_hex(2)}.png", settings)
         made.append((str(path), f"seed {row.seed} · {tuner_name or 'base'}"))
     return made
@@ -130,7 +138,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
             raise gr.Error(f"images per click 1-{MAX_BATCH}, steps 1-{MAX_STEPS}")
         first = int(s) if s is not None and int(s) >= 0 else int.from_bytes(os.urandom(3), "little")
         # one row per image: each keeps its own seed, so each file regenerates alone
-        rows = [Settings(p.strip(), n or "", first + i, k, float(g), sch, d["height"], d["width"]) for i in range(count)]
+        rows = [Settings(p.strip(), n or "", first + i, k, float(g), sch) for i in range(count)]  # the tuner's base's size
         made = generate(runner, base, studio, who, run_id, rows, sc, progress=lambda f, label: progress(f, desc=label))
         history = (made + list(history or []))[:GALLERY_KEEP]
         return history, history

@@ -42,7 +42,12 @@ class BaseModel:
 
     @property
     def name(self) -> str:
-        return "the bundled demo model" if self.is_demo else self.source
+        return source_name(self.source)
+
+    @property
+    def label(self) -> str:
+        """Its name and family, as the Train form lists it: "v1-5-pruned.safetensors (SD 1.x)"."""
+        return model_label(self.name, self.family)
 
     def unet_on_meta(self):
         """A weightless U-Net of this architecture: what restuning.arch fingerprints compare to."""
@@ -78,6 +83,17 @@ class BaseModel:
         return {name: CLIPTokenizer.from_pretrained(self.config_source or self.source, subfolder=name) for name in names}
 
 
+def source_name(source: str) -> str:
+    """What a page calls a base model: never a server path, only a folder's or file's own name, or the hub id."""
+    if Path(source).resolve() == DEMO_MODEL:
+        return "the bundled demo model"
+    return Path(source).name if Path(source).is_absolute() else source
+
+
+def model_label(name: str, family_name: str) -> str:
+    return f"{name} ({FAMILIES.get(family_name, family_name)})"
+
+
 def describe(source: str | None) -> BaseModel:
     """Read the configs of a diffusers folder or hub id; a single checkpoint file has its family's
     published configs (assets/sd-configs, as the trainer converts it). Raises ValueError with a
@@ -105,6 +121,11 @@ def describe(source: str | None) -> BaseModel:
         unet = dict(UNet2DConditionModel.load_config(config_source, subfolder="unet"))
         vae = dict(AutoencoderKL.load_config(config_source, subfolder="vae"))
     except (OSError, ValueError) as exc:
+        from trainers.models import HUB_ID, hub_offline
+
+        offline = hub_offline(source, exc) if not path.exists() and HUB_ID.match(source) else None
+        if offline:
+            raise ValueError(f"--model {source}: {offline}") from None
         raise ValueError(f"--model {source}: cannot read its unet/vae configs "
                          f"(a diffusers folder, a hub id available offline, or a .safetensors file): {exc}") from None
     scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)

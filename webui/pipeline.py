@@ -1,5 +1,6 @@
-"""The studio's sampling side (Compare and Generate tabs): one base pipeline, loaded on first
-use and shared by every visitor, and the finished runs turned into grid columns.
+"""The studio's sampling side (Compare and Generate tabs): the base pipeline a run was trained
+on, loaded on first use and shared by every visitor (one base model in memory at a time: picking
+a run of another base replaces it), and the finished runs turned into grid columns.
 
 Loading takes the trainer's own loader (trainers.models) so the studio samples exactly the model
 it trains on. trainers.sampling.Sampler serialises renders with its own lock; the lock here only
@@ -25,19 +26,39 @@ SETTINGS_FILE = "demo_settings.json"  # recommended sampling settings, shipped w
 
 
 class StudioPipeline:
-    def __init__(self, base, device: str = "cpu"):
+    """`base`: the studio's own model (what the base column shows without runs, and a run that
+    records none was trained on); `catalog` describes the others (webui.catalog)."""
+
+    def __init__(self, base, device: str = "cpu", catalog=None):
+        from .catalog import single
+
         self.base, self.device = base, device
-        self._sampler: Sampler | None = None
+        self.catalog = catalog or single(base)
+        self._loaded: tuple[str, Sampler] | None = None  # (base source, its sampler)
         self._load_lock = threading.Lock()
 
-    @property
-    def loaded(self) -> bool:
-        return self._sampler is not None
+    def base_of(self, info: RunInfo):
+        """The base model the run was trained on (its config's pretrained_model_name_or_path);
+        ValueError when it cannot be read here."""
+        source = info.config.get("pretrained_model_name_or_path")
+        if not isinstance(source, str) or not source or source == self.base.source:
+            return self.base
+        try:
+            return self.catalog.base_of(source)
+        except ValueError as exc:
+            raise ValueError(f"run {info.id}: {exc}") from None
 
-    def sampler(self) -> Sampler:
+    def is_loaded(self, base=None) -> bool:
+        return self._loaded is not None and self._loaded[0] == (base or self.base).source
+
+    def sampler(self, base=None) -> Sampler:
+        """The sampler of `base` (the studio's own by default), loading it in place of another."""
+        base = base or self.base
         with self._load_lock:
-            if self._sampler is None:
+            if not self.is_loaded(base):
                 from trainers.models import check_source, cpu_threads_for, load_pipeline
+
+                self._loaded = None  # the other model's pipeline goes before this one loads
 
                 if self.device == "cpu":
                     import torch
@@ -45,17 +66,19 @@ class StudioPipeline:
                     # torch counts the machine's cores, not the ones this process may run on (a
                     # container's share): more threads than cores spin against each other; a
                     # small U-Net gains nothing from a second thread and waits for its core
-                    torch.set_num_threads(cpu_threads_for(self.base.source, cpu_threads()))
-                pipe = load_pipeline(check_source(self.base.source), inference_dtype(self.device)).to(self.device)
+                    torch.set_num_threads(cpu_threads_for(base.source, cpu_threads()))
+                pipe = load_pipeline(check_source(base.source), inference_dtype(self.device)).to(self.device)
                 pipe.set_progress_bar_config(disable=True)
-                self._sampler = Sampler(pipe)
-            return self._sampler
+                self._loaded = (base.source, Sampler(pipe))
+            return self._loaded[1]
 
-    def defaults(self) -> dict:
-        """steps, guidance, scheduler (a SCHEDULERS name) and size: the model's recommended
-        settings when it ships them, else common SD defaults at the model's own resolution."""
-        out = dict(FALLBACK_DEFAULTS, height=self.base.resolution, width=self.base.resolution)
-        path = Path(self.base.source) / SETTINGS_FILE
+    def defaults(self, base=None) -> dict:
+        """steps, guidance, scheduler (a SCHEDULERS name) and size: the model's (the studio's own
+        by default) recommended settings when it ships them, else common SD defaults at the
+        model's own resolution."""
+        base = base or self.base
+        out = dict(FALLBACK_DEFAULTS, height=base.resolution, width=base.resolution)
+        path = Path(base.source) / SETTINGS_FILE
         try:
             shipped = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, ValueError):
@@ -121,7 +144,7 @@ def column(info: RunInfo, scale: float = 1.0) -> Column:
 
 
 def base_column(base) -> Column:
-    return Column("base", caption=["Base model", "no tuner", Path(base.source).name or base.source])
+    return Column("base", caption=["Base model", "no tuner", base.label])
 
 
 def choice(info: RunInfo) -> tuple[str, str]:

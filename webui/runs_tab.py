@@ -18,6 +18,7 @@ from trainers.service.uploads import UploadError, check_name, check_tuner_file, 
 
 from . import live, visitors
 from .errors import friendly
+from .model import source_name
 
 DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tuner and samples (.zip)"),
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
@@ -35,6 +36,9 @@ def _details(info) -> str:
              ("trainable parameters", f"{params:,}" if isinstance(params, int) else "not reported yet"),
              ("weights file", f"{tuner.name}, {live.human_size(tuner.stat().st_size)}" if tuner else "not saved yet"),
              ("prompt", info.prompt or "(none)")]
+    base = info.config.get("pretrained_model_name_or_path")
+    if isinstance(base, str) and base:
+        items.insert(2, ("base model", source_name(base)))
     step = live.last_step(info)
     if step:
         items.append(("steps", f"{step['step']}/{step['total']}, last loss {step['loss']:.4f}"))
@@ -215,14 +219,16 @@ def checked_tuner(base, path, workdir):
 
 def import_tuner(runner, base, path, name, who):
     """A tuner file (or a diffusers or kohya LoRA) checked against the base model and imported as
-    a run of `who`; returns (run id, None, None) for (selected, shown, upload box)."""
+    a run of `who` on that model; returns (run id, None, None) for (selected, shown, upload box)."""
     if not path:
         raise gr.Error("choose a .safetensors tuner file first")
     label = check_name(name, "name") if name and name.strip() else ""
     with tempfile.TemporaryDirectory(prefix="restuning-import-") as workdir:
         tuner, config, header = checked_tuner(base, path, workdir)
         prompt = str(header.get("instance_prompt", ""))[:MAX_PROMPT_CHARS]
-        run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": prompt},
+        # the model it was checked against: Compare and Generate sample it there
+        run_id = runner.import_tuner(tuner, {**config.to_dict(), "instance_prompt": prompt,
+                                             "pretrained_model_name_or_path": base.source},
                                      label=label or "imported", owner=who or "")
     kind = header.get("imported_from") if header.get("imported_from") in ("kohya", "diffusers") else None
     gr.Info(f"imported as {run_id}" + (f" (a {kind} LoRA file)" if kind else ""))

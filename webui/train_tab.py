@@ -18,11 +18,10 @@ from gradio.utils import get_upload_folder
 
 from restuning.methods import METHODS
 from trainers import memory
-from trainers.options import check_method_fits
-from trainers.options import OptionError, from_dict, method_recipe
+from trainers.options import RECIPE_METHOD_OPTIONS, OptionError, check_method_fits, from_dict, method_recipe, parse_value
 from trainers.service.uploads import UploadError, check_images, discard
 
-from . import forms, live, visitors
+from . import catalog, forms, live, visitors
 from .errors import as_html, friendly
 from .model import example_concepts
 from .presets import PRESET_KEYS, PRESETS, preset_values
@@ -132,6 +131,8 @@ class Form:
     estimate: gr.Markdown
     compare_methods: gr.CheckboxGroup
     compare: gr.Button
+    model: gr.Dropdown | None = None  # the base model (webui.catalog key)
+    example_parts: tuple = ()  # the examples' text and buttons: offered on the demo model only
 
 
 @dataclass
@@ -147,22 +148,27 @@ class LiveView:
     log: gr.Textbox
 
 
-def build(runner, base, device: str, preset: str, detected: str, owner: gr.State | None = None):
-    """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio. Returns the
+def build(runner, base, device: str, preset: str, detected: str, owner: gr.State | None = None, models=None):
+    """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio; `models`:
+    the base models to pick (webui.catalog; `base` alone by default, `base` first). Returns the
     page-load handler and its outputs (the watched run and its live view)."""
     owner = owner if owner is not None else gr.State(None)
+    models = models or catalog.single(base)
     watch = gr.State(None)
     shown = gr.State(None)  # what the live view shows, part by part, to skip unchanged updates
     # on a narrow screen the columns stack and CSS (webui.CSS) puts the live view first: a phone
     # shows the run, not the top of a long form
     with gr.Row(equal_height=False, elem_id="train-row"):
         with gr.Column(scale=5, elem_id="train-form"):
+            model = model_input(models)
             form = _form(runner, base, preset, detected)
+            form.model = model
         with gr.Column(scale=4, elem_id="train-live"):
             view = _live_view()
-    _wire_form(form, base)
-    _wire_submit(runner, base, device, form, owner, [watch, view.run_pick, shown])
-    _wire_estimate(runner, base, form)
+    _wire_form(form, models)
+    _wire_model(models, form)
+    _wire_submit(runner, models, device, form, owner, [watch, view.run_pick, shown])
+    _wire_estimate(runner, models, form)
     return _wire_live(runner, view, watch, shown, owner)
 
 
@@ -171,7 +177,7 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
 
 def _form(runner, base, preset: str, detected: str) -> Form:
     actions = forms.trainer_actions()
-    files, preview, examples, example_buttons = _concept_inputs(base)
+    files, preview, examples, example_buttons, example_parts = _concept_inputs(base)
     trainer = _prompt_inputs(base, actions)
     method, summary, methods, method_groups = _method_inputs(base.source)
     with gr.Row():
@@ -199,7 +205,7 @@ def _form(runner, base, preset: str, detected: str) -> Form:
                                            info=_comparison_info(runner.limits), elem_id="compare-methods")
         compare = gr.Button("Train for comparison", elem_id="compare")
     return Form(files, preview, examples, example_buttons, trainer, method, summary, methods, method_groups, preset_radio,
-                train, estimate, compare_methods, compare)
+                train, estimate, compare_methods, compare, example_parts=example_parts)
 
 
 def _comparison_info(limits) -> str:
@@ -209,22 +215,67 @@ def _comparison_info(limits) -> str:
             "so tick at most that many")
 
 
+def model_input(models) -> gr.Dropdown:
+    """The base model to train on: each model this studio knows by its label (webui.catalog)."""
+    return gr.Dropdown(choices=models.choices(), value=models.default_key, label="Base model",
+                       interactive=len(models.entries) > 1, elem_id="base-model",
+                       info="the model the tuner learns on, and the one it is used with in Compare and Generate")
+
+
+def chosen(models, key):
+    """The base model of the form's `key`; the studio's own for a key not listed (for lines that
+    only inform; Train refuses such a key)."""
+    try:
+        return models.base(key)
+    except ValueError:
+        return models.base(models.default_key)
+
+
+def _wire_model(models, form: Form) -> None:
+    """Picking a base model brings its preset values (its resolution), its method recipe's
+    options and prompt examples, and offers the example concepts on the demo model only."""
+    fields = {m: {f.name: f for f in forms.dataclasses.fields(METHODS[m].config)} for m in form.methods}
+    blocks = [(m, n, c) for m, comps in form.methods.items() for n, c in comps.items() if n in RECIPE_METHOD_OPTIONS]
+    prompts = [form.trainer["instance_prompt"], form.trainer["class_prompt"]]
+
+    def recipe_value(method: str, name: str, recipe: dict):
+        """What forms.component_for_field shows for the option under `recipe`."""
+        f = fields[method][name]
+        value = (parse_value(METHODS[method].config, name, recipe[name]) if name in recipe else
+                 f.default_factory() if f.default_factory is not forms.dataclasses.MISSING else f.default)
+        return list(value) if isinstance(value, tuple) else value
+
+    def picked(key, preset):
+        base = chosen(models, key)
+        values = preset_values(preset, base.resolution, base.family)
+        recipe = {m: method_recipe(base.source, m) for m in form.methods}
+        return ([values[k] for k in PRESET_KEYS]
+                + [recipe_value(m, n, recipe[m]) for m, n, _ in blocks]
+                + [gr.Textbox(placeholder=p) for p in base.prompts]
+                + [gr.update(visible=base.is_demo) for _ in form.example_parts])
+
+    form.model.change(picked, [form.model, form.preset],
+                      [*(form.trainer[k] for k in PRESET_KEYS), *(c for _, _, c in blocks), *prompts, *form.example_parts],
+                      show_progress="hidden")
+
+
 def _concept_inputs(base):
-    """(files box, preview of the accepted images, example concepts, a button for each)."""
+    """(files box, preview of the accepted images, example concepts, a button for each, the
+    examples' text and buttons row: shown on the demo model only, whose words they are)."""
     files = gr.File(label="Concept images (3-10 photos: PNG, JPEG or WebP)", file_count="multiple", elem_id="concept-files")
     preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
     examples, buttons = example_concepts(), {}
     if examples:
-        gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
+        text = gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
                 "a run first makes class images of ordinary shapes with the base model (its own progress bar), "
                 "then trains"
-                + (f" with the demo model's recipe: {EXAMPLE_RECIPE['max_train_steps']} steps of batch "
-                   f"{EXAMPLE_RECIPE['train_batch_size']} (the Bypass: 600 of batch 4), and each method's learning rate as "
-                   "measured on this model." if base.is_demo else "."), elem_id="examples-label")
-        with gr.Row(elem_id="examples"):
+                f" with the demo model's recipe: {EXAMPLE_RECIPE['max_train_steps']} steps of batch "
+                f"{EXAMPLE_RECIPE['train_batch_size']} (the Bypass: 600 of batch 4), and each method's learning rate as "
+                "measured on this model.", elem_id="examples-label", visible=base.is_demo)
+        with gr.Row(elem_id="examples", visible=base.is_demo) as row:
             buttons = {name: gr.Button(f"{name} ({len(paths)} images)", size="sm", elem_id=f"example-{name}")
                        for name, paths in examples.items()}
-    return files, preview, examples, buttons
+    return files, preview, examples, buttons, ((text, row) if examples else ())
 
 
 def _prompt_inputs(base, actions) -> dict:
@@ -296,7 +347,7 @@ def on_upload(paths):
         return kept, gr.Gallery(value=kept, visible=True)
 
 
-def _wire_form(form: Form, base) -> None:
+def _wire_form(form: Form, models) -> None:
     """Uploads, the example buttons, the method's options and the hardware preset."""
     form.files.upload(on_upload, form.files, [form.files, form.preview], show_progress="hidden")
     if form.examples:
@@ -304,7 +355,7 @@ def _wire_form(form: Form, base) -> None:
         # keeps "a shape" meaning the shapes it already draws. On the demo model the example also
         # brings the recipe bench/quality.py measured for the tuners there (README): at the
         # form's 1e-4 a tuner leaves the demo model's samples unchanged.
-        keys = list(EXAMPLE_RECIPE) if base.is_demo else []
+        keys = list(EXAMPLE_RECIPE)
         trainer = form.trainer
         example_outputs = [form.files, form.preview, trainer["instance_prompt"], trainer["class_prompt"],
                            trainer["with_prior_preservation"], *(trainer[k] for k in keys)]
@@ -316,26 +367,34 @@ def _wire_form(form: Form, base) -> None:
     groups = form.method_groups
     form.method.change(lambda m: [gr.HTML(forms.method_summary(m))] + [gr.Group(visible=n == m) for n in groups],
                        form.method, [form.summary, *groups.values()], show_progress="hidden")
-    if form.examples and base.is_demo:
+    if form.examples:
         # a method chosen after an example was loaded gets the example's steps and batch for it
         sized = ["max_train_steps", "train_batch_size"]
         form.method.change(lambda m, prompt: [example_recipe(m)[k] if prompt == EXAMPLE_PROMPT else gr.update() for k in sized],
                            [form.method, form.trainer["instance_prompt"]], [form.trainer[k] for k in sized], show_progress="hidden")
-    form.preset.change(lambda p: [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS], form.preset,
-                       [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
+    def preset_for(p, key):
+        base = chosen(models, key)
+        return [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS]
+
+    form.preset.change(preset_for, [form.preset, form.model], [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
 
-def _wire_submit(runner, base, device: str, form: Form, owner: gr.State, outputs: list) -> None:
+def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outputs: list) -> None:
     """Train and Train for comparison: every config checked, then queued all or none; `outputs`
     (watched run, its dropdown, the live view's state) then follow the first run queued."""
-    all_inputs = {form.files, form.method, form.compare_methods, owner, *form.trainer.values(),
+    all_inputs = {form.files, form.method, form.compare_methods, owner, form.model, *form.trainer.values(),
                   *(c for comps in form.methods.values() for c in comps.values())}
 
     def submit(values: dict, methods: list[str]):
         checked = check_images(values[form.files])
         if not methods:
             raise forms.OptionError("choose at least one method to compare")
-        configs = [(m, form_config(form, values, m, base, device)) for m in methods]  # every config checked before any run exists
+        try:
+            chosen_base = models.base(values[form.model])
+        except ValueError as exc:
+            raise forms.OptionError(str(exc)) from None
+        # every config checked before any run exists
+        configs = [(m, form_config(form, values, m, chosen_base, device)) for m in methods]
         who = values[owner]
         group = secrets.token_hex(3) if len(configs) > 1 else ""
         ids, warnings = queue_runs(runner, configs, checked, who, group=group)
@@ -357,14 +416,14 @@ def form_config(form: Form, values: dict, method: str, base, device: str) -> dic
                               {k: values[c] for k, c in form.methods[method].items()}, model=base.source, device=device)
 
 
-def _wire_estimate(runner, base, form: Form) -> None:
-    """The memory line beside Train follows every option it reads."""
+def _wire_estimate(runner, models, form: Form) -> None:
+    """The memory line beside Train follows every option it reads, and the base model."""
     trainer = {k: form.trainer[k] for k in MEMORY_OPTIONS if k in form.trainer}
-    memory_inputs = {form.method, *trainer.values(), *(c for comps in form.methods.values() for c in comps.values())}
+    memory_inputs = {form.method, form.model, *trainer.values(), *(c for comps in form.methods.values() for c in comps.values())}
 
     def estimate_line(values: dict) -> str:
         name = values[form.method]
-        return memory_line(runner, base.source, name, {k: values[c] for k, c in trainer.items()},
+        return memory_line(runner, chosen(models, values[form.model]).source, name, {k: values[c] for k, c in trainer.items()},
                            {k: values[c] for k, c in form.methods[name].items()})
 
     for comp in memory_inputs:
