@@ -77,12 +77,12 @@ def demo(**values):
     (False, 4, 0, 0),      # no prior preservation: no class images to make, whatever the batch
     (True, 4, 0, 4), (True, 1, 0, 1), (True, 16, 2, 16), (True, 1, 2, 1),
 ])
-def test_the_estimate_reads_the_class_image_phase_from_the_options(prior, sample_batch, validation, class_batch):
+def test_the_estimate_reads_the_class_image_phase_from_the_options(monkeypatch, prior, sample_batch, validation, class_batch):
+    # the model's facts and the method's count stand in (the rule is how the options reach the formula)
+    monkeypatch.setattr(memory, "model_facts", lambda model: FACTS)
+    monkeypatch.setattr(memory, "_trainable", lambda model, method, method_json: (10, "lora", 0.0))
     extra = {"validation_prompt": ["a sks star"], "num_validation_images": validation} if validation else {}
-    opts = demo(with_prior_preservation=prior, class_prompt="a shape", sample_batch_size=sample_batch, **extra)
-    est = memory.estimate(opts)
-    assert est.settings["prior"] == prior
-    facts = memory.model_facts(str(opts.args.pretrained_model_name_or_path))
-    expected = memory.estimate_parts(facts, est.settings["trainable"], est.settings["kind"], device="cpu", resolution=64, batch=1,
-                                     prior=prior, validation_images=validation, class_batch=class_batch)
-    assert est.parts == expected.parts
+    est = memory.estimate(demo(with_prior_preservation=prior, class_prompt="a shape", sample_batch_size=sample_batch, **extra))
+    expected = memory.estimate_parts(FACTS, 10, "lora", device="cpu", resolution=64, batch=1, prior=prior,
+                                     validation_images=validation, class_batch=class_batch)
+    assert est.parts == expected.parts and est.settings["prior"] == prior
