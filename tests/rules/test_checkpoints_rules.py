@@ -100,3 +100,40 @@ def test_rotation_keeps_the_newest_by_step_and_never_touches_odd_names(tmp_path,
     dreambooth.save_checkpoint(FakeAccelerator(), tmp_path, step, limit, EventLog(tmp_path))
     assert [p.name for p in checkpoints.found(tmp_path)] == [f"checkpoint-{s}" for s in sorted(kept, reverse=True)]
     assert all(p.is_dir() for p in odd)
+
+
+class Loading:
+    """accelerate's load_state, failing on the checkpoints named."""
+
+    def __init__(self, failing):
+        self.failing, self.tried = set(failing), []
+
+    def load_state(self, path):
+        from pathlib import Path
+
+        self.tried.append(Path(path).name)
+        if Path(path).name in self.failing:
+            raise RuntimeError("damaged")
+
+
+@pytest.mark.parametrize("first, failing, tried, loaded", [
+    (1000, [], ["checkpoint-1000"], "checkpoint-1000"),
+    (1000, ["checkpoint-1000"], ["checkpoint-1000", "checkpoint-900"], "checkpoint-900"),
+    (100, ["checkpoint-100"], ["checkpoint-100", "checkpoint-99"], "checkpoint-99"),   # never the newer 900 or 1000
+    (900, ["checkpoint-900", "checkpoint-100"], ["checkpoint-900", "checkpoint-100", "checkpoint-99"], "checkpoint-99"),
+])
+def test_the_resume_fallback_tries_only_older_checkpoints_newest_first(tmp_path, first, failing, tried, loaded):
+    for step in (99, 100, 900, 1000):
+        whole(tmp_path, step)
+    accelerator = Loading(failing)
+    path = checkpoints.load(accelerator, tmp_path / "checkpoints" / f"checkpoint-{first}", tmp_path)
+    assert (accelerator.tried, path.name) == (tried, loaded)
+
+
+def test_without_a_fallback_folder_only_the_checkpoint_given_is_tried(tmp_path):
+    for step in (1, 2):
+        whole(tmp_path, step)
+    accelerator = Loading(["checkpoint-2"])
+    with pytest.raises(ValueError, match="checkpoint-2: RuntimeError: damaged"):
+        checkpoints.load(accelerator, tmp_path / "checkpoints" / "checkpoint-2", None)
+    assert accelerator.tried == ["checkpoint-2"]

@@ -197,6 +197,31 @@ def test_a_process_that_ends_gets_a_final_status_once(tmp_path, images, final, c
     assert len(phases) == 1
 
 
+def test_a_second_cancel_signals_nothing_more(tmp_path, images):
+    runner, launcher = runner_of(tmp_path)
+    run_id = make(runner, launcher, images, "running")
+    runner.cancel(run_id, reason="first")
+    assert "stopping already" in runner.cancel(run_id)
+    assert launcher.stops == [(run_id, False)]
+
+
+def test_a_resumed_run_that_dies_fails_rather_than_showing_its_old_cancel(tmp_path, images):
+    runner, launcher = runner_of(tmp_path)
+    run_id = make(runner, launcher, images, "running")
+    checkpoint(runner, run_id)
+    runner.cancel(run_id, reason="stopped by the studio: a cap")
+    launcher.end(run_id)
+    runner.tick()
+    info = runner.info(run_id)
+    assert info.status == "cancelled" and info.hint == "stopped by the studio: a cap"
+    runner.resume(run_id)
+    assert runner.info(run_id).status == "running"
+    launcher.end(run_id)
+    runner.tick()
+    info = runner.info(run_id)
+    assert info.status == "failed" and info.hint != "stopped by the studio: a cap"
+
+
 @pytest.mark.parametrize("kill_after, forced", [(0.0, True), (3600.0, False)])
 def test_a_cancel_the_trainer_ignores_is_forced_after_kill_after(tmp_path, images, kill_after, forced):
     runner, launcher = runner_of(tmp_path)
