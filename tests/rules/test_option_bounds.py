@@ -1,6 +1,7 @@
-"""trainers.options.BOUNDS, option by option at its edges: one below, at and one above its lowest
-and its highest value (the lowest itself allowed or not, as its entry says). One above is the
-next whole number, the next float, or the next multiple of 8 for --resolution (its other rule)."""
+"""The trainer's numeric options, option by option at their edges: one below, at and one above
+the lowest and the highest value (the lowest itself allowed or not). One above is the next whole
+number, the next float, or the next multiple of 8 for --resolution (its other rule). The table is
+the contract, written here (docs/trainer.md's ranges), not read from trainers.options.BOUNDS."""
 
 import argparse
 import math
@@ -11,6 +12,21 @@ from trainers import options
 from trainers.options import BOUNDS, OptionError, parse
 
 NUMERIC = {a.dest: a.type for a in options.build_parser()._actions if a.type in (int, float)}
+# name -> (lowest, highest, whether the lowest itself is allowed)
+CONTRACT = {
+    "adam_beta1": (0, 0.999999, True), "adam_beta2": (0, 0.999999, True), "adam_epsilon": (0, 1, False),
+    "adam_weight_decay": (0, 10, True), "adam_weight_decay_text_encoder": (0, 10, True),
+    "checkpointing_steps": (1, 1_000_000, True), "checkpoints_total_limit": (1, 1000, True),
+    "dataloader_num_workers": (0, 1024, True), "gradient_accumulation_steps": (1, 1024, True), "guidance_scale": (0, 100, True),
+    "learning_rate": (0, 10, False), "local_rank": (-1, 1024, True), "lr_num_cycles": (1, 1000, True), "lr_power": (0, 100, False),
+    "lr_warmup_steps": (0, 1_000_000, True), "max_grad_norm": (0, 1e6, False), "max_train_steps": (1, 1_000_000, True),
+    "noise_offset": (0, 10, True), "num_class_images": (1, 10_000, True), "num_inference_steps": (1, 1000, True),
+    "num_train_epochs": (1, 100_000, True), "num_validation_images": (1, 16, True), "prior_loss_weight": (0, 1000, False),
+    "repeats": (1, 10_000, True), "resolution": (64, 2048, True), "sample_batch_size": (1, 64, True),
+    "seed": (0, 2**32 - 1, True), "snr_gamma": (0, 1000, False), "text_encoder_lr": (0, 10, False),
+    "tokenizer_max_length": (1, 1024, True), "train_batch_size": (1, 64, True), "validation_epochs": (1, 100_000, True),
+    "validation_steps": (1, 1_000_000, True),
+}
 STEP = {"resolution": 8}
 
 
@@ -29,8 +45,8 @@ def neighbours(name, value):
 
 
 def cases():
-    for name in sorted(BOUNDS):
-        low, high, low_ok = BOUNDS[name]
+    for name in sorted(CONTRACT):
+        low, high, low_ok = CONTRACT[name]
         kind = NUMERIC[name]
         below_low, above_low = neighbours(name, kind(low))
         below_high, above_high = neighbours(name, kind(high))
@@ -41,8 +57,8 @@ def cases():
 
 
 def test_every_numeric_option_has_bounds_of_its_type():
-    assert set(NUMERIC) == set(BOUNDS)
-    for name, (low, high, _) in BOUNDS.items():
+    assert set(NUMERIC) == set(BOUNDS) == set(CONTRACT)
+    for name, (low, high, _) in CONTRACT.items():
         assert low < high and (NUMERIC[name] is float or (float(low).is_integer() and float(high).is_integer())), name
 
 
@@ -56,7 +72,7 @@ def test_each_option_at_its_edges(name, value, ok, tmp_path):
             parse(argv)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in BOUNDS if NUMERIC[n] is float))
+@pytest.mark.parametrize("name", sorted(n for n in CONTRACT if NUMERIC[n] is float))
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_float_option_is_finite(name, value, tmp_path):
     with pytest.raises(OptionError, match=f"--{name}"):
