@@ -4,7 +4,6 @@ trainer to write its checkpoint, which nodes can take a run, how many runs are h
 once, and how Ray's job states become a run's. A recording client stands in for Ray's
 JobSubmissionClient."""
 
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -186,4 +185,3 @@ def test_stop_asks_ray_to_stop_the_job_and_forgets_its_state(monkeypatch):
     client.status["j"] = SimpleNamespace(status="STOPPED")
     launcher.stop({"ray_job": "j"})
     assert client.stopped == ["j"] and launcher.state("run", {"ray_job": "j"}) == ENDED
-    assert math.isfinite(launcher.kill_after)
