@@ -15,21 +15,30 @@ TUNER_STATE = "tuner_state.safetensors"
 PREFIX = "checkpoint-"
 
 
-def step_of(path: Path) -> int:
-    """The step in a checkpoint folder's name; -1 for a name that is not checkpoint-<step>."""
+def step_of(path: str | Path) -> int:
+    """The step in a checkpoint folder's name, checkpoint-<step> with ASCII digits only; -1 for
+    any other name (checkpoint-latest, checkpoint--1, checkpoint-1_000, checkpoint-5.tmp)."""
     name = Path(path).name
-    if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
+    digits = name[len(PREFIX):]
+    if not name.startswith(PREFIX) or not digits.isascii() or not digits.isdigit():
         return -1
-    return int(name[len(PREFIX):])
+    return int(digits)
+
+
+def ordered(paths) -> list[Path]:
+    """The checkpoint folders among `paths`, oldest first by step number, not by name
+    (checkpoint-900 before checkpoint-1000); names step_of does not read are left out. The one
+    ordering of checkpoints: "latest", the fallback on resume and the rotation of
+    --checkpoints_total_limit (trainers.dreambooth) all use it."""
+    return sorted((Path(p) for p in paths if step_of(p) >= 0), key=lambda p: (step_of(p), p.name))
 
 
 def found(output_dir: str | Path) -> list[Path]:
-    """The run's checkpoint folders, newest (highest step) first."""
+    """The run's checkpoint folders (not symlinks), newest (highest step) first."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if step_of(p) >= 0 and p.is_dir() and not p.is_symlink()),
-                  key=step_of, reverse=True)
+    return ordered(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())[::-1]
 
 
 def problem(path: str | Path) -> str | None:

@@ -96,29 +96,16 @@ def find_checkpoint(output_dir: Path, value: str | None, note=print) -> Path | N
     (checkpoint-<step>, diffusers' naming) is looked up in the run's checkpoints folder."""
     if not value:
         return None
-    found = sorted(checkpoints(output_dir), key=_checkpoint_step)
     if value == "latest":
         return saved.newest(output_dir, note)
     path = Path(value)
     if not path.is_dir() and path.name == value:
         path = Path(output_dir) / CHECKPOINTS / value
-    if not (path.is_dir() and path.name.startswith("checkpoint-") and _checkpoint_step(path) >= 0):
-        names = ", ".join(p.name for p in found) or "none yet"
+    if not (path.is_dir() and saved.step_of(path) >= 0):
+        names = ", ".join(p.name for p in reversed(saved.found(output_dir))) or "none yet"
         raise opts.OptionError(f"--resume_from_checkpoint {value}: no such checkpoint; this run's are in "
                                f"{Path(output_dir) / CHECKPOINTS} ({names}): give one of them, a checkpoint folder, or 'latest'")
     return path
-
-
-def _checkpoint_step(path: Path) -> int:
-    try:
-        return int(path.name.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    root = Path(output_dir) / CHECKPOINTS
-    return [p for p in root.glob("checkpoint-*") if p.is_dir() and _checkpoint_step(p) >= 0] if root.is_dir() else []
 
 
 def check_inputs(args, note=print) -> tuple[list[Path], models.ModelSource, Path | None]:
@@ -378,7 +365,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None,
             shutil.rmtree(final)
         os.replace(tmp, final)
         if limit is not None:
-            for old in sorted(checkpoints(output_dir), key=_checkpoint_step)[:-limit]:
+            for old in saved.found(output_dir)[limit:]:
                 shutil.rmtree(old, ignore_errors=True)
         events.emit("checkpoint", step=step, path=str(final.relative_to(output_dir)))
     accelerator.wait_for_everyone()
@@ -793,7 +780,7 @@ def start_progress(training: Training, resume: Path | None) -> Progress:
         except ValueError as exc:
             raise opts.OptionError(f"cannot resume: no checkpoint loads ({exc}); a checkpoint of other options (another "
                                    "method or sizes) fails like this: start a new run, or use the options it was saved with") from None
-        step = _checkpoint_step(resume)
+        step = saved.step_of(resume)
         events.emit("info", resumed_from=str(resume), step=step)
     elif args.resume_from_checkpoint:
         events.emit("info", message="no checkpoint to resume from yet; starting from step 0")

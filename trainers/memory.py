@@ -80,8 +80,8 @@ ACTIVATION_K = {
 CHECKPOINTING = 0.25
 # A Bypass rendered by frozen blocks under checkpointing: those blocks keep only their inputs, but
 # diffusers recomputes them module by module in the backward, and the largest (a transformer at
-# the 64x64 level, most of what depth 2 renders) holds its activations whole meanwhile: measured
-# 5.24 GiB against 6.37 without, SD v1.5 at 512 px batch 2 (bench/results/bypass_ablation_cost_cpu_512px_b2).
+# the 64x64 level, most of what depth 2 renders) holds its activations whole meanwhile
+# (docs/benchmarks.md, "Memory estimate").
 CHECKPOINTING_RENDERED = 0.5
 VAE_DECODE_GIB = (0.1, 0.97)  # fixed, per 512 px image (SD v1.5's VAE, fp32)
 OVERHEAD = {"cpu": 0.5 * GIB, "cuda": 1.0 * GIB}

@@ -95,31 +95,28 @@ METHOD = {
                                                    "word the class prompt lacks (sks); empty: the word stays as it was"),
     ("res-tuning", "off_concept_loss"): ("Keep other prompts", "holds what prompts without the concept word draw to "
                                                                "the original model's; 0 is off and forgets more"),
-    ("bypass", "horizontal"): ("Tuner reading the model", "the tuner that reads the model's features at each tap; "
-                                                          "convolution learns shapes best"),
+    ("bypass", "horizontal"): ("Tuner reading the model", "the tuner that reads the model's features at each tap"),
     ("bypass", "vertical"): ("Tuner between taps", "the tuner that carries the bypass from one tap to the next"),
     ("bypass", "taps"): ("Read from", "the parts of the model the bypass reads"),
-    ("bypass", "text"): ("Read the prompt", "lets the bypass see the prompt: needed to learn a concept; off is smaller "
-                                            "and learns little"),
-    ("bypass", "output"): ("How it joins the model", "'zero-conv' learns; 'gate' (the first design), 'modulate' and "
-                                                    "'rearrange' are ablation rows that learn little"),
-    ("bypass", "depth"): ("Join point", "how many of the last decoder blocks redraw the correction: these learn the "
-                                        "concept and cost memory (the model's recipe shows its own); 0 joins at the very "
-                                        "end: least memory and fastest, learns little"),
-    ("bypass", "gradient"): ("Training signal", "'exact' learns; the shortcuts keep less memory and learn little "
-                                                "(ablation rows)"),
-    ("bypass", "into"): ("Correction goes to", "a decoder block's input learns; the noise prediction's place is an "
-                                               "ablation row that learns little"),
-    ("bypass", "time"): ("Noise level", "lets the bypass see the noise level: an ablation row, no better on the demo"),
-    ("bypass", "refine"): ("Extra blocks", "blocks after the chain at the output's size: an ablation row, no better "
-                                           "on the demo"),
-    ("bypass", "readouts"): ("Read-outs", "every tap reaches the output directly: an ablation row, learns little at "
-                                          "join point 0"),
+    ("bypass", "text"): ("Read the prompt", "lets the bypass read the prompt, so the correction depends on "
+                                            "what is asked; off: smaller, the same correction for every prompt"),
+    ("bypass", "output"): ("How it joins the model", "how the bypass becomes the correction: 'zero-conv' maps it freely; "
+                                                    "'gate' blends it with the model's own features, 'modulate' scales and "
+                                                    "shifts them, 'rearrange' moves them (the last three: ablation rows)"),
+    ("bypass", "depth"): ("Join point", "how many of the last decoder blocks redraw the correction: each keeps its "
+                                        "activations for training, so more cost memory and time (the model's recipe shows "
+                                        "its own); 0 joins at the very end: least memory, fastest"),
+    ("bypass", "gradient"): ("Training signal", "how training reaches the bypass through the blocks after it: 'exact', or "
+                                                "shortcuts that keep less memory and approximate it (ablation rows)"),
+    ("bypass", "into"): ("Correction goes to", "a decoder block's input, or the noise prediction itself (an ablation "
+                                               "row)"),
+    ("bypass", "time"): ("Noise level", "lets the bypass see the noise level: an ablation row"),
+    ("bypass", "refine"): ("Extra blocks", "blocks after the chain at the output's size: an ablation row"),
+    ("bypass", "readouts"): ("Read-outs", "every tap reaches the output directly: an ablation row"),
     ("bypass", "off_concept_loss"): ("Keep other prompts", "how hard training keeps prompts that do not name the concept "
-                                                           "as they were: an ablation row, trades concept for preservation as "
-                                                           "prior preservation does; 0: off"),
+                                                           "as they were: an ablation row; 0: off"),
     ("bypass", "trigger"): ("Prompt gate", "scales the correction by how much the prompt names the concept: an "
-                                           "ablation row, keeps no more of the model"),
+                                           "ablation row"),
     ("lora", "rank"): ("Rank", "bigger learns more, with a bigger file"),
     ("lora", "lora_dropout"): ("Dropout", "drops part of each update's input while training, against copying the few "
                                           "images; 0: off"),

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import urllib.parse
+from pathlib import Path
 
 import webui
 from tests.test_jobs import wait_for
@@ -83,7 +84,7 @@ def spellings(path, cwd):
 
 def test_no_file_route_serves_anything_of_the_runs_folder(shared_studio, images):
     url, runner = shared_studio
-    info, private = private_files(runner, images)
+    _, private = private_files(runner, images)
     example = next(iter(webui.model.example_concepts().values()))[0]
     for route in ("/gradio_api/file=", "/gradio_api/file/"):
         assert raw_get(url, route + urllib.parse.quote(example))[0] == 200, f"{route} serves what it should"
@@ -92,9 +93,28 @@ def test_no_file_route_serves_anything_of_the_runs_folder(shared_studio, images)
             for shown in spellings(path, os.getcwd()):
                 status, _ = raw_get(url, route + shown)
                 assert status == 403, f"{route}{shown} was served ({status})"
-    link = runner.runs_dir.parent / "innocent.png"  # a link from an allowed root into the runs folder
-    link.symlink_to(info.dir / "instance" / "a.png")
-    assert raw_get(url, "/gradio_api/file=" + str(link))[0] == 403
+
+
+def test_a_symlink_is_judged_by_where_it_points_not_where_it_lies(shared_studio, tmp_path, monkeypatch):
+    """A link inside an allowed root (the upload folder) to a file of the runs folder is refused;
+    a link outside every root to an example concept is served: the real path decides."""
+    url, runner = shared_studio
+    uploads = tmp_path / "uploads"  # the upload folder, moved here so nothing is left in the system temp folder
+    uploads.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    assert uploads.resolve() in files.allowed_roots()
+    private = runner.runs_dir / "private.png"
+    private.write_bytes(b"a private picture")
+    inward = uploads / "innocent.png"
+    inward.symlink_to(private)
+    example = Path(next(iter(webui.model.example_concepts().values()))[0])
+    outward = tmp_path / "outside" / "concept.png"
+    outward.parent.mkdir()
+    outward.symlink_to(example.resolve())
+    for route in ("/gradio_api/file=", "/gradio_api/file/"):
+        assert raw_get(url, route + urllib.parse.quote(str(inward)))[0] == 403, "a link in an allowed root out to the runs folder"
+        status, body = raw_get(url, route + urllib.parse.quote(str(outward)))
+        assert (status, body) == (200, example.read_bytes()), "a link from outside into an allowed root"
 
 
 def test_the_file_route_fetches_no_url_and_the_unused_path_routes_serve_nothing(shared_studio):

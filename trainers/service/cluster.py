@@ -31,6 +31,7 @@ timeout (RAY_JOB_START_TIMEOUT_SECONDS on the head, 15 min by default) goes back
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shlex
@@ -85,13 +86,14 @@ def entrypoint(cmd: list[str], log: Path, repo: Path = REPO_ROOT) -> str:
 def submit(client, job_id: str, command: str, env: dict, *, cpus: int, gpus: int = 0, memory_bytes: int | None = None,
            kill_after: float = 120.0, metadata: dict | None = None) -> str:
     """Submit `command` as Ray job `job_id` asking for `cpus` CPUs, `gpus` GPUs and `memory_bytes`
-    of Ray's memory resource; its processes get SIGTERM on stop, SIGKILL `kill_after` s later."""
+    of Ray's memory resource; its processes get SIGTERM on stop, SIGKILL `kill_after` s later
+    (at least: Ray counts whole seconds)."""
     resources = {"entrypoint_num_cpus": cpus}
     if gpus:
         resources["entrypoint_num_gpus"] = gpus
     if memory_bytes:
         resources["entrypoint_memory"] = int(memory_bytes)
-    env = {**env, "RAY_JOB_STOP_WAIT_TIME_S": str(int(kill_after))}
+    env = {**env, "RAY_JOB_STOP_WAIT_TIME_S": str(math.ceil(kill_after))}
     try:
         return client.submit_job(entrypoint=command, submission_id=job_id, runtime_env={"env_vars": env},
                                  metadata=metadata or {}, **resources)

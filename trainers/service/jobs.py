@@ -464,8 +464,7 @@ class LocalLauncher(Launcher):
         config_path = path / CONFIG_FILE
         cmd = self.command(config_path, _read_json(config_path), device)
         if self.niceness and shutil.which("nice"):
-            # training yields the CPU to other work (the default 0 does not: at niceness 5, beside
-            # a process busy on every core, the demo model's step took 1.17 s instead of 0.41)
+            # training yields the CPU to other work (the default 0 does not; docs/benchmarks.md)
             cmd = [shutil.which("nice"), "-n", str(self.niceness), *cmd]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -476,9 +475,7 @@ class LocalLauncher(Launcher):
         if device == "cpu":
             # OpenMP (libgomp) threads spin 300,000 rounds at every barrier by default; on cores the
             # trainer shares with the studio and a browser, a partner thread that lost its core makes
-            # that ruinous (demo model, 2 cores, one busy process beside it: 5.8 s/step instead of
-            # 0.03). 10,000 rounds kept the idle speed (0.034 s/step; 0.073 with a studio page
-            # watching, as the default) and cut the contended case to 0.43 s/step.
+            # every barrier wait out that spin. 10,000 rounds keep the idle speed (docs/benchmarks.md).
             env.setdefault("GOMP_SPINCOUNT", "10000")
         with open(path / LOG_FILE, "ab") as log:
             log.write(f"{LAUNCH_LINE}{' '.join(cmd)}\n".encode())

@@ -16,7 +16,7 @@ class BypassConfig(MethodConfig):
 
     The defaults (Convpass and text tuners of width 32, the correction entering the input of the
     second-to-last up block) put 3.0M parameters (0.35% of SD v1.5) in the bypass, near the
-    paper's 3.76M (0.44%). Why depth 2 and not the paper's head: bench/results/bypass_ablation.md.
+    paper's 3.76M (0.44%). Why depth 2 and not the paper's head: docs/bypass.md.
     """
 
     method = "bypass"
@@ -28,14 +28,14 @@ class BypassConfig(MethodConfig):
     heads: int = option(8, "attention heads of Res-Prefix, Res-Prompt and the text tuners")
     text: bool = option(True, "a cross-attention Res-Tuner at each tap that reads the prompt's (detached) text embeddings")
     output: str = option("zero-conv", "how the bypass state becomes the correction: 'zero-conv' Δ = Z(SiLU(GN(x_L^b))), Z a "
-                         "zero-initialised conv; 'gate' g ⊙ (x_L^b − x_L), the first design; 'modulate' x_L·γ + β, [γ; β] from Z; "
+                         "zero-initialised conv; 'gate' g ⊙ (x_L^b − x_L); 'modulate' x_L·γ + β, [γ; β] from Z; "
                          "'rearrange' attention that moves x_L's own features (the last three: ablation rows)", choices=OUTPUTS)
-    depth: int = option(2, "where Δ enters: 0 the head's input (the paper's: cheapest, learns little); k the input of the k-th up "
+    depth: int = option(2, "where Δ enters: 0 the head's input (the paper's: no backbone block in the backward); k the input of the k-th up "
                         "block from the end, so the last k frozen up blocks render the correction and keep their activations for "
                         "backward (more memory and time; no weight gradients)")
     gradient: str = option("exact", "how training reaches a bypass at depth k > 0: 'exact' through the frozen blocks after it; "
                            "'skip-attention' with their attention blocks' Jacobian taken as the identity (their activations not kept); "
-                           "'skip-path' along their linear skip path only (ablation rows: both learn less)", choices=GRADIENTS)
+                           "'skip-path' along their linear skip path only (the last two: ablation rows)", choices=GRADIENTS)
     into: str = option("input", "'input': Δ joins the input of the injection point; 'noise': the U-Net's output (depth 0; an ablation row)",
                        choices=("input", "noise"))
     time: str = option("none", "FiLM of the U-Net's time embedding on the output ('out') or on every stage too ('all'); an ablation row",

@@ -20,15 +20,12 @@ What reaches the backbone. The caller adds a correction Δ at the injection poin
 input, or an up block's input), whose input there is x_L:
 
     'zero-conv' (default)  Δ = Z(SiLU(GN(x_L^b)))    Z a 3x3 conv (1x1 past 320 channels), zero at start
-    'gate' (first design)  Δ = g ⊙ (x_L^b − x_L)     g ∈ R^C, zero at start
+    'gate'                 Δ = g ⊙ (x_L^b − x_L)     g ∈ R^C, zero at start
 
-Both give Δ = 0 at attach, so the output is the base model's bit for bit. The gate learns
-nothing, measured (bench/results/bypass_ablation.md): every parameter behind a zero g has zero
-gradient, g moves by about the learning rate per step, and what it multiplies (a blend of other
-taps minus x_L) is no correction, so the prior-preservation loss keeps g small and the network
-behind it barely trains. Z instead maps the state to any correction, and only Z starts at zero:
-the tuners behind it start live (their output layers randomly initialised, as identity no longer
-depends on them), so once the first optimiser step has moved Z every parameter has gradient.
+Both give Δ = 0 at attach, so the output is the base model's bit for bit. Only Z (or g) starts
+at zero: the tuners behind it start live (their output layers randomly initialised, as identity
+no longer depends on them), so once the first optimiser step has moved Z every parameter has
+gradient. Why the gate is not the default: docs/bypass.md.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ class LoraAttached(Attached):
                 if isinstance(module, BaseTunerLayer) and self.name in module.scaling:
                     module.set_scale(self.name, self.scale)
         _activate_all(self.unet)
-        if self.text_encoder is not None:
-            _activate_all(self.text_encoder, owner=self.unet)
+        for _, model in self.text_encoders():
+            _activate_all(model, owner=self.unet)
 
     def detach(self):
         self.unet.delete_adapters(self.name)
