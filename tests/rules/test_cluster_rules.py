@@ -1,4 +1,4 @@
-"""trainers.cluster's rules without a cluster (tests/test_cluster.py runs a real one, slowly): what a
+"""trainers.service.cluster's rules without a cluster (tests/test_cluster.py runs a real one, slowly): what a
 Ray job asks for (CPUs, a GPU, and for a CPU run its memory cap), the grace a cancel gives the
 trainer to write its checkpoint, which nodes can take a run, how many runs are handed to Ray at
 once, and how Ray's job states become a run's. A recording client stands in for Ray's
@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainers import cluster, memory
-from trainers.cluster import ENDED, RUNNING, START_TIMEOUT, WAITING, RayLauncher
+from trainers import memory
+from trainers.service import cluster
+from trainers.service.cluster import ENDED, RUNNING, START_TIMEOUT, WAITING, RayLauncher
 
 
 class Client:

@@ -1,4 +1,4 @@
-"""The job runner's state rules (trainers.jobs), case by case: every status x every action, how a
+"""The job runner's state rules (trainers.service.jobs), case by case: every status x every action, how a
 process's end becomes a status, whether a resume passes the caps a new run passes and where it
 goes in the queue, and a recorded pid that now names another process. A launcher driven by the
 test (no processes, no sleeping) stands in for LocalLauncher."""
@@ -12,10 +12,10 @@ import psutil
 import pytest
 from safetensors.numpy import save_file
 
-from trainers import jobs
-from trainers import limits as caps
+from trainers.service import jobs
+from trainers.service import limits as caps
 from trainers.events import EventLog
-from trainers.jobs import JOB_FILE, PROCESS_FILE, JobError, JobRunner, Launcher
+from trainers.service.jobs import JOB_FILE, PROCESS_FILE, JobError, JobRunner, Launcher
 
 
 class Driven(Launcher):
