@@ -80,7 +80,7 @@ def demo(**values):
 def test_the_estimate_reads_the_class_image_phase_from_the_options(monkeypatch, prior, sample_batch, validation, class_batch):
     # the model's facts and the method's count stand in (the rule is how the options reach the formula)
     monkeypatch.setattr(memory, "model_facts", lambda model: FACTS)
-    monkeypatch.setattr(memory, "_trainable", lambda model, method, method_json: (10, "lora", 0.0))
+    monkeypatch.setattr(memory, "trainable_weights", lambda model, method, method_json: (10, "lora", 0.0))
     extra = {"validation_prompt": ["a sks star"], "num_validation_images": validation} if validation else {}
     est = memory.estimate(demo(with_prior_preservation=prior, class_prompt="a shape", sample_batch_size=sample_batch, **extra))
     expected = memory.estimate_parts(FACTS, 10, "lora", device="cpu", resolution=64, batch=1, prior=prior,
