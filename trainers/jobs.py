@@ -230,14 +230,15 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/(?:[^\s'\"`,;:()\[\]{}<>|]+/)*[^\s'\
 
 
 def redact(text: str, run_dir: Path | None = None) -> str:
-    """`text` without the server's paths: one inside the run folder becomes relative to it, any
-    other absolute path its last component (what a visitor of a shared studio may see)."""
+    """`text` without the server's paths: one inside the run folder becomes relative to it (the
+    folder itself "the run folder"), any other absolute path its last component (what a visitor
+    of a shared studio may see)."""
     root = str(Path(run_dir).resolve()) if run_dir is not None else None
 
     def short(match: re.Match) -> str:
         path = match.group(0)
         if root and (path == root or path.startswith(root + "/")):
-            return path[len(root) + 1:] or "."
+            return path[len(root) + 1:] or "the run folder"
         return Path(path).name or path
     return ABSOLUTE_PATH.sub(short, text)
 
