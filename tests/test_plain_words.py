@@ -181,7 +181,7 @@ def test_the_train_form_stores_a_run_name_checked_like_other_names(tmp_path, nam
                    by_id["opt-max_train_steps"]: 2})
     values.update({c: None for c in inputs if isinstance(c, gr.State)})
     if kept is False:
-        with pytest.raises(gr.Error):
+        with pytest.raises(gr.Error, match="the run name"):
             handler(values)
         assert runner.run_ids() == []
         return
