@@ -12,10 +12,10 @@ import gradio as gr
 import pytest
 
 from tests.test_jobs import images, make_runner, wait_for  # noqa: F401 (images is a fixture)
-from tests.test_webui import config as form_config
+from tests.test_webui import TRAINER, config as form_config
 from trainers.jobs import redact
 from trainers.options import OptionError, parse
-from webui import compare_tab, generate_tab, pipeline
+from webui import compare_tab, forms, generate_tab, pipeline
 from webui.errors import friendly
 from webui.model import DEMO_MODEL, describe
 PHOTO_PROMPTS = ("a photo of sks star", "a photo of a star")
@@ -32,7 +32,7 @@ def refusal(fn, *args, **kwargs) -> str:
     ({"max_train_steps": 0}, "Training steps must be a whole number above 0; got 0"),
     ({"learning_rate": "fast"}, "Learning rate must be a number; got &#x27;fast&#x27;"),
     ({"max_train_steps": 2.5}, "Training steps must be a whole number; got 2.5"),
-    ({"with_prior_preservation": True, "class_prompt": ""}, "Prior preservation needs Class prompt"),
+    ({"with_prior_preservation": True, "class_prompt": ""}, "prior preservation needs a class prompt"),
     ({"m_dim": 2.5}, "Tuner size must be a whole number; got 2.5"),
 ])
 def test_the_studio_names_the_forms_fields_and_the_command_line_its_options(changes, said):
@@ -93,6 +93,9 @@ def test_an_empty_prompt_is_answered_with_the_demo_models_example(tmp_path):
     assert "e.g. 'a sks shape'" in said and "photo" not in said
     said = refusal(form_config, instance_prompt=" ")
     assert "photo of sks star" in said, "the form's helper is on no base model: a photo's words"
+    said = refusal(forms.build_config, "lora", {**TRAINER, "with_prior_preservation": True, "class_prompt": " "}, {},
+                   model=base.source, device="cpu", examples=base.prompts)
+    assert said.endswith("e.g. &#x27;a shape&#x27;"), said
 
     # Compare: the note under the grid says what was refused, not a bare "Error"
     grid, download, note = _handler(demo, "do_render")(None, [], True, " ", "", "", "0", 4, 2.5, "DPM++ 2M")

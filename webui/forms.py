@@ -25,6 +25,7 @@ from trainers.models import check_method_fits
 from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
 
 from . import wording
+from .model import PHOTO_PROMPTS
 
 # The paper's two forms first, then the baselines; the first is preselected: on the demo model it
 # learns the examples best for their time (docs/benchmarks.md, "Which method the studio preselects").
@@ -213,11 +214,11 @@ def method_value(method: str, name: str, value):
 
 
 def build_config(method: str, trainer_values: dict, method_values: dict, *, model: str, device: str,
-                 example: str = "a photo of sks star") -> dict:
+                 examples: tuple[str, str] = PHOTO_PROMPTS) -> dict:
     """The config.json of a run: trainer options + the method's own, checked by the trainer's
     own `from_dict` (its errors name the option) and against the base model as the trainer
     checks it before loading (trainers.models.check_method_fits). Raises OptionError.
-    `example`: an instance prompt in the base model's words, for the message of an empty one."""
+    `examples`: (instance, class) prompts in the base model's words, for the message of an empty one."""
     actions = trainer_actions()
     config = {"method": method, "pretrained_model_name_or_path": model}
     for name, value in trainer_values.items():
@@ -225,7 +226,10 @@ def build_config(method: str, trainer_values: dict, method_values: dict, *, mode
         if converted is not None:
             config[name] = converted
     if not (config.get("instance_prompt") or "").strip():
-        raise OptionError(f"the instance prompt is empty: describe the concept with a rare token, e.g. '{example}'")
+        raise OptionError(f"the instance prompt is empty: describe the concept with a rare token, e.g. '{examples[0]}'")
+    if config.get("with_prior_preservation") and not (config.get("class_prompt") or "").strip():
+        raise OptionError(f"prior preservation needs a class prompt: the concept's class without the rare token, "
+                          f"e.g. '{examples[1]}'")
     if not config.get("validation_prompt"):
         config["validation_prompt"] = [config["instance_prompt"]]
     for name, value in method_values.items():

@@ -360,7 +360,7 @@ def form_config(form: Form, values: dict, method: str, base, device: str) -> dic
     """The run config of `method` from the form's values (OptionError for a bad value)."""
     return forms.build_config(method, {k: values[c] for k, c in form.trainer.items()},
                               {k: values[c] for k, c in form.methods[method].items()}, model=base.source, device=device,
-                              example=base.prompts[0])
+                              examples=base.prompts)
 
 
 def _wire_estimate(runner, base, form: Form) -> None:
