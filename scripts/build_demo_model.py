@@ -488,7 +488,9 @@ class Build:
         self.stage_pipeline()  # the saved scheduler is the one that sampled best
         pipe = self.load_pipe()
         settings = {"scheduler": type(pipe.scheduler).__name__, "num_inference_steps": steps,
-                    "guidance_scale": g, "height": 64, "width": 64, "recipes": DEMO_RECIPES}
+                    "guidance_scale": g, "height": 64, "width": 64,
+                    "prompts": {"instance": "a sks shape", "class": "a shape"},  # the studio's examples (webui.model)
+                    "recipes": DEMO_RECIPES}
         (self.model_dir / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         # 2) score held-in prompts on separate fixed seeds.
         test = self.held_in_prompts(self.a.eval_per_shape)

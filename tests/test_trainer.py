@@ -180,7 +180,7 @@ BAD_INPUT = {
     "truncated": (lambda d: write(d / "t.jpg", (make_images(d / "_src", 1, (256, 256)) / "dog0.png").read_bytes()[:300]), [],
                   "t.png: the file is truncated"),
     "too small": (lambda d: Image.new("RGB", (40, 80)).save(d / "s.png"), [], "s.png: 40x80 is too small"),
-    "lr zero": (lambda d: make_images(d, 1), ["--learning_rate", "0"], "--learning_rate must be a positive number"),
+    "lr zero": (lambda d: make_images(d, 1), ["--learning_rate", "0"], "--learning_rate must be a number above 0"),
     "steps zero": (lambda d: make_images(d, 1), ["--max_train_steps", "0"], "--max_train_steps must be a positive"),
     "resolution": (lambda d: make_images(d, 1), ["--resolution", "68"], "--resolution must be a multiple of 8"),
     "unknown method": (lambda d: make_images(d, 1), ["--method", "dora"], "--method 'dora' is not a method"),

@@ -73,7 +73,7 @@ def test_the_layout_text_becomes_a_dict():
 
 @pytest.mark.parametrize("changes, message", [
     ({"instance_prompt": "  "}, "instance prompt is empty"),
-    ({"with_prior_preservation": True, "class_prompt": ""}, "needs --class_prompt"),
+    ({"with_prior_preservation": True, "class_prompt": ""}, "prior preservation needs a class prompt"),
     ({"mixed_precision": "fp16"}, "fp16 does not run on the CPU"),
     ({"m_tuners": "attn1"}, "OP=kind pairs"),
     ({"m_tuners": "attn1=lasagna"}, "unknown tuner kind"),

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import logging
 import math
 import os
 import shutil
@@ -48,10 +47,6 @@ from . import artifacts, checkpoints as saved, conditioning, data, memory, model
 from . import options as opts
 from .events import EventLog
 from .images import ImageError, check_folder
-
-# bitsandbytes says on import, in every CPU run's log, that an optional kernels package is missing:
-# nothing the trainer uses needs it (its 8-bit AdamW runs without), so only that line is dropped.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
 
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"

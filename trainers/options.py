@@ -425,15 +425,15 @@ def check(args: argparse.Namespace) -> None:
     need(bool(args.instance_prompt and args.instance_prompt.strip()), "--instance_prompt is required, e.g. 'a photo of sks dog'")
     for name in ("learning_rate", "prior_loss_weight", "adam_epsilon", "max_grad_norm"):
         value = getattr(args, name)
-        need(math.isfinite(value) and value > 0, f"--{name} must be a positive number, got {value}")
+        need(math.isfinite(value) and value > 0, f"--{name} must be a number above 0; got {value}")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_validation_images",
                  "validation_steps", "checkpointing_steps", "num_class_images", "sample_batch_size"):
         value = getattr(args, name)
-        need(value > 0, f"--{name} must be a positive whole number, got {value}")
+        need(value > 0, f"--{name} must be a whole number above 0; got {value}")
         if name in UPPER:
             need(value <= UPPER[name], f"--{name} is at most {UPPER[name]:,}, got {_shown(value)}")
     need(args.lr_warmup_steps >= 0, f"--lr_warmup_steps cannot be negative, got {args.lr_warmup_steps}")
-    need(args.repeats >= 1, f"--repeats must be a positive whole number, got {args.repeats}")
+    need(args.repeats >= 1, f"--repeats must be a whole number above 0; got {args.repeats}")
     need(args.adam_weight_decay_text_encoder is None or args.adam_weight_decay_text_encoder >= 0,
          "--adam_weight_decay_text_encoder cannot be negative")
     need(64 <= args.resolution <= UPPER["resolution"] and args.resolution % 8 == 0,
@@ -763,7 +763,7 @@ def _finish(args: argparse.Namespace, config_path: Path | None, given: set[str])
     for name in ("num_train_epochs", "validation_epochs", "train_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise OptionError(f"--{name} must be a positive whole number, got {value}")
+            raise OptionError(f"--{name} must be a whole number above 0; got {value}")
     _check_bounds(args, _need, ("num_train_epochs", "validation_epochs"))  # before steps are derived from them
     per_epoch = steps_per_epoch(args) if args.num_train_epochs or args.validation_epochs else None
     if args.max_train_steps is None:
@@ -833,7 +833,7 @@ def _text_encoder(args: argparse.Namespace, config: MethodConfig) -> MethodConfi
             raise OptionError("--text_encoder_lr is for what trains in the text encoder: a LoRA with --train_text_encoder, or "
                               "Res-Tuning's identifier (--identifier)")
         if not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
-            raise OptionError(f"--text_encoder_lr must be a positive number, got {args.text_encoder_lr}")
+            raise OptionError(f"--text_encoder_lr must be a number above 0; got {args.text_encoder_lr}")
     return config
 
 

@@ -57,11 +57,12 @@ def check_prompts(prompts: list[str]) -> None:
 
 
 def plan_rows(prompt: str, more_prompts: str, negative: str, seeds: str, steps, guidance, scheduler,
-              height: int | None, width: int | None) -> list[Settings]:
-    """One row per (prompt, seed): the main prompt plus one more per line."""
+              height: int | None, width: int | None, example: str = "a photo of sks star") -> list[Settings]:
+    """One row per (prompt, seed): the main prompt plus one more per line. `example`: a prompt in
+    the base model's words, for the message of an empty one."""
     prompts = [p.strip() for p in [prompt or "", *(more_prompts or "").splitlines()] if p.strip()]
     if not prompts:
-        raise gr.Error("the prompt is empty: describe the picture, e.g. 'a photo of sks star'")
+        raise gr.Error(f"the prompt is empty: describe the picture, e.g. '{example}'")
     check_prompts([*prompts, negative or ""])
     if scheduler not in SCHEDULERS:
         raise gr.Error(f"unknown scheduler {scheduler!r}")
@@ -187,7 +188,9 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
                                 interactive=True, elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
             render = gr.Button("Render grid", variant="primary", elem_id="compare-render")
         with gr.Column(scale=3):
-            grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False, elem_id="compare-grid")
+            # no label: Gradio floats it over the picture's top-left corner, where the first caption is
+            grid = gr.Image(label="Grid", show_label=False, type="filepath", format="png", interactive=False,
+                            elem_id="compare-grid")
             download = gr.DownloadButton("Download grid PNG", visible=False, elem_id="compare-download")
             note = gr.Markdown(elem_id="compare-note")
 
@@ -201,15 +204,25 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
         return [gr.Slider(visible=i < len(ids), label=f"strength of {ids[i]}" if i < len(ids) else f"strength {i + 1}")
                 for i in range(MAX_TUNERS)]
 
-    def do_render(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=gr.Progress()):
-        rows = plan_rows(p, m, n, s, k, g, sch, None, None)  # at the runs' base model's own size
+    def make_grid(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=gr.Progress()):
+        # at the runs' base model's own size
+        rows = plan_rows(p, m, n, s, k, g, sch, None, None, example=base.prompts[0])
         path, seconds, shape = render_grid(runner, base, studio, who, list(ids or []), base_too, rows, scale_values,
                                            progress=lambda f, label: progress(f, desc=label))
         return (str(path), gr.DownloadButton(value=str(path), visible=True),
                 f"{shape[0]} row(s) x {shape[1]} column(s) in {seconds:.1f} s.")
 
+    def do_render(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=gr.Progress()):
+        """A refusal is said in the note under the grid too (as a failed handler, the note would
+        read a bare "Error"); the grid already shown stays."""
+        try:
+            return friendly(make_grid)(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=progress)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            return gr.skip(), gr.skip(), f"Not rendered: {exc.message}"
+
     picks.change(label_scales, picks, scales, show_progress="hidden", queue=False)
     reload.click(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)
-    render.click(friendly(do_render), [owner, picks, with_base, prompt, more, negative, seeds, steps, guidance, scheduler, *scales],
+    render.click(do_render, [owner, picks, with_base, prompt, more, negative, seeds, steps, guidance, scheduler, *scales],
                  [grid, download, note], concurrency_limit=1, concurrency_id="compare")
     tab.select(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)

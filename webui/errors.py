@@ -1,5 +1,6 @@
 """Every handler's failures reach the page as one readable message, never a stack trace: the
-project's own errors already say what to change; anything else is summarised and logged."""
+project's own errors already say what to change (in the form's words: webui.forms.plain); anything
+else is summarised and logged. A refusal is one line in the server's console, not a traceback."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from trainers.options import OptionError
 from trainers.sampling import SamplingError
 from trainers.service.uploads import UploadError
 
+from .forms import plain
+
 USER_ERRORS = (UploadError, ImageError, JobError, OptionError, ConfigError, TunerFileError, SamplingError)
 log = logging.getLogger("restuning.studio")
 
@@ -37,15 +40,24 @@ def as_html(message: str) -> str:
     return MARKUP.sub(lambda m: html.escape(m.group()), message)
 
 
+def refused(fn, message: str) -> None:
+    log.warning("studio handler %s refused: %s", fn.__name__, " ".join(message.split()))
+
+
 def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as exc:
+            # a handler's own refusal: one line in the console (Gradio prints a traceback otherwise)
+            exc.print_exception = False
+            refused(fn, str(exc.message))
             raise
         except USER_ERRORS as exc:
-            raise gr.Error(as_html(str(exc)), print_exception=False) from None
+            message = plain(str(exc))
+            refused(fn, message)
+            raise gr.Error(as_html(message), print_exception=False) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 return _unexpected(fn, exc)

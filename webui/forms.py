@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import typing
 
 import gradio as gr
@@ -24,6 +25,7 @@ from trainers.options import check_method_fits
 from trainers.options import COMPAT_GROUP, DEFAULT_STEPS, OptionError, build_parser, from_dict, parse_value
 
 from . import wording
+from .model import PHOTO_PROMPTS
 
 # The paper's two forms first, then the baselines; the first is preselected: on the demo model it
 # learns the examples best for their time (docs/benchmarks.md, "Which method the studio preselects").
@@ -61,6 +63,30 @@ def label_and_info(name: str, help_text: str | None) -> tuple[str, str]:
     """A trainer option's label and what it does for the run (webui.wording)."""
     label = LABELS.get(name) or name.replace("_", " ").capitalize()
     return label, wording.TRAINER.get(name) or help_text or ""
+
+
+def option_label(name: str) -> str:
+    """The form's label of a trainer or method option (for a method option, its label under the
+    first method that has it)."""
+    if name in LABELS or name not in _method_option_names():
+        return label_and_info(name, None)[0]
+    method = next(m for m in method_names() if name in {f.name for f in dataclasses.fields(METHODS[m].config)})
+    return wording.method_option(method, name)[0]
+
+
+def _method_option_names() -> set[str]:
+    return {f.name for m in METHODS.values() for f in dataclasses.fields(m.config)}
+
+
+FLAG = re.compile(r"--([a-z][a-z0-9_]*)\b")
+
+
+def plain(message: str) -> str:
+    """A trainer's message in the studio's words: each option it names (--max_train_steps) as the
+    form's label of it (Training steps). The trainer words its messages for the command line, where
+    the option's name is what a user types; the form shows labels."""
+    known = set(trainer_actions()) | _method_option_names() | STUDIO_SET
+    return FLAG.sub(lambda m: option_label(m.group(1)) if m.group(1) in known else m.group(0), message)
 
 
 def method_names() -> list[str]:
@@ -109,6 +135,9 @@ def component_for_action(action: argparse.Action, value=None):
 
 
 def trainer_value(action: argparse.Action, value):
+    """A form value as the trainer's option takes it; None for an empty box. OptionError naming the
+    field by its label for a value the option cannot take."""
+    label = option_label(action.dest)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if action.nargs == "+":
@@ -120,12 +149,12 @@ def trainer_value(action: argparse.Action, value):
         try:
             value = float(value)
         except ValueError:
-            raise OptionError(f"{action.dest} must be a number, got {value[:40]!r}") from None
+            raise OptionError(f"{label} must be a number; got {value[:40]!r}") from None
     if action.type in (int, float) and not math.isfinite(float(value)):
-        raise OptionError(f"{action.dest} must be a finite number, got {value}")
+        raise OptionError(f"{label} must be a finite number; got {value}")
     if action.type is int:
         if float(value) != int(float(value)):
-            raise OptionError(f"{action.dest} must be a whole number, got {value}")
+            raise OptionError(f"{label} must be a whole number; got {value}")
         return int(float(value))
     if action.type is float:
         return float(value)
@@ -165,28 +194,31 @@ def component_for_field(method: str, f: dataclasses.Field, recipe: dict | None =
 def method_value(method: str, name: str, value):
     """Form value -> the JSON value the config file holds (the trainer parses the rest)."""
     kind = str(typing.get_type_hints(METHODS[method].config)[name])
+    label = wording.method_option(method, name)[0]
     if "dict" in kind:
         pairs = value if isinstance(value, (list, tuple)) else [value or ""]  # the layout's choices, or its text
         return parse_value(METHODS[method].config, name, ",".join(str(p) for p in pairs))
     if "tuple" in kind or "list" in kind:
         if not value:
-            raise OptionError(f"{name}: choose at least one")
+            raise OptionError(f"{label}: choose at least one")
         return list(value)
     if "int" in kind:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise OptionError(f"{name} must be a whole number, got {value!r}") from None
+            raise OptionError(f"{label} must be a whole number; got {value!r}") from None
         if not (math.isfinite(number) and number.is_integer()):
-            raise OptionError(f"{name} must be a whole number, got {value}")
+            raise OptionError(f"{label} must be a whole number; got {value}")
         return int(number)
     return value
 
 
-def build_config(method: str, trainer_values: dict, method_values: dict, *, model: str, device: str) -> dict:
+def build_config(method: str, trainer_values: dict, method_values: dict, *, model: str, device: str,
+                 examples: tuple[str, str] = PHOTO_PROMPTS) -> dict:
     """The config.json of a run: trainer options + the method's own, checked by the trainer's
     own `from_dict` (its errors name the option) and against the base model as the trainer
-    checks it before loading (trainers.options.check_method_fits). Raises OptionError."""
+    checks it before loading (trainers.options.check_method_fits). Raises OptionError.
+    `examples`: (instance, class) prompts in the base model's words, for the message of an empty one."""
     actions = trainer_actions()
     config = {"method": method, "pretrained_model_name_or_path": model}
     for name, value in trainer_values.items():
@@ -194,13 +226,17 @@ def build_config(method: str, trainer_values: dict, method_values: dict, *, mode
         if converted is not None:
             config[name] = converted
     if not (config.get("instance_prompt") or "").strip():
-        raise OptionError("the instance prompt is empty: describe the concept with a rare token, e.g. 'a photo of sks star'")
+        raise OptionError(f"the instance prompt is empty: describe the concept with a rare token, e.g. '{examples[0]}'")
+    if config.get("with_prior_preservation") and not (config.get("class_prompt") or "").strip():
+        raise OptionError(f"prior preservation needs a class prompt: the concept's class without the rare token, "
+                          f"e.g. '{examples[1]}'")
     if not config.get("validation_prompt"):
         config["validation_prompt"] = [config["instance_prompt"]]
     for name, value in method_values.items():
         config[name] = method_value(method, name, value)
     if config.get("mixed_precision") == "fp16" and device == "cpu":
-        raise OptionError("mixed_precision fp16 does not run on the CPU; choose 'no' (or bf16), or the CPU demo preset")
+        raise OptionError(f"{option_label('mixed_precision')} fp16 does not run on the CPU; choose 'no' (or bf16), or the "
+                          "CPU demo preset")
     # instance_data_dir is the run's own folder, filled in by the job runner; the check needs a value
     options = from_dict({**config, "instance_data_dir": "instance", "output_dir": "run"})
     check_method_fits(options.method_config, model)  # what the trainer's attach would refuse, refused now

@@ -100,9 +100,11 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
+                # the run's name, steps and date fit the box (pipeline.choice); Refresh takes what it needs, and
+                # goes below it on a phone
                 tuner = gr.Dropdown(label="Tuner", choices=tuner_choices(runner, who), value=BASE, interactive=True,
-                                    elem_id="gen-tuner")
-                reload = gr.Button("Refresh", size="sm", elem_id="gen-refresh")
+                                    scale=4, min_width=300, elem_id="gen-tuner")
+                reload = gr.Button("Refresh", size="sm", scale=1, min_width=80, elem_id="gen-refresh")
             prompt = gr.Textbox(label="Prompt", placeholder=base.prompts[0], interactive=True, elem_id="gen-prompt")
             negative = gr.Textbox(label="Negative prompt", interactive=True, elem_id="gen-negative")
             with gr.Row():
@@ -129,7 +131,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
 
     def do_generate(who, run_id, p, n, s, count, k, g, sch, sc, history, progress=gr.Progress()):
         if not (p or "").strip():
-            raise gr.Error("the prompt is empty: describe the picture, e.g. 'a photo of sks star'")
+            raise gr.Error(f"the prompt is empty: describe the picture, e.g. '{base.prompts[0]}'")
         check_prompts([p, n or ""])
         if sch not in SCHEDULERS:
             raise gr.Error(f"unknown scheduler {sch!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from trainers.events import FINAL_PHASES
-from trainers.service.jobs import RunInfo, log_tail, redact
+from trainers.service.jobs import INSTANCE_DIR, RunInfo, log_tail, redact
 
 
 def _inside(run_dir: Path, rel: str) -> Path | None:
@@ -160,6 +160,27 @@ def facts(info: RunInfo) -> dict:
         if e.get("event") == "info":
             merged.update({k: v for k, v in e.items() if k not in ("t", "event")})
     return merged
+
+
+def run_name(info: RunInfo) -> str:
+    """The name its user gave the run (the Train form's "Run name", an import's "Name"); "" for a
+    run the studio labelled with its method."""
+    return info.label if info.label != info.method else ""
+
+
+def recipe_facts(info: RunInfo) -> dict[str, str]:
+    """What tells runs of one method apart at a glance, each where known: {"steps": "300 steps",
+    "lr": "lr 0.01", "images": "8 images"} (the learning rate the trainer used, else the one asked for)."""
+    steps = info.config.get("max_train_steps")
+    rate = facts(info).get("learning_rate", info.config.get("learning_rate"))
+    try:
+        images = sum(1 for entry in (info.dir / INSTANCE_DIR).iterdir() if entry.is_file())
+    except OSError:
+        images = 0
+    found = {"steps": f"{steps} steps" if isinstance(steps, int) and not isinstance(steps, bool) else "",
+             "lr": f"lr {rate:g}" if isinstance(rate, (int, float)) and not isinstance(rate, bool) else "",
+             "images": f"{images} images" if images else ""}
+    return {k: v for k, v in found.items() if v}
 
 
 def log_text(info: RunInfo | None, lines: int = 20) -> str:

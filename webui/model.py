@@ -4,6 +4,7 @@ against them) and its native resolution."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from restuning.arch import FAMILIES, family
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 EXAMPLE_CONCEPTS = DEMO_MODEL.parent / "concepts"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SETTINGS_FILE = "demo_settings.json"  # a model folder's recommended settings (webui.pipeline reads its sampling)
+PHOTO_PROMPTS = ("a photo of sks star", "a photo of a star")  # examples for a model trained on photos
 
 
 @dataclass
@@ -36,9 +39,17 @@ class BaseModel:
 
     @property
     def prompts(self) -> tuple[str, str]:
-        """(instance, class) prompts to show as examples: the demo model's captions read "a shape",
-        "a red circle", not photos."""
-        return ("a sks shape", "a shape") if self.is_demo else ("a photo of sks star", "a photo of a star")
+        """(instance, class) prompts to show as examples, in the words the model was trained on: a
+        model folder's demo_settings.json names them ("prompts"; the demo model's captions read
+        "a shape", not photos), else PHOTO_PROMPTS."""
+        try:
+            named = json.loads((Path(self.source) / SETTINGS_FILE).read_text(encoding="utf-8"))["prompts"]
+            instance, class_prompt = named["instance"], named["class"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return PHOTO_PROMPTS
+        if isinstance(instance, str) and isinstance(class_prompt, str) and instance.strip() and class_prompt.strip():
+            return instance, class_prompt
+        return PHOTO_PROMPTS
 
     @property
     def name(self) -> str:

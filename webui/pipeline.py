@@ -20,9 +20,9 @@ from trainers.sampling import SCHEDULERS, Column, Sampler, inference_dtype
 from trainers.service.jobs import RunInfo
 
 from . import live
+from .model import SETTINGS_FILE
 
 FALLBACK_DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "DPM++ 2M"}
-SETTINGS_FILE = "demo_settings.json"  # recommended sampling settings, shipped with the demo model
 
 
 class StudioPipeline:
@@ -126,12 +126,14 @@ def params_text(n) -> str:
 
 
 def caption(info: RunInfo) -> list[str]:
-    """A grid column's caption: method, size, the run's name, its prompt and when it was trained;
-    two runs of one method differ in name, prompt or date."""
-    method = METHODS.get(info.method)
-    when = time.strftime("trained %d %b %H:%M", time.localtime(info.created)) if info.created else ""
+    """A grid column's caption, a short line each: method, size, the name its user gave it, its
+    steps and learning rate, its images and when it was trained, its prompt. Two runs of one
+    method differ in what was set differently, not only in a date."""
+    method, recipe, name = METHODS.get(info.method), live.recipe_facts(info), live.run_name(info)
+    recipe["when"] = time.strftime("%d %b %H:%M", time.localtime(info.created)) if info.created else ""
     return [method.label if method else (info.method or "tuner"), params_text(live.facts(info).get("trainable_params")),
-            info.label or info.id, info.prompt or "", when]
+            *([name] if name else []), " · ".join(recipe[k] for k in ("steps", "lr") if recipe.get(k)),
+            " · ".join(recipe[k] for k in ("images", "when") if recipe.get(k)), info.prompt or ""]
 
 
 def column(info: RunInfo, scale: float = 1.0) -> Column:
@@ -148,5 +150,11 @@ def base_column(base) -> Column:
 
 
 def choice(info: RunInfo) -> tuple[str, str]:
+    """A run as a list of runs shows it, short enough for the Generate tab's dropdown: its name
+    (else its method), steps and when it was trained; the run id is the value."""
     method = METHODS.get(info.method)
-    return f"{info.label or info.id} · {method.label if method else info.method} · {info.id}", info.id
+    kind = method.label if method else (info.method or "tuner")
+    name = f"{live.run_name(info)} ({kind})" if live.run_name(info) else kind
+    steps = live.recipe_facts(info).get("steps")
+    when = time.strftime("%d %b %H:%M", time.localtime(info.created)) if info.created else ""
+    return " · ".join(part for part in (name, steps, when) if part), info.id

@@ -20,6 +20,7 @@ from . import live, visitors
 from .errors import friendly
 from .model import source_name
 
+RUN_COLUMN_WIDTHS = ["30%", "13%", "15%", "12%", "12%", "18%"]  # of live.RUN_COLUMNS
 DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tuner and samples (.zip)"),
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
 
@@ -143,7 +144,9 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
 
 
 def _layout(table_rows, ids, run_id, now: dict) -> Tab:
-    table = gr.Dataframe(headers=live.RUN_COLUMNS, value=table_rows, interactive=False, wrap=True, elem_id="runs-table")
+    # the run id wraps within its share: on a phone it would otherwise take the whole screen's width
+    table = gr.Dataframe(headers=live.RUN_COLUMNS, value=table_rows, interactive=False, wrap=True, elem_id="runs-table",
+                         column_widths=RUN_COLUMN_WIDTHS)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             pick = gr.Dropdown(label="Run", choices=ids, value=run_id, interactive=True, elem_id="runs-pick")

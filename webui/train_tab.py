@@ -19,7 +19,7 @@ from gradio.utils import get_upload_folder
 from restuning.methods import METHODS
 from trainers import memory
 from trainers.options import RECIPE_METHOD_OPTIONS, OptionError, check_method_fits, from_dict, method_recipe, parse_value
-from trainers.service.uploads import UploadError, check_images, discard
+from trainers.service.uploads import MAX_NAME_CHARS, UploadError, check_images, check_name, discard
 
 from . import catalog, forms, live, visitors
 from .errors import as_html, friendly
@@ -59,14 +59,15 @@ MEMORY_OPTIONS = ("resolution", "train_batch_size", "with_prior_preservation", "
                   "gradient_checkpointing", "use_8bit_adam", "num_validation_images", "validation_prompt", "sample_batch_size")
 
 
-def queue_runs(runner, configs: list[tuple[str, dict]], images, who, *, group: str = "") -> tuple[list[str], list[str]]:
+def queue_runs(runner, configs: list[tuple[str, dict]], images, who, *, group: str = "",
+               name: str = "") -> tuple[list[str], list[str]]:
     """Queue one run per (label, config), all or none: each is checked for memory (a run that
     cannot fit on this device is refused with what to lower) and the visitor's limit is checked
-    for all of them before any run folder exists. Returns (run ids, warnings for runs that are
-    close to what a run may use)."""
+    for all of them before any run folder exists. `name`: what the user named the run(s), stored
+    as their label instead. Returns (run ids, warnings for runs that are close to what a run may use)."""
     verdicts = [runner.check_memory(config) for _, config in configs]  # JobError: nothing queued
     runner.check_owner_limit(who or "", len(configs))
-    ids = [runner.submit(config, images, label=label, group=group, owner=who or "") for label, config in configs]
+    ids = [runner.submit(config, images, label=name or label, group=group, owner=who or "") for label, config in configs]
     warnings = [f"{label}: {v.message}" if len(configs) > 1 else v.message
                 for (label, _), v in zip(configs, verdicts) if v.level == "close"]
     return ids, warnings
@@ -97,7 +98,7 @@ def memory_line(runner, model: str, method: str, trainer_values: dict, method_va
     try:
         check_method_fits(method_config, model)
     except OptionError as exc:
-        return f"Memory estimate: none, {html.escape(str(exc))}"
+        return f"Memory estimate: none, {html.escape(forms.plain(str(exc)))}"
     try:
         verdict = runner.memory_verdict(config)
     except Exception as exc:  # noqa: BLE001 - a line of text must never become Gradio's bare "Error"
@@ -122,6 +123,7 @@ class Form:
     examples: dict  # example name -> its image paths
     example_buttons: dict  # example name -> its button
     trainer: dict  # trainer option -> its component
+    name: gr.Textbox  # the run's name, optional
     method: gr.Radio
     summary: gr.HTML
     methods: dict  # method -> {config field -> its component}
@@ -194,6 +196,8 @@ def _form(runner, base, preset: str, detected: str) -> Form:
     first = forms.method_names()[0]
     opening = memory_line(runner, base.source, first, {k: trainer[k].value for k in MEMORY_OPTIONS if k in trainer},
                           {k: c.value for k, c in methods[first].items()})
+    name = gr.Textbox(label="Run name (optional)", placeholder="e.g. star, fewer steps", max_length=MAX_NAME_CHARS,
+                      info="tells this run apart from others in Compare, Generate and the Runs tab", elem_id="run-name")
     with gr.Row(equal_height=True):
         train = gr.Button("Train", variant="primary", elem_id="train", scale=1)
         estimate = gr.Markdown(opening, elem_id="memory-estimate")
@@ -204,7 +208,7 @@ def _form(runner, base, preset: str, detected: str) -> Form:
         compare_methods = gr.CheckboxGroup(choices=forms.method_choices(), value=ticked, label="Methods",
                                            info=_comparison_info(runner.limits), elem_id="compare-methods")
         compare = gr.Button("Train for comparison", elem_id="compare")
-    return Form(files, preview, examples, example_buttons, trainer, method, summary, methods, method_groups, preset_radio,
+    return Form(files, preview, examples, example_buttons, trainer, name, method, summary, methods, method_groups, preset_radio,
                 train, estimate, compare_methods, compare, example_parts=example_parts)
 
 
@@ -382,11 +386,12 @@ def _wire_form(form: Form, models) -> None:
 def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outputs: list) -> None:
     """Train and Train for comparison: every config checked, then queued all or none; `outputs`
     (watched run, its dropdown, the live view's state) then follow the first run queued."""
-    all_inputs = {form.files, form.method, form.compare_methods, owner, form.model, *form.trainer.values(),
+    all_inputs = {form.files, form.name, form.method, form.compare_methods, owner, form.model, *form.trainer.values(),
                   *(c for comps in form.methods.values() for c in comps.values())}
 
     def submit(values: dict, methods: list[str]):
         checked = check_images(values[form.files])
+        name = check_name(values[form.name], "run name") if (values[form.name] or "").strip() else ""
         if not methods:
             raise forms.OptionError("choose at least one method to compare")
         try:
@@ -397,7 +402,7 @@ def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outpu
         configs = [(m, form_config(form, values, m, chosen_base, device)) for m in methods]
         who = values[owner]
         group = secrets.token_hex(3) if len(configs) > 1 else ""
-        ids, warnings = queue_runs(runner, configs, checked, who, group=group)
+        ids, warnings = queue_runs(runner, configs, checked, who, group=group, name=name)
         for warning in warnings:
             gr.Warning(warning, duration=None)
         where = runner.info(ids[0])
@@ -413,7 +418,8 @@ def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outpu
 def form_config(form: Form, values: dict, method: str, base, device: str) -> dict:
     """The run config of `method` from the form's values (OptionError for a bad value)."""
     return forms.build_config(method, {k: values[c] for k, c in form.trainer.items()},
-                              {k: values[c] for k, c in form.methods[method].items()}, model=base.source, device=device)
+                              {k: values[c] for k, c in form.methods[method].items()}, model=base.source, device=device,
+                              examples=base.prompts)
 
 
 def _wire_estimate(runner, models, form: Form) -> None:

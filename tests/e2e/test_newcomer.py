@@ -66,7 +66,7 @@ def test_the_readme_from_the_top(newcomer, tmp_path):
     # Generate with the new tuner
     page.get_by_role("tab", name="Generate").click()
     page.locator("#gen-tuner input").click()
-    page.get_by_role("option", name=re.compile("res-tuning")).click()
+    page.get_by_role("option", name=re.compile("Res-Tuning")).click()
     page.fill("#gen-prompt textarea", "a green sks shape on a yellow background")
     page.click("#gen-go")
     page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 2", timeout=LONG)

@@ -53,6 +53,46 @@ def test_a_run_without_a_readable_job_json_is_listed_as_damaged_and_can_be_delet
         runner.resume(ids[2])  # done: nothing to resume, and no damage done by asking
 
 
+def class_cache(runs):
+    """The class-image cache as a run on the demo model leaves it in the runs folder."""
+    from trainers.data import class_cache_dir
+
+    folder = class_cache_dir(runs, "demo", "a shape", 64)
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(b"png")
+    return folder
+
+
+def test_the_class_image_cache_is_never_a_run(tmp_path, images):
+    """Issue 39, item 2: the cache every run of one model and class prompt shares is neither listed
+    (Runs table, the Train tab's run list) nor opened, resumed or deleted as a run, by the service
+    or the Runs tab's delete handler; the cache stays whole."""
+    import gradio as gr
+
+    from webui import train_tab
+
+    runner = make_runner(tmp_path / "runs")
+    cache = class_cache(runner.runs_dir)
+    run = wait_for(runner, runner.submit({"max_train_steps": 1}, images), {"done"}).id
+    assert runner.run_ids() == [run] and [r.id for r in runner.list_runs()] == [run]
+    rows, ids, *_ = runs_tab.view(runner, "class-images", None, shared=False)
+    assert ids == [run] and [row[0] for row in rows] == [run]
+    assert [v for _, v in train_tab._run_choices(runner)] == [run]
+    for action in (runner.info, runner.delete, runner.resume, runner.cancel, runner.run_dir):
+        with pytest.raises(JobError, match="no run"):
+            action("class-images")
+    with gr.Blocks() as demo:
+        with gr.Tab("Runs") as tab:
+            runs_tab.build(runner, None, tab, gr.State(None))
+    delete = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "do_delete")
+    with pytest.raises(gr.Error, match="no run"):
+        delete("class-images", None)
+    assert sorted(p.name for p in cache.iterdir()) == ["0.png", "1.png", "2.png"]
+    delete(run, None)
+    assert runner.run_ids() == [] and cache.is_dir()
+
+
 def test_event_lines_are_read_in_bounded_pieces(tmp_path):
     (tmp_path / EVENTS_FILE).write_bytes(b'{"t": 1, "event": "phase", "phase": "queued"}\n' + b"x" * (8 << 20) + b"\n" + DEEP
                                          + b'{"t": 2, "event": "phase", "phase": "loading"}\n')

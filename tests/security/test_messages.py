@@ -22,7 +22,7 @@ from webui.train_tab import memory_line, queue_runs
     ("bypass", {"m_depth": 100}, "bypass depth 100: this U-Net has only 3 up blocks"),
     ("lora", {"m_targets": "nothing_here"}, "no layers named nothing_here"),
     ("res-tuning", {"m_tuners": "attn1=adapter,attn1=prefix"}, "attn1 is given twice"),
-    ("res-tuning", {"m_dim": 2.5}, "dim must be a whole number, got 2.5"),
+    ("res-tuning", {"m_dim": 2.5}, "Tuner size must be a whole number; got 2.5"),
 ])
 def test_the_form_refuses_what_the_trainer_would_before_anything_is_queued(method, options, message, tmp_path):
     with pytest.raises(OptionError, match=message):

@@ -51,11 +51,12 @@ from pathlib import Path
 import psutil
 
 from .. import checkpoints, memory
-from . import limits as caps
-from .limits import JobError
+from ..data import CLASS_CACHE
 from ..events import EVENTS_FILE, FINAL_PHASES, EventLog, last_phase, read_events, scan_events
 from ..options import RUN_MARKERS
 from ..safe_json import Unreadable, read_object, write_atomic
+from . import limits as caps
+from .limits import JobError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = "config.json"
@@ -68,6 +69,9 @@ INSTANCE_DIR = "instance"
 RUN_MARKER = RUN_MARKERS[0]
 STAGING = ".new-"  # a run folder being made: not a run id (hidden), renamed into place when whole
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
+# Folders of the runs folder that look like run ids and are no runs: the class-image cache every
+# run of one model and class prompt shares (trainers.data). Never listed, opened or deleted as a run.
+NOT_RUNS = frozenset({CLASS_CACHE})
 LOG_TAIL_LINES = 30
 
 
@@ -222,14 +226,15 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/(?:[^\s'\"`,;:()\[\]{}<>|]+/)*[^\s'\
 
 
 def redact(text: str, run_dir: Path | None = None) -> str:
-    """`text` without the server's paths: one inside the run folder becomes relative to it, any
-    other absolute path its last component (what a visitor of a shared studio may see)."""
+    """`text` without the server's paths: one inside the run folder becomes relative to it (the
+    folder itself "the run folder"), any other absolute path its last component (what a visitor
+    of a shared studio may see)."""
     root = str(Path(run_dir).resolve()) if run_dir is not None else None
 
     def short(match: re.Match) -> str:
         path = match.group(0)
         if root and (path == root or path.startswith(root + "/")):
-            return path[len(root) + 1:] or "."
+            return path[len(root) + 1:] or "the run folder"
         return Path(path).name or path
     return ABSOLUTE_PATH.sub(short, text)
 
@@ -608,7 +613,7 @@ class JobRunner:
         if not isinstance(run_id, str) or not RUN_ID.match(run_id):
             raise JobError(f"not a run id: {run_id!r}")
         path = self.runs_dir / run_id
-        if path.is_symlink() or not path.is_dir() or path.resolve().parent != self.runs_dir:
+        if run_id in NOT_RUNS or path.is_symlink() or not path.is_dir() or path.resolve().parent != self.runs_dir:
             raise JobError(f"no run {run_id!r}")
         return path
 
@@ -618,8 +623,10 @@ class JobRunner:
 
     def run_ids(self) -> list[str]:
         """Every run folder, a damaged one (no readable job.json) too, so it can be seen and
-        deleted; a folder still being made is hidden (STAGING) until it is whole."""
-        ids = [p.name for p in self.runs_dir.iterdir() if RUN_ID.match(p.name) and p.is_dir() and not p.is_symlink()]
+        deleted; a folder still being made is hidden (STAGING) until it is whole, and the shared
+        folders that are no runs (NOT_RUNS) are never listed."""
+        ids = [p.name for p in self.runs_dir.iterdir()
+               if RUN_ID.match(p.name) and p.name not in NOT_RUNS and p.is_dir() and not p.is_symlink()]
         return sorted(ids, key=lambda i: (_time(_read_json(self.runs_dir / i / JOB_FILE), "created"), i))
 
     # ---- submitting --------------------------------------------------------------------------
