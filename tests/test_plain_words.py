@@ -30,7 +30,7 @@ def refusal(fn, *args, **kwargs) -> str:
 
 @pytest.mark.parametrize("changes, said", [
     ({"max_train_steps": 0}, "Training steps must be a whole number above 0; got 0"),
-    ({"learning_rate": "fast"}, "Learning rate must be a number; got &#x27;fast&#x27;"),
+    ({"learning_rate": "fast"}, "Learning rate must be a number; got 'fast'"),
     ({"max_train_steps": 2.5}, "Training steps must be a whole number; got 2.5"),
     ({"with_prior_preservation": True, "class_prompt": ""}, "prior preservation needs a class prompt"),
     ({"m_dim": 2.5}, "Tuner size must be a whole number; got 2.5"),
@@ -95,7 +95,7 @@ def test_an_empty_prompt_is_answered_with_the_demo_models_example(tmp_path):
     assert "photo of sks star" in said, "the form's helper is on no base model: a photo's words"
     said = refusal(forms.build_config, "lora", {**TRAINER, "with_prior_preservation": True, "class_prompt": " "}, {},
                    model=base.source, device="cpu", examples=base.prompts)
-    assert said.endswith("e.g. &#x27;a shape&#x27;"), said
+    assert said.endswith("e.g. 'a shape'"), said
 
     # Compare: the note under the grid says what was refused, not a bare "Error"
     grid, download, note = _handler(demo, "do_render")(None, [], True, " ", "", "", "0", 4, 2.5, "DPM++ 2M")
