@@ -19,9 +19,9 @@ user has no visitor id, so every run would be refused). Every cap is an environm
     RESTUNING_MIN_FREE_DISK_MB      free disk below which nothing new is queued or started (256)
     RESTUNING_IMPORTS_PER_VISITOR   imported tuners one visitor may keep         (shared: 10)
     RESTUNING_MAX_IMPORTS           imported tuners in all                       (shared: 200)
-    RESTUNING_UPLOAD_MB_PER_CLIENT  what one client (address) may send to the upload route per hour
-                                    (shared: 1024)
-    RESTUNING_UPLOAD_MB_TOTAL       what all clients may send to it per hour     (shared: 8192)
+    RESTUNING_UPLOAD_MB_PER_CLIENT  what one client (address) may send in request bodies, to any route,
+                                    per hour (webui.files.UploadQuota)           (shared: 1024)
+    RESTUNING_UPLOAD_MB_TOTAL       what all clients may send so per hour        (shared: 8192)
 
 A value of 0 (or "off") turns a cap off, but a shared studio's runs per visitor (each run there
 belongs to a visitor and is counted). Prompt lengths are bounded for everyone by the trainer's

@@ -5,6 +5,8 @@ resolved real path (webui.files.RoutePolicy); a route Gradio adds later fails
 import http.client
 import json
 import os
+import secrets
+import shutil
 import urllib.parse
 
 import webui
@@ -92,9 +94,15 @@ def test_no_file_route_serves_anything_of_the_runs_folder(shared_studio, images)
             for shown in spellings(path, os.getcwd()):
                 status, _ = raw_get(url, route + shown)
                 assert status == 403, f"{route}{shown} was served ({status})"
-    link = runner.runs_dir.parent / "innocent.png"  # a link from an allowed root into the runs folder
-    link.symlink_to(info.dir / "instance" / "a.png")
-    assert raw_get(url, "/gradio_api/file=" + str(link))[0] == 403
+    folder = files.allowed_roots()[0] / secrets.token_hex(8)  # a link inside an allowed root, into the runs folder
+    folder.mkdir(parents=True)
+    try:
+        (folder / "innocent.png").symlink_to(info.dir / "instance" / "a.png")
+        (folder / "example.png").symlink_to(example)  # ... and one to an example, which is served
+        assert raw_get(url, "/gradio_api/file=" + str(folder / "innocent.png"))[0] == 403
+        assert raw_get(url, "/gradio_api/file=" + str(folder / "example.png"))[0] == 200
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_the_file_route_fetches_no_url_and_the_unused_path_routes_serve_nothing(shared_studio):
