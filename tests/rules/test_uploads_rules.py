@@ -3,7 +3,6 @@ requests it counts, over what window, per client and in all, when it is installe
 is) and trainers.uploads' own bounds (files per run, bytes per file, names, what a refusal
 deletes), each at one below, at and one above its limit."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -214,7 +213,8 @@ def image(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize(("count", "refused"), [(0, "no images"), (1, None), (49, None), (50, None), (51, "51 files: at most 50")])
+@pytest.mark.parametrize(("count", "refused"), [(0, "no images"), (1, None), (49, None), (50, None),
+                                              (51, "51 files: at most 50")])
 def test_images_per_run(image, count, refused):
     if refused:
         with pytest.raises(UploadError, match=refused):

@@ -100,7 +100,8 @@ def quota_studio(tmp_path, per_client: int):
     from tests.test_jobs import make_runner
     from trainers import limits
 
-    runner = make_runner(tmp_path / "runs", limits=dataclasses.replace(limits.SHARED, upload_per_client=per_client, min_free_disk=0))
+    caps = dataclasses.replace(limits.SHARED, upload_per_client=per_client, min_free_disk=0)
+    runner = make_runner(tmp_path / "runs", limits=caps)
     return serve_shared(runner)
 
 
@@ -113,7 +114,8 @@ def test_every_route_that_takes_a_body_counts_against_the_quota(tmp_path):
     try:
         routes = files.app_routes(demo.server_app.routes)
         assert not [r.path for r in routes if type(r).__name__.startswith("WebSocket")], "a websocket's messages bypass the quota"
-        with_body = sorted({r.path for r in routes if set(getattr(r, "methods", None) or ()) & {"POST", "PUT", "PATCH", "DELETE"}})
+        body_methods = {"POST", "PUT", "PATCH", "DELETE"}
+        with_body = sorted({r.path for r in routes if set(getattr(r, "methods", None) or ()) & body_methods})
         assert "/gradio_api/upload" in with_body and "/gradio_api/process_recording" in with_body
         for template in with_body:
             path = re.sub(r"\{[^}]*\}", "x", template)
