@@ -1,6 +1,6 @@
-"""Mutation check of the library's math and the trainer's loss: apply one small wrong change at a
-time to a temporary copy of the project's code, run its tests on it, and report every change the
-tests let through.
+"""Mutation check of the library's math, the trainer's loss and the web studio's rules (file
+routes, visitors, caps, uploads): apply one small wrong change at a time to a temporary copy of
+the project's code, run its tests on it, and report every change the tests let through.
 
     python -m scripts.mutate                     # every mutation; exit status 1 if any survives
     python -m scripts.mutate --only NAME,NAME    # a subset (tests/test_mutations.py runs a few)
@@ -10,7 +10,7 @@ tests let through.
 Each mutation names the test (a file, or one test's node id) most likely to catch it; that runs
 first, alone, and pytest stops at the first failure, so a caught mutation costs seconds. A survivor has
 passed all of its class's test files (`tests`: LIBRARY_TESTS for the library, LOSS_TESTS for the
-trainer's loss). The unmutated copy must pass the same tests first, or a "caught" would mean nothing.
+trainer's loss, WEB_RULE_TESTS for the studio's rules). The unmutated copy must pass the same tests first, or a "caught" would mean nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ RUN_RULE_TESTS = ("tests/rules/test_job_states.py", "tests/rules/test_checkpoint
 JOBS = "tests/rules/test_job_states.py::{}"
 CKPT = "tests/rules/test_checkpoints_rules.py::{}"
 RAY = "tests/rules/test_cluster_rules.py::{}"
+# The web studio's rules (webui.files, webui.visitors, trainers.service.limits, trainers.service.uploads): the rules'
+# tables first, then the tests that reach them over HTTP or through the job runner.
+FILES_RULES, VISITORS_RULES = "tests/rules/test_files_rules.py", "tests/rules/test_visitors_rules.py"
+LIMITS_RULES, UPLOADS_RULES = "tests/rules/test_limits_rules.py", "tests/rules/test_uploads_rules.py"
+WEB_RULE_TESTS = (FILES_RULES, VISITORS_RULES, LIMITS_RULES, UPLOADS_RULES, "tests/test_visitors.py", "tests/test_uploads.py",
+                  "tests/security/test_routes.py", "tests/security/test_uploads.py", "tests/security/test_visitors.py",
+                  "tests/security/test_caps.py")
 
 
 @dataclass(frozen=True)
@@ -339,6 +346,150 @@ MUTATIONS = [
     Mutation("step-graph-kept-with-the-loss", "trainers/dreambooth.py",
              "step_loss += torch.stack([loss.detach(), instance_loss.detach()]).float() / accum",
              "step_loss += torch.stack([loss, instance_loss]).float() / accum", "tests/rules/test_step_graph.py", RUN_RULE_TESTS),
+    # web rules: routes, visitors, caps, uploads (issue 40)
+    Mutation("route-root-by-string-prefix", "webui/files.py", "return any(path == root or path.is_relative_to(root) for root in roots)",
+             "return any(str(path).startswith(str(root)) for root in roots)", FILES_RULES, WEB_RULE_TESTS),
+    Mutation("route-symlinks-unresolved", "webui/files.py", "real = Path(os.path.realpath(gradio_utils.abspath(target)))",
+             "real = Path(gradio_utils.abspath(target))", FILES_RULES, WEB_RULE_TESTS),
+    Mutation("route-runs-folder-served", "webui/files.py", "if _inside(real, [self.private]) or not _inside(",
+             "if not _inside(", FILES_RULES, WEB_RULE_TESTS),
+    Mutation("route-runs-folder-itself-served", "webui/files.py", "if _inside(real, [self.private]) or not _inside(",
+             "if (real != self.private and _inside(real, [self.private])) or not _inside(", FILES_RULES, WEB_RULE_TESTS),
+    Mutation("route-runs-folder-unresolved", "webui/files.py", "self.private = Path(os.path.realpath(private))",
+             "self.private = Path(private)", FILES_RULES, WEB_RULE_TESTS),
+    Mutation("route-roots-unresolved", "webui/files.py", "return [Path(os.path.realpath(gradio_utils.abspath(r))) for r in roots]",
+             "return [Path(gradio_utils.abspath(r)) for r in roots]", FILES_RULES, WEB_RULE_TESTS),
+    Mutation("route-some-urls-fetched", "webui/files.py", 'if "://" in target or target.startswith(("http:", "https:", "//")):',
+             'if target.startswith(("http://", "https://")):', FILES_RULES, WEB_RULE_TESTS),
+    Mutation("route-unclassified-path-route-passes", "webui/files.py", '            return "not served by this studio"',
+             "            return None", FILES_RULES, WEB_RULE_TESTS),
+    Mutation("quota-window-a-minute", "webui/files.py", "WINDOW_SECONDS = 3600.0", "WINDOW_SECONDS = 60.0", UPLOADS_RULES,
+             WEB_RULE_TESTS),
+    Mutation("quota-window-edge", "webui/files.py", "now - self._sent[0][0] > WINDOW_SECONDS", "now - self._sent[0][0] >= WINDOW_SECONDS",
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-per-client-at-cap-refused", "webui/files.py", "mine + size > self.per_client", "mine + size >= self.per_client",
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-total-at-cap-refused", "webui/files.py", "everyone + size > self.total", "everyone + size >= self.total",
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-everyone-counted-as-mine", "webui/files.py", "mine = sum(n for _, who, n in self._sent if who == client)",
+             "mine = sum(n for _, who, n in self._sent)", UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-upload-route-only", "webui/files.py", 'if scope["type"] == "http":\n            size = declared_body(scope)',
+             'if scope["type"] == "http" and scope.get("path", "").rstrip("/") == "/gradio_api/upload":\n'
+             "            size = declared_body(scope)", UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-post-only", "webui/files.py", 'if scope["type"] == "http":\n            size = declared_body(scope)',
+             'if scope["type"] == "http" and scope.get("method") == "POST":\n            size = declared_body(scope)',
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-chunked-body-free", "webui/files.py",
+             'if any(name == b"transfer-encoding" for name, _ in scope.get("headers", [])):\n        return None',
+             'if any(name == b"transfer-encoding" for name, _ in scope.get("headers", [])):\n        return 0',
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-client-claim-trusted", "webui/files.py", "return entries[-hops]", "return entries[0]", UPLOADS_RULES,
+             WEB_RULE_TESTS),
+    Mutation("quota-uvicorn-trusts-loopback", "webui/files.py", 'env["FORWARDED_ALLOW_IPS"] = ""',
+             'env.setdefault("FORWARDED_ALLOW_IPS", "127.0.0.1")', UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-installed-only-with-both-caps", "webui/files.py",
+             "limits.upload_per_client is not None or limits.upload_total is not None",
+             "limits.upload_per_client is not None and limits.upload_total is not None", UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-proxy-hops-dropped", "webui/files.py", "total=limits.upload_total, hops=hops))", "total=limits.upload_total))",
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("quota-on-a-local-studio", "webui/__init__.py", "runner.limits if shared else None, proxy_hops)",
+             "runner.limits, proxy_hops)", UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-without-id-sees-unowned-runs", "webui/visitors.py",
+             "return owner is None or (bool(owner) and info.owner == owner) or info.published",
+             "return owner is None or info.owner == owner or info.published", VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-without-id-sees-every-run", "webui/visitors.py",
+             "return owner is None or (bool(owner) and info.owner == owner) or info.published",
+             "return not owner or (bool(owner) and info.owner == owner) or info.published", VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-controls-published-runs", "webui/visitors.py",
+             "-> bool:\n    return owner is None or (bool(owner) and info.owner == owner)\n",
+             "-> bool:\n    return owner is None or (bool(owner) and info.owner == owner) or info.published\n",
+             VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-without-id-controls-unowned-runs", "webui/visitors.py",
+             "-> bool:\n    return owner is None or (bool(owner) and info.owner == owner)\n",
+             "-> bool:\n    return owner is None or info.owner == owner\n", VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-unknown-run-answered-apart", "webui/visitors.py", "    except JobError:\n        info = None",
+             "    except JobError:\n        raise", VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-without-id-gets-a-folder", "webui/visitors.py", "if owner is not None and not OWNER.fullmatch(owner):",
+             "if owner and not OWNER.fullmatch(owner):", VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-owner-id-prefix-match", "webui/visitors.py", "not OWNER.fullmatch(owner)", "not OWNER.match(owner)",
+             VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("visitor-secret-prefix-match", "webui/visitors.py", "SECRET.fullmatch(value)", "SECRET.match(value)",
+             VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("scratch-never-pruned", "webui/visitors.py", "    prune(path)\n    return path", "    return path",
+             VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("scratch-keeps-one-more", "webui/visitors.py", "if i >= keep or now - mtime > age:", "if i > keep or now - mtime > age:",
+             VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("scratch-age-edge", "webui/visitors.py", "if i >= keep or now - mtime > age:", "if i >= keep or now - mtime >= age:",
+             VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("scratch-kept-an-hour", "webui/visitors.py", "SCRATCH_KEEP, SCRATCH_AGE = 200, 86400",
+             "SCRATCH_KEEP, SCRATCH_AGE = 200, 3600", VISITORS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-shared-runs-per-visitor-may-be-off", "trainers/service/limits.py", 'if shared and values["runs_per_owner"] is None:',
+             'if shared and "runs_per_owner" not in values:', LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-zero-is-a-cap-of-zero", "trainers/service/limits.py",
+             '(None if name != "min_free_disk" else 0) if number == 0 else int(number * unit)', "int(number * unit)",
+             LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-flag-zero-is-a-cap-of-zero", "trainers/service/limits.py",
+             'values[name] = (None if name != "min_free_disk" else 0) if value == 0 else value', "values[name] = value",
+             LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-off-not-understood", "trainers/service/limits.py", 'if text in ("off", "none"):', 'if text in ("none",):',
+             LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-negative-accepted", "trainers/service/limits.py", "if not (number >= 0 and number * unit < 2**62):",
+             "if not (number * unit < 2**62):", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-run-minutes-read-as-seconds", "trainers/service/limits.py", '"max_run_seconds": ("RESTUNING_MAX_RUN_MINUTES", 60),',
+             '"max_run_seconds": ("RESTUNING_MAX_RUN_MINUTES", 1),', LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-local-studio-gets-runs-per-visitor", "trainers/service/limits.py", '    if not shared:\n        values["runs_per_owner"] = None\n',
+             "", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-comparison-counts-as-one", "trainers/service/limits.py", "if mine + batch > lim.runs_per_owner:",
+             "if mine + 1 > lim.runs_per_owner:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-runs-per-visitor-at-cap-refused", "trainers/service/limits.py", "if mine + batch > lim.runs_per_owner:",
+             "if mine + batch >= lim.runs_per_owner:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-oversized-comparison-not-named", "trainers/service/limits.py", "if batch > lim.runs_per_owner:",
+             "if batch > lim.runs_per_owner + 1:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-queued-runs-not-counted", "trainers/service/limits.py", 'if r.status in ("queued", "running")]',
+             'if r.status in ("running",)]', LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-others-runs-counted-as-mine", "trainers/service/limits.py", "mine = sum(1 for r in active if r.owner == owner)",
+             "mine = len(active)", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-comparison-counts-as-one-in-all", "trainers/service/limits.py", "len(active) + batch > lim.queued_total",
+             "len(active) + 1 > lim.queued_total", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-disk-in-all-at-cap-passes", "trainers/service/limits.py", "if used >= lim.disk_total:", "if used > lim.disk_total:",
+             LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-disk-per-visitor-at-cap-passes", "trainers/service/limits.py", "if used >= lim.disk_per_owner:",
+             "if used > lim.disk_per_owner:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-rendered-pictures-not-counted", "trainers/service/limits.py", " + (folder_bytes(scratch) if scratch.is_dir() else 0)", "",
+             LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-imported-size-not-counted", "trainers/service/limits.py", "owner_bytes(runner, owner, runs) + size > lim.disk_per_owner",
+             "owner_bytes(runner, owner, runs) > lim.disk_per_owner", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-imported-size-at-cap-refused", "trainers/service/limits.py",
+             "owner_bytes(runner, owner, runs) + size > lim.disk_per_owner",
+             "owner_bytes(runner, owner, runs) + size >= lim.disk_per_owner", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-imports-in-all-one-more", "trainers/service/limits.py", "len(imported) >= lim.imports_total:",
+             "len(imported) > lim.imports_total:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-imports-per-visitor-one-more", "trainers/service/limits.py", "if mine >= lim.imports_per_owner:",
+             "if mine > lim.imports_per_owner:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-trained-runs-counted-as-imports", "trainers/service/limits.py", "imported = [r for r in runs if r.imported]",
+             "imported = runs", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-disk-follows-links", "trainers/service/limits.py", "if entry.is_dir(follow_symlinks=False):", "if entry.is_dir():",
+             LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-step-cap-at-cap-refused", "trainers/service/jobs.py", "isinstance(steps, int) and steps > cap:",
+             "isinstance(steps, int) and steps >= cap:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-checkpoints-capped-locally", "trainers/service/jobs.py", "elif self.limits.shared and default is not None",
+             "elif default is not None", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("caps-free-disk-floor-at-floor-refused", "trainers/service/jobs.py", "if free < self.limits.min_free_disk:",
+             "if free <= self.limits.min_free_disk:", LIMITS_RULES, WEB_RULE_TESTS),
+    Mutation("uploads-fifty-images-refused", "trainers/service/uploads.py", "if len(paths) > max_files:", "if len(paths) >= max_files:",
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("uploads-image-at-limit-refused", "trainers/service/uploads.py", "if size > max_bytes:", "if size >= max_bytes:",
+             UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("uploads-tuner-at-limit-refused", "trainers/service/uploads.py", "if path.stat().st_size > max_bytes:",
+             "if path.stat().st_size >= max_bytes:", UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("uploads-name-at-limit-refused", "trainers/service/uploads.py", "if len(name) > MAX_NAME_CHARS:",
+             "if len(name) >= MAX_NAME_CHARS:", UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("uploads-dot-names-accepted", "trainers/service/uploads.py", 'if name in (".", "..") or name.startswith("."):',
+             'if name in (".", ".."):', UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("uploads-discard-by-string-prefix", "trainers/service/uploads.py", "if path.resolve().is_relative_to(root) and",
+             "if str(path.resolve()).startswith(str(root)) and", UPLOADS_RULES, WEB_RULE_TESTS),
+    Mutation("uploads-discard-unresolved", "trainers/service/uploads.py", "if path.resolve().is_relative_to(root) and",
+             "if path.is_relative_to(root) and", UPLOADS_RULES, WEB_RULE_TESTS),
 ]
 
 
@@ -354,9 +505,11 @@ def check_targets(mutations=MUTATIONS, root: Path = ROOT) -> list[str]:
 
 def _copy(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for folder in ("restuning", "trainers", "tests", "scripts", "bench"):
+    for folder in ("restuning", "trainers", "webui", "tests", "scripts", "bench"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
-    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    for name in ("pyproject.toml", "app.py"):
+        shutil.copy(ROOT / name, dest / name)
+    (dest / "assets").symlink_to(ROOT / "assets")  # the demo model and example concepts, only read: not copied
 
 
 def _pytest(copy: Path, files: list[str]) -> tuple[bool, str]:

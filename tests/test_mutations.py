@@ -23,6 +23,7 @@ def test_every_mutation_applies_to_exactly_one_place():
       "tests/test_golden.py::test_a_fingerprint_missing_any_field_is_refused")),
     (("loss-min-snr-clamped-below",), (mutate.LOSS_CASE.format("epsilon min-SNR"),)),
     (("bypass-x0-from-tap-output",), (mutate.BYPASS_CASE.format("test_the_network_reads_x0_and_each_tap_where_the_docstring_says"),)),
+    (("route-root-by-string-prefix", "caps-comparison-counts-as-one"), (mutate.FILES_RULES, mutate.LIMITS_RULES)),
 ])
 def test_a_few_mutations_are_caught(names, tests):
     chosen = [m for m in mutate.MUTATIONS if m.name in names]

@@ -128,7 +128,10 @@ def identify(stored):
 def launch_options(runner, host: str, port: int, shared: bool = False, proxy_hops: int = 0) -> dict:
     """`shared`: the upload route takes at most SHARED_MAX_UPLOAD_BYTES per file (every tuner but
     a full fine-tune), not a full fine-tune's 4 GB, and at most the runner's upload caps per
-    client (`proxy_hops` trusted proxies in front name the client: webui.files) and in all."""
+    client (`proxy_hops` trusted proxies in front name the client: webui.files) and in all.
+    The web server is told to trust no X-Forwarded-For of its own (webui.files.trust_no_forwarding):
+    `proxy_hops` alone says who the client is."""
+    files.trust_no_forwarding()
     # the runs folder is allowed so that handlers' files may be copied into Gradio's cache, and
     # private so that nothing in it is served directly (webui.files)
     return {"server_name": host, "server_port": port, "allowed_paths": [str(runner.runs_dir), str(EXAMPLE_CONCEPTS)],

@@ -17,9 +17,10 @@ matching the request against the app's own route table:
   files by path is refused until it is classified here (tests/security/test_routes.py lists the
   app's routes and fails on one that is not).
 
-`UploadQuota` bounds what one client (by address) and all clients together may send to the
-upload route per hour (trainers.service.limits: RESTUNING_UPLOAD_MB_PER_CLIENT / _TOTAL); Gradio's
-`max_file_size` bounds each file.
+`UploadQuota` bounds what one client (by address) and all clients together may send per hour
+in request bodies, to every route (the upload route's files, a recording, an API call's JSON;
+trainers.service.limits: RESTUNING_UPLOAD_MB_PER_CLIENT / _TOTAL); Gradio's `max_file_size` bounds each
+uploaded file.
 """
 
 from __future__ import annotations
@@ -126,7 +127,6 @@ class RoutePolicy:
         await self.app(scope, receive, send)
 
 
-UPLOAD_ROUTE = "/gradio_api/upload"
 WINDOW_SECONDS = 3600.0
 PROXY_HOPS_ENV = "RESTUNING_PROXY_HOPS"
 
@@ -134,21 +134,46 @@ PROXY_HOPS_ENV = "RESTUNING_PROXY_HOPS"
 def client_address(scope, hops: int) -> str:
     """The client's address: with `hops` trusted proxies in front (a Space's is one), the
     address the outermost of them put into X-Forwarded-For (what a client writes there itself
-    comes before it and is not trusted); else the connection's peer."""
+    comes before it and is not trusted; several X-Forwarded-For lines are one list, in order);
+    else the connection's peer."""
     if hops > 0:
-        for name, value in scope.get("headers", []):
-            if name == b"x-forwarded-for":
-                entries = [e.strip() for e in value.decode("latin-1").split(",") if e.strip()]
-                if len(entries) >= hops:
-                    return entries[-hops]
+        entries = [e.strip() for name, value in scope.get("headers", []) if name == b"x-forwarded-for"
+                   for e in value.decode("latin-1").split(",") if e.strip()]
+        if len(entries) >= hops:
+            return entries[-hops]
     client = scope.get("client")
     return client[0] if client else "?"
 
 
+def trust_no_forwarding(env=None) -> None:
+    """Make the web server take a connection's address as it is. Uvicorn, which Gradio's launch()
+    starts, replaces it by what X-Forwarded-For says whenever the connection comes from the
+    loopback address (its FORWARDED_ALLOW_IPS, read when launch() makes the server; launch() has
+    no parameter for it), so a program on the machine, or a proxy that passes the header on,
+    could name any address for the quota. Which proxies name the client is `--proxy-hops` alone
+    (client_address)."""
+    env = os.environ if env is None else env
+    env["FORWARDED_ALLOW_IPS"] = ""
+
+
+def declared_body(scope) -> int | None:
+    """The bytes of a request's body as its headers declare them: 0 without Content-Length and
+    Transfer-Encoding (HTTP/1.1 then reads no body), None for a body of undeclared length
+    (chunked) or a malformed or contradictory Content-Length."""
+    lengths = [value.strip() for name, value in scope.get("headers", []) if name == b"content-length"]
+    if any(name == b"transfer-encoding" for name, _ in scope.get("headers", [])):
+        return None
+    if not lengths:
+        return 0
+    if len(set(lengths)) != 1 or not lengths[0].isdigit():
+        return None
+    return int(lengths[0])
+
+
 class UploadQuota:
-    """ASGI middleware: bytes sent to the upload route per client and in all, over a sliding
-    hour; a request over either is refused (429) before its body is read. The size is the
-    request's Content-Length (a body without one is refused, 411): the server reads no more."""
+    """ASGI middleware: bytes sent in request bodies, to any route, per client and in all, over a
+    sliding hour; a request over either is refused (429) before its body is read. The size is
+    the request's Content-Length (a body without one is refused, 411): the server reads no more."""
 
     def __init__(self, app, per_client: int | None, total: int | None, hops: int = 0, clock=time.monotonic):
         self.app, self.per_client, self.total, self.hops, self.clock = app, per_client, total, hops, clock
@@ -171,12 +196,12 @@ class UploadQuota:
         return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == UPLOAD_ROUTE:
-            length = dict(scope.get("headers", [])).get(b"content-length")
-            if length is None or not length.isdigit():
+        if scope["type"] == "http":
+            size = declared_body(scope)
+            if size is None:
                 await PlainTextResponse("Length required.", status_code=411)(scope, receive, send)
                 return
-            why = self.charge(client_address(scope, self.hops), int(length))
+            why = self.charge(client_address(scope, self.hops), size) if size else None
             if why is not None:
                 await PlainTextResponse(f"Upload refused: {why}.", status_code=429)(scope, receive, send)
                 return

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from trainers.service.jobs import JobError, RunInfo
 
-SECRET = re.compile(r"^[0-9a-f]{32}$")  # what the browser remembers
-OWNER = re.compile(r"^[0-9a-f]{64}$")  # what runs store: sha256 of the secret
+SECRET = re.compile(r"[0-9a-f]{32}")  # what the browser remembers (fullmatch: "$" would let a newline through)
+OWNER = re.compile(r"[0-9a-f]{64}")  # what runs store: sha256 of the secret
 SCRATCH = "_studio"  # not a run id (RUN_ID starts with a letter or digit): never listed as a run
 BROWSER_KEY_FILE = "browser-state.key"  # kept by studios before the key was known to be public
 BROWSER_KEY_ENV = "RESTUNING_VISITOR_SECRET"  # the same, from the environment
@@ -38,7 +38,7 @@ def new_secret() -> str:
 
 def checked_secret(value) -> str | None:
     """A well-formed secret from the browser, else None (the caller makes a new one)."""
-    return value if isinstance(value, str) and SECRET.match(value) else None
+    return value if isinstance(value, str) and SECRET.fullmatch(value) else None
 
 
 def owner_id(secret: str) -> str:
@@ -77,9 +77,12 @@ def visible_runs(runner, owner: str | None) -> list[RunInfo]:
 
 def seen(runner, run_id: str, owner: str | None) -> RunInfo:
     """The run, if this visitor may see it; otherwise the same answer as for a run that does
-    not exist, so ids of others' runs cannot be probed."""
-    info = runner.info(run_id)
-    if not can_see(info, owner):
+    not exist (which names no server path), so ids of others' runs cannot be probed."""
+    try:
+        info = runner.info(run_id)
+    except JobError:
+        info = None
+    if info is None or not can_see(info, owner):
         raise JobError(f"no run {run_id!r}")
     return info
 
@@ -94,7 +97,7 @@ def controlled(runner, run_id: str, owner: str | None) -> RunInfo:
 def scratch_dir(runner, owner: str | None, what: str) -> Path:
     """This visitor's folder for pictures the studio renders (grids, generated images), inside
     the runs folder so nothing is written elsewhere; the page gets a copy in Gradio's cache."""
-    if owner is not None and not OWNER.match(owner):
+    if owner is not None and not OWNER.fullmatch(owner):
         raise JobError("this page has no visitor id yet; reload it")
     path = Path(runner.runs_dir) / SCRATCH / (owner or "local") / what
     path.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 
 A shared studio (a Hugging Face Space) gives every browser, and every API session, a new visitor
 id for free, so a per-visitor cap alone bounds nothing: each one here has a global twin. A local
-studio has one user and no caps but the free-disk floor (a run that cannot write its files is
-not started). Every cap is an environment variable (docs/space.md), read at start-up:
+studio has one user and by default no caps but the free-disk floor (a run that cannot write its
+files is not started); a variable sets a cap there too, but for the runs per visitor (the local
+user has no visitor id, so every run would be refused). Every cap is an environment variable
+(docs/space.md), read at start-up:
 
     RESTUNING_RUNS_PER_VISITOR      queued + running runs per visitor            (shared: 2)
     RESTUNING_MAX_QUEUED_RUNS       queued + running runs in all                 (shared: 8)
@@ -17,11 +19,12 @@ not started). Every cap is an environment variable (docs/space.md), read at star
     RESTUNING_MIN_FREE_DISK_MB      free disk below which nothing new is queued or started (256)
     RESTUNING_IMPORTS_PER_VISITOR   imported tuners one visitor may keep         (shared: 10)
     RESTUNING_MAX_IMPORTS           imported tuners in all                       (shared: 200)
-    RESTUNING_UPLOAD_MB_PER_CLIENT  what one client (address) may send to the upload route per hour
-                                    (shared: 1024)
-    RESTUNING_UPLOAD_MB_TOTAL       what all clients may send to it per hour     (shared: 8192)
+    RESTUNING_UPLOAD_MB_PER_CLIENT  what one client (address) may send in request bodies, to any route,
+                                    per hour (webui.files.UploadQuota)           (shared: 1024)
+    RESTUNING_UPLOAD_MB_TOTAL       what all clients may send so per hour        (shared: 8192)
 
-A value of 0 (or "off") turns a cap off. Prompt lengths are bounded for everyone by the trainer's
+A value of 0 (or "off") turns a cap off, but a shared studio's runs per visitor (each run there
+belongs to a visitor and is counted). Prompt lengths are bounded for everyone by the trainer's
 own options (trainers.options.MAX_PROMPT_CHARS).
 """
 
@@ -80,7 +83,8 @@ ENV = {
 
 def from_env(shared: bool, env=None, **overrides) -> Limits:
     """The defaults for a shared or a local studio, each replaced by its environment variable
-    when set, then by `overrides` (command-line flags). ValueError names a malformed variable."""
+    when set, then by `overrides` (command-line flags: 0 is off there too). ValueError names a
+    malformed variable or flag, and a shared studio without runs per visitor."""
     env = os.environ if env is None else env
     values = dataclasses.asdict(SHARED if shared else LOCAL)
     for name, (var, unit) in ENV.items():
@@ -97,7 +101,14 @@ def from_env(shared: bool, env=None, **overrides) -> Limits:
         if not (number >= 0 and number * unit < 2**62):
             raise ValueError(f"{var}={env[var]!r}: expected a number from 0 up")
         values[name] = (None if name != "min_free_disk" else 0) if number == 0 else int(number * unit)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if value < 0:
+            raise ValueError(f"{ENV[name][0]} (or its flag) must be a number from 0 up, got {value}")
+        values[name] = (None if name != "min_free_disk" else 0) if value == 0 else value
+    if not shared:
+        values["runs_per_owner"] = None
     if shared and values["runs_per_owner"] is None:
         raise ValueError("a shared studio needs a limit of runs per visitor (RESTUNING_RUNS_PER_VISITOR > 0)")
     return Limits(**values)
