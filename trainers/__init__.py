@@ -1,4 +1,5 @@
-"""Training, the background job runner, and sampling. Never imports gradio."""
+"""The training recipe (`python -m trainers.dreambooth`), side-by-side sampling, and in
+trainers.service the run service that runs runs. Never imports gradio."""
 
 import logging
 
