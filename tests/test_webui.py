@@ -314,3 +314,81 @@ def test_a_shared_studio_says_so_with_its_limits_and_ticks_no_more_than_a_visito
     assert len(by_id["compare-methods"].value) == SHARED.runs_per_owner
     header = " ".join(str(getattr(b, "value", "")) for b in demo.blocks.values() if type(b).__name__ == "HTML")
     assert str(runner.runs_dir) not in header and str(tmp_path) not in header
+
+
+def _run(run_id, status, *, phase=None, position=None, steps=100, step=None, pace=1.0, t=1000.0, method="lora", created=0.0):
+    from trainers.jobs import RunInfo
+
+    events = [{"t": t, "event": "step", "step": step, "total": steps, "loss": 0.1, "sec_per_step": pace}] if step else []
+    config = {"method": method, "max_train_steps": steps, "resolution": 64, "train_batch_size": 1,
+              "pretrained_model_name_or_path": "assets/demo-model"}
+    return RunInfo(id=run_id, dir=None, status=status, phase=phase or ("training" if status == "running" else status),
+                   position=position, config=config, events=events, created=created)
+
+
+def test_a_queued_run_with_nothing_ahead_should_start_at_once():
+    me = _run("me", "queued", position=1)
+    assert live.start_in(me, [me], now=1000.0) == 0.0
+    done = _run("old", "done", step=100)  # a finished run holds no place
+    assert live.start_in(me, [done, me], now=1000.0) == 0.0
+    assert live.start_words(0.0) == "should start within a minute"
+
+
+def test_a_run_ahead_without_a_step_is_estimated_from_a_like_run_or_not_at_all():
+    me = _run("me", "queued", position=1)
+    loading = _run("ahead", "running", phase="loading", steps=100)
+    assert live.start_in(me, [loading, me], now=1000.0) is None
+    assert live.start_words(None) == "no start time yet: the run ahead has not made its first step"
+    measured = _run("old", "done", step=100, pace=2.0, created=-1)
+    assert live.start_in(me, [measured, loading, me], now=1000.0) == 200.0  # 100 steps x 2 s, measured on a like run
+    other = _run("old", "done", step=100, pace=2.0, method="full", created=-1)  # another method: not alike
+    assert live.start_in(me, [other, loading, me], now=1000.0) is None
+    # still making its class images: their ETA first, then its steps
+    making = _run("ahead", "running", phase="class-images", steps=100)
+    making.events = [{"t": 900.0, "event": "phase", "phase": "class-images", "done": 0, "total": 20},
+                     {"t": 910.0, "event": "phase", "phase": "class-images", "done": 10, "total": 20}]
+    assert live.start_in(me, [measured, making, me], now=1000.0) == 210.0
+
+
+def test_several_runs_ahead_add_up_per_place_and_runs_behind_do_not_count():
+    now = 1000.0
+    running = _run("a", "running", step=50, steps=100, pace=1.0, t=now - 30)  # 50 steps left, 30 s of them gone
+    first = _run("b", "queued", position=1, steps=200)  # paced like the running run: 1 s/step
+    me = _run("me", "queued", position=2)
+    behind = _run("c", "queued", position=3, steps=10_000)
+    runs = [running, first, me, behind]
+    assert live.start_in(me, runs, now=now) == 20 + 200
+    assert live.start_words(live.start_in(me, runs, now=now)) == "should start in about 4 min"
+    assert live.start_in(me, runs, slots=2, now=now) == 20  # b takes the free place, me the running run's
+    assert live.start_in(first, runs, now=now) == 20
+    assert live.start_in(me, runs, slots=3, now=now) == 0.0
+    stopping = _run("a", "running", phase="done", step=50)  # writing its last files: it ends any moment
+    assert live.start_in(first, [stopping, first], now=now) == 0.0
+    # a place frees only when as many runs have ended as hold places beyond the slots
+    long = _run("d", "running", step=1, steps=101, pace=1.0, t=now)
+    assert live.start_in(first, [running, long, first], slots=1, now=now) == 100
+
+
+@pytest.mark.parametrize("seconds, words", [(59, "should start within a minute"), (60, "should start in about 1 min"),
+                                            (61, "should start in about 2 min"), (89 * 60, "should start in about 89 min"),
+                                            (90 * 60, "should start in about 1.5 h"), (7200, "should start in about 2 h")])
+def test_the_start_time_reads_in_plain_words(seconds, words):
+    assert live.start_words(seconds) == words
+
+
+def test_the_live_view_of_a_queued_run_says_when_it_should_start(tmp_path):
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner
+
+    runner = make_runner(tmp_path / "runs")  # ticked only by submit: the first run starts, the second waits
+    (tmp_path / "a.png").write_bytes(b"png bytes")
+    images = [(tmp_path / "a.png", "a.png")]
+    config = {"method": "lora", "max_train_steps": 100, "instance_prompt": "a sks star", "fake_step_seconds": 60}
+    try:
+        first = runner.submit(config, images)
+        info = runner.info(runner.submit(config, images))
+        assert runner.info(first).status == "running" and live.status_line(info) == "queued, place 1 in the queue"
+        assert "queued, place 1 in the queue · no start time yet" in live.progress_html(info, live.queue_words(runner, info))
+        assert live.queue_words(runner, runner.info(first)) == ""
+    finally:
+        stop_runs(tmp_path / "runs")

@@ -23,14 +23,14 @@ DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tune
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
 
 
-def _details(info) -> str:
-    """HTML with every run-supplied string escaped: a prompt, name or tuner header is whatever
+def _details(info, wait: str = "") -> str:
+    """`wait`: when a queued run should start (live.queue_words). HTML with every run-supplied string escaped: a prompt, name or tuner header is whatever
     a visitor typed or a file held, and shows to other visitors once published; as Markdown an
     image link in it would make their browsers fetch an outside address."""
     facts = live.facts(info)
     tuner = live.weights_file(info)
     params = facts.get("trainable_params")
-    items = [("status", live.status_line(info)),
+    items = [("status", live.status_line(info) + (f"; {wait}" if wait else "")),
              ("method", info.method + (f" (comparison group {info.group})" if info.group else "")),
              ("trainable parameters", f"{params:,}" if isinstance(params, int) else "not reported yet"),
              ("weights file", f"{tuner.name}, {live.human_size(tuner.stat().st_size)}" if tuner else "not saved yet"),
@@ -70,7 +70,8 @@ def view(runner, run_id, who, shared: bool):
     info = runner.info(run_id) if run_id else None
     mine = bool(info) and visitors.can_control(info, who)
     files = _downloads(info) if info else {}
-    widgets = {"details": {"value": _details(info) if info else "No runs yet."},
+    wait = live.queue_words(runner, info) if info else ""
+    widgets = {"details": {"value": _details(info, wait) if info else "No runs yet."},
                "samples": {"value": live.samples(info) if info else None},
                **{kind: {"value": str(files[kind]) if kind in files else None, "visible": kind in files}
                   for kind, _ in DOWNLOADS},
@@ -79,7 +80,7 @@ def view(runner, run_id, who, shared: bool):
                "delete": {"visible": mine and info.status not in ("queued", "running")},
                "publish": {"value": bool(info) and info.published, "visible": shared and mine}}
     signature = (tuple(map(tuple, table_rows)), run_id,
-                 (info.status, len(info.events), info.published, mine) if info else None)
+                 (info.status, len(info.events), info.published, mine, wait) if info else None)
     return table_rows, ids, run_id, widgets, signature
 
 

@@ -389,7 +389,8 @@ def live_update(runner, run_id, last, who=None) -> tuple:
                 gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
     mine = visitors.can_control(info, who)
     frame, images = live.loss_plot_frame(info), live.samples(info)
-    now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable), "events": len(info.events),
+    wait = live.queue_words(runner, info)  # changes as the runs ahead train
+    now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable, wait), "events": len(info.events),
            "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
     before = last if isinstance(last, dict) else {}
     if now == before:
@@ -398,7 +399,7 @@ def live_update(runner, run_id, last, who=None) -> tuple:
     def changed(*parts):
         return any(now[p] != before.get(p) for p in parts)
 
-    return (live.progress_html(info) if changed("run", "events") else gr.skip(),
+    return (live.progress_html(info, wait) if changed("run", "events") else gr.skip(),
             gr.LinePlot(value=frame, visible=not frame.empty) if changed("run", "loss") else gr.skip(),
             gr.Gallery(value=images, visible=bool(images)) if changed("run", "samples") else gr.skip(),
             live.log_text(info) if changed("run", "events", "log") else gr.skip(),
