@@ -392,3 +392,95 @@ def test_the_live_view_of_a_queued_run_says_when_it_should_start(tmp_path):
         assert live.queue_words(runner, runner.info(first)) == ""
     finally:
         stop_runs(tmp_path / "runs")
+
+
+def _form_memory(runner):
+    """(the Train form's Memory, component by elem_id) of a studio page over `runner`."""
+    import gradio as gr
+
+    from webui import train_tab
+    from webui.model import describe
+
+    with gr.Blocks():
+        _, _, kept = train_tab.build(runner, describe(None), "cpu", "CPU demo", "test")
+    return kept, {c.elem_id: c for c in kept.outputs}
+
+
+def _by_id(kept, updates) -> dict:
+    """elem_id -> the update restore or from_run gave its component (gr.skip(): none)."""
+    return {c.elem_id: (None if isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 else u)
+            for c, u in zip(kept.outputs, updates)}
+
+
+def test_a_kept_form_is_restored_only_with_what_the_form_can_take(tmp_path, monkeypatch):
+    """What the browser kept is the visitor's to forge (the BrowserState's key is public): only
+    images in Gradio's upload folder that pass the checks, choices the form offers and values of
+    each box's type come back; a run's files never do."""
+    from PIL import Image
+
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    runner = make_runner(tmp_path / "runs")
+    (tmp_path / "gradio" / "abc").mkdir(parents=True)
+    kept_image, outside = tmp_path / "gradio" / "abc" / "star.png", tmp_path / "elsewhere.png"
+    for path in (kept_image, outside):
+        Image.new("RGB", (64, 64), "white").save(path)
+    (tmp_path / "gradio" / "abc" / "notes.png").write_text("not an image")
+    try:
+        run_id = runner.submit({"method": "lora", "max_train_steps": 1, "instance_prompt": "a sks star", "fake_step_seconds": 0},
+                               [(outside, "00-star.png")])
+        kept, _ = _form_memory(runner)
+        run_image = str(runner.run_dir(run_id) / "instance" / "00-star.png")
+        stored = {"files": [{"path": str(kept_image)}, {"path": run_image}, str(outside), "/etc/passwd",
+                            str(tmp_path / "gradio" / "abc" / "notes.png"), str(tmp_path / "gradio" / "gone.png"), 5,
+                            str(tmp_path / "gradio" / "abc" / ".." / ".." / "elsewhere.png")],
+                  "method": "lora", "preset": "no such preset", "trainer.instance_prompt": "a sks star",
+                  "trainer.max_train_steps": "300", "trainer.learning_rate": "x" * 20_001, "trainer.resolution": True,
+                  "trainer.with_prior_preservation": "yes", "trainer.num_class_images": 7, "lora.rank": 8,
+                  "lora.blocks": ["mid", "nowhere"], "res-tuning.tuners": ["ff=adapter"], "compare_methods": ["lora"]}
+        out = _by_id(kept, kept.restore(stored))
+        assert out["concept-files"] == [str(kept_image.resolve())]
+        assert (out["method"], out["instance-prompt"]) == ("lora", "a sks star")
+        assert (out["opt-num_class_images"], out["opt-lora-rank"]) == (7, 8)
+        assert (out["opt-res-tuning-tuners"], out["compare-methods"]) == (["ff=adapter"], ["lora"])
+        for refused in ("preset", "opt-max_train_steps", "opt-learning_rate", "opt-resolution", "opt-with_prior_preservation",
+                        "opt-lora-blocks"):
+            assert out[refused] is None, refused
+        assert all(u is None for u in _by_id(kept, kept.restore("not a dict")).values())
+    finally:
+        stop_runs(tmp_path / "runs")
+
+
+def test_train_again_brings_a_runs_images_only_to_whoever_controls_it(tmp_path):
+    from PIL import Image
+
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner, wait_for
+    from trainers.jobs import JobError
+
+    runner = make_runner(tmp_path / "runs")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "star.png")
+    alice, bob = "a" * 64, "b" * 64
+    config = {"method": "lora", "max_train_steps": 1, "instance_prompt": "a sks star", "rank": 8, "learning_rate": 0.003,
+              "validation_prompt": ["a sks star", "a sks star on grass"], "fake_step_seconds": 0}
+    try:
+        run_id = runner.submit(config, [(tmp_path / "star.png", "00-star.png")], owner=alice)
+        wait_for(runner, run_id, {"done", "failed"})
+        kept, _ = _form_memory(runner)
+        mine = _by_id(kept, kept.from_run(run_id, alice))
+        assert mine["concept-files"] == [str(runner.run_dir(run_id) / "instance" / "00-star.png")]
+        assert (mine["method"], mine["opt-lora-rank"], mine["opt-learning_rate"], mine["opt-validation_prompt"]) == (
+            "lora", 8, "0.003", "a sks star\na sks star on grass")
+        # an option the run was not given: an empty box
+        assert (mine["opt-num_inference_steps"], mine["opt-seed"], mine["opt-max_train_steps"]) == ("", None, 1)
+        with pytest.raises(JobError, match="no run"):
+            kept.from_run(run_id, bob)  # not published: no such run, for bob
+        runner.publish(run_id)
+        theirs = _by_id(kept, kept.from_run(run_id, bob))
+        assert theirs["concept-files"] is None and theirs["opt-lora-rank"] == 8
+        with pytest.raises(JobError, match="choose a run"):
+            kept.from_run(None, alice)
+    finally:
+        stop_runs(tmp_path / "runs")

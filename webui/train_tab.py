@@ -9,9 +9,14 @@ closing the browser stops nothing.
 from __future__ import annotations
 
 import html
+import json
 import logging
+import math
+import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -20,9 +25,10 @@ from restuning.methods import METHODS
 from trainers import memory
 from trainers.models import check_method_fits
 from trainers.options import OptionError, from_dict, method_recipe
-from trainers.uploads import UploadError, check_images, discard
+from trainers.jobs import JobError
+from trainers.uploads import MAX_FILES, UploadError, check_images, discard
 
-from . import forms, live, visitors
+from . import files as served, forms, live, visitors
 from .errors import as_html, friendly
 from .model import example_concepts
 from .presets import PRESET_KEYS, PRESETS, preset_values
@@ -149,7 +155,8 @@ class LiveView:
 
 def build(runner, base, device: str, preset: str, detected: str, owner: gr.State | None = None):
     """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio. Returns the
-    page-load handler and its outputs (the watched run and its live view)."""
+    page-load handler and its outputs (the watched run and its live view), and the form's Memory
+    (what a reload restores; what "train again" fills in)."""
     owner = owner if owner is not None else gr.State(None)
     watch = gr.State(None)
     shown = gr.State(None)  # what the live view shows, part by part, to skip unchanged updates
@@ -163,7 +170,8 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
     _wire_form(form, base)
     _wire_submit(runner, base, device, form, owner, [watch, view.run_pick, shown])
     _wire_estimate(runner, base, form)
-    return _wire_live(runner, view, watch, shown, owner)
+    attach, live_outputs = _wire_live(runner, view, watch, shown, owner)
+    return attach, live_outputs, _memory(runner, form)
 
 
 # -- the form ------------------------------------------------------------------------------------
@@ -319,9 +327,11 @@ def _wire_form(form: Form, base) -> None:
     if form.examples and base.is_demo:
         # a method chosen after an example was loaded gets the example's steps and batch for it
         sized = ["max_train_steps", "train_batch_size"]
-        form.method.change(lambda m, prompt: [example_recipe(m)[k] if prompt == EXAMPLE_PROMPT else gr.update() for k in sized],
+        # (on the user's choice only: a form restored or filled from a run keeps its own steps)
+        form.method.input(lambda m, prompt: [example_recipe(m)[k] if prompt == EXAMPLE_PROMPT else gr.update() for k in sized],
                            [form.method, form.trainer["instance_prompt"]], [form.trainer[k] for k in sized], show_progress="hidden")
-    form.preset.change(lambda p: [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS], form.preset,
+    # the user's choice of preset sets its options; a restored preset leaves the restored options
+    form.preset.input(lambda p: [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS], form.preset,
                        [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
 
@@ -345,10 +355,15 @@ def _wire_submit(runner, base, device: str, form: Form, owner: gr.State, outputs
         gr.Info(f"{len(ids)} run(s) queued" + (f"; place {where.position} in the queue" if where.position else ""))
         return ids[0], gr.Dropdown(choices=_run_choices(runner, who), value=ids[0]), None
 
+    # once queued, the new run's live view comes into sight: below the long form on a phone, and
+    # on a desktop scrolled away by the time Train is reached
     form.train.click(friendly(lambda v: submit(v, [v[form.method]])), all_inputs, outputs,
-                     concurrency_limit=1, concurrency_id="submit")
+                     concurrency_limit=1, concurrency_id="submit").success(None, js=SHOW_LIVE_VIEW)
     form.compare.click(friendly(lambda v: submit(v, list(v[form.compare_methods]))), all_inputs, outputs,
-                       concurrency_limit=1, concurrency_id="submit")
+                       concurrency_limit=1, concurrency_id="submit").success(None, js=SHOW_LIVE_VIEW)
+
+
+SHOW_LIVE_VIEW = "() => document.getElementById('train-live')?.scrollIntoView({block: 'start'})"
 
 
 def form_config(form: Form, values: dict, method: str, base, device: str) -> dict:
@@ -441,3 +456,152 @@ def _wire_live(runner, view: LiveView, watch: gr.State, shown: gr.State, owner: 
     view.run_pick.focus(lambda r, w: gr.Dropdown(choices=_run_choices(runner, w), value=r), [view.run_pick, owner],
                         view.run_pick, show_progress="hidden")
     return attach, [watch, *live_outputs]
+
+
+# -- the form kept across reloads, and filled from a run ("train again") ----------------------------
+
+FORM_STORAGE_KEY = "restuning-form"
+MAX_KEPT_TEXT = 20_000  # characters of a kept text box: far above what any option takes (a prompt: 1,000)
+
+
+@dataclass
+class Memory:
+    """The form as this browser last left it (gr.BrowserState: its localStorage, per visitor),
+    and two ways to fill the form: `restore(stored)` (a page load) and `from_run(run_id, who)`
+    (a run's settings). Both return updates for `outputs`: the image preview, then the kept
+    components."""
+
+    state: gr.BrowserState
+    outputs: list
+    restore: Callable
+    from_run: Callable
+
+
+def _kept(form: Form) -> dict:
+    """key -> component of everything the form keeps: images, method, preset, every option."""
+    kept = {"files": form.files, "method": form.method, "preset": form.preset, "compare_methods": form.compare_methods}
+    kept.update({f"trainer.{name}": comp for name, comp in form.trainer.items()})
+    kept.update({f"{method}.{name}": comp for method, comps in form.methods.items() for name, comp in comps.items()})
+    return kept
+
+
+def _save_js(keys: list[str]) -> str:
+    """The form's values by key, as the browser holds them, or (before the page has restored what
+    was kept) the kept value unchanged, so a change at page load cannot overwrite it. Saved in the
+    browser, with no round trip to the server: a reload right after a change still finds it."""
+    return (f"(...values) => {{ const kept = values.pop(); if (!window.restuningFormRestored) return kept;"
+            f" return Object.fromEntries({json.dumps(keys)}.map((key, i) => [key, values[i]])); }}")
+
+
+RESTORED_JS = "() => { window.restuningFormRestored = true; }"
+
+
+def _settable(comp, value):
+    """`value` if `comp` can show it, else gr.skip(): what the browser kept is whatever the
+    visitor's localStorage holds (its key is public), so nothing in it is trusted."""
+    if isinstance(comp, (gr.Radio, gr.Dropdown, gr.CheckboxGroup)):
+        allowed = {choice[1] if isinstance(choice, (tuple, list)) else choice for choice in comp.choices}
+        many = isinstance(comp, gr.CheckboxGroup) or getattr(comp, "multiselect", False)
+        ok = (isinstance(value, list) and all(isinstance(v, str) and v in allowed for v in value) if many
+              else isinstance(value, (str, int, float)) and value in allowed)
+    elif isinstance(comp, gr.Checkbox):
+        ok = isinstance(value, bool)
+    elif isinstance(comp, gr.Number):
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    elif isinstance(comp, gr.Textbox):
+        ok = isinstance(value, str) and len(value) <= MAX_KEPT_TEXT
+    else:
+        ok = False
+    return value if ok else gr.skip()
+
+
+def _shown(comp, value):
+    """What `comp` shows for a run config's `value` (None: the option was not given)."""
+    if value is None:
+        if isinstance(comp, gr.Textbox):
+            return ""
+        return None if isinstance(comp, gr.Number) else "" if isinstance(comp, gr.Dropdown) else gr.skip()
+    if isinstance(value, dict):  # the Res-Tuning layout: OP=kind pairs
+        pairs = [f"{k}={v}" for k, v in value.items()]
+        return pairs if isinstance(comp, gr.Dropdown) else ",".join(pairs)
+    if isinstance(comp, gr.Textbox):
+        return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+    return list(value) if isinstance(comp, gr.CheckboxGroup) and isinstance(value, (list, tuple)) else value
+
+
+def _kept_images(stored) -> tuple[list[str], int]:
+    """(the images kept from an earlier visit that are still on the server and still pass the
+    checks, how many are not). Only what lies in Gradio's own upload and cache folders (by its real
+    path) counts: never a run's files, nor any other file on the server."""
+    items = stored if isinstance(stored, list) else []
+    paths = []
+    for item in items[:MAX_FILES]:
+        path = item.get("path") if isinstance(item, dict) else item
+        if not isinstance(path, str) or "\0" in path:
+            continue
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(r) for r in served.allowed_roots()):
+            continue
+        try:
+            check_images([real])
+        except UploadError:
+            continue
+        paths.append(str(real))
+    return paths, len(items) - len(paths)
+
+
+def _run_images(info) -> list[str]:
+    """The checked images a run trained on (its instance/ folder), if it still holds them."""
+    folder = info.dir / "instance"
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return [str(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()][:MAX_FILES]
+
+
+def _memory(runner, form: Form) -> Memory:
+    kept = _kept(form)
+    comps = list(kept.values())
+    state = gr.BrowserState(None, storage_key=FORM_STORAGE_KEY, secret=visitors.browser_state_key(runner.runs_dir))
+    gr.on([c.change for c in comps], None, [*comps, state], state, js=_save_js(list(kept)), show_progress="hidden",
+          queue=False)
+    outputs = [form.preview, *comps]
+
+    def updates(values: dict, images: list[str] | None) -> list:
+        """`images`: image paths, or None to leave the images box as it is."""
+        head = [gr.skip()] * 2 if images is None else [gr.Gallery(value=images or None, visible=bool(images)), images or None]
+        return head + [_settable(comp, values[key]) if key in values else gr.skip()
+                       for key, comp in kept.items() if key != "files"]
+
+    def restore(stored):
+        if not isinstance(stored, dict):
+            return [gr.skip()] * len(outputs)
+        images, lost = _kept_images(stored.get("files"))
+        if lost:
+            gr.Warning(f"{lost} of the images you had added are no longer on this server (uploads are kept for a day): "
+                       "add them again.", duration=None)
+        return updates(stored, images if images or lost else None)
+
+    def from_run(run_id, who=None):
+        if not run_id:
+            raise JobError("choose a run first")
+        info = visitors.seen(runner, run_id, who)
+        method = info.method
+        if method not in form.methods:
+            raise JobError(f"run {run_id} used {method!r}, a method this studio does not offer")
+        values = {"method": method}
+        if not info.imported:
+            values.update({f"trainer.{name}": _shown(comp, info.config.get(name)) for name, comp in form.trainer.items()})
+        values.update({f"{method}.{name}": _shown(comp, info.config[name])
+                       for name, comp in form.methods[method].items() if name in info.config})
+        images = _run_images(info) if visitors.can_control(info, who) else []
+        said = f"The form now holds the settings of {run_id} ({METHODS[method].label}"
+        if images:
+            said += f", with its {len(images)} image{'s' if len(images) > 1 else ''}). Press Train to train again."
+        else:
+            why = (" (an imported tuner brings its method's options only)" if info.imported else
+                   " (they stay with the visitor who trained it)" if not visitors.can_control(info, who) else "")
+            said += f"). Its images are not loaded{why}: add the concept images, then press Train."
+        gr.Info(said)
+        return updates(values, images or None)
+
+    return Memory(state, outputs, restore, from_run)
