@@ -24,9 +24,10 @@ DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tune
 
 
 def _details(info, wait: str = "") -> str:
-    """`wait`: when a queued run should start (live.queue_words). HTML with every run-supplied string escaped: a prompt, name or tuner header is whatever
+    """HTML with every run-supplied string escaped: a prompt, name or tuner header is whatever
     a visitor typed or a file held, and shows to other visitors once published; as Markdown an
-    image link in it would make their browsers fetch an outside address."""
+    image link in it would make their browsers fetch an outside address. `wait`: when a queued
+    run should start (live.queue_words)."""
     facts = live.facts(info)
     tuner = live.weights_file(info)
     params = facts.get("trainable_params")
