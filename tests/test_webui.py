@@ -437,13 +437,13 @@ def test_a_kept_form_is_restored_only_with_what_the_form_can_take(tmp_path, monk
                             str(tmp_path / "gradio" / "abc" / "notes.png"), str(tmp_path / "gradio" / "gone.png"), 5,
                             str(tmp_path / "gradio" / "abc" / ".." / ".." / "elsewhere.png")],
                   "method": "lora", "preset": "no such preset", "trainer.instance_prompt": "a sks star",
-                  "trainer.max_train_steps": "300", "trainer.learning_rate": "x" * 20_001, "trainer.resolution": True,
+                  "trainer.max_train_steps": "300", "trainer.learning_rate": "x" * 20_001, "trainer.validation_prompt": "x" * 20_000, "trainer.resolution": True,
                   "trainer.with_prior_preservation": "yes", "trainer.num_class_images": 7, "lora.rank": 8,
                   "lora.blocks": ["mid", "nowhere"], "res-tuning.tuners": ["ff=adapter"], "compare_methods": ["lora"]}
         out = _by_id(kept, kept.restore(stored))
         assert out["concept-files"] == [str(kept_image.resolve())]
         assert (out["method"], out["instance-prompt"]) == ("lora", "a sks star")
-        assert (out["opt-num_class_images"], out["opt-lora-rank"]) == (7, 8)
+        assert (out["opt-num_class_images"], out["opt-lora-rank"], len(out["opt-validation_prompt"])) == (7, 8, 20_000)
         assert (out["opt-res-tuning-tuners"], out["compare-methods"]) == (["ff=adapter"], ["lora"])
         for refused in ("preset", "opt-max_train_steps", "opt-learning_rate", "opt-resolution", "opt-with_prior_preservation",
                         "opt-lora-blocks"):

@@ -66,9 +66,8 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
                 on_first_visit(compare, owner, lambda who: compare_tab.build(runner, base, studio, compare, owner, who))
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate:
                 on_first_visit(generate, owner, lambda who: generate_tab.build(runner, base, studio, generate, owner, who))
-        # the form as this browser left it; then it is saved again on every change
-        demo.load(kept.restore, kept.state, kept.outputs, show_progress="hidden", queue=False).then(
-            None, js=train_tab.RESTORED_JS)
+        # the form as this browser left it (it is saved on every change)
+        demo.load(kept.restore, kept.state, kept.outputs, show_progress="hidden", queue=False)
         # re-attach on every page load: a reload or a second tab shows the same live run (once the
         # page knows its visitor, on a shared studio)
         if shared:

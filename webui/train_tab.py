@@ -486,14 +486,10 @@ def _kept(form: Form) -> dict:
 
 
 def _save_js(keys: list[str]) -> str:
-    """The form's values by key, as the browser holds them, or (before the page has restored what
-    was kept) the kept value unchanged, so a change at page load cannot overwrite it. Saved in the
-    browser, with no round trip to the server: a reload right after a change still finds it."""
-    return (f"(...values) => {{ const kept = values.pop(); if (!window.restuningFormRestored) return kept;"
-            f" return Object.fromEntries({json.dumps(keys)}.map((key, i) => [key, values[i]])); }}")
-
-
-RESTORED_JS = "() => { window.restuningFormRestored = true; }"
+    """The form's values by key, as the browser holds them: saved in the browser, with no round
+    trip to the server, so a reload right after a change still finds it. (The page load reads what
+    was kept before any change can be saved.)"""
+    return f"(...values) => Object.fromEntries({json.dumps(keys)}.map((key, i) => [key, values[i]]))"
 
 
 def _settable(comp, value):
@@ -562,8 +558,7 @@ def _memory(runner, form: Form) -> Memory:
     kept = _kept(form)
     comps = list(kept.values())
     state = gr.BrowserState(None, storage_key=FORM_STORAGE_KEY, secret=visitors.browser_state_key(runner.runs_dir))
-    gr.on([c.change for c in comps], None, [*comps, state], state, js=_save_js(list(kept)), show_progress="hidden",
-          queue=False)
+    gr.on([c.change for c in comps], None, comps, state, js=_save_js(list(kept)), show_progress="hidden", queue=False)
     outputs = [form.preview, *comps]
 
     def updates(values: dict, images: list[str] | None) -> list:
