@@ -314,3 +314,173 @@ def test_a_shared_studio_says_so_with_its_limits_and_ticks_no_more_than_a_visito
     assert len(by_id["compare-methods"].value) == SHARED.runs_per_owner
     header = " ".join(str(getattr(b, "value", "")) for b in demo.blocks.values() if type(b).__name__ == "HTML")
     assert str(runner.runs_dir) not in header and str(tmp_path) not in header
+
+
+def _run(run_id, status, *, phase=None, position=None, steps=100, step=None, pace=1.0, t=1000.0, method="lora", created=0.0):
+    from trainers.jobs import RunInfo
+
+    events = [{"t": t, "event": "step", "step": step, "total": steps, "loss": 0.1, "sec_per_step": pace}] if step else []
+    config = {"method": method, "max_train_steps": steps, "resolution": 64, "train_batch_size": 1,
+              "pretrained_model_name_or_path": "assets/demo-model"}
+    return RunInfo(id=run_id, dir=None, status=status, phase=phase or ("training" if status == "running" else status),
+                   position=position, config=config, events=events, created=created)
+
+
+def test_a_queued_run_with_nothing_ahead_should_start_at_once():
+    me = _run("me", "queued", position=1)
+    assert live.start_in(me, [me], now=1000.0) == 0.0
+    done = _run("old", "done", step=100)  # a finished run holds no place
+    assert live.start_in(me, [done, me], now=1000.0) == 0.0
+    assert live.start_words(0.0) == "should start within a minute"
+
+
+def test_a_run_ahead_without_a_step_is_estimated_from_a_like_run_or_not_at_all():
+    me = _run("me", "queued", position=1)
+    loading = _run("ahead", "running", phase="loading", steps=100)
+    assert live.start_in(me, [loading, me], now=1000.0) is None
+    assert live.start_words(None) == "no start time yet: the run ahead has not made its first step"
+    measured = _run("old", "done", step=100, pace=2.0, created=-1)
+    assert live.start_in(me, [measured, loading, me], now=1000.0) == 200.0  # 100 steps x 2 s, measured on a like run
+    other = _run("old", "done", step=100, pace=2.0, method="full", created=-1)  # another method: not alike
+    assert live.start_in(me, [other, loading, me], now=1000.0) is None
+    # still making its class images: their ETA first, then its steps
+    making = _run("ahead", "running", phase="class-images", steps=100)
+    making.events = [{"t": 900.0, "event": "phase", "phase": "class-images", "done": 0, "total": 20},
+                     {"t": 910.0, "event": "phase", "phase": "class-images", "done": 10, "total": 20}]
+    assert live.start_in(me, [measured, making, me], now=1000.0) == 210.0
+
+
+def test_several_runs_ahead_add_up_per_place_and_runs_behind_do_not_count():
+    now = 1000.0
+    running = _run("a", "running", step=50, steps=100, pace=1.0, t=now - 30)  # 50 steps left, 30 s of them gone
+    first = _run("b", "queued", position=1, steps=200)  # paced like the running run: 1 s/step
+    me = _run("me", "queued", position=2)
+    behind = _run("c", "queued", position=3, steps=10_000)
+    runs = [running, first, me, behind]
+    assert live.start_in(me, runs, now=now) == 20 + 200
+    assert live.start_words(live.start_in(me, runs, now=now)) == "should start in about 4 min"
+    assert live.start_in(me, runs, slots=2, now=now) == 20  # b takes the free place, me the running run's
+    assert live.start_in(first, runs, now=now) == 20
+    assert live.start_in(me, runs, slots=3, now=now) == 0.0
+    stopping = _run("a", "running", phase="done", step=50)  # writing its last files: it ends any moment
+    assert live.start_in(first, [stopping, first], now=now) == 0.0
+    # a place frees only when as many runs have ended as hold places beyond the slots
+    long = _run("d", "running", step=1, steps=101, pace=1.0, t=now)
+    assert live.start_in(first, [running, long, first], slots=1, now=now) == 100
+
+
+@pytest.mark.parametrize("seconds, words", [(59, "should start within a minute"), (60, "should start in about 1 min"),
+                                            (61, "should start in about 2 min"), (89 * 60, "should start in about 89 min"),
+                                            (90 * 60, "should start in about 1.5 h"), (7200, "should start in about 2 h")])
+def test_the_start_time_reads_in_plain_words(seconds, words):
+    assert live.start_words(seconds) == words
+
+
+def test_the_live_view_of_a_queued_run_says_when_it_should_start(tmp_path):
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner
+
+    runner = make_runner(tmp_path / "runs")  # ticked only by submit: the first run starts, the second waits
+    (tmp_path / "a.png").write_bytes(b"png bytes")
+    images = [(tmp_path / "a.png", "a.png")]
+    config = {"method": "lora", "max_train_steps": 100, "instance_prompt": "a sks star", "fake_step_seconds": 60}
+    try:
+        first = runner.submit(config, images)
+        info = runner.info(runner.submit(config, images))
+        assert runner.info(first).status == "running" and live.status_line(info) == "queued, place 1 in the queue"
+        assert "queued, place 1 in the queue · no start time yet" in live.progress_html(info, live.queue_words(runner, info))
+        assert live.queue_words(runner, runner.info(first)) == ""
+    finally:
+        stop_runs(tmp_path / "runs")
+
+
+def _form_memory(runner):
+    """(the Train form's Memory, component by elem_id) of a studio page over `runner`."""
+    import gradio as gr
+
+    from webui import train_tab
+    from webui.model import describe
+
+    with gr.Blocks():
+        _, _, kept = train_tab.build(runner, describe(None), "cpu", "CPU demo", "test")
+    return kept, {c.elem_id: c for c in kept.outputs}
+
+
+def _by_id(kept, updates) -> dict:
+    """elem_id -> the update restore or from_run gave its component (gr.skip(): none)."""
+    return {c.elem_id: (None if isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 else u)
+            for c, u in zip(kept.outputs, updates)}
+
+
+def test_a_kept_form_is_restored_only_with_what_the_form_can_take(tmp_path, monkeypatch):
+    """What the browser kept is the visitor's to forge (the BrowserState's key is public): only
+    images in Gradio's upload folder that pass the checks, choices the form offers and values of
+    each box's type come back; a run's files never do."""
+    from PIL import Image
+
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    runner = make_runner(tmp_path / "runs")
+    (tmp_path / "gradio" / "abc").mkdir(parents=True)
+    kept_image, outside = tmp_path / "gradio" / "abc" / "star.png", tmp_path / "elsewhere.png"
+    for path in (kept_image, outside):
+        Image.new("RGB", (64, 64), "white").save(path)
+    (tmp_path / "gradio" / "abc" / "notes.png").write_text("not an image")
+    try:
+        run_id = runner.submit({"method": "lora", "max_train_steps": 1, "instance_prompt": "a sks star", "fake_step_seconds": 0},
+                               [(outside, "00-star.png")])
+        kept, _ = _form_memory(runner)
+        run_image = str(runner.run_dir(run_id) / "instance" / "00-star.png")
+        stored = {"files": [{"path": str(kept_image)}, {"path": run_image}, str(outside), "/etc/passwd",
+                            str(tmp_path / "gradio" / "abc" / "notes.png"), str(tmp_path / "gradio" / "gone.png"), 5,
+                            str(tmp_path / "gradio" / "abc" / ".." / ".." / "elsewhere.png")],
+                  "method": "lora", "preset": "no such preset", "trainer.instance_prompt": "a sks star",
+                  "trainer.max_train_steps": "300", "trainer.learning_rate": "x" * 20_001, "trainer.validation_prompt": "x" * 20_000, "trainer.resolution": True,
+                  "trainer.with_prior_preservation": "yes", "trainer.num_class_images": 7, "lora.rank": 8,
+                  "lora.blocks": ["mid", "nowhere"], "res-tuning.tuners": ["ff=adapter"], "compare_methods": ["lora"]}
+        out = _by_id(kept, kept.restore(stored))
+        assert out["concept-files"] == [str(kept_image.resolve())]
+        assert (out["method"], out["instance-prompt"]) == ("lora", "a sks star")
+        assert (out["opt-num_class_images"], out["opt-lora-rank"], len(out["opt-validation_prompt"])) == (7, 8, 20_000)
+        assert (out["opt-res-tuning-tuners"], out["compare-methods"]) == (["ff=adapter"], ["lora"])
+        for refused in ("preset", "opt-max_train_steps", "opt-learning_rate", "opt-resolution", "opt-with_prior_preservation",
+                        "opt-lora-blocks"):
+            assert out[refused] is None, refused
+        assert all(u is None for u in _by_id(kept, kept.restore("not a dict")).values())
+    finally:
+        stop_runs(tmp_path / "runs")
+
+
+def test_train_again_brings_a_runs_images_only_to_whoever_controls_it(tmp_path):
+    from PIL import Image
+
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner, wait_for
+    from trainers.jobs import JobError
+
+    runner = make_runner(tmp_path / "runs")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "star.png")
+    alice, bob = "a" * 64, "b" * 64
+    config = {"method": "lora", "max_train_steps": 1, "instance_prompt": "a sks star", "rank": 8, "learning_rate": 0.003,
+              "validation_prompt": ["a sks star", "a sks star on grass"], "fake_step_seconds": 0}
+    try:
+        run_id = runner.submit(config, [(tmp_path / "star.png", "00-star.png")], owner=alice)
+        wait_for(runner, run_id, {"done", "failed"})
+        kept, _ = _form_memory(runner)
+        mine = _by_id(kept, kept.from_run(run_id, alice))
+        assert mine["concept-files"] == [str(runner.run_dir(run_id) / "instance" / "00-star.png")]
+        assert (mine["method"], mine["opt-lora-rank"], mine["opt-learning_rate"], mine["opt-validation_prompt"]) == (
+            "lora", 8, "0.003", "a sks star\na sks star on grass")
+        # an option the run was not given: an empty box
+        assert (mine["opt-num_inference_steps"], mine["opt-seed"], mine["opt-max_train_steps"]) == ("", None, 1)
+        with pytest.raises(JobError, match="no run"):
+            kept.from_run(run_id, bob)  # not published: no such run, for bob
+        runner.publish(run_id)
+        theirs = _by_id(kept, kept.from_run(run_id, bob))
+        assert theirs["concept-files"] is None and theirs["opt-lora-rank"] == 8
+        with pytest.raises(JobError, match="choose a run"):
+            kept.from_run(None, alice)
+    finally:
+        stop_runs(tmp_path / "runs")

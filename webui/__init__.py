@@ -62,15 +62,18 @@ def build(runner, base, *, device: str, preset: str, detected: str, shared: bool
         if shared:
             gr.HTML(shared_banner(runner.limits, persistent), elem_id="shared-banner")
         # "wrap": on a phone the four tabs take two lines rather than hiding behind a "⋯" menu
-        with gr.Tabs(overflow_behavior="wrap"):
+        with gr.Tabs(overflow_behavior="wrap") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                attach_live, live_outputs = train_tab.build(runner, base, device, preset, detected, owner, models)
+                attach_live, live_outputs, kept = train_tab.build(runner, base, device, preset, detected, owner, models)
             with gr.Tab("Runs / tuners", id="runs", elem_id="tab-runs") as runs:
-                on_first_visit(runs, owner, lambda who: runs_tab.build(runner, base, runs, owner, who, shared))
+                on_first_visit(runs, owner, lambda who: runs_tab.build(runner, base, runs, owner, who, shared,
+                                                                       train_again=(kept, tabs)))
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare:
                 on_first_visit(compare, owner, lambda who: compare_tab.build(runner, base, studio, compare, owner, who))
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate:
                 on_first_visit(generate, owner, lambda who: generate_tab.build(runner, base, studio, generate, owner, who))
+        # the form as this browser left it (it is saved on every change)
+        demo.load(kept.restore, kept.state, kept.outputs, show_progress="hidden", queue=False)
         # re-attach on every page load: a reload or a second tab shows the same live run (once the
         # page knows its visitor, on a shared studio)
         if shared:

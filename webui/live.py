@@ -4,7 +4,10 @@ Plain functions without Gradio, so the tests can check them and every view agree
 
 from __future__ import annotations
 
+import heapq
 import html
+import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -64,9 +67,10 @@ def _bar(info: RunInfo, done: int, total: int, text: str, kind: str = "training"
             f"<div class='rt-progress-text'>{html.escape(text)}</div>")
 
 
-def progress_html(info: RunInfo | None) -> str:
+def progress_html(info: RunInfo | None, wait: str = "") -> str:
     """A progress bar with step/total, speed and ETA from the last step event; while class images
-    are made, their own bar and ETA; once done, how long it took and what to do next."""
+    are made, their own bar and ETA; once done, how long it took and what to do next. `wait`: when
+    a queued run should start (start_words), shown after its place in the queue."""
     if info is None:
         return "<div class='rt-progress-text'>No run yet: upload images (or try an example) and press Train.</div>"
     making = class_images(info)
@@ -84,11 +88,98 @@ def progress_html(info: RunInfo | None) -> str:
         parts.append(f"{step.get('sec_per_step', 0):.2f} s/step")
         parts.append(f"ETA {_duration(step.get('eta_sec'))}")
     parts.append(status_line(info))
+    if wait and info.status == "queued":
+        parts.append(wait)
     if info.status == "done":
         took = duration(info)
         parts[-1] = f"done in {_duration(took)}" if took is not None else "done"
         return _bar(info, done, total, " · ".join(parts)) + f"<div class='rt-progress-text' id='live-next'>{NEXT_STEP}</div>"
     return _bar(info, done, total, " · ".join(parts))
+
+
+def _pace_key(info: RunInfo) -> tuple:
+    """What a run's seconds per step depend on: runs alike in these train at about the same pace."""
+    c = info.config
+    return (info.method, c.get("pretrained_model_name_or_path"), c.get("resolution"), c.get("train_batch_size"))
+
+
+def paces(runs: list[RunInfo]) -> dict[tuple, float]:
+    """_pace_key -> seconds per step, as the newest run of that kind that made a step measured it."""
+    measured = {}
+    for info in sorted(runs, key=lambda r: r.created):
+        step = last_step(info)
+        if step and isinstance(step.get("sec_per_step"), (int, float)) and step["sec_per_step"] > 0:
+            measured[_pace_key(info)] = float(step["sec_per_step"])
+    return measured
+
+
+def seconds_left(info: RunInfo, pace: float | None = None, now: float | None = None) -> float | None:
+    """Seconds until `info` (running or queued) should end: its steps left times the seconds per
+    step it measured, or `pace` (measured on a like run) before its first step, plus the class
+    images it is still making. None when that cannot be told yet. Loading is not counted."""
+    if info.status == "running" and info.phase in FINAL_PHASES:
+        return 0.0
+    step = last_step(info)
+    total = int((step or {}).get("total") or info.config.get("max_train_steps") or 0)
+    done = int((step or {}).get("step", 0))
+    per_step = step.get("sec_per_step") if step else pace
+    if not isinstance(per_step, (int, float)) or not per_step > 0 or not total:
+        return None
+    left = max(total - done, 0) * float(per_step)
+    if step and isinstance(step.get("t"), (int, float)):
+        left = max(left - ((time.time() if now is None else now) - step["t"]), 0.0)  # time since that step
+    making = class_images(info)
+    if making is not None:
+        if making[2] is None:
+            return None
+        left += making[2]
+    return left
+
+
+def start_in(info: RunInfo, runs: list[RunInfo], slots: int = 1, now: float | None = None) -> float | None:
+    """Seconds until the queued run `info` should start: the runs running now hold the `slots`
+    places (runs that train at once) until seconds_left, and each queued run ahead of it (by place
+    in the queue) takes the first place that frees. 0 with none ahead and a place free; None when
+    a run it waits for cannot be estimated yet (no step made, and no like run measured)."""
+    measured = paces(runs)
+
+    def left(run):
+        return seconds_left(run, measured.get(_pace_key(run)), now)
+
+    ends = [left(r) for r in runs if r.status == "running" and r.id != info.id]
+    ahead = sorted((r for r in runs if r.status == "queued" and r.id != info.id and r.position is not None
+                    and info.position is not None and r.position < info.position), key=lambda r: r.position)
+    durations = [left(r) for r in ahead]
+    if any(t is None for t in ends + durations):
+        return None
+    slots = max(1, slots)
+    # with more runs holding places than there are (one still exiting), a place frees only when enough have ended
+    places = sorted([0.0] * max(0, slots - len(ends)) + ends)[max(0, len(ends) - slots):]
+    heapq.heapify(places)
+    for duration in durations:
+        heapq.heappush(places, heapq.heappop(places) + duration)
+    return places[0]
+
+
+def start_words(seconds: float | None) -> str:
+    """When a queued run should start, in plain words."""
+    if seconds is None:
+        return "no start time yet: the run ahead has not made its first step"
+    if seconds < 60:
+        return "should start within a minute"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 90:
+        return f"should start in about {minutes} min"
+    return f"should start in about {minutes / 60:.1f} h".replace(".0 h", " h")
+
+
+def queue_words(runner, info: RunInfo) -> str:
+    """When the queued run `info` should start, from every run of `runner` (trainers.jobs.JobRunner)
+    ahead of it; "" for a run not queued or one held back for a reason of its own (a full disk)."""
+    if info.status != "queued" or info.position is None or info.waiting:
+        return ""
+    slots = len(runner.devices) * getattr(runner.launcher, "per_device", 1)
+    return start_words(start_in(info, runner.list_runs(), slots))
 
 
 def status_line(info: RunInfo) -> str:

@@ -25,14 +25,15 @@ DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tune
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
 
 
-def _details(info) -> str:
+def _details(info, wait: str = "") -> str:
     """HTML with every run-supplied string escaped: a prompt, name or tuner header is whatever
     a visitor typed or a file held, and shows to other visitors once published; as Markdown an
-    image link in it would make their browsers fetch an outside address."""
+    image link in it would make their browsers fetch an outside address. `wait`: when a queued
+    run should start (live.queue_words)."""
     facts = live.facts(info)
     tuner = live.weights_file(info)
     params = facts.get("trainable_params")
-    items = [("status", live.status_line(info)),
+    items = [("status", live.status_line(info) + (f"; {wait}" if wait else "")),
              ("method", info.method + (f" (comparison group {info.group})" if info.group else "")),
              ("trainable parameters", f"{params:,}" if isinstance(params, int) else "not reported yet"),
              ("weights file", f"{tuner.name}, {live.human_size(tuner.stat().st_size)}" if tuner else "not saved yet"),
@@ -75,16 +76,18 @@ def view(runner, run_id, who, shared: bool):
     info = runner.info(run_id) if run_id else None
     mine = bool(info) and visitors.can_control(info, who)
     files = _downloads(info) if info else {}
-    widgets = {"details": {"value": _details(info) if info else "No runs yet."},
+    wait = live.queue_words(runner, info) if info else ""
+    widgets = {"details": {"value": _details(info, wait) if info else "No runs yet."},
                "samples": {"value": live.samples(info) if info else None},
                **{kind: {"value": str(files[kind]) if kind in files else None, "visible": kind in files}
                   for kind, _ in DOWNLOADS},
                "cancel": {"visible": mine and info.status in ("queued", "running")},
                "resume": {"visible": mine and info.resumable},
                "delete": {"visible": mine and info.status not in ("queued", "running")},
+               "again": {"visible": bool(info) and info.status != "damaged"},
                "publish": {"value": bool(info) and info.published, "visible": shared and mine}}
     signature = (tuple(map(tuple, table_rows)), run_id,
-                 (info.status, len(info.events), info.published, mine) if info else None)
+                 (info.status, len(info.events), info.published, mine, wait) if info else None)
     return table_rows, ids, run_id, widgets, signature
 
 
@@ -100,6 +103,7 @@ class Tab:
     cancel: gr.Button
     resume: gr.Button
     delete: gr.Button
+    again: gr.Button
     publish: gr.Checkbox
     confirm_box: gr.Group
     confirm_text: gr.Markdown
@@ -110,15 +114,16 @@ class Tab:
     import_button: gr.Button
 
 
-def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
+def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False, train_again=None):
     """The tab's content for visitor `who`, filled with the runs as they are now; selecting the
-    tab again and a 2 s timer keep it current."""
+    tab again and a 2 s timer keep it current. `train_again`: (the Train form's
+    train_tab.Memory, the page's tabs), for the button that fills the form with a run's settings."""
     table_rows, ids, run_id, now, signature = view(runner, None, who, shared)
     selected = gr.State(run_id)
     shown = gr.State(signature)
     ui = _layout(table_rows, ids, run_id, now)
     outputs = [ui.table, ui.pick, selected, ui.details, ui.samples, *ui.downloads.values(), ui.cancel, ui.resume, ui.delete,
-               ui.publish, shown]
+               ui.again, ui.publish, shown]
 
     def refresh(run_id, last, who=None):
         table_rows, ids, run_id, now, signature = view(runner, run_id, who, shared)
@@ -127,7 +132,7 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
         return (table_rows, gr.Dropdown(choices=ids, value=run_id), run_id, now["details"]["value"],
                 now["samples"]["value"], *(gr.DownloadButton(**now[kind]) for kind, _ in DOWNLOADS),
                 gr.Button(**now["cancel"]), gr.Button(**now["resume"]), gr.Button(**now["delete"]),
-                gr.Checkbox(**now["publish"]), signature)
+                gr.Button(**now["again"]), gr.Checkbox(**now["publish"]), signature)
 
     timer = gr.Timer(2.0)
     timer.tick(friendly(refresh), [selected, shown, owner], outputs, show_progress="hidden", concurrency_limit=None, queue=False)
@@ -140,6 +145,11 @@ def build(runner, base, tab, owner: gr.State, who=None, shared: bool = False):
                                                         show_progress="hidden")
     _wire_controls(runner, ui, selected, owner, shown)
     _wire_import(runner, base, ui, selected, owner, shown)
+    if train_again is not None:
+        kept, tabs = train_again
+        # the form filled with the run's settings (as kohya_ss loads a config), then shown
+        ui.again.click(friendly(lambda r, w: [gr.Tabs(selected="train"), *kept.from_run(r, w)]), [selected, owner],
+                       [tabs, *kept.outputs], show_progress="hidden")
     tab.select(friendly(refresh), [selected, gr.State(None), owner], outputs, show_progress="hidden", queue=False)
 
 
@@ -160,6 +170,7 @@ def _layout(table_rows, ids, run_id, now: dict) -> Tab:
                 cancel = gr.Button("Cancel", variant="stop", elem_id="runs-cancel", **now["cancel"])
                 resume = gr.Button("Resume", elem_id="runs-resume", **now["resume"])
                 delete = gr.Button("Delete…", elem_id="runs-delete", **now["delete"])
+            again = gr.Button("Train again with these settings", elem_id="runs-train-again", **now["again"])
             publish = gr.Checkbox(label="Published: every visitor of this studio may see, sample and download it",
                                   interactive=True, elem_id="runs-publish", **now["publish"])
             with gr.Group(visible=False) as confirm_box:
@@ -172,8 +183,8 @@ def _layout(table_rows, ids, run_id, now: dict) -> Tab:
                                  file_count="single", interactive=True, elem_id="import-file")
                 import_name = gr.Textbox(label="Name", placeholder="my-star", interactive=True, elem_id="import-name")
                 import_button = gr.Button("Import", elem_id="import")
-    return Tab(table, pick, details, samples, downloads, cancel, resume, delete, publish, confirm_box, confirm_text, confirm,
-               keep, upload, import_name, import_button)
+    return Tab(table, pick, details, samples, downloads, cancel, resume, delete, again, publish, confirm_box, confirm_text,
+               confirm, keep, upload, import_name, import_button)
 
 
 def _wire_controls(runner, ui: Tab, selected: gr.State, owner: gr.State, shown: gr.State) -> None:

@@ -9,9 +9,14 @@ closing the browser stops nothing.
 from __future__ import annotations
 
 import html
+import json
 import logging
+import math
+import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -19,9 +24,10 @@ from gradio.utils import get_upload_folder
 from restuning.methods import METHODS
 from trainers import memory
 from trainers.options import RECIPE_METHOD_OPTIONS, OptionError, check_method_fits, from_dict, method_recipe, parse_value
-from trainers.service.uploads import MAX_NAME_CHARS, UploadError, check_images, check_name, discard
+from trainers.service.jobs import JobError
+from trainers.service.uploads import MAX_FILES, MAX_NAME_CHARS, UploadError, check_images, check_name, discard
 
-from . import catalog, forms, live, visitors
+from . import catalog, files as served, forms, live, visitors
 from .errors import as_html, friendly
 from .model import example_concepts
 from .presets import PRESET_KEYS, PRESETS, preset_values
@@ -153,7 +159,8 @@ class LiveView:
 def build(runner, base, device: str, preset: str, detected: str, owner: gr.State | None = None, models=None):
     """`owner`: the page's visitor id (webui.visitors); None-valued on a local studio; `models`:
     the base models to pick (webui.catalog; `base` alone by default, `base` first). Returns the
-    page-load handler and its outputs (the watched run and its live view)."""
+    page-load handler and its outputs (the watched run and its live view), and the form's Memory
+    (what a reload restores; what "train again" fills in)."""
     owner = owner if owner is not None else gr.State(None)
     models = models or catalog.single(base)
     watch = gr.State(None)
@@ -171,7 +178,8 @@ def build(runner, base, device: str, preset: str, detected: str, owner: gr.State
     _wire_model(models, form)
     _wire_submit(runner, models, device, form, owner, [watch, view.run_pick, shown])
     _wire_estimate(runner, models, form)
-    return _wire_live(runner, view, watch, shown, owner)
+    attach, live_outputs = _wire_live(runner, view, watch, shown, owner)
+    return attach, live_outputs, _memory(runner, form, models)
 
 
 # -- the form ------------------------------------------------------------------------------------
@@ -253,14 +261,17 @@ def _wire_model(models, form: Form) -> None:
         base = chosen(models, key)
         values = preset_values(preset, base.resolution, base.family)
         recipe = {m: method_recipe(base.source, m) for m in form.methods}
-        return ([values[k] for k in PRESET_KEYS]
-                + [recipe_value(m, n, recipe[m]) for m, n, _ in blocks]
-                + [gr.Textbox(placeholder=p) for p in base.prompts]
-                + [gr.update(visible=base.is_demo) for _ in form.example_parts])
+        return [values[k] for k in PRESET_KEYS] + [recipe_value(m, n, recipe[m]) for m, n, _ in blocks]
 
-    form.model.change(picked, [form.model, form.preset],
-                      [*(form.trainer[k] for k in PRESET_KEYS), *(c for _, _, c in blocks), *prompts, *form.example_parts],
-                      show_progress="hidden")
+    def looks(key):
+        base = chosen(models, key)
+        return [gr.Textbox(placeholder=p) for p in base.prompts] + [gr.update(visible=base.is_demo) for _ in form.example_parts]
+
+    # the user's pick brings the model's values; a restored or a run's model (train again) keeps
+    # the values that came with it, and only the words and examples follow the model
+    form.model.input(picked, [form.model, form.preset], [*(form.trainer[k] for k in PRESET_KEYS), *(c for _, _, c in blocks)],
+                     show_progress="hidden")
+    form.model.change(looks, form.model, [*prompts, *form.example_parts], show_progress="hidden")
 
 
 def _concept_inputs(base):
@@ -374,13 +385,15 @@ def _wire_form(form: Form, models) -> None:
     if form.examples:
         # a method chosen after an example was loaded gets the example's steps and batch for it
         sized = ["max_train_steps", "train_batch_size"]
-        form.method.change(lambda m, prompt: [example_recipe(m)[k] if prompt == EXAMPLE_PROMPT else gr.update() for k in sized],
+        # (on the user's choice only: a form restored or filled from a run keeps its own steps)
+        form.method.input(lambda m, prompt: [example_recipe(m)[k] if prompt == EXAMPLE_PROMPT else gr.update() for k in sized],
                            [form.method, form.trainer["instance_prompt"]], [form.trainer[k] for k in sized], show_progress="hidden")
     def preset_for(p, key):
         base = chosen(models, key)
         return [preset_values(p, base.resolution, base.family)[k] for k in PRESET_KEYS]
 
-    form.preset.change(preset_for, [form.preset, form.model], [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
+    # the user's choice of preset sets its options; a restored preset leaves the restored options
+    form.preset.input(preset_for, [form.preset, form.model], [form.trainer[k] for k in PRESET_KEYS], show_progress="hidden")
 
 
 def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outputs: list) -> None:
@@ -409,10 +422,15 @@ def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outpu
         gr.Info(f"{len(ids)} run(s) queued" + (f"; place {where.position} in the queue" if where.position else ""))
         return ids[0], gr.Dropdown(choices=_run_choices(runner, who), value=ids[0]), None
 
+    # once queued, the new run's live view comes into sight: below the long form on a phone, and
+    # on a desktop scrolled away by the time Train is reached
     form.train.click(friendly(lambda v: submit(v, [v[form.method]])), all_inputs, outputs,
-                     concurrency_limit=1, concurrency_id="submit")
+                     concurrency_limit=1, concurrency_id="submit").success(None, js=SHOW_LIVE_VIEW)
     form.compare.click(friendly(lambda v: submit(v, list(v[form.compare_methods]))), all_inputs, outputs,
-                       concurrency_limit=1, concurrency_id="submit")
+                       concurrency_limit=1, concurrency_id="submit").success(None, js=SHOW_LIVE_VIEW)
+
+
+SHOW_LIVE_VIEW = "() => document.getElementById('train-live')?.scrollIntoView({block: 'start'})"
 
 
 def form_config(form: Form, values: dict, method: str, base, device: str) -> dict:
@@ -454,7 +472,8 @@ def live_update(runner, run_id, last, who=None) -> tuple:
                 gr.Dropdown(choices=_run_choices(runner, who), value=None), None)
     mine = visitors.can_control(info, who)
     frame, images = live.loss_plot_frame(info), live.samples(info)
-    now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable), "events": len(info.events),
+    wait = live.queue_words(runner, info)  # changes as the runs ahead train
+    now = {"run": (run_id, info.status, info.phase, info.position, mine, info.resumable, wait), "events": len(info.events),
            "log": live.log_size(info), "loss": len(frame), "samples": len(images)}
     before = last if isinstance(last, dict) else {}
     if now == before:
@@ -463,7 +482,7 @@ def live_update(runner, run_id, last, who=None) -> tuple:
     def changed(*parts):
         return any(now[p] != before.get(p) for p in parts)
 
-    return (live.progress_html(info) if changed("run", "events") else gr.skip(),
+    return (live.progress_html(info, wait) if changed("run", "events") else gr.skip(),
             gr.LinePlot(value=frame, visible=not frame.empty) if changed("run", "loss") else gr.skip(),
             gr.Gallery(value=images, visible=bool(images)) if changed("run", "samples") else gr.skip(),
             live.log_text(info) if changed("run", "events", "log") else gr.skip(),
@@ -505,3 +524,156 @@ def _wire_live(runner, view: LiveView, watch: gr.State, shown: gr.State, owner: 
     view.run_pick.focus(lambda r, w: gr.Dropdown(choices=_run_choices(runner, w), value=r), [view.run_pick, owner],
                         view.run_pick, show_progress="hidden")
     return attach, [watch, *live_outputs]
+
+
+# -- the form kept across reloads, and filled from a run ("train again") ----------------------------
+
+FORM_STORAGE_KEY = "restuning-form"
+MAX_KEPT_TEXT = 20_000  # characters of a kept text box: far above what any option takes (a prompt: 1,000)
+
+
+@dataclass
+class Memory:
+    """The form as this browser last left it (gr.BrowserState: its localStorage, per visitor),
+    and two ways to fill the form: `restore(stored)` (a page load) and `from_run(run_id, who)`
+    (a run's settings). Both return updates for `outputs`: the image preview, then the kept
+    components."""
+
+    state: gr.BrowserState
+    outputs: list
+    restore: Callable
+    from_run: Callable
+
+
+def _kept(form: Form) -> dict:
+    """key -> component of everything the form keeps: images, the run's name, the base model,
+    method, preset, every option."""
+    kept = {"files": form.files, "name": form.name, "method": form.method, "preset": form.preset,
+            "compare_methods": form.compare_methods}
+    if form.model is not None:
+        kept["model"] = form.model
+    kept.update({f"trainer.{name}": comp for name, comp in form.trainer.items()})
+    kept.update({f"{method}.{name}": comp for method, comps in form.methods.items() for name, comp in comps.items()})
+    return kept
+
+
+def _save_js(keys: list[str]) -> str:
+    """The form's values by key, as the browser holds them: saved in the browser, with no round
+    trip to the server, so a reload right after a change still finds it. (The page load reads what
+    was kept before any change can be saved.)"""
+    return f"(...values) => Object.fromEntries({json.dumps(keys)}.map((key, i) => [key, values[i]]))"
+
+
+def _settable(comp, value):
+    """`value` if `comp` can show it, else gr.skip(): what the browser kept is whatever the
+    visitor's localStorage holds (its key is public), so nothing in it is trusted."""
+    if isinstance(comp, (gr.Radio, gr.Dropdown, gr.CheckboxGroup)):
+        allowed = {choice[1] if isinstance(choice, (tuple, list)) else choice for choice in comp.choices}
+        many = isinstance(comp, gr.CheckboxGroup) or getattr(comp, "multiselect", False)
+        ok = (isinstance(value, list) and all(isinstance(v, str) and v in allowed for v in value) if many
+              else isinstance(value, (str, int, float)) and value in allowed)
+    elif isinstance(comp, gr.Checkbox):
+        ok = isinstance(value, bool)
+    elif isinstance(comp, gr.Number):
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    elif isinstance(comp, gr.Textbox):
+        ok = isinstance(value, str) and len(value) <= MAX_KEPT_TEXT
+    else:
+        ok = False
+    return value if ok else gr.skip()
+
+
+def _shown(comp, value):
+    """What `comp` shows for a run config's `value` (None: the option was not given)."""
+    if value is None:
+        if isinstance(comp, gr.Textbox):
+            return ""
+        return None if isinstance(comp, gr.Number) else "" if isinstance(comp, gr.Dropdown) else gr.skip()
+    if isinstance(value, dict):  # the Res-Tuning layout: OP=kind pairs
+        pairs = [f"{k}={v}" for k, v in value.items()]
+        return pairs if isinstance(comp, gr.Dropdown) else ",".join(pairs)
+    if isinstance(comp, gr.Textbox):
+        return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+    return list(value) if isinstance(comp, gr.CheckboxGroup) and isinstance(value, (list, tuple)) else value
+
+
+def _kept_images(stored) -> tuple[list[str], int]:
+    """(the images kept from an earlier visit that are still on the server and still pass the
+    checks, how many are not). Only what lies in Gradio's own upload and cache folders (by its real
+    path) counts: never a run's files, nor any other file on the server."""
+    items = stored if isinstance(stored, list) else []
+    paths = []
+    for item in items[:MAX_FILES]:
+        path = item.get("path") if isinstance(item, dict) else item
+        if not isinstance(path, str) or "\0" in path:
+            continue
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(r) for r in served.allowed_roots()):
+            continue
+        try:
+            check_images([real])
+        except UploadError:
+            continue
+        paths.append(str(real))
+    return paths, len(items) - len(paths)
+
+
+def _run_images(info) -> list[str]:
+    """The checked images a run trained on (its instance/ folder), if it still holds them."""
+    folder = info.dir / "instance"
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return [str(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()][:MAX_FILES]
+
+
+def _memory(runner, form: Form, models=None) -> Memory:
+    kept = _kept(form)
+    comps = list(kept.values())
+    state = gr.BrowserState(None, storage_key=FORM_STORAGE_KEY, secret=visitors.browser_state_key(runner.runs_dir))
+    gr.on([c.change for c in comps], None, comps, state, js=_save_js(list(kept)), show_progress="hidden", queue=False)
+    outputs = [form.preview, *comps]
+
+    def updates(values: dict, images: list[str] | None) -> list:
+        """`images`: image paths, or None to leave the images box as it is."""
+        head = [gr.skip()] * 2 if images is None else [gr.Gallery(value=images or None, visible=bool(images)), images or None]
+        return head + [_settable(comp, values[key]) if key in values else gr.skip()
+                       for key, comp in kept.items() if key != "files"]
+
+    def restore(stored):
+        if not isinstance(stored, dict):
+            return [gr.skip()] * len(outputs)
+        images, lost = _kept_images(stored.get("files"))
+        if lost:
+            gr.Warning(f"{lost} of the images you had added are no longer on this server (uploads are kept for a day): "
+                       "add them again.", duration=None)
+        return updates(stored, images if images or lost else None)
+
+    def from_run(run_id, who=None):
+        if not run_id:
+            raise JobError("choose a run first")
+        info = visitors.seen(runner, run_id, who)
+        method = info.method
+        if method not in form.methods:
+            raise JobError(f"run {run_id} used {method!r}, a method this studio does not offer")
+        values = {"method": method}
+        key = models.key_of(info.config.get("pretrained_model_name_or_path")) if models and form.model is not None else None
+        if key:
+            values["model"] = key
+        if not info.imported:
+            values.update({f"trainer.{name}": _shown(comp, info.config.get(name)) for name, comp in form.trainer.items()})
+        values.update({f"{method}.{name}": _shown(comp, info.config[name])
+                       for name, comp in form.methods[method].items() if name in info.config})
+        images = _run_images(info) if visitors.can_control(info, who) else []
+        said = f"The form now holds the settings of {run_id} ({METHODS[method].label}"
+        if images:
+            said += f", with its {len(images)} image{'s' if len(images) > 1 else ''}). Press Train to train again."
+        else:
+            why = (" (an imported tuner brings its method's options only)" if info.imported else
+                   " (they stay with the visitor who trained it)" if not visitors.can_control(info, who) else "")
+            said += f"). Its images are not loaded{why}: add the concept images, then press Train."
+        if form.model is not None and not key:
+            said += " Its base model is not among this studio's models: the one chosen above stays."
+        gr.Info(said)
+        return updates(values, images or None)
+
+    return Memory(state, outputs, restore, from_run)

@@ -24,7 +24,7 @@ def test_the_watched_run_says_it_trains_once_it_does(tmp_path, images):
     runner = make_runner(tmp_path / "runs")
     base = describe(None)
     with gr.Blocks() as demo:
-        attach, outputs = train_tab.build(runner, base, "cpu", "CPU demo", "test")
+        attach, outputs, _ = train_tab.build(runner, base, "cpu", "CPU demo", "test")
     refresh = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "refresh")
     run_id = runner.submit({"max_train_steps": 400, "fake_step_seconds": 0.05}, images)
     before = refresh(run_id, None)[-1]  # queued or starting

@@ -142,7 +142,8 @@ def test_the_page_holds_no_secret(shared_studio, images, monkeypatch):
     stored = {p.read_text(errors="replace").strip() for p in runner.runs_dir.rglob("*") if p.is_file() and p.stat().st_size < 4096}
     config = json.loads(raw_get(url, "/config")[1])
     keys = [c["props"]["secret"] for c in config["components"] if c.get("type") == "browserstate"]
-    assert keys == [visitors.BROWSER_STATE_KEY], "the public key, not one kept on the server"
+    # the visitor's and the Train form's (webui.train_tab.FORM_STORAGE_KEY)
+    assert keys == [visitors.BROWSER_STATE_KEY] * 2, "the public key, not one kept on the server"
     assert not any(k in stored for k in keys)
 
 
