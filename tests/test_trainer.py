@@ -181,7 +181,7 @@ BAD_INPUT = {
                   "t.png: the file is truncated"),
     "too small": (lambda d: Image.new("RGB", (40, 80)).save(d / "s.png"), [], "s.png: 40x80 is too small"),
     "lr zero": (lambda d: make_images(d, 1), ["--learning_rate", "0"], "--learning_rate must be a number above 0"),
-    "steps zero": (lambda d: make_images(d, 1), ["--max_train_steps", "0"], "--max_train_steps must be a positive"),
+    "steps zero": (lambda d: make_images(d, 1), ["--max_train_steps", "0"], "--max_train_steps must be a whole number above 0"),
     "resolution": (lambda d: make_images(d, 1), ["--resolution", "68"], "--resolution must be a multiple of 8"),
     "unknown method": (lambda d: make_images(d, 1), ["--method", "dora"], "--method 'dora' is not a method"),
     "bad method option": (lambda d: make_images(d, 1), ["--tuners", "ff=sideways"], "unknown tuner kind 'sideways'"),
@@ -241,7 +241,7 @@ def test_model_sources(tiny_model, tmp_path):
         models.check_source(tmp_path / "model.safetensors")
     hub = models.check_source("someone/some-model")
     assert hub.kind == "hub"
-    with pytest.raises(models.ModelError, match="tried the hub id someone/some-model"):
+    with pytest.raises(models.ModelError, match="the hub model someone/some-model is not downloaded"):
         models.load_pipeline(hub)
 
 

@@ -317,7 +317,7 @@ def test_a_shared_studio_says_so_with_its_limits_and_ticks_no_more_than_a_visito
 
 
 def _run(run_id, status, *, phase=None, position=None, steps=100, step=None, pace=1.0, t=1000.0, method="lora", created=0.0):
-    from trainers.jobs import RunInfo
+    from trainers.service.jobs import RunInfo
 
     events = [{"t": t, "event": "step", "step": step, "total": steps, "loss": 0.1, "sec_per_step": pace}] if step else []
     config = {"method": method, "max_train_steps": steps, "resolution": 64, "train_batch_size": 1,
@@ -458,7 +458,7 @@ def test_train_again_brings_a_runs_images_only_to_whoever_controls_it(tmp_path):
 
     from tests.e2e.conftest import stop_runs
     from tests.test_jobs import make_runner, wait_for
-    from trainers.jobs import JobError
+    from trainers.service.jobs import JobError
 
     runner = make_runner(tmp_path / "runs")
     Image.new("RGB", (64, 64), "white").save(tmp_path / "star.png")

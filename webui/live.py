@@ -174,7 +174,7 @@ def start_words(seconds: float | None) -> str:
 
 
 def queue_words(runner, info: RunInfo) -> str:
-    """When the queued run `info` should start, from every run of `runner` (trainers.jobs.JobRunner)
+    """When the queued run `info` should start, from every run of `runner` (trainers.service.jobs.JobRunner)
     ahead of it; "" for a run not queued or one held back for a reason of its own (a full disk)."""
     if info.status != "queued" or info.position is None or info.waiting:
         return ""

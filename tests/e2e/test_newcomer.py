@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from trainers.jobs import JobError
+from trainers.service.jobs import JobError
 from tests.e2e.conftest import free_port, stop_runs
 from tests.e2e.test_studio import STARS, fill, upload
 
