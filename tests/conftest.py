@@ -1,7 +1,10 @@
+import json
 import os
 import shutil
+import signal
 import tempfile
 import warnings
+from pathlib import Path
 
 # One OpenMP thread, before torch loads: the tests' models are tiny, and on a busy 2-core machine a
 # second thread only waits on the first (tests/test_bypass_designs.py: 8.6 s with one, 284 s with the
@@ -26,6 +29,13 @@ os.environ["GRADIO_TEMP_DIR"] = os.path.join(_TEMP_ROOT, "gradio")  # its own fo
 
 
 def pytest_unconfigure(config):
+    # Trainers live in sessions of their own (they outlive the studio by design): end those a test
+    # left running, by their recorded process group, before their folders go.
+    for record in Path(_TEMP_ROOT).rglob("process.json"):
+        try:
+            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     shutil.rmtree(_TEMP_ROOT, ignore_errors=True)
 
 

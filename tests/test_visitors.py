@@ -50,7 +50,9 @@ def test_one_visitor_cannot_fill_the_queue(tmp_path, images):
         runner.cancel(run_id)
     for run_id in [*first, other]:
         wait_for(runner, run_id, {"cancelled"})
-    runner.submit(slow, images, owner=ALICE)  # finished runs no longer count
+    again = runner.submit(slow, images, owner=ALICE)  # finished runs no longer count
+    runner.cancel(again)
+    wait_for(runner, again, {"cancelled"})
 
 
 def test_run_ids_of_a_shared_studio_are_unguessable(tmp_path, images):

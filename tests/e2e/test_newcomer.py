@@ -6,7 +6,9 @@ condition in the page, so a loaded 2-core machine only makes it slower.
 
 Issue 39's newcomer, on a studio whose trainer is tests/fake_trainer.py (what the page does, without
 training's minutes): the new run's live view in sight after Train, a form that outlives a reload,
-and a run's settings loaded back into the form."""
+and a run's settings loaded back into the form; at a desktop's and a phone's width, runs told apart
+and the class-image cache listed nowhere. Then a second base model picked in the Train form and
+trained (a short real run on a tiny SD 2.x model in a models folder), no page showing its path."""
 
 import contextlib
 import json
@@ -14,9 +16,12 @@ import re
 
 import pytest
 
+from tests.e2e.conftest import free_port, serve, stop_runs
+from tests.e2e.test_studio import STARS, fill, upload, wait_text
+from tests.test_jobs import make_runner, wait_for
+from trainers.data import class_cache_dir
 from trainers.service.jobs import JobError
-from tests.e2e.conftest import free_port, stop_runs
-from tests.e2e.test_studio import STARS, fill, upload
+from webui.model import EXAMPLE_CONCEPTS
 
 pytestmark = pytest.mark.slow
 LONG = 600_000  # ms: training and sampling on a loaded 2-core machine
@@ -121,7 +126,6 @@ def quick_studio(tmp_path_factory):
     """(url, runner) of a local studio on the demo model, served in this process over a job runner
     whose trainer is tests/fake_trainer.py."""
     import webui
-    from tests.test_jobs import make_runner
     from webui.model import describe
 
     runs = tmp_path_factory.mktemp("quick") / "runs"
@@ -243,3 +247,127 @@ def test_a_runs_settings_fill_the_form_to_train_again(visit, quick_studio):
     assert {k: made.get(k) for k in given} == given
     trained = sorted(f.read_bytes() for f in (runner.run_dir(again) / "instance").iterdir())
     assert trained == sorted(f.read_bytes() for f in STARS[:3])
+
+
+# -- runs told apart; the class-image cache is no run (items 2 and 6) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def studio_with_runs(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("tell-apart") / "runs"
+    runner = make_runner(runs)
+    star = sorted((EXAMPLE_CONCEPTS / "star").glob("*.png"))
+    for steps, name in ((300, ""), (600, "star, fewer images")):
+        config = {"method": "res-tuning", "max_train_steps": steps, "instance_prompt": "a sks shape", "fake_step_seconds": 0}
+        wait_for(runner, runner.submit(config, [(p, p.name) for p in star[:3]], label=name), {"done"})
+    cache = class_cache_dir(runs, "demo", "a shape", 64)
+    cache.mkdir(parents=True)
+    (cache / "0.png").write_bytes(star[0].read_bytes())
+    port = free_port()
+    yield from serve(runs, ["--port", str(port)], {"RESTUNING_RUNS_DIR": str(runs)}, port)
+
+
+def overlaps(a, b) -> bool:
+    return a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"] and a["y"] < b["y"] + b["height"] \
+        and b["y"] < a["y"] + a["height"]
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_runs_can_be_told_apart_and_the_cache_is_no_run(browser, studio_with_runs, screen):
+    url, runs = studio_with_runs
+    context = browser.new_context(**SCREENS[screen])
+    page = context.new_page()
+    width = SCREENS[screen]["viewport"]["width"]
+    try:
+        page.goto(url)
+        page.wait_for_selector("#train", timeout=60_000)
+        page.wait_for_function("document.querySelector('#live-run input').value !== ''", timeout=60_000)
+        page.locator("#live-run input").click()
+        page.get_by_role("option").first.wait_for(timeout=30_000)
+        listed = [o.inner_text() for o in page.get_by_role("option").all()]
+        assert len(listed) == 2 and not any("class-images" in o for o in listed), listed
+        page.keyboard.press("Escape")
+
+        page.get_by_role("tab", name="Runs / tuners").click()
+        page.wait_for_function("(document.querySelector('#runs-table') || {}).innerText?.includes('res-tuning')",
+                               timeout=60_000)
+        assert "class-images" not in page.inner_text("#runs-table") + page.inner_text("#runs-pick")
+        headers = page.locator("#runs-table th").all()
+        in_view = [h for h in headers if (box := h.bounding_box()) and box["x"] + box["width"] / 2 < width]
+        assert len(in_view) >= 2, f"the Runs table shows {len(in_view)} column(s) at {width} px"
+
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#gen-tuner input").click()
+        page.get_by_role("option").nth(2).wait_for(timeout=30_000)
+        options = [o.inner_text() for o in page.get_by_role("option").all()]
+        assert any(o.startswith("star, fewer images (Res-Tuning) · 600 steps") for o in options), options
+        page.get_by_role("option", name="Res-Tuning · 300 steps", exact=False).click()
+        box = page.locator("#gen-tuner input")
+        assert box.input_value().startswith("Res-Tuning · 300 steps · ")
+        shown, needed = box.evaluate("i => [i.clientWidth, i.scrollWidth]")
+        assert needed <= shown, f"the chosen run is cut at {width} px: {needed} px of text in {shown} px"
+
+        page.get_by_role("tab", name="Compare").click()
+        page.wait_for_selector("#compare-grid", timeout=60_000)
+        grid = page.locator("#compare-grid").bounding_box()
+        covering = [label.bounding_box() for label in page.locator("#compare-grid [data-testid=block-label]").all()
+                    if label.is_visible()]
+        assert not any(overlaps(label, grid) for label in covering), "a label lies over the grid's captions"
+    finally:
+        context.close()
+
+
+# -- a second base model picked and trained in the page (item 7) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """(url, runs folder, the tiny SD 2.x model's folder) of `python app.py --models-dir <folder>`."""
+    from tests.tiny_pipeline import build_tiny
+
+    root = tmp_path_factory.mktemp("two-models")
+    model = build_tiny(root / "models" / "tiny-sd2", "sd2")
+    port = free_port()
+    for url, runs in serve(root / "runs", ["--port", str(port), "--models-dir", str(root / "models")],
+                           {"RESTUNING_RUNS_DIR": str(root / "runs")}, port):
+        yield url, runs, model.resolve()
+
+
+def test_a_second_base_model_is_picked_and_trained_in_the_page(browser, two_models):
+    url, runs, model = two_models
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#train", timeout=60_000)
+    assert page.locator("#examples").is_visible()  # the demo model's examples, on the demo model
+
+    page.click("#base-model input")
+    page.get_by_role("option", name="tiny-sd2 (SD 2.x)").click()
+    page.locator("#examples").wait_for(state="hidden", timeout=30_000)  # "a sks shape" is the demo model's word
+    assert page.get_attribute("#instance-prompt textarea", "placeholder") == "a photo of sks star"
+
+    upload(page, STARS[:3])
+    page.wait_for_selector("#concept-preview img", timeout=30_000)
+    page.fill("#instance-prompt textarea", "a photo of sks dog")
+    page.get_by_text("Advanced", exact=True).click()
+    for option, value in (("max_train_steps", 2), ("validation_steps", 2), ("num_validation_images", 1),
+                          ("num_inference_steps", 2), ("checkpointing_steps", 2)):
+        fill(page, option, value)
+    page.click("#train")
+    page.wait_for_selector("#live-progress [data-status=done], #live-progress [data-status=failed]", timeout=LONG)
+    assert page.get_attribute("#live-progress .rt-progress", "data-status") == "done", page.input_value("#live-log textarea")
+    (run,) = [p for p in runs.iterdir() if (p / "job.json").is_file()]
+    assert json.loads((run / "config.json").read_text())["pretrained_model_name_or_path"] == str(model)
+    assert f"`{model}`" in (run / "README.md").read_text()  # the model card names the run's own base
+
+    # Compare renders the run on its own base: the base column is the tiny model
+    page.get_by_role("tab", name="Compare").click()
+    page.wait_for_selector("#compare-runs input:checked", timeout=60_000)
+    page.fill("#compare-seeds textarea", "0")
+    fill_steps = page.locator("#compare-steps input[type=number]")
+    fill_steps.fill("2")
+    fill_steps.press("Tab")
+    page.click("#compare-render")
+    wait_text(page, "#compare-note", "1 row(s) x 2 column(s)", timeout=LONG)
+    assert str(model.parent) not in page.content()
+    context.close()
