@@ -484,3 +484,35 @@ def test_train_again_brings_a_runs_images_only_to_whoever_controls_it(tmp_path):
             kept.from_run(None, alice)
     finally:
         stop_runs(tmp_path / "runs")
+
+
+def test_train_again_brings_the_runs_base_model_when_the_studio_lists_it(tmp_path):
+    """A run's settings bring its base model back into the form's list; a base the studio does not
+    list leaves the model chosen as it is (the message says so)."""
+    import gradio as gr
+    from PIL import Image
+
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner, wait_for
+    from webui import train_tab
+    from webui.catalog import DEMO_KEY, Catalog, Entry
+    from webui.model import describe
+
+    runner = make_runner(tmp_path / "runs")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "star.png")
+    demo, other = describe(None), tmp_path / "other-model"
+    models = Catalog([Entry(DEMO_KEY, "demo model", demo.source), Entry("file:other", "other (SD 1.x)", str(other))], demo)
+    with gr.Blocks():
+        _, _, kept = train_tab.build(runner, demo, "cpu", "CPU demo", "test", models=models)
+    try:
+        run_id = runner.submit({"method": "lora", "max_train_steps": 1, "instance_prompt": "a sks star", "fake_step_seconds": 0},
+                               [(tmp_path / "star.png", "00-star.png")])
+        wait_for(runner, run_id, {"done", "failed"})
+        assert _by_id(kept, kept.from_run(run_id))["base-model"] == DEMO_KEY
+        config_file = runner.run_dir(run_id) / "config.json"
+        config = json.loads(config_file.read_text())
+        for source, key in ((str(other), "file:other"), (str(tmp_path / "unlisted"), None)):
+            config_file.write_text(json.dumps({**config, "pretrained_model_name_or_path": source}))
+            assert _by_id(kept, kept.from_run(run_id))["base-model"] == key, source
+    finally:
+        stop_runs(tmp_path / "runs")

@@ -69,8 +69,13 @@ class Catalog:
             return self._bases[source]
 
     def key_of(self, source: str) -> str | None:
-        """The key of the model at `source` (a run's pretrained_model_name_or_path), None if not listed."""
-        return next((e.key for e in self.entries.values() if e.source == source), None)
+        """The key of the model at `source` (a run's pretrained_model_name_or_path: a hub id, or a
+        path, relative to the studio's folder or not), None if not listed."""
+        if not isinstance(source, str) or not source:
+            return None
+        where = os.path.realpath(source) if os.path.exists(source) else source
+        return next((e.key for e in self.entries.values()
+                     if e.source == source or (os.path.exists(e.source) and os.path.realpath(e.source) == where)), None)
 
 
 def single(base: BaseModel) -> Catalog:

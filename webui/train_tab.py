@@ -23,7 +23,7 @@ from gradio.utils import get_upload_folder
 
 from restuning.methods import METHODS
 from trainers import memory
-from trainers.options import RECIPE_METHOD_OPTIONS, OptionError, check_method_fits, from_dict, method_recipe, parse_value
+from trainers.options import DEMO_MODEL, RECIPE_METHOD_OPTIONS, OptionError, check_method_fits, from_dict, method_recipe, parse_value
 from trainers.service.jobs import JobError
 from trainers.service.uploads import MAX_FILES, MAX_NAME_CHARS, UploadError, check_images, check_name, discard
 
@@ -656,7 +656,9 @@ def _memory(runner, form: Form, models=None) -> Memory:
         if method not in form.methods:
             raise JobError(f"run {run_id} used {method!r}, a method this studio does not offer")
         values = {"method": method}
-        key = models.key_of(info.config.get("pretrained_model_name_or_path")) if models and form.model is not None else None
+        # a run that named no base trained on the trainer's default, the demo model
+        source = info.config.get("pretrained_model_name_or_path") or str(DEMO_MODEL)
+        key = models.key_of(source) if models and form.model is not None else None
         if key:
             values["model"] = key
         if not info.imported:
