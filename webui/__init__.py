@@ -26,11 +26,10 @@ CSS = """
 #live-samples .caption-label, #runs-samples .caption-label { white-space: normal; overflow: visible; text-overflow: clip;
   font-size: 0.75em; }
 @media (max-width: 768px) {
-  /* a phone: the live view above the form, every tab's name in the bar, a table that scrolls sideways */
+  /* a phone: the live view above the form, every tab's name in the bar */
   #train-row { flex-direction: column; }
   #train-live { order: -1; }
   #train-live, #train-form { width: 100% !important; min-width: 0 !important; max-width: 100%; }
-  #runs-table table { min-width: 640px; }
 }
 """
 

@@ -20,7 +20,9 @@ from . import live, visitors
 from .errors import friendly
 from .model import source_name
 
-RUN_COLUMN_WIDTHS = ["30%", "13%", "15%", "12%", "12%", "18%"]  # of live.RUN_COLUMNS
+# of live.RUN_COLUMNS, in pixels: Gradio sizes the header and the body alike from these, and a
+# narrower screen scrolls the table sideways (shares of a phone's width broke words mid-way)
+RUN_COLUMN_WIDTHS = ["270px", "110px", "170px", "130px", "110px", "300px"]
 DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tuner and samples (.zip)"),
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
 

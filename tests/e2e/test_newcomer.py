@@ -295,6 +295,11 @@ def test_runs_can_be_told_apart_and_the_cache_is_no_run(browser, studio_with_run
         headers = page.locator("#runs-table th").all()
         in_view = [h for h in headers if (box := h.bounding_box()) and box["x"] + box["width"] / 2 < width]
         assert len(in_view) >= 2, f"the Runs table shows {len(in_view)} column(s) at {width} px"
+        # each header sits over its column (Gradio sizes the header row and the body's rows apart)
+        header, body = page.evaluate("() => [Array.from(document.querySelectorAll('#runs-table th')),"
+                                     " Array.from(document.querySelectorAll('#runs-table .virtual-row')[0].children)]"
+                                     ".map(cells => cells.map(c => Math.round(c.getBoundingClientRect().left)))")
+        assert header == body, (header, body)
 
         page.get_by_role("tab", name="Generate").click()
         page.locator("#gen-tuner input").click()
