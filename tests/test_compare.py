@@ -171,3 +171,23 @@ def test_bench_compare_batched_quick_mode(tmp_path):
     assert row["ratio"] == pytest.approx(row["sequential_median_s"] / row["batched_median_s"], rel=5e-3)
     assert row["max_pixel_diff"] <= 2, "batched and sequential must draw the same pictures"
     assert "| 2 |" in (tmp_path / "compare_batched.md").read_text()
+
+
+def test_a_strength_slider_names_its_run_as_the_lists_do_and_never_anothers(tmp_path):
+    from PIL import Image
+
+    from tests.e2e.conftest import stop_runs
+    from tests.test_jobs import make_runner, wait_for
+    from webui.compare_tab import run_name
+
+    runner = make_runner(tmp_path / "runs", max_active_per_owner=2)
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "star.png")
+    alice, bob = "a" * 64, "b" * 64
+    try:
+        run_id = runner.submit({"method": "lora", "max_train_steps": 1, "fake_step_seconds": 0},
+                               [(tmp_path / "star.png", "a.png")], label="my star", owner=alice)
+        wait_for(runner, run_id, {"done"})
+        assert run_name(runner, alice, run_id).startswith("my star (LoRA) · 1 steps")
+        assert run_name(runner, bob, run_id) == run_id, "another visitor's run: no name, only what was sent"
+    finally:
+        stop_runs(tmp_path / "runs")

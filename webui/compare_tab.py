@@ -15,6 +15,7 @@ import gradio as gr
 
 from trainers.options import CONTROL, MAX_PROMPT_CHARS
 from trainers.sampling import SCHEDULERS, Settings, compose_grid, save_png
+from trainers.service.jobs import JobError
 
 from . import pipeline, visitors
 from .errors import friendly
@@ -144,6 +145,15 @@ def default_picks(runner, who) -> list[str]:
     return [r.id for r in sorted(group, key=lambda r: r.created)][:MAX_TUNERS]
 
 
+def run_name(runner, who, run_id: str) -> str:
+    """A run as the lists of runs name it (its name or method, steps, date); the id of one this
+    visitor may not see."""
+    try:
+        return pipeline.choice(visitors.seen(runner, run_id, who))[0]
+    except JobError:
+        return str(run_id)
+
+
 def default_prompt(runner, picked: list[str], base) -> str:
     """The prompt of the runs picked (what they learned), else the model's example."""
     for run_id in picked:
@@ -184,7 +194,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", interactive=True,
                                         elem_id="compare-scheduler")
             scales = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=i < len(picked),
-                                label=f"strength of {picked[i]}" if i < len(picked) else f"strength {i + 1}",
+                                label=f"strength of {run_name(runner, who, picked[i])}" if i < len(picked) else f"strength {i + 1}",
                                 interactive=True, elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
             render = gr.Button("Render grid", variant="primary", elem_id="compare-render")
         with gr.Column(scale=3):
@@ -199,9 +209,9 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
         ids = {v for _, v in options}
         return gr.CheckboxGroup(choices=options, value=[c for c in (current or []) if c in ids])
 
-    def label_scales(ids):
-        ids = list(ids or [])[:MAX_TUNERS]
-        return [gr.Slider(visible=i < len(ids), label=f"strength of {ids[i]}" if i < len(ids) else f"strength {i + 1}")
+    def label_scales(who, ids):
+        names = [run_name(runner, who, run_id) for run_id in list(ids or [])[:MAX_TUNERS]]
+        return [gr.Slider(visible=i < len(names), label=f"strength of {names[i]}" if i < len(names) else f"strength {i + 1}")
                 for i in range(MAX_TUNERS)]
 
     def make_grid(who, ids, base_too, p, m, n, s, k, g, sch, *scale_values, progress=gr.Progress()):
@@ -221,7 +231,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
             gr.Warning(exc.message)
             return gr.skip(), gr.skip(), f"Not rendered: {exc.message}"
 
-    picks.change(label_scales, picks, scales, show_progress="hidden", queue=False)
+    picks.change(label_scales, [owner, picks], scales, show_progress="hidden", queue=False)
     reload.click(friendly(choices), [owner, picks], picks, show_progress="hidden", queue=False)
     render.click(do_render, [owner, picks, with_base, prompt, more, negative, seeds, steps, guidance, scheduler, *scales],
                  [grid, download, note], concurrency_limit=1, concurrency_id="compare")
