@@ -191,3 +191,19 @@ def test_a_strength_slider_names_its_run_as_the_lists_do_and_never_anothers(tmp_
         assert run_name(runner, bob, run_id) == run_id, "another visitor's run: no name, only what was sent"
     finally:
         stop_runs(tmp_path / "runs")
+
+
+def test_nothing_floats_over_the_grids_captions(tmp_path):
+    """Gradio puts an image's label and buttons over its top corners, where a grid's captions are."""
+    import gradio as gr
+
+    from tests.test_jobs import make_runner
+    from webui import compare_tab, pipeline
+    from webui.model import describe
+
+    base = describe(None)
+    with gr.Blocks() as demo:
+        with gr.Tab("Compare") as tab:
+            compare_tab.build(make_runner(tmp_path / "runs"), base, pipeline.StudioPipeline(base), tab, gr.State(None))
+    grid = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "compare-grid")
+    assert grid.show_label is False and grid.buttons == []

@@ -198,8 +198,9 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
                                 interactive=True, elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
             render = gr.Button("Render grid", variant="primary", elem_id="compare-render")
         with gr.Column(scale=3):
-            # no label: Gradio floats it over the picture's top-left corner, where the first caption is
-            grid = gr.Image(label="Grid", show_label=False, type="filepath", format="png", interactive=False,
+            # no label and no buttons: Gradio floats them over the picture's top corners, where the
+            # captions are (on a phone, over the right column's); the grid downloads by the button below
+            grid = gr.Image(label="Grid", show_label=False, buttons=[], type="filepath", format="png", interactive=False,
                             elem_id="compare-grid")
             download = gr.DownloadButton("Download grid PNG", visible=False, elem_id="compare-download")
             note = gr.Markdown(elem_id="compare-note")
