@@ -6,6 +6,7 @@ a run Ray cannot place in time waits in the queue again, and the CLI submits a c
 Most runs use the fake trainer (tests/fake_trainer.py); the CLI's runs train the demo model."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -132,13 +133,16 @@ def test_a_killed_worker_fails_the_run_with_its_log_and_resume_finishes_it_elsew
     ip = next(n.node_ip for n in cluster.alive_nodes() if n.node_id == node_id)
     index = int(ip.rsplit(".", 1)[1]) - 3
     cluster.kill_worker(index)
-    info = wait_for(runner, run_id, {"failed", "done", "cancelled"}, timeout=120)
+    try:
+        info = wait_for(runner, run_id, {"failed", "done", "cancelled"}, timeout=120)
+    finally:
+        cluster.add_worker()  # back to two workers for the next test; the resumed run may land on either live one
     assert info.status == "failed"
-    assert info.error.startswith("the training process ended (its Ray job failed:"), info.error
+    # Ray reports the job failed, or, when its supervisor saw the driver die first, the signal
+    assert re.match(r"the training process ended \((its Ray job failed:|killed \(signal 9\))", info.error), info.error
     assert any("fake trainer: step" in line for line in info.log_tail), "the run's own log, up to the kill"
     assert info.resumable
     stopped_at = int(info.checkpoint.rsplit("-", 1)[1])
-    cluster.add_worker()  # back to two workers for the next test; the resumed run may land on either live one
     cluster.wait_for_nodes(3)
     config = json.loads((info.dir / "config.json").read_text())
     config["max_train_steps"] = stopped_at + 5
