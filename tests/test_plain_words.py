@@ -193,3 +193,19 @@ def test_the_train_form_stores_a_run_name_checked_like_other_names(tmp_path, nam
     caption = pipeline.caption(info)
     assert info.label == (kept or "res-tuning") and (caption[2] == kept if kept else caption[2] == "2 steps"), caption
     runner.cancel(run_id)
+
+
+def test_the_log_box_names_options_by_the_forms_labels(tmp_path, images):
+    """The trainer's recipe line names its options as a command line does; the Log box shows the
+    form's labels (the command line's log keeps the option names)."""
+    from webui import live
+
+    runner = make_runner(tmp_path / "runs")
+    run_id = runner.submit({"max_train_steps": 1, "fake_step_seconds": 0}, images)
+    info = wait_for(runner, run_id, {"done"})
+    with open(info.dir / "train.log", "a", encoding="utf-8") as log:
+        log.write("recipe: --learning_rate 0.01 (demo_settings.json of the base model, for res-tuning); "
+                  "--lr_warmup_steps 30 (demo_settings.json of the base model)\n")
+    shown = live.log_text(runner.info(run_id))
+    assert "recipe: Learning rate 0.01 (demo_settings.json" in shown, shown
+    assert "--" not in shown.split("---", 1)[1] and "learning_rate" not in shown

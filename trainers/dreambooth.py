@@ -640,7 +640,7 @@ def describe_run(options: opts.Options, method, base: Base, tuning: Tuning, acce
     """The recipe line on stdout and the run's `info` event: method, sizes, device, precision."""
     args, method_config = options.args, options.method_config
     if accelerator.is_main_process and options.recipe:
-        print("recipe: " + "; ".join(f"{k} {_recipe_value(args, method_config, k)} ({where})" for k, where in options.recipe.items()),
+        print("recipe: " + "; ".join(f"--{k} {_recipe_value(args, method_config, k)} ({where})" for k, where in options.recipe.items()),
               flush=True)
     text_lr = {"text_encoder_learning_rate": args.text_encoder_lr or args.learning_rate} if tuning.text_params else {}
     events.emit("info", method=method.name, method_config=method_config.to_dict(),

@@ -15,6 +15,8 @@ import pandas as pd
 from trainers.events import FINAL_PHASES
 from trainers.service.jobs import INSTANCE_DIR, RunInfo, log_tail, redact
 
+from .forms import plain
+
 
 def _inside(run_dir: Path, rel: str) -> Path | None:
     """A path named by an event, only if it stays inside the run folder and exists."""
@@ -284,7 +286,8 @@ def log_text(info: RunInfo | None, lines: int = 20) -> str:
     phases = [redact(_phase_line(e), info.dir) for e in events]
     if info.status == "cancelled" and info.hint:
         phases.append(info.hint)
-    return "\n".join(phases[-8:] + ["---"] + log_tail(info.dir, lines))
+    # the trainer names its options as a command line does (--learning_rate); the page, by their labels
+    return "\n".join(phases[-8:] + ["---"] + [plain(line) for line in log_tail(info.dir, lines)])
 
 
 PHASE_WORDS = {"loading": "loading the base model", "class-images": "class images", "training": "training",
