@@ -67,6 +67,7 @@ def test_a_run_waits_for_disk_space_rather_than_starting_to_fail(tmp_path, image
     runner = make_runner(tmp_path / "runs")
     run_id = runner.submit({"max_train_steps": 2}, images)
     runner.cancel(run_id)
+    wait_for(runner, run_id, {"cancelled", "done"})  # the device is free: only the disk can hold the next run back
     monkeypatch.setattr(jobs, "_low_on_disk", lambda folder, floor: True)  # the disk filled since it was queued
     queued = runner.submit({"max_train_steps": 2}, images)
     runner.tick()
