@@ -72,7 +72,8 @@ def allowed_roots(extra=()) -> list[Path]:
     return [Path(os.path.realpath(gradio_utils.abspath(r))) for r in roots]
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
+def inside(path: Path, roots: list[Path]) -> bool:
+    """`path` (a real path: links resolved) is one of `roots` or lies under one."""
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
@@ -113,7 +114,7 @@ class RoutePolicy:
             real = Path(os.path.realpath(gradio_utils.abspath(target)))
         except (OSError, ValueError):  # not a path at all (a NUL byte)
             return "not a path"
-        if _inside(real, [self.private]) or not _inside(real, allowed_roots(self.extra)):
+        if inside(real, [self.private]) or not inside(real, allowed_roots(self.extra)):
             return "not allowed"
         return None
 

@@ -608,7 +608,7 @@ def _kept_images(stored) -> tuple[list[str], int]:
         if not isinstance(path, str) or "\0" in path:
             continue
         real = Path(os.path.realpath(path))
-        if not any(real.is_relative_to(r) for r in served.allowed_roots()):
+        if not served.inside(real, served.allowed_roots()):
             continue
         try:
             check_images([real])
