@@ -1,7 +1,9 @@
 """Launched by tests/test_multiprocess.py under `accelerate launch --config_file ...`: prepares the
 demo model's U-Net with its optimizer, takes one step, and prints what accelerate made of the
 config on this machine: the process, accelerate's distributed type, the wrapper class, and how
-many of the U-Net's parameters this process holds."""
+many of the U-Net's parameters this process holds. Each process writes its report to
+`<folder>/report-<rank>.json` (the folder is the one argument): two processes printing to one
+pipe can interleave their lines."""
 
 import json
 import sys
@@ -19,6 +21,7 @@ model, optimizer = accelerator.prepare(unet, optimizer)
 text = torch.randn(1, 7, unet.config.cross_attention_dim)
 accelerator.backward(model(torch.randn(1, 4, 8, 8), torch.tensor([10]), text).sample.pow(2).mean())
 optimizer.step()
-print(json.dumps({"rank": accelerator.process_index, "world": accelerator.num_processes,
-                  "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1], "wrapper": type(model).__name__,
-                  "held": sum(p.numel() for p in unet.parameters()), "total": total}), file=sys.stdout, flush=True)
+report = {"rank": accelerator.process_index, "world": accelerator.num_processes,
+          "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1], "wrapper": type(model).__name__,
+          "held": sum(p.numel() for p in unet.parameters()), "total": total}
+(Path(sys.argv[1]) / f"report-{accelerator.process_index}.json").write_text(json.dumps(report))

@@ -70,13 +70,12 @@ def test_the_fsdp_config_trains_a_full_fine_tune_on_two_processes(tmp_path):
     assert sum(not tuned[k].equal(base[k]) for k in base) > 0.9 * len(base), "trained"
 
 
-def test_without_gpus_accelerate_runs_the_fsdp_config_as_plain_data_parallel():
+def test_without_gpus_accelerate_runs_the_fsdp_config_as_plain_data_parallel(tmp_path):
     """What the CPU test above does not show: accelerate shards only on accelerators. On CPUs
     (ACCELERATE_USE_CPU) it runs the FSDP config as MULTI_CPU data parallel, every process holding
     every parameter. When this fails, accelerate shards on CPUs too: docs/cluster.md should say so."""
-    proc = launch("fsdp-full.yaml", str(ROOT / "tests" / "accelerate_probe.py"),
-                  extra=["--num_processes", "2", "--main_process_port", str(free_port())])
-    output = finish(proc)[0]
-    reports = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    finish(launch("fsdp-full.yaml", str(ROOT / "tests" / "accelerate_probe.py"), str(tmp_path),
+                  extra=["--num_processes", "2", "--main_process_port", str(free_port())]))
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("report-*.json"))]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     assert {(r["distributed_type"], r["wrapper"], r["held"] == r["total"]) for r in reports} == {("MULTI_CPU", "DistributedDataParallel", True)}
