@@ -17,6 +17,8 @@ from .core import DEFAULT_NAME, AttachError, Attached, attached, detach, keep_tu
 from .identifier import ENCODERS
 from .io import TunerFileError, check_tensors, read_header
 from .methods import config_from_dict, method_for_config
+from .methods.lora import LoraConfig
+from .methods.lora.model import check_updates
 
 
 def _parts(model, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
@@ -110,6 +112,8 @@ def load(model, path: str | os.PathLike, name: str = DEFAULT_NAME, *, replace: b
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
     check_tensors(state, path.name)
+    if isinstance(config, LoraConfig):
+        check_updates(config, state, state.__getitem__, path.name)
     handle = attach(unet, config, name, replace=replace, **encoders, **tokenizers)
     device = next(unet.parameters()).device
     try:

@@ -56,6 +56,9 @@ LIMITS_RULES, UPLOADS_RULES = "tests/rules/test_limits_rules.py", "tests/rules/t
 WEB_RULE_TESTS = (FILES_RULES, VISITORS_RULES, LIMITS_RULES, UPLOADS_RULES, "tests/test_visitors.py", "tests/test_uploads.py",
                   "tests/security/test_routes.py", "tests/security/test_uploads.py", "tests/security/test_visitors.py",
                   "tests/security/test_caps.py")
+# What a tuner file may hold (issue 39, items 8 and 10): weights and a LoRA's update within what renders.
+IMPORT_TESTS = ("tests/security/test_imports.py",)
+IMPORTS = "tests/security/test_imports.py::{}"
 
 
 @dataclass(frozen=True)
@@ -490,6 +493,28 @@ MUTATIONS = [
              "if str(path.resolve()).startswith(str(root)) and", UPLOADS_RULES, WEB_RULE_TESTS),
     Mutation("uploads-discard-unresolved", "trainers/service/uploads.py", "if path.resolve().is_relative_to(root) and",
              "if path.is_relative_to(root) and", UPLOADS_RULES, WEB_RULE_TESTS),
+    # -- what an imported tuner may hold (tests/security/test_imports.py)
+    Mutation("weight-bound-exclusive", "restuning/io.py", "> MAX_WEIGHT).sum())", ">= MAX_WEIGHT).sum())",
+             IMPORTS.format("test_weights_beyond_half_precision_are_refused"), IMPORT_TESTS),
+    Mutation("lora-update-unchecked-on-upload", "trainers/service/uploads.py", "check_updates(config, f.keys(), f.get_tensor, label)",
+             "None", IMPORTS.format("test_a_lora_whose_update_is_beyond_half_precision_is_refused"), IMPORT_TESTS),
+    Mutation("lora-update-unchecked-on-load", "restuning/api.py", "check_updates(config, state, state.__getitem__, path.name)",
+             "None", IMPORTS.format("test_a_lora_whose_update_is_beyond_half_precision_is_refused"), IMPORT_TESTS),
+    Mutation("lora-update-unchecked-on-convert", "restuning/methods/lora/convert.py",
+             "check_updates(config, state, state.__getitem__, Path(path).name)", "None",
+             IMPORTS.format("test_a_kohya_lora_with_a_huge_alpha_is_refused_naming_the_users_file"), IMPORT_TESTS),
+    Mutation("lora-update-unscaled", "restuning/methods/lora/model.py", "float((up @ down).abs().max()) * scale",
+             "float((up @ down).abs().max())", IMPORTS.format("test_a_lora_whose_update_is_beyond_half_precision_is_refused"),
+             IMPORT_TESTS),
+    Mutation("lora-update-bound-exclusive", "restuning/methods/lora/model.py", "if not largest <= MAX_WEIGHT:",
+             "if not largest < MAX_WEIGHT:", IMPORTS.format("test_a_lora_whose_update_is_beyond_half_precision_is_refused"),
+             IMPORT_TESTS),
+    Mutation("lora-update-from-each-factors-largest", "restuning/methods/lora/model.py", "float((up @ down).abs().max())",
+             "float(up.abs().max() * down.abs().max())",
+             IMPORTS.format("test_a_lora_whose_update_is_beyond_half_precision_is_refused"), IMPORT_TESTS),
+    Mutation("lora-alpha-float-bound-exclusive", "restuning/methods/lora/config.py", "if self.alpha > sys.float_info.max:",
+             "if self.alpha >= sys.float_info.max:", IMPORTS.format("test_a_lora_alpha_beyond_any_float_is_refused_by_its_config"),
+             IMPORT_TESTS),
 ]
 
 

@@ -3,6 +3,7 @@ JSON of the wrong type, is refused with a message before anything is attached fo
 (issue 39, items 8 and 10) a LoRA's alpha that is not finite, and weights too large to render."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -183,3 +184,78 @@ def test_a_lora_with_huge_weights_is_refused_naming_the_users_file(tmp_path, tin
         lora_as_tuner_file(path, tiny_unet, None, workdir=work)
     assert str(refused.value).startswith("my-style.safetensors: ") and "beyond ±65,504" in str(refused.value)
     assert "restuning" not in str(refused.value) and list(work.iterdir()) == []
+
+
+def lora_with_update(tmp_path, tiny_unet, alpha: int, up: float, down: float = 1.0, same_index: bool = True):
+    """A restuning LoRA file (rank 2) whose only nonzero weights are one layer's down[0, 0] and
+    up[0, 0] (or up[0, 1], which meets no nonzero down weight): its update there is alpha / 2 x up x down."""
+    path = saved(tmp_path, tiny_unet, restuning.LoraConfig(rank=2))
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: torch.zeros_like(f.get_tensor(k)) for k in f.keys()}, dict(f.metadata())
+    down_key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    tensors[down_key][0, 0] = down
+    tensors[down_key.replace("lora_A", "lora_B")][0, 0 if same_index else 1] = up
+    config = json.loads(metadata["config"])
+    out = tmp_path / f"lora-{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file(tensors, str(out), metadata={**metadata, "config": json.dumps({**config, "alpha": alpha})})
+    return out
+
+
+HALF = MAX_WEIGHT / 2  # 32,752: at alpha 4 / rank 2 its update is exactly the bound
+
+
+@pytest.mark.parametrize("alpha, up, same_index, refused", [
+    (2, MAX_WEIGHT, True, False),  # scale 1: the bound itself
+    (4, HALF, True, False),  # scale 2: exactly the bound
+    (4, float(np.nextafter(np.float32(HALF), np.float32(np.inf))), True, True),  # one float32 step above
+    (5, HALF, True, True),
+    (10**30, 1.0, True, True),  # finite weights, finite alpha: renders black
+    (10**30, 0.0, True, False),  # an untrained (zero) up weight changes nothing at any alpha
+    (10**30, 1.0, False, False),  # up and down weights of different ranks meet no nonzero partner: B A is 0
+])
+def test_a_lora_whose_update_is_beyond_half_precision_is_refused(alpha, up, same_index, refused, tmp_path, tiny_unet):
+    """Issue 39, item 10, for a LoRA's alpha: each weight may be small, but alpha / rank x B A is
+    what the layer adds, and beyond ±65,504 it renders black; checked for the studio and the library."""
+    path = lora_with_update(tmp_path, tiny_unet, alpha, up, same_index=same_index)
+    if not refused:
+        check_tuner_file(path, tiny_unet)
+        restuning.load(tiny_unet, path, name="ok")
+        restuning.detach(tiny_unet, "ok")
+        return
+    with pytest.raises(UploadError, match=f"^{path.name}: its update of .* beyond ±65,504.*would turn images black"):
+        check_tuner_file(path, tiny_unet)
+    with pytest.raises(TunerFileError, match="beyond ±65,504"):
+        restuning.load(tiny_unet, path, name="huge")
+    assert "huge" not in restuning.attached(tiny_unet)
+
+
+def test_a_kohya_lora_with_a_huge_alpha_is_refused_naming_the_users_file(tmp_path, tiny_unet):
+    """Its weights are small and finite, its alpha 1e30: refused before the converted copy is written."""
+    path = tmp_path / "strong.safetensors"
+    save_file({f"lora_unet_{TINY_LAYER}.lora_down.weight": torch.full((2, 64), 0.01),
+               f"lora_unet_{TINY_LAYER}.lora_up.weight": torch.full((64, 2), 0.01), f"lora_unet_{TINY_LAYER}.alpha": torch.tensor(1e30)},
+              str(path))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(UploadError, match=r"^strong.safetensors: its update of .*alpha 1e\+30 / rank 2.*beyond ±65,504"):
+        lora_as_tuner_file(path, tiny_unet, None, workdir=work)
+    assert list(work.iterdir()) == []
+
+
+LARGEST_FLOAT = int(sys.float_info.max)  # 309 digits
+
+
+@pytest.mark.parametrize("alpha, refused", [(LARGEST_FLOAT, False), (LARGEST_FLOAT + 1, True), (10**400, True)],
+                         ids=["the largest float", "one above", "400 digits"])
+def test_a_lora_alpha_beyond_any_float_is_refused_by_its_config(alpha, refused, tmp_path, tiny_unet):
+    """peft divides alpha by the rank as a float (OverflowError beyond the largest float): a
+    header's alpha may be at most that."""
+    path = lora_with_update(tmp_path, tiny_unet, alpha, 0.0)
+    if not refused:
+        check_tuner_file(path, tiny_unet)
+        return
+    digits = len(str(alpha))
+    with pytest.raises(UploadError, match=f"alpha must be a number a float holds; got a {digits}-digit number"):
+        check_tuner_file(path, tiny_unet)
+    with pytest.raises(TunerFileError, match="alpha must be a number a float holds"):
+        restuning.load(tiny_unet, path, name="huge")

@@ -173,6 +173,8 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
     from restuning import AttachError, ConfigError, TunerFileError, attach, read_config, read_header
     from restuning.arch import FINGERPRINT_FIELDS, mismatch_message
     from restuning.io import check_tensors
+    from restuning.methods.lora import LoraConfig
+    from restuning.methods.lora.model import check_updates
 
     path = Path(path)
     label = _check_file(path, max_bytes)
@@ -204,6 +206,11 @@ def check_tuner_file(path: str | os.PathLike, base_unet, *, base_text_encoder=No
             for key in f.keys():  # one tensor in memory at a time
                 try:
                     check_tensors({key: f.get_tensor(key)}, label)
+                except TunerFileError as exc:
+                    raise UploadError(str(exc)) from None
+            if isinstance(config, LoraConfig):
+                try:
+                    check_updates(config, f.keys(), f.get_tensor, label)
                 except TunerFileError as exc:
                     raise UploadError(str(exc)) from None
     if found != expected:

@@ -1,3 +1,4 @@
+import sys
 from dataclasses import dataclass
 
 from ...config import ConfigError, MethodConfig, option
@@ -26,5 +27,7 @@ class LoraConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.alpha > sys.float_info.max:  # peft divides it by the rank as a float (OverflowError above)
+            raise ConfigError(f"lora: alpha must be a number a float holds; got a {len(str(self.alpha))}-digit number")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora: lora_dropout must be at least 0 and below 1, got {self.lora_dropout}")

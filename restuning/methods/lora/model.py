@@ -16,11 +16,14 @@ peft's own get/set_peft_model_state_dict read the adapters from `model.state_dic
 module calls them inside `peft_view`; called directly on this library's LoRAs they see none.
 """
 
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from ...core import BLOCK_GROUPS, AttachError, Attached, attached
+from ...io import MAX_WEIGHT, TunerFileError
 from .config import LoraConfig
 
 TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -99,6 +102,24 @@ class LoraAttached(Attached):
         for _, model in self.text_encoders():
             model.delete_adapter(self.name)
             _activate_all(model, exclude=self.name, owner=self.unet)
+
+
+def check_updates(config: LoraConfig, keys: Iterable[str], get: Callable[[str], torch.Tensor], label: str) -> None:
+    """TunerFileError unless each layer's update at strength 1, alpha / rank x B A (the weight peft
+    adds to the layer's own), is at most restuning.io.MAX_WEIGHT in magnitude, as check_tensors
+    holds each weight: finite weights under an alpha far beyond the rank (1e30) render black too.
+    `keys` are a LoRA state's keys, `get` reads one tensor (one layer's pair is in memory at a
+    time); a zero update (an untrained B) passes whatever alpha scales it."""
+    scale = config.alpha / config.rank
+    for down_key in sorted(k for k in keys if k.endswith(".lora_A.weight")):
+        up_key = down_key.removesuffix(".lora_A.weight") + ".lora_B.weight"
+        down, up = get(down_key).double().flatten(1), get(up_key).double().flatten(1)
+        largest = float((up @ down).abs().max()) * scale if down.numel() and up.numel() else 0.0
+        if not largest <= MAX_WEIGHT:  # NaN too
+            raise TunerFileError(f"{label}: its update of {down_key.removesuffix('.lora_A.weight')} (alpha {config.alpha:.6g} / "
+                                 f"rank {config.rank} x its "
+                                 f"weights) reaches {largest:.3g}, beyond ±{MAX_WEIGHT:,.0f}, the largest number half "
+                                 "precision holds; such a LoRA would turn images black")
 
 
 def _part_of(key: str) -> str:
