@@ -354,6 +354,9 @@ def test_prior_preservation_generates_then_reuses_class_images(tiny_model, insta
     stamps = [p.stat().st_mtime_ns for p in images]
     events = read_events(runs / "a")
     assert "class-images" in phases(events)
+    said = next(e["message"] for e in events if e.get("phase") == "class-images" and e.get("message"))
+    assert said == "3 class images of 'a photo of dog', kept in the runs folder for runs of this model, prompt and size", \
+        "the cache in words, not its digest folder's server path"
     steps = [e for e in events if e["event"] == "step"]
     assert "instance_loss" in steps[-1] and steps[-1]["loss"] != steps[-1]["instance_loss"]
 

@@ -571,7 +571,9 @@ def make_class_images(args, source: models.ModelSource, base: Base, accelerator,
     cache, shared by runs of one model, prompt and resolution): ImageError if too few result."""
     class_dir = Path(args.class_data_dir) if args.class_data_dir else data.class_cache_dir(
         Path(args.output_dir).resolve().parent, source.key(), args.class_prompt, args.resolution)
-    events.phase("class-images", message=f"{args.num_class_images} class images in {class_dir}")
+    # the cache's folder is a digest (and a server's path in the studio's Log box): said in words
+    where = f"in {class_dir}" if args.class_data_dir else "kept in the runs folder for runs of this model, prompt and size"
+    events.phase("class-images", message=f"{args.num_class_images} class images of '{args.class_prompt}', {where}")
     prior_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.prior_generation_precision, base.weight_dtype)
     base.pipe.to(dtype=prior_dtype)

@@ -22,6 +22,8 @@ CSS = """
 .rt-banner { padding: 8px 12px; border-radius: 6px; background: var(--color-accent-soft); margin-bottom: 4px; }
 /* a message's lines (webui.errors.as_html): one problem per line */
 .toast-message-text { white-space: pre-line; }
+/* a gallery's label floats over its grid's top left: the pictures start below it, not under it */
+.block:has(> label[data-testid="block-label"]) .gallery-container .grid-container { padding-top: 40px; }
 /* gallery captions wrap instead of being cut at one line */
 #live-samples .caption-label, #runs-samples .caption-label { white-space: normal; overflow: visible; text-overflow: clip;
   font-size: 0.75em; }
@@ -30,6 +32,8 @@ CSS = """
   #train-row { flex-direction: column; }
   #train-live { order: -1; }
   #train-live, #train-form { width: 100% !important; min-width: 0 !important; max-width: 100%; }
+  /* the watched run's id and state in one line beside the dropdown's arrow */
+  #live-run input { font-size: 0.8em; }
 }
 """
 

@@ -116,7 +116,13 @@ def memory_line(runner, model: str, method: str, trainer_values: dict, method_va
 
 
 def _run_choices(runner, who=None) -> list[tuple[str, str]]:
-    return [(f"{r.id} · {r.method} · {live.status_line(r) if r.status != 'failed' else 'failed'}", r.id)
+    """(label, run id) of each run the live view may watch: its id (which names its method: the
+    method again only where it does not) and its state in a word or two (a running run's phase),
+    short enough for a phone's width; the line under it says the rest."""
+    def state(r):
+        return live.status_line(r).removeprefix("running: ").split(",")[0] if r.status == "running" else r.status
+
+    return [(" · ".join([r.id, *([r.method] if r.method not in r.id else []), state(r)]), r.id)
             for r in visitors.visible_runs(runner, who)]
 
 
@@ -278,12 +284,12 @@ def _concept_inputs(base):
     """(files box, preview of the accepted images, example concepts, a button for each, the
     examples' text and buttons row: shown on the demo model only, whose words they are)."""
     files = gr.File(label="Concept images (3-10 photos: PNG, JPEG or WebP)", file_count="multiple", elem_id="concept-files")
-    preview = gr.Gallery(label="Accepted images", columns=5, height=140, visible=False, elem_id="concept-preview")
+    preview = gr.Gallery(label="Accepted images", columns=5, height=180, visible=False, elem_id="concept-preview")
     examples, buttons = example_concepts(), {}
     if examples:
-        text = gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, so "
-                "a run first makes class images of ordinary shapes with the base model (its own progress bar), "
-                "then trains"
+        text = gr.HTML("Or try an example: a shape the demo model has never seen. It turns on prior preservation, with "
+                "the class images of ordinary shapes the demo model brings (drawn by it, so training starts at once), "
+                "and trains"
                 f" with the demo model's recipe: {EXAMPLE_RECIPE['max_train_steps']} steps of batch "
                 f"{EXAMPLE_RECIPE['train_batch_size']} (the Bypass: 600 of batch 4), and each method's learning rate as "
                 "measured on this model.", elem_id="examples-label", visible=base.is_demo)
@@ -418,8 +424,9 @@ def _wire_submit(runner, models, device: str, form: Form, owner: gr.State, outpu
         ids, warnings = queue_runs(runner, configs, checked, who, group=group, name=name)
         for warning in warnings:
             gr.Warning(warning, duration=None)
-        where = runner.info(ids[0])
-        gr.Info(f"{len(ids)} run(s) queued" + (f"; place {where.position} in the queue" if where.position else ""))
+        # one run: the live view, scrolled into sight, says it all (a toast over it hid its run's name)
+        if len(ids) > 1:
+            gr.Info(f"{len(ids)} runs queued for comparison; the live view shows the first, the others are in its list")
         return ids[0], gr.Dropdown(choices=_run_choices(runner, who), value=ids[0]), None
 
     # once queued, the new run's live view comes into sight: below the long form on a phone, and

@@ -163,13 +163,18 @@ def watched_run(page, before) -> str:
     return page.input_value("#live-run input").split(" · ")[0]
 
 
+# in the viewport, and nothing over it (a toast covered the run's name): the page's topmost element
+# at its middle is the element itself or inside it
 IN_SIGHT = ("() => ['#live-run', '#live-progress'].every(sel => {"
-            " const r = document.querySelector(sel).getBoundingClientRect();"
-            " return r.height > 0 && r.top > -1 && r.bottom < innerHeight + 1; })")
+            " const e = document.querySelector(sel), r = e.getBoundingClientRect();"
+            " const top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);"
+            " return r.height > 0 && r.top > -1 && r.bottom < innerHeight + 1 && !!top && e.contains(top); })")
 
 SIGHT_REPORT = ("() => ['#live-run', '#live-progress'].map(sel => {"
-                " const r = document.querySelector(sel).getBoundingClientRect();"
-                " return `${sel} from ${Math.round(r.top)} to ${Math.round(r.bottom)} px`; }).join(', ') + ` of ${innerHeight}`")
+                " const e = document.querySelector(sel), r = e.getBoundingClientRect();"
+                " const top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);"
+                " return `${sel} from ${Math.round(r.top)} to ${Math.round(r.bottom)} px`"
+                " + (top && !e.contains(top) ? ` under ${top.className || top.tagName}` : ''); }).join(', ') + ` of ${innerHeight}`")
 
 
 @pytest.mark.parametrize("screen", list(SCREENS))
@@ -178,6 +183,8 @@ def test_after_train_the_new_runs_live_view_is_in_sight(visit, quick_studio, scr
     page = visit(screen)
     page.click("#example-star")
     page.wait_for_selector("#concept-preview img", timeout=60_000)
+    label, first = (page.locator(sel).first.bounding_box() for sel in ("#concept-preview label", "#concept-preview .thumbnail-item"))
+    assert label["y"] + label["height"] <= first["y"], f"the gallery's label {label} covers its first picture {first}"
     before = set(runner.run_ids())
     page.click("#train")  # Playwright scrolls to the button first, as the user did
     run_id = watched_run(page, before)
@@ -185,6 +192,12 @@ def test_after_train_the_new_runs_live_view_is_in_sight(visit, quick_studio, scr
         page.wait_for_function(IN_SIGHT, timeout=10_000)  # once the run is shown, the page has scrolled to it
     except Exception:
         pytest.fail(f"the live view of {run_id} is out of sight after Train: " + page.evaluate(SIGHT_REPORT))
+    try:  # the watched run's id and state are whole, not cut by the dropdown's width
+        page.wait_for_function("() => { const e = document.querySelector('#live-run input');"
+                               " return / · (training|done)$/.test(e.value) && e.scrollWidth <= e.clientWidth; }", timeout=60_000)
+    except Exception:
+        pytest.fail("the watched run's line is cut: " + page.evaluate(
+            "() => { const e = document.querySelector('#live-run input'); return `${e.value}: ${e.scrollWidth} > ${e.clientWidth} px`; }"))
     finally:
         with contextlib.suppress(JobError):  # the next test's run need not wait for it (unless it is over)
             runner.cancel(run_id)

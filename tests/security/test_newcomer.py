@@ -34,6 +34,6 @@ def test_the_watched_run_says_it_trains_once_it_does(tmp_path, images):
     try:
         assert isinstance(dropdown, gr.Dropdown), "the dropdown is sent again once the phase changes"
         label = dict((v, k) for k, v in dropdown.choices)[run_id]
-        assert "running: training" in label
+        assert label == f"{run_id} · training", "its phase, in a word"
     finally:
         runner.cancel(run_id)

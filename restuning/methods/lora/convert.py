@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from ...arch import family
 from ...core import BLOCK_GROUPS
-from ...io import FORMAT, TunerFileError, write
+from ...io import FORMAT, TunerFileError, check_tensors, write
 from .config import TEXT_ENCODER_ATTENTION, LoraConfig
 from .model import TARGET_SUFFIXES, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, check_updates, split_names
 
@@ -175,6 +175,7 @@ def write_tuner(path, dst, unet, text_encoder=None, text_encoder_2=None) -> Path
     checks it; weightless meta-device models will do), so the studio lists, samples and hands it
     out like a LoRA trained here."""
     config, state = read(path, unet, text_encoder, text_encoder_2)
+    check_tensors(state, Path(path).name)  # NaN said as such before the updates they make are judged
     check_updates(config, state, state.__getitem__, Path(path).name)
     return write(dst, state, config, unet, {"imported_from": file_format(_keys_and_header(Path(path))[0])})
 

@@ -109,7 +109,8 @@ def check_updates(config: LoraConfig, keys: Iterable[str], get: Callable[[str], 
     adds to the layer's own), is at most restuning.io.MAX_WEIGHT in magnitude, as check_tensors
     holds each weight: finite weights under an alpha far beyond the rank (1e30) render black too.
     `keys` are a LoRA state's keys, `get` reads one tensor (one layer's pair is in memory at a
-    time); a zero update (an untrained B) passes whatever alpha scales it."""
+    time); a zero update (an untrained B) passes whatever alpha scales it. Called after
+    check_tensors, which names non-finite weights as such."""
     scale = config.alpha / config.rank
     for down_key in sorted(k for k in keys if k.endswith(".lora_A.weight")):
         up_key = down_key.removesuffix(".lora_A.weight") + ".lora_B.weight"
