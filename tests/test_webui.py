@@ -516,3 +516,33 @@ def test_train_again_brings_the_runs_base_model_when_the_studio_lists_it(tmp_pat
             assert _by_id(kept, kept.from_run(run_id))["base-model"] == key, source
     finally:
         stop_runs(tmp_path / "runs")
+
+
+def test_the_runs_table_tells_runs_of_one_method_apart_by_name_recipe_and_base(tmp_path):
+    """Two LoRA runs on two base models: the rows differ in the columns a user reads them by (name,
+    recipe: steps, rate, images; base model by its name, never its path), not only in the id."""
+    from tests.test_jobs import make_runner
+    from webui.model import DEMO_MODEL
+
+    runner = make_runner(tmp_path / "runs")
+    pictures = []
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"png bytes")
+        pictures.append((tmp_path / f"{i}.png", f"{i}.png"))
+    other = tmp_path / "models" / "my-sd21"
+    first = runner.submit({"method": "lora", "max_train_steps": 300, "learning_rate": 0.01,
+                           "pretrained_model_name_or_path": str(DEMO_MODEL)}, pictures, label="my star")
+    second = runner.submit({"method": "lora", "max_train_steps": 600, "learning_rate": 0.0001,
+                            "pretrained_model_name_or_path": str(other)}, pictures[:2])
+    rows = {run_id: dict(zip(live.RUN_COLUMNS, live.run_row(runner.info(run_id)))) for run_id in (first, second)}
+    assert len(live.RUN_COLUMNS) == len(rows[first])
+    assert (rows[first]["name"], rows[second]["name"]) == ("my star", "")
+    assert rows[first]["recipe"] == "300 steps · lr 0.01 · 3 images"
+    assert rows[second]["recipe"] == "600 steps · lr 0.0001 · 2 images"
+    assert (rows[first]["base model"], rows[second]["base model"]) == ("the bundled demo model", "my-sd21")
+    assert rows[first]["method"] == rows[second]["method"] == "lora"
+    assert str(tmp_path) not in json.dumps(rows), "no server path in the table"
+    from webui import runs_tab
+
+    details = runs_tab._details(runner.info(first))  # the selected run's details say the same
+    assert "<b>name</b>: my star" in details and "<b>recipe</b>: 300 steps · lr 0.01 · 3 images" in details

@@ -16,6 +16,7 @@ from trainers.events import FINAL_PHASES
 from trainers.service.jobs import INSTANCE_DIR, RunInfo, log_tail, redact
 
 from .forms import plain
+from .model import source_name
 
 
 def _inside(run_dir: Path, rel: str) -> Path | None:
@@ -324,15 +325,19 @@ def weights_file(info: RunInfo) -> Path | None:
 
 
 def run_row(info: RunInfo) -> list:
-    """One line of the runs table."""
+    """One line of the runs table: what tells runs apart (name, method, recipe, base model) before
+    how each one stands."""
     tuner = weights_file(info)
     params = facts(info).get("trainable_params")
-    return [info.id, info.method, status_line(info) if info.status != "failed" else "failed",
+    base = info.config.get("pretrained_model_name_or_path")
+    return [info.id, run_name(info), info.method, " · ".join(recipe_facts(info).values()),
+            source_name(base) if isinstance(base, str) and base else "",
+            status_line(info) if info.status != "failed" else "failed",
             f"{params:,}" if isinstance(params, int) else "", human_size(tuner.stat().st_size if tuner else None),
             info.prompt]
 
 
-RUN_COLUMNS = ["run", "method", "status", "trainable params", "weights file", "prompt"]
+RUN_COLUMNS = ["run", "name", "method", "recipe", "base model", "status", "trainable params", "weights file", "prompt"]
 
 
 def log_size(info: RunInfo) -> int:

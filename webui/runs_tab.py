@@ -22,7 +22,7 @@ from .model import source_name
 
 # of live.RUN_COLUMNS, in pixels: Gradio sizes the header and the body alike from these, and a
 # narrower screen scrolls the table sideways (shares of a phone's width broke words mid-way)
-RUN_COLUMN_WIDTHS = ["270px", "110px", "170px", "130px", "110px", "300px"]
+RUN_COLUMN_WIDTHS = ["250px", "140px", "100px", "210px", "170px", "170px", "120px", "100px", "260px"]
 DOWNLOADS = (("tuner", "tuner (.safetensors)"), ("model-card", "model card, tuner and samples (.zip)"),
              ("lora-diffusers", "LoRA, diffusers format"), ("lora-kohya", "LoRA, kohya/A1111 format"))
 
@@ -43,6 +43,11 @@ def _details(info, wait: str = "") -> str:
     base = info.config.get("pretrained_model_name_or_path")
     if isinstance(base, str) and base:
         items.insert(2, ("base model", source_name(base)))
+    recipe = live.recipe_facts(info)
+    if recipe:
+        items.insert(2, ("recipe", " · ".join(recipe.values())))
+    if live.run_name(info):
+        items.insert(0, ("name", live.run_name(info)))
     step = live.last_step(info)
     if step:
         items.append(("steps", f"{step['step']}/{step['total']}, last loss {step['loss']:.4f}"))
