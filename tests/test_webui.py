@@ -546,3 +546,22 @@ def test_the_runs_table_tells_runs_of_one_method_apart_by_name_recipe_and_base(t
 
     details = runs_tab._details(runner.info(first))  # the selected run's details say the same
     assert "<b>name</b>: my star" in details and "<b>recipe</b>: 300 steps · lr 0.01 · 3 images" in details
+
+
+def test_runs_that_would_read_alike_in_the_lists_end_in_their_ids_last_part(tmp_path, monkeypatch):
+    """Two LoRA runs of 300 steps queued in one minute read alike by name, steps and minute: the
+    lists (Compare, Generate, a strength slider) add the last part of each id; a third run that
+    differs keeps its short label."""
+    from tests.test_jobs import make_runner
+    from webui import pipeline
+
+    runner = make_runner(tmp_path / "runs")
+    (tmp_path / "0.png").write_bytes(b"png bytes")
+    monkeypatch.setattr("time.time", lambda: 1_790_000_000.0)  # every run created in the same second
+    alike = [runner.submit({"method": "lora", "max_train_steps": 300}, [(tmp_path / "0.png", "0.png")]) for _ in range(2)]
+    other = runner.submit({"method": "lora", "max_train_steps": 600}, [(tmp_path / "0.png", "0.png")])
+    labels = dict((run, label) for label, run in pipeline.choices(runner.info(r) for r in (*alike, other)))
+    short = pipeline.choice(runner.info(alike[0]))[0]
+    assert [labels[r] for r in alike] == [f"{short} · {r.rsplit('-', 1)[-1]}" for r in alike]
+    assert labels[alike[0]] != labels[alike[1]]
+    assert labels[other] == pipeline.choice(runner.info(other))[0], "a run unlike the others keeps its short label"

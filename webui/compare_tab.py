@@ -131,7 +131,7 @@ def render_grid(runner, base, studio, who, ids: list[str], base_too: bool, rows:
 
 def tuner_options(runner, who) -> list[tuple[str, str]]:
     """The runs this visitor may compare: finished ones with weights."""
-    return [pipeline.choice(r) for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None]
+    return pipeline.choices(r for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None)
 
 
 def default_picks(runner, who) -> list[str]:
@@ -148,6 +148,9 @@ def default_picks(runner, who) -> list[str]:
 def run_name(runner, who, run_id: str) -> str:
     """A run as the lists of runs name it (its name or method, steps, date); the id of one this
     visitor may not see."""
+    listed = {run: label for label, run in tuner_options(runner, who)}
+    if run_id in listed:
+        return listed[run_id]
     try:
         return pipeline.choice(visitors.seen(runner, run_id, who))[0]
     except JobError:

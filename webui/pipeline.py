@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from restuning.methods import METHODS
@@ -158,3 +159,11 @@ def choice(info: RunInfo) -> tuple[str, str]:
     steps = live.recipe_facts(info).get("steps")
     when = time.strftime("%d %b %H:%M", time.localtime(info.created)) if info.created else ""
     return " · ".join(part for part in (name, steps, when) if part), info.id
+
+
+def choices(infos) -> list[tuple[str, str]]:
+    """choice() of each run; runs that would read alike (one name or method, steps and minute) end
+    in the last part of their ids (as the Runs table and the live view show them) to tell them apart."""
+    picked = [choice(info) for info in infos]
+    seen = Counter(label for label, _ in picked)
+    return [(f"{label} · {run_id.rsplit('-', 1)[-1]}" if seen[label] > 1 else label, run_id) for label, run_id in picked]
