@@ -187,7 +187,7 @@ def test_a_strength_slider_names_its_run_as_the_lists_do_and_never_anothers(tmp_
         run_id = runner.submit({"method": "lora", "max_train_steps": 1, "fake_step_seconds": 0},
                                [(tmp_path / "star.png", "a.png")], label="my star", owner=alice)
         wait_for(runner, run_id, {"done"})
-        assert run_name(runner, alice, run_id).startswith("my star (LoRA) · 1 steps")
+        assert run_name(runner, alice, run_id).startswith("my star (LoRA) · 1 step · ")
         assert run_name(runner, bob, run_id) == run_id, "another visitor's run: no name, only what was sent"
     finally:
         stop_runs(tmp_path / "runs")
@@ -207,3 +207,20 @@ def test_nothing_floats_over_the_grids_captions(tmp_path):
             compare_tab.build(make_runner(tmp_path / "runs"), base, pipeline.StudioPipeline(base), tab, gr.State(None))
     grid = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "compare-grid")
     assert grid.show_label is False and grid.buttons == []
+
+
+def test_an_empty_list_of_runs_says_how_to_fill_it(tmp_path):
+    """A newcomer's Compare tab before any run has finished: the list says why it is empty."""
+    import gradio as gr
+
+    from tests.test_jobs import make_runner
+    from webui import compare_tab, pipeline
+    from webui.model import describe
+
+    base = describe(None)
+    with gr.Blocks() as demo:
+        with gr.Tab("Compare") as tab:
+            compare_tab.build(make_runner(tmp_path / "runs"), base, pipeline.StudioPipeline(base), tab, gr.State(None))
+    picks = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "compare-runs")
+    assert picks.info == compare_tab.NO_RUNS and "Train tab" in picks.info
+    assert compare_tab.runs_hint([("Res-Tuning · 300 steps", "run-1")]) == ""

@@ -134,6 +134,14 @@ def tuner_options(runner, who) -> list[tuple[str, str]]:
     return pipeline.choices(r for r in visitors.visible_runs(runner, who) if pipeline.weights(r) is not None)
 
 
+# an empty list of runs is otherwise a blank box
+NO_RUNS = "no finished runs yet: train one in the Train tab (the base model renders alone meanwhile)"
+
+
+def runs_hint(options: list) -> str:
+    return "" if options else NO_RUNS
+
+
 def default_picks(runner, who) -> list[str]:
     """What a first visit shows: the newest finished run and, when it was trained for comparison,
     the rest of its group (as many as a grid takes)."""
@@ -177,8 +185,9 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
-                picks = gr.CheckboxGroup(label=f"Runs to compare (up to {MAX_TUNERS})", choices=tuner_options(runner, who),
-                                         value=picked, interactive=True, elem_id="compare-runs")
+                options = tuner_options(runner, who)
+                picks = gr.CheckboxGroup(label=f"Runs to compare (up to {MAX_TUNERS})", choices=options,
+                                         info=runs_hint(options), value=picked, interactive=True, elem_id="compare-runs")
             with gr.Row():
                 with_base = gr.Checkbox(value=True, label="Include the base model", interactive=True, elem_id="compare-base")
                 reload = gr.Button("Refresh the list", size="sm", elem_id="compare-refresh")
@@ -211,7 +220,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
     def choices(who, current):
         options = tuner_options(runner, who)
         ids = {v for _, v in options}
-        return gr.CheckboxGroup(choices=options, value=[c for c in (current or []) if c in ids])
+        return gr.CheckboxGroup(choices=options, info=runs_hint(options), value=[c for c in (current or []) if c in ids])
 
     def label_scales(who, ids):
         names = [run_name(runner, who, run_id) for run_id in list(ids or [])[:MAX_TUNERS]]

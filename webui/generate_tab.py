@@ -122,8 +122,9 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
             with gr.Accordion("Load settings from a PNG", open=False):
                 png = gr.File(label="a PNG made here", file_types=[".png"], interactive=True, elem_id="gen-load-png")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Generated", columns=4, height=480, format="png", interactive=False, elem_id="gen-gallery")
-            chosen = gr.Code(label="Settings of the selected image", language="json", elem_id="gen-settings")
+            gallery = gr.Gallery(label="Generated (click one for its settings)", columns=4, height=480, format="png", interactive=False, elem_id="gen-gallery")
+            # shown once a picture is clicked: an empty box beside an empty gallery said nothing
+            chosen = gr.Code(label="Settings of the selected image", language="json", visible=False, elem_id="gen-settings")
 
     def refresh(who, current):
         options = tuner_choices(runner, who)
@@ -148,7 +149,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
     def show(evt: gr.SelectData, history):
         if evt.index is None or not history or evt.index >= len(history):
             return gr.skip()
-        return json.dumps(read_png_settings(history[evt.index][0]) or {}, indent=2)
+        return gr.Code(value=json.dumps(read_png_settings(history[evt.index][0]) or {}, indent=2), visible=True)
 
     def load_png(path, who):
         return form_from_png(runner, d, path, who)

@@ -101,6 +101,10 @@ def test_compare_two_runs_and_the_base_then_generate_with_a_tuner(page, studio, 
     settings = json.loads(text[PNG_KEY])
     assert settings["tuner"] == ids["res-tuning"] and settings["prompt"] == "a sks star on blue"
     assert settings["seed"] in (5, 6) and settings["steps"] == 6 and settings["scheduler"]
+    assert not page.locator("#gen-settings").is_visible(), "no empty settings box before a picture is chosen"
+    page.locator("#gen-gallery .thumbnail-item").first.click()
+    page.wait_for_function("(document.querySelector('#gen-settings') || {}).innerText?.includes('a sks star on blue')",
+                           timeout=30_000)
 
     # a saved picture brings its settings back into the form
     saved = tmp_path / "picture.png"
