@@ -3,6 +3,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -28,14 +29,45 @@ os.environ["TMPDIR"] = tempfile.tempdir = _TEMP_ROOT
 os.environ["GRADIO_TEMP_DIR"] = os.path.join(_TEMP_ROOT, "gradio")  # its own folder, as /tmp/gradio is
 
 
+def _started_here() -> list[int]:
+    """Every other live process whose environment has this run's TMPDIR: each one a test started,
+    and theirs (Linux's /proc; elsewhere none are found)."""
+    marker = f"TMPDIR={_TEMP_ROOT}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) != os.getpid() and marker in (entry / "environ").read_bytes().split(b"\0") and _alive(entry):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def _alive(proc: Path) -> bool:
+    try:
+        return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def pytest_unconfigure(config):
     # Trainers live in sessions of their own (they outlive the studio by design): end those a test
-    # left running, by their recorded process group, before their folders go.
+    # left running, by their recorded process group, and every process started from this run (one
+    # whose record was not written yet wrote its run into the temp folder after it had gone),
+    # before their folders go.
     for record in Path(_TEMP_ROOT).rglob("process.json"):
         try:
             os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    for pid in _started_here():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 10
+    while _started_here() and time.monotonic() < deadline:
+        time.sleep(0.05)
     shutil.rmtree(_TEMP_ROOT, ignore_errors=True)
 
 

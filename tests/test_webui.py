@@ -518,13 +518,15 @@ def test_train_again_brings_the_runs_base_model_when_the_studio_lists_it(tmp_pat
         stop_runs(tmp_path / "runs")
 
 
-def test_the_runs_table_tells_runs_of_one_method_apart_by_name_recipe_and_base(tmp_path):
+def test_the_runs_table_tells_runs_of_one_method_apart_by_name_recipe_and_base(tmp_path, request):
     """Two LoRA runs on two base models: the rows differ in the columns a user reads them by (name,
     recipe: steps, rate, images; base model by its name, never its path), not only in the id."""
+    from tests.e2e.conftest import stop_runs
     from tests.test_jobs import make_runner
     from webui.model import DEMO_MODEL
 
     runner = make_runner(tmp_path / "runs")
+    request.addfinalizer(lambda: stop_runs(tmp_path / "runs"))
     pictures = []
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"png bytes")
@@ -548,14 +550,16 @@ def test_the_runs_table_tells_runs_of_one_method_apart_by_name_recipe_and_base(t
     assert "<b>name</b>: my star" in details and "<b>recipe</b>: 300 steps · lr 0.01 · 3 images" in details
 
 
-def test_runs_that_would_read_alike_in_the_lists_end_in_their_ids_last_part(tmp_path, monkeypatch):
+def test_runs_that_would_read_alike_in_the_lists_end_in_their_ids_last_part(tmp_path, monkeypatch, request):
     """Two LoRA runs of 300 steps queued in one minute read alike by name, steps and minute: the
     lists (Compare, Generate, a strength slider) add the last part of each id; a third run that
     differs keeps its short label."""
+    from tests.e2e.conftest import stop_runs
     from tests.test_jobs import make_runner
     from webui import pipeline
 
     runner = make_runner(tmp_path / "runs")
+    request.addfinalizer(lambda: stop_runs(tmp_path / "runs"))
     (tmp_path / "0.png").write_bytes(b"png bytes")
     monkeypatch.setattr("time.time", lambda: 1_790_000_000.0)  # every run created in the same second
     alike = [runner.submit({"method": "lora", "max_train_steps": 300}, [(tmp_path / "0.png", "0.png")]) for _ in range(2)]
