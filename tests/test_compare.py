@@ -193,8 +193,8 @@ def test_a_strength_slider_names_its_run_as_the_lists_do_and_never_anothers(tmp_
         stop_runs(tmp_path / "runs")
 
 
-def test_nothing_floats_over_the_grids_captions(tmp_path):
-    """Gradio puts an image's label and buttons over its top corners, where a grid's captions are."""
+def compare_component(runs, elem_id: str):
+    """The component `elem_id` of a Compare tab built over an empty runs folder."""
     import gradio as gr
 
     from tests.test_jobs import make_runner
@@ -204,23 +204,20 @@ def test_nothing_floats_over_the_grids_captions(tmp_path):
     base = describe(None)
     with gr.Blocks() as demo:
         with gr.Tab("Compare") as tab:
-            compare_tab.build(make_runner(tmp_path / "runs"), base, pipeline.StudioPipeline(base), tab, gr.State(None))
-    grid = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "compare-grid")
+            compare_tab.build(make_runner(runs), base, pipeline.StudioPipeline(base), tab, gr.State(None))
+    return next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == elem_id)
+
+
+def test_nothing_floats_over_the_grids_captions(tmp_path):
+    """Gradio puts an image's label and buttons over its top corners, where a grid's captions are."""
+    grid = compare_component(tmp_path / "runs", "compare-grid")
     assert grid.show_label is False and grid.buttons == []
 
 
 def test_an_empty_list_of_runs_says_how_to_fill_it(tmp_path):
     """A newcomer's Compare tab before any run has finished: the list says why it is empty."""
-    import gradio as gr
+    from webui import compare_tab
 
-    from tests.test_jobs import make_runner
-    from webui import compare_tab, pipeline
-    from webui.model import describe
-
-    base = describe(None)
-    with gr.Blocks() as demo:
-        with gr.Tab("Compare") as tab:
-            compare_tab.build(make_runner(tmp_path / "runs"), base, pipeline.StudioPipeline(base), tab, gr.State(None))
-    picks = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "compare-runs")
+    picks = compare_component(tmp_path / "runs", "compare-runs")
     assert picks.info == compare_tab.NO_RUNS and "Train tab" in picks.info
     assert compare_tab.runs_hint([("Res-Tuning · 300 steps", "run-1")]) == ""

@@ -162,16 +162,22 @@ def test_weights_beyond_half_precision_are_refused(value, dtype, refused, tmp_pa
     """Issue 39, item 10: 3e38 is finite, and renders black; the bound is fp16's largest number
     (restuning.io.MAX_WEIGHT), checked below, at and above it, for the studio and the library."""
     path = with_weight(tmp_path, saved(tmp_path, tiny_unet, restuning.LoraConfig(rank=2)), value, dtype)
+    taken_or_refused(path, tiny_unet, refused, " holds 1 value\\(s\\) beyond ±65,504")
+
+
+def taken_or_refused(path, unet, refused: bool, reason: str) -> None:
+    """The studio's upload check and the library's load both take `path`, or both refuse it with
+    `reason` (a pattern), attaching nothing."""
     if not refused:
-        check_tuner_file(path, tiny_unet)
-        restuning.load(tiny_unet, path, name="ok")
-        restuning.detach(tiny_unet, "ok")
+        check_tuner_file(path, unet)
+        restuning.load(unet, path, name="ok")
+        restuning.detach(unet, "ok")
         return
-    with pytest.raises(UploadError, match=f"^{path.name}: .* holds 1 value\\(s\\) beyond ±65,504"):
-        check_tuner_file(path, tiny_unet)
-    with pytest.raises(TunerFileError, match="beyond ±65,504"):
-        restuning.load(tiny_unet, path, name="huge")
-    assert "huge" not in restuning.attached(tiny_unet)
+    with pytest.raises(UploadError, match=f"^{path.name}: .*{reason}"):
+        check_tuner_file(path, unet)
+    with pytest.raises(TunerFileError, match=reason):
+        restuning.load(unet, path, name="refused")
+    assert "refused" not in restuning.attached(unet)
 
 
 def test_a_lora_with_huge_weights_is_refused_naming_the_users_file(tmp_path, tiny_unet):
@@ -217,16 +223,7 @@ def test_a_lora_whose_update_is_beyond_half_precision_is_refused(alpha, up, same
     """Issue 39, item 10, for a LoRA's alpha: each weight may be small, but alpha / rank x B A is
     what the layer adds, and beyond ±65,504 it renders black; checked for the studio and the library."""
     path = lora_with_update(tmp_path, tiny_unet, alpha, up, same_index=same_index)
-    if not refused:
-        check_tuner_file(path, tiny_unet)
-        restuning.load(tiny_unet, path, name="ok")
-        restuning.detach(tiny_unet, "ok")
-        return
-    with pytest.raises(UploadError, match=f"^{path.name}: its update of .* beyond ±65,504.*would turn images black"):
-        check_tuner_file(path, tiny_unet)
-    with pytest.raises(TunerFileError, match="beyond ±65,504"):
-        restuning.load(tiny_unet, path, name="huge")
-    assert "huge" not in restuning.attached(tiny_unet)
+    taken_or_refused(path, tiny_unet, refused, "its update of .* beyond ±65,504.*would turn images black")
 
 
 def test_a_kohya_lora_with_a_huge_alpha_is_refused_naming_the_users_file(tmp_path, tiny_unet):
