@@ -513,8 +513,8 @@ MUTATIONS = [
              "float(up.abs().max() * down.abs().max())",
              IMPORTS.format("test_a_lora_whose_update_is_beyond_half_precision_is_refused"), IMPORT_TESTS),
     Mutation("lora-alpha-float-bound-exclusive", "restuning/methods/lora/config.py", "if self.alpha > sys.float_info.max:",
-             "if self.alpha >= sys.float_info.max:", IMPORTS.format("test_a_lora_alpha_beyond_any_float_is_refused_by_its_config"),
-             IMPORT_TESTS),
+             "if self.alpha >= sys.float_info.max:",
+             IMPORTS.format("test_a_lora_alpha_beyond_any_float_is_refused_by_its_config"), IMPORT_TESTS),
 ]
 
 

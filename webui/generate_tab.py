@@ -122,7 +122,8 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
             with gr.Accordion("Load settings from a PNG", open=False):
                 png = gr.File(label="a PNG made here", file_types=[".png"], interactive=True, elem_id="gen-load-png")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Generated (click one for its settings)", columns=4, height=480, format="png", interactive=False, elem_id="gen-gallery")
+            gallery = gr.Gallery(label="Generated (click one for its settings)", columns=4, height=480, format="png",
+                                 interactive=False, elem_id="gen-gallery")
             # shown once a picture is clicked: an empty box beside an empty gallery said nothing
             chosen = gr.Code(label="Settings of the selected image", language="json", visible=False, elem_id="gen-settings")
 

@@ -271,7 +271,8 @@ def recipe_facts(info: RunInfo) -> dict[str, str]:
         images = sum(1 for entry in (info.dir / INSTANCE_DIR).iterdir() if entry.is_file())
     except OSError:
         images = 0
-    found = {"steps": f"{steps} step{'' if steps == 1 else 's'}" if isinstance(steps, int) and not isinstance(steps, bool) else "",
+    whole = isinstance(steps, int) and not isinstance(steps, bool)
+    found = {"steps": f"{steps} step{'' if steps == 1 else 's'}" if whole else "",
              "lr": f"lr {rate:g}" if isinstance(rate, (int, float)) and not isinstance(rate, bool) else "",
              "images": f"{images} images" if images else ""}
     return {k: v for k, v in found.items() if v}

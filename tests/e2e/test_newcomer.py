@@ -174,7 +174,8 @@ SIGHT_REPORT = ("() => ['#live-run', '#live-progress'].map(sel => {"
                 " const e = document.querySelector(sel), r = e.getBoundingClientRect();"
                 " const top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);"
                 " return `${sel} from ${Math.round(r.top)} to ${Math.round(r.bottom)} px`"
-                " + (top && !e.contains(top) ? ` under ${top.className || top.tagName}` : ''); }).join(', ') + ` of ${innerHeight}`")
+                " + (top && !e.contains(top) ? ` under ${top.className || top.tagName}` : ''); }).join(', ')"
+                " + ` of ${innerHeight}`")
 
 
 @pytest.mark.parametrize("screen", list(SCREENS))
@@ -183,7 +184,8 @@ def test_after_train_the_new_runs_live_view_is_in_sight(visit, quick_studio, scr
     page = visit(screen)
     page.click("#example-star")
     page.wait_for_selector("#concept-preview img", timeout=60_000)
-    label, first = (page.locator(sel).first.bounding_box() for sel in ("#concept-preview label", "#concept-preview .thumbnail-item"))
+    label, first = (page.locator(sel).first.bounding_box()
+                    for sel in ("#concept-preview label", "#concept-preview .thumbnail-item"))
     assert label["y"] + label["height"] <= first["y"], f"the gallery's label {label} covers its first picture {first}"
     before = set(runner.run_ids())
     page.click("#train")  # Playwright scrolls to the button first, as the user did
@@ -197,7 +199,8 @@ def test_after_train_the_new_runs_live_view_is_in_sight(visit, quick_studio, scr
                                " return / · (training|done)$/.test(e.value) && e.scrollWidth <= e.clientWidth; }", timeout=60_000)
     except Exception:
         pytest.fail("the watched run's line is cut: " + page.evaluate(
-            "() => { const e = document.querySelector('#live-run input'); return `${e.value}: ${e.scrollWidth} > ${e.clientWidth} px`; }"))
+            "() => { const e = document.querySelector('#live-run input');"
+            " return `${e.value}: ${e.scrollWidth} > ${e.clientWidth} px`; }"))
     finally:
         with contextlib.suppress(JobError):  # the next test's run need not wait for it (unless it is over)
             runner.cancel(run_id)

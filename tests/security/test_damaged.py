@@ -46,7 +46,8 @@ def test_a_run_without_a_readable_job_json_is_listed_as_damaged_and_can_be_delet
     assert set(runs) == set(ids), "no run disappears from the list"
     for run_id in ids[:2]:
         assert runs[run_id].status == "damaged" and "job.json" in runs[run_id].error
-        assert "damaged" in live.run_row(runs[run_id])[live.RUN_COLUMNS.index("status")] or "damaged" in live.status_line(runs[run_id])
+        status = live.run_row(runs[run_id])[live.RUN_COLUMNS.index("status")]
+        assert "damaged" in status or "damaged" in live.status_line(runs[run_id])
         runner.delete(run_id)
     assert [r.id for r in runner.list_runs()] == [ids[2]]
     with pytest.raises(JobError):

@@ -230,8 +230,8 @@ def test_a_kohya_lora_with_a_huge_alpha_is_refused_naming_the_users_file(tmp_pat
     """Its weights are small and finite, its alpha 1e30: refused before the converted copy is written."""
     path = tmp_path / "strong.safetensors"
     save_file({f"lora_unet_{TINY_LAYER}.lora_down.weight": torch.full((2, 64), 0.01),
-               f"lora_unet_{TINY_LAYER}.lora_up.weight": torch.full((64, 2), 0.01), f"lora_unet_{TINY_LAYER}.alpha": torch.tensor(1e30)},
-              str(path))
+               f"lora_unet_{TINY_LAYER}.lora_up.weight": torch.full((64, 2), 0.01),
+               f"lora_unet_{TINY_LAYER}.alpha": torch.tensor(1e30)}, str(path))
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(UploadError, match=r"^strong.safetensors: its update of .*alpha 1e\+30 / rank 2.*beyond ±65,504"):

@@ -117,10 +117,10 @@ def check_updates(config: LoraConfig, keys: Iterable[str], get: Callable[[str], 
         down, up = get(down_key).double().flatten(1), get(up_key).double().flatten(1)
         largest = float((up @ down).abs().max()) * scale if down.numel() and up.numel() else 0.0
         if not largest <= MAX_WEIGHT:  # NaN too
-            raise TunerFileError(f"{label}: its update of {down_key.removesuffix('.lora_A.weight')} (alpha {config.alpha:.6g} / "
-                                 f"rank {config.rank} x its "
-                                 f"weights) reaches {largest:.3g}, beyond ±{MAX_WEIGHT:,.0f}, the largest number half "
-                                 "precision holds; such a LoRA would turn images black")
+            layer = down_key.removesuffix(".lora_A.weight")
+            raise TunerFileError(f"{label}: its update of {layer} (alpha {config.alpha:.6g} / rank {config.rank} x its weights) "
+                                 f"reaches {largest:.3g}, beyond ±{MAX_WEIGHT:,.0f}, the largest number half precision holds; "
+                                 "such a LoRA would turn images black")
 
 
 def _part_of(key: str) -> str:
