@@ -192,15 +192,23 @@ def test_a_lora_with_huge_weights_is_refused_naming_the_users_file(tmp_path, tin
     assert "restuning" not in str(refused.value) and list(work.iterdir()) == []
 
 
-def lora_with_update(tmp_path, tiny_unet, alpha: int, up: float, down: float = 1.0, same_index: bool = True):
-    """A restuning LoRA file (rank 2) whose only nonzero weights are one layer's down[0, 0] and
-    up[0, 0] (or up[0, 1], which meets no nonzero down weight): its update there is alpha / 2 x up x down."""
+def lora_with_update(tmp_path, tiny_unet, alpha: int, up: float, layout: str = "one"):
+    """A restuning LoRA file (rank 2) whose only nonzero weights are in one layer's first row of B
+    (up) and A's matching columns (1), so that its update's largest entry is alpha / 2 x up:
+    "one": B[0, 0] meets A[0, 0]; "apart": B[0, 1] meets no nonzero A weight (B A is 0);
+    "spread": B[0, 0] and B[0, 1] meet A[0, 0] and A[1, 1] (B's row norm is up x sqrt 2, above
+    every entry of B A, so the check must form the product)."""
     path = saved(tmp_path, tiny_unet, restuning.LoraConfig(rank=2))
     with safe_open(str(path), framework="pt") as f:
         tensors, metadata = {k: torch.zeros_like(f.get_tensor(k)) for k in f.keys()}, dict(f.metadata())
     down_key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
-    tensors[down_key][0, 0] = down
-    tensors[down_key.replace("lora_A", "lora_B")][0, 0 if same_index else 1] = up
+    down, weights = tensors[down_key], tensors[down_key.replace("lora_A", "lora_B")]
+    down[0, 0] = 1.0
+    if layout == "spread":
+        down[1, 1] = 1.0
+        weights[0, :2] = up
+    else:
+        weights[0, 0 if layout == "one" else 1] = up
     config = json.loads(metadata["config"])
     out = tmp_path / f"lora-{len(list(tmp_path.iterdir()))}.safetensors"
     save_file(tensors, str(out), metadata={**metadata, "config": json.dumps({**config, "alpha": alpha})})
@@ -210,19 +218,25 @@ def lora_with_update(tmp_path, tiny_unet, alpha: int, up: float, down: float = 1
 HALF = MAX_WEIGHT / 2  # 32,752: at alpha 4 / rank 2 its update is exactly the bound
 
 
-@pytest.mark.parametrize("alpha, up, same_index, refused", [
-    (2, MAX_WEIGHT, True, False),  # scale 1: the bound itself
-    (4, HALF, True, False),  # scale 2: exactly the bound
-    (4, float(np.nextafter(np.float32(HALF), np.float32(np.inf))), True, True),  # one float32 step above
-    (5, HALF, True, True),
-    (10**30, 1.0, True, True),  # finite weights, finite alpha: renders black
-    (10**30, 0.0, True, False),  # an untrained (zero) up weight changes nothing at any alpha
-    (10**30, 1.0, False, False),  # up and down weights of different ranks meet no nonzero partner: B A is 0
+ABOVE_HALF = float(np.nextafter(np.float32(HALF), np.float32(np.inf)))  # one float32 step above
+
+
+@pytest.mark.parametrize("alpha, up, layout, refused", [
+    (2, MAX_WEIGHT, "one", False),  # scale 1: the bound itself
+    (4, HALF, "one", False),  # scale 2: exactly the bound
+    (4, ABOVE_HALF, "one", True),
+    (5, HALF, "one", True),
+    (2, MAX_WEIGHT, "spread", False),  # the bound itself, where the norms' shortcut does not clear it
+    (4, HALF, "spread", False),
+    (4, ABOVE_HALF, "spread", True),
+    (10**30, 1.0, "one", True),  # finite weights, finite alpha: renders black
+    (10**30, 0.0, "one", False),  # an untrained (zero) up weight changes nothing at any alpha
+    (10**30, 1.0, "apart", False),  # up and down weights of different ranks meet no nonzero partner: B A is 0
 ])
-def test_a_lora_whose_update_is_beyond_half_precision_is_refused(alpha, up, same_index, refused, tmp_path, tiny_unet):
+def test_a_lora_whose_update_is_beyond_half_precision_is_refused(alpha, up, layout, refused, tmp_path, tiny_unet):
     """Issue 39, item 10, for a LoRA's alpha: each weight may be small, but alpha / rank x B A is
     what the layer adds, and beyond ±65,504 it renders black; checked for the studio and the library."""
-    path = lora_with_update(tmp_path, tiny_unet, alpha, up, same_index=same_index)
+    path = lora_with_update(tmp_path, tiny_unet, alpha, up, layout)
     taken_or_refused(path, tiny_unet, refused, "its update of .* beyond ±65,504.*would turn images black")
 
 
