@@ -221,3 +221,17 @@ def test_an_empty_list_of_runs_says_how_to_fill_it(tmp_path):
     picks = compare_component(tmp_path / "runs", "compare-runs")
     assert picks.info == compare_tab.NO_RUNS and "Train tab" in picks.info
     assert compare_tab.runs_hint([("Res-Tuning · 300 steps", "run-1")]) == ""
+
+
+def test_columns_that_would_read_alike_end_in_their_run_ids_last_part():
+    """Two runs of one recipe trained in one minute caption alike: each gets its id's end, as the
+    lists show it; the base column and a column unlike the others keep their captions."""
+    from trainers.sampling import Column
+    from webui.pipeline import told_apart
+
+    alike = ["LoRA", "2,048 params", "300 steps · lr 0.01", "5 images · 07 Dec 11:21", "a sks shape"]
+    columns = [Column("base", caption=["Base model", "no tuner", "demo"]),
+               Column("20261207-112100-lora-ab12", caption=alike), Column("20261207-112130-lora-cd34", caption=alike),
+               Column("20261207-112200-lora-ef56", caption=[*alike[:2], "600 steps · lr 0.01", *alike[3:]])]
+    captions = [c.caption for c in told_apart(columns)]
+    assert captions == [["Base model", "no tuner", "demo"], [*alike, "run …ab12"], [*alike, "run …cd34"], columns[3].caption]

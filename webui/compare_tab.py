@@ -110,8 +110,8 @@ def render_grid(runner, base, studio, who, ids: list[str], base_too: bool, rows:
     base = grid_base(studio, infos, base)
     size = studio.defaults(base)
     rows = [dataclasses.replace(r, height=r.height or size["height"], width=r.width or size["width"]) for r in rows]
-    columns = ([pipeline.base_column(base)] if base_too else []) + [
-        pipeline.column(info, scale) for info, scale in zip(infos, scales)]
+    columns = pipeline.told_apart(([pipeline.base_column(base)] if base_too else []) + [
+        pipeline.column(info, scale) for info, scale in zip(infos, scales)])
     if progress is not None:
         progress(0.0, "loading the base model" if not studio.is_loaded(base) else "starting")
     sampler = studio.sampler(base)

@@ -9,6 +9,7 @@ guards the one-time load, so two first clicks do not load the model twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -161,9 +162,22 @@ def choice(info: RunInfo) -> tuple[str, str]:
     return " · ".join(part for part in (name, steps, when) if part), info.id
 
 
+def id_end(run_id: str) -> str:
+    """The last part of a run id (its random part), which the Runs table and the live view show too."""
+    return run_id.rsplit("-", 1)[-1]
+
+
 def choices(infos) -> list[tuple[str, str]]:
     """choice() of each run; runs that would read alike (one name or method, steps and minute) end
-    in the last part of their ids (as the Runs table and the live view show them) to tell them apart."""
+    in the last part of their ids to tell them apart."""
     picked = [choice(info) for info in infos]
     seen = Counter(label for label, _ in picked)
-    return [(f"{label} · {run_id.rsplit('-', 1)[-1]}" if seen[label] > 1 else label, run_id) for label, run_id in picked]
+    return [(f"{label} · {id_end(run_id)}" if seen[label] > 1 else label, run_id) for label, run_id in picked]
+
+
+def told_apart(columns: list[Column]) -> list[Column]:
+    """Grid columns whose captions would read alike (runs of one recipe trained in one minute) get
+    a last line with the end of their run ids, as the lists of runs do."""
+    seen = Counter(tuple(c.caption) for c in columns)
+    return [dataclasses.replace(c, caption=[*c.caption, f"run …{id_end(c.label)}"]) if seen[tuple(c.caption)] > 1 else c
+            for c in columns]
