@@ -178,7 +178,7 @@ def test_a_strength_slider_names_its_run_as_the_lists_do_and_never_anothers(tmp_
 
     from tests.e2e.conftest import stop_runs
     from tests.test_jobs import make_runner, wait_for
-    from webui.compare_tab import run_name
+    from webui.compare_tab import run_names
 
     runner = make_runner(tmp_path / "runs", max_active_per_owner=2)
     Image.new("RGB", (64, 64), "white").save(tmp_path / "star.png")
@@ -187,8 +187,8 @@ def test_a_strength_slider_names_its_run_as_the_lists_do_and_never_anothers(tmp_
         run_id = runner.submit({"method": "lora", "max_train_steps": 1, "fake_step_seconds": 0},
                                [(tmp_path / "star.png", "a.png")], label="my star", owner=alice)
         wait_for(runner, run_id, {"done"})
-        assert run_name(runner, alice, run_id).startswith("my star (LoRA) · 1 step · ")
-        assert run_name(runner, bob, run_id) == run_id, "another visitor's run: no name, only what was sent"
+        assert run_names(runner, alice, [run_id])[0].startswith("my star (LoRA) · 1 step · ")
+        assert run_names(runner, bob, [run_id]) == [run_id], "another visitor's run: no name, only what was sent"
     finally:
         stop_runs(tmp_path / "runs")
 

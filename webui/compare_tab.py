@@ -153,16 +153,20 @@ def default_picks(runner, who) -> list[str]:
     return [r.id for r in sorted(group, key=lambda r: r.created)][:MAX_TUNERS]
 
 
-def run_name(runner, who, run_id: str) -> str:
-    """A run as the lists of runs name it (its name or method, steps, date); the id of one this
-    visitor may not see."""
+def run_names(runner, who, run_ids: list[str]) -> list[str]:
+    """Each run as the lists of runs name it (its name or method, steps, date; the runs listed once
+    for all of them); the id of one this visitor may not see."""
     listed = {run: label for label, run in tuner_options(runner, who)}
-    if run_id in listed:
-        return listed[run_id]
-    try:
-        return pipeline.choice(visitors.seen(runner, run_id, who))[0]
-    except JobError:
-        return str(run_id)
+
+    def name(run_id):
+        if run_id in listed:
+            return listed[run_id]
+        try:
+            return pipeline.choice(visitors.seen(runner, run_id, who))[0]
+        except JobError:
+            return str(run_id)
+
+    return [name(run_id) for run_id in run_ids]
 
 
 def default_prompt(runner, picked: list[str], base) -> str:
@@ -205,8 +209,9 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
                                      elem_id="compare-guidance")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler", interactive=True,
                                         elem_id="compare-scheduler")
-            scales = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=i < len(picked),
-                                label=f"strength of {run_name(runner, who, picked[i])}" if i < len(picked) else f"strength {i + 1}",
+            names = run_names(runner, who, picked)
+            scales = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=i < len(names),
+                                label=f"strength of {names[i]}" if i < len(names) else f"strength {i + 1}",
                                 interactive=True, elem_id=f"compare-scale-{i}") for i in range(MAX_TUNERS)]
             render = gr.Button("Render grid", variant="primary", elem_id="compare-render")
         with gr.Column(scale=3):
@@ -223,7 +228,7 @@ def build(runner, base, studio: pipeline.StudioPipeline, tab, owner: gr.State, w
         return gr.CheckboxGroup(choices=options, info=runs_hint(options), value=[c for c in (current or []) if c in ids])
 
     def label_scales(who, ids):
-        names = [run_name(runner, who, run_id) for run_id in list(ids or [])[:MAX_TUNERS]]
+        names = run_names(runner, who, list(ids or [])[:MAX_TUNERS])
         return [gr.Slider(visible=i < len(names), label=f"strength of {names[i]}" if i < len(names) else f"strength {i + 1}")
                 for i in range(MAX_TUNERS)]
 

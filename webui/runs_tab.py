@@ -46,8 +46,9 @@ def _details(info, wait: str = "") -> str:
     recipe = live.recipe_facts(info)
     if recipe:
         items.insert(2, ("recipe", " · ".join(recipe.values())))
-    if live.run_name(info):
-        items.insert(0, ("name", live.run_name(info)))
+    name = live.run_name(info)
+    if name:
+        items.insert(0, ("name", name))
     step = live.last_step(info)
     if step:
         items.append(("steps", f"{step['step']}/{step['total']}, last loss {step['loss']:.4f}"))
